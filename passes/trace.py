@@ -1,0 +1,148 @@
+"""Tracing pass: nn.Module -> torch.fx.GraphModule, with a partial-graph fallback.
+
+The tracer keeps stateful or mode-dependent modules (BatchNorm, Dropout,
+MultiheadAttention, every other ``torch.nn`` module) as leaves, but traces
+*through* Conv/ConvTranspose/Linear so each of their weights appears as a
+``get_attr`` node that a mask node can follow.
+
+Python control flow on ``self.training`` is resolved at trace time: trace the
+model in the mode you will train it in (BatchNorm/Dropout stay leaves, so their
+own mode switching still works).
+"""
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from torch import fx, nn
+
+from sparsify_fx.errors import TraceError
+
+#: Module types whose forward is traced through so the weight is a get_attr node.
+TRACED_THROUGH: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)
+
+
+class SparsifyTracer(fx.Tracer):
+    """fx.Tracer that traces through Conv/Linear and honours user leaf modules.
+
+    ``leaf_modules`` holds module types and/or qualified module names to keep
+    opaque (their weights are then masked by parametrization instead).
+    """
+
+    def __init__(self, leaf_modules: Iterable[type[nn.Module] | str] = ()) -> None:
+        super().__init__()
+        leaves = tuple(leaf_modules)
+        self.leaf_types = tuple(t for t in leaves if isinstance(t, type))
+        self.leaf_names = {t for t in leaves if isinstance(t, str)}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.leaf_names:
+            return True
+        if self.leaf_types and isinstance(m, self.leaf_types):
+            return True
+        if isinstance(m, TRACED_THROUGH):
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(module: nn.Module, leaf_modules: Sequence[type[nn.Module] | str] = (),
+          concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
+    """Trace ``module`` whole; raises whatever torch.fx raises on failure.
+
+    The returned GraphModule shares parameters with ``module`` (no copy).
+    """
+    tracer = SparsifyTracer(leaf_modules)
+    graph = tracer.trace(module, concrete_args=concrete_args)
+    name = type(module).__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+@dataclass(frozen=True)
+class TraceFailure:
+    """A module path that did not trace, with the construct that stopped it."""
+
+    path: str
+    reason: str
+    where: str
+
+    def __str__(self) -> str:
+        label = self.path or "<root>"
+        return f"{label}: {self.reason}" + (f" (at {self.where})" if self.where else "")
+
+
+def describe_failure(path: str, exc: BaseException) -> TraceFailure:
+    """Find the user-code line that made tracing fail (the last frame outside torch)."""
+    where = ""
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        if "/torch/fx/" not in frame.filename and "/sparsify_fx/" not in frame.filename:
+            where = f"{frame.filename}:{frame.lineno} `{(frame.line or '').strip()}`"
+            break
+    reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return TraceFailure(path, reason, where)
+
+
+@dataclass
+class PartialTrace:
+    """Result of :func:`trace_partially`.
+
+    ``root`` is the (mutated) module: every submodule that traced was replaced
+    in place by its GraphModule, listed in ``traced`` by path. ``failures`` names
+    every module that did not trace.
+    """
+
+    root: nn.Module
+    traced: dict[str, fx.GraphModule]
+    failures: list[TraceFailure]
+
+
+def _holds(module: nn.Module, types: tuple[type[nn.Module], ...]) -> bool:
+    return any(isinstance(m, types) for m in module.modules())
+
+
+def trace_partially(module: nn.Module, prunable: tuple[type[nn.Module], ...],
+                    leaf_modules: Sequence[type[nn.Module] | str] = (),
+                    concrete_args: dict[str, Any] | None = None,
+                    path: str = "") -> PartialTrace:
+    """Trace ``module`` whole, else its largest children that trace, recursively.
+
+    Mutates ``module``: traced children are swapped for their GraphModules.
+    Children with no ``prunable`` module inside are left alone; a bare
+    prunable leaf under an untraceable parent is left for parametrization.
+    """
+    try:
+        gm = trace(module, leaf_modules, concrete_args if not path else None)
+        return PartialTrace(gm, {path: gm}, [])
+    except Exception as exc:  # noqa: BLE001 - any trace failure triggers the fallback
+        failures = [describe_failure(path, exc)]
+    traced: dict[str, fx.GraphModule] = {}
+    for name, child in list(module.named_children()):
+        if isinstance(child, TRACED_THROUGH) or not _holds(child, prunable):
+            continue
+        child_path = f"{path}.{name}" if path else name
+        sub = trace_partially(child, prunable, leaf_modules, None, child_path)
+        if sub.root is not child:
+            setattr(module, name, sub.root)
+        traced.update(sub.traced)
+        failures.extend(sub.failures)
+    return PartialTrace(module, traced, failures)
+
+
+def raise_untraceable(failures: list[TraceFailure]) -> None:
+    """Raise the TraceError users see when no part of the model traced."""
+    listed = "\n  ".join(str(f) for f in failures[:8])
+    raise TraceError(
+        "torch.fx could not trace the model or any submodule that holds weights:\n  "
+        f"{listed}\nFix: pass the offending modules as `leaf_modules=` (types or "
+        "qualified names) so they stay opaque, or fix data-dependent control flow "
+        "with `concrete_args=` (see torch.fx.symbolic_trace)."
+    )
+
+
+__all__ = [
+    "SparsifyTracer", "TRACED_THROUGH", "trace", "trace_partially", "PartialTrace",
+    "TraceFailure", "describe_failure", "raise_untraceable",
+]

@@ -1,0 +1,55 @@
+"""sparsify-fx: compiler-style sparsification of PyTorch models.
+
+Data path: ``transform`` (trace + mask nodes) -> train (CS or a baseline) ->
+``fold`` -> ``report`` / ``export_onnx``. Names are imported lazily so that
+``import sparsify_fx`` stays cheap and the sub-packages never import in a cycle.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import (BudgetError, ConfigError, ExportError, FoldError, InputError,
+                     SelectionError, ShrinkError, SparsifyError, TraceError, TrainingError)
+
+__version__ = "0.1.0"
+
+#: public name -> module that defines it
+_LAZY = {
+    "transform": "sparsify_fx.transform",
+    "PartialTraceWarning": "sparsify_fx.transform",
+    "SparsifyConfig": "sparsify_fx.transform",
+    "masks": "sparsify_fx.mask_index",
+    "MaskEntry": "sparsify_fx.mask_index",
+    "sparsity": "sparsify_fx.mask_index",
+    "hard_masks": "sparsify_fx.mask_index",
+    "set_hard": "sparsify_fx.mask_index",
+    "Mask": "sparsify_fx.mask",
+    "CSMask": "sparsify_fx.mask",
+    "FixedMask": "sparsify_fx.mask",
+    "available_methods": "sparsify_fx.methods",
+    "fold": "sparsify_fx.export.fold",
+    "report": "sparsify_fx.export.report",
+    "export_onnx": "sparsify_fx.export.onnx_export",
+    "param_groups": "sparsify_fx.cs_scheduler",
+    "CSScheduler": "sparsify_fx.cs_scheduler",
+    "apply_budget": "sparsify_fx.budget",
+    "Trainer": "sparsify_fx.trainer",
+    "shrink": "sparsify_fx.passes.shrink",
+}
+
+__all__ = sorted([*_LAZY, "SparsifyError", "InputError", "ConfigError", "TraceError",
+                  "SelectionError", "FoldError", "BudgetError", "TrainingError",
+                  "ExportError", "ShrinkError", "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sparsify_fx' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,45 @@
+"""One exception hierarchy for everything sparsify-fx raises on bad input.
+
+Every message names the offending thing and says how to fix it.
+"""
+from __future__ import annotations
+
+
+class SparsifyError(Exception):
+    """Root of every error sparsify-fx raises deliberately."""
+
+
+class InputError(SparsifyError, TypeError):
+    """The object handed to an API function is not what it accepts."""
+
+
+class ConfigError(SparsifyError, ValueError):
+    """An option is unknown or out of range (method, granularity, s_init, ...)."""
+
+
+class TraceError(SparsifyError):
+    """torch.fx could not trace the model, nor any part of it that holds weights."""
+
+
+class SelectionError(SparsifyError, ValueError):
+    """include/exclude/keep_first/keep_last left no weight to prune."""
+
+
+class FoldError(SparsifyError):
+    """fold() was called on a model without masks (never transformed, or folded already)."""
+
+
+class BudgetError(SparsifyError, ValueError):
+    """A target sparsity or MACs budget cannot be met."""
+
+
+class TrainingError(SparsifyError, RuntimeError):
+    """Training diverged (NaN/inf loss) or was configured inconsistently."""
+
+
+class ExportError(SparsifyError):
+    """ONNX export or its verification in onnxruntime failed."""
+
+
+class ShrinkError(SparsifyError):
+    """Channel coupling analysis met a pattern it cannot shrink safely."""

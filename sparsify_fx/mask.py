@@ -1,0 +1,200 @@
+"""Mask modules: the objects a mask node calls, ``weight -> weight * mask``.
+
+Contract shared by every method:
+
+* ``Mask.forward(weight)`` takes the full weight tensor (shape ``weight_shape``,
+  any float dtype/device) and returns a tensor of the same shape, dtype and device.
+* Scores live in ``score_shape``: the weight shape for ``granularity="element"``,
+  ``(out_channels, 1, 1, ...)`` for ``granularity="channel"``, so they broadcast.
+* ``hard_mask()`` is the binary keep/prune decision (bool, ``score_shape``);
+  ``fold_factor()`` is the exact float multiplier fold writes into the weight.
+  In hard mode ``forward`` computes ``weight * fold_factor()``, so fold is exact.
+* ``keep``/``frozen`` buffers: once a method (or an exact-budget cut) fixes the
+  mask, ``frozen`` is set and ``keep`` alone decides. Both are in ``state_dict``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+
+GRANULARITIES = ("element", "channel")
+
+#: fp32 sigmoid(x) is exactly 1.0 above x ~ 16.6; keep initial |beta * s| well below.
+SATURATION_LIMIT = 12.0
+
+
+def score_shape_for(weight_shape: Sequence[int], granularity: str) -> tuple[int, ...]:
+    """Shape of one mask's scores for a weight of ``weight_shape``."""
+    if granularity not in GRANULARITIES:
+        raise ConfigError(
+            f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}"
+        )
+    shape = tuple(int(s) for s in weight_shape)
+    if granularity == "element":
+        return shape
+    return (shape[0],) + (1,) * (len(shape) - 1)
+
+
+class Mask(nn.Module):
+    """Base class: a (possibly learned) mask over one weight tensor.
+
+    Subclasses implement ``soft_mask()`` (differentiable, ``score_shape``) and
+    ``learned_keep()`` (bool, ``score_shape``), and may override ``scale``.
+    """
+
+    method: str = "fixed"
+    #: op kind of the masked weight ("conv", "linear", ...), set by transform.
+    kind: str = ""
+
+    def __init__(self, weight_shape: Sequence[int], granularity: str = "element",
+                 weight_name: str = "") -> None:
+        super().__init__()
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.granularity = granularity
+        self.score_shape = score_shape_for(self.weight_shape, granularity)
+        self.weight_name = weight_name
+        #: True: forward uses the binary mask (evaluation / fold parity); False: soft.
+        self.hard = False
+        self.register_buffer("keep", torch.ones(self.score_shape, dtype=torch.bool))
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+        self._frozen = False  # python mirror of `frozen`: no device sync per forward
+
+    # -- what subclasses define -------------------------------------------------
+    def soft_mask(self) -> Tensor:
+        """Differentiable mask values in ``score_shape`` (float32)."""
+        return self.keep.float()
+
+    def learned_keep(self) -> Tensor:
+        """The method's own binarisation rule (bool, ``score_shape``)."""
+        return self.keep
+
+    def ranking_scores(self) -> Tensor:
+        """Scores ranked by exact-budget cuts: larger means keep first."""
+        return self.keep.float()
+
+    @property
+    def scale(self) -> float:
+        """Constant factor applied to kept weights (1 unless the method rescales)."""
+        return 1.0
+
+    # -- shared behaviour ----------------------------------------------------------
+    def hard_mask(self) -> Tensor:
+        """Binary keep decision, bool, ``score_shape``."""
+        return self.keep if self._frozen else self.learned_keep()
+
+    def fold_factor(self) -> Tensor:
+        """Exactly what fold multiplies into the weight (float32, ``score_shape``)."""
+        factor = self.hard_mask().float()
+        return factor * self.scale if self.scale != 1.0 else factor
+
+    def freeze(self, keep: Tensor) -> None:
+        """Fix the mask to ``keep`` (bool, ``score_shape``); mutates this module."""
+        keep = keep.to(device=self.keep.device, dtype=torch.bool).reshape(self.score_shape)
+        self.keep.copy_(keep)
+        self.frozen.fill_(True)
+        self._frozen = True
+
+    def unfreeze(self) -> None:
+        self.frozen.fill_(False)
+        self._frozen = False
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # keep the mirror in sync
+        super()._load_from_state_dict(*args, **kwargs)
+        self._frozen = bool(self.frozen)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if self.hard or self._frozen:
+            factor = self.fold_factor()
+        else:
+            factor = self.soft_mask()
+        return weight * factor.to(weight.dtype)
+
+    # -- counting ------------------------------------------------------------------
+    @property
+    def weights_per_score(self) -> int:
+        return math.prod(self.weight_shape) // math.prod(self.score_shape)
+
+    def numel(self) -> int:
+        """Number of weights this mask covers."""
+        return math.prod(self.weight_shape)
+
+    def kept_weights(self) -> int:
+        """Number of weights the hard mask keeps (counted from the tensor)."""
+        return int(self.hard_mask().sum().item()) * self.weights_per_score
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight_name!r}, shape={self.weight_shape}, "
+                f"granularity={self.granularity!r}, hard={self.hard}")
+
+
+class FixedMask(Mask):
+    """A binary mask set from outside (magnitude, GMP, IMP, random): no learned state."""
+
+    method = "fixed"
+
+    def __init__(self, weight_shape: Sequence[int], granularity: str = "element",
+                 weight_name: str = "") -> None:
+        super().__init__(weight_shape, granularity, weight_name)
+        self.freeze(self.keep)
+
+
+class CSMask(Mask):
+    """Continuous Sparsification mask: ``scale * sigmoid(beta * s)``.
+
+    ``s`` (parameter ``scores``) starts at ``s_init``; ``beta`` is a buffer set
+    by :class:`sparsify_fx.CSScheduler`. With ``rescale=True`` (reference
+    behaviour, default) ``scale = 1 / sigmoid(s_init)``: training starts with
+    mask exactly 1, and the hard mask keeps that factor (``scale * (s > 0)``),
+    so fold reproduces the function the network was trained as.
+    """
+
+    method = "cs"
+
+    def __init__(self, weight_shape: Sequence[int], granularity: str = "element",
+                 weight_name: str = "", s_init: float = 0.0, rescale: bool = True,
+                 beta: float = 1.0) -> None:
+        super().__init__(weight_shape, granularity, weight_name)
+        if not math.isfinite(s_init) or abs(s_init * beta) >= SATURATION_LIMIT:
+            raise ConfigError(
+                f"s_init={s_init} with beta={beta} starts the sigmoid saturated "
+                f"(|beta*s_init| must be < {SATURATION_LIMIT}; fp32 sigmoid is exactly 1 "
+                "above ~16.6, which zeroes every gradient). Use s_init in [-1, 1]."
+            )
+        self.s_init = float(s_init)
+        self.rescale = bool(rescale)
+        self.scores = nn.Parameter(torch.full(self.score_shape, float(s_init)))
+        self.register_buffer("beta", torch.tensor(float(beta)))
+        self._scale = 1.0 / (1.0 / (1.0 + math.exp(-self.s_init))) if rescale else 1.0
+
+    @property
+    def scale(self) -> float:
+        return self._scale
+
+    def soft_mask(self) -> Tensor:
+        return torch.sigmoid(self.beta * self.scores) * self._scale
+
+    def learned_keep(self) -> Tensor:
+        return self.scores.detach() > 0
+
+    def ranking_scores(self) -> Tensor:
+        return self.scores.detach()
+
+
+class MaskSet(nn.ModuleDict):
+    """Parent of every graph-level mask in one GraphModule (``gm.sparsify_masks``).
+
+    Keys are the masked weight's qualified name with dots turned into ``__``, so
+    ``state_dict`` keys read ``sparsify_masks.layer1__0__conv1__weight.scores``.
+    """
+
+    ATTRIBUTE = "sparsify_masks"
+
+    @staticmethod
+    def key_for(weight_name: str) -> str:
+        key = "".join(c if c.isalnum() or c == "_" else "_" for c in weight_name.replace(".", "__"))
+        return key if not key[:1].isdigit() else f"w_{key}"

@@ -1,0 +1,137 @@
+"""``transform``: trace a model and put a mask on every selected weight.
+
+The input model is never mutated: transform works on a deep copy.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from torch import nn
+
+from sparsify_fx.passes.find_weights import WeightSite, find_weight_sites, select_sites
+from sparsify_fx.passes.insert_masks import InsertMaskNodes
+from sparsify_fx.passes.parametrize_weights import ParametrizeWeights
+from sparsify_fx.passes.trace import TRACED_THROUGH, raise_untraceable, trace_partially
+
+from .errors import ConfigError, InputError, SelectionError
+from .mask import GRANULARITIES, Mask
+from .methods import get_method, split_options
+
+CONFIG_ATTRIBUTE = "sparsify_config"
+
+
+class PartialTraceWarning(UserWarning):
+    """Only parts of the model were traced; the rest is masked by parametrization."""
+
+
+@dataclass
+class SparsifyConfig:
+    """What transform was asked for; kept on the returned model as ``sparsify_config``."""
+
+    method: str
+    granularity: str
+    options: dict[str, Any]
+    target_sparsity: float | dict[str, float] | None = None
+    target_macs: float | None = None
+    per_layer: bool = False
+    untraced: list[str] = field(default_factory=list)
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    if value is None:
+        return
+    values = value.values() if isinstance(value, dict) else [value]
+    for v in values:
+        if not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
+            raise ConfigError(f"{name} must be a fraction in [0, 1), got {v!r}")
+
+
+def transform(model: nn.Module, *, method: str = "cs", granularity: str = "element",
+              include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+              keep_first: bool = False, keep_last: bool = False,
+              leaf_modules: Sequence[type[nn.Module] | str] = (),
+              concrete_args: dict[str, Any] | None = None,
+              target_sparsity: float | dict[str, float] | None = None,
+              target_macs: float | None = None, per_layer: bool = False,
+              **method_options: Any) -> nn.Module:
+    """Trace ``model`` and insert a mask after every selected Conv/Linear weight.
+
+    Returns a ``torch.fx.GraphModule`` (or, when only parts of the model trace,
+    a copy of the model whose traceable submodules are GraphModules; a
+    :class:`PartialTraceWarning` names the rest). ``model`` is not mutated.
+
+    ``include``/``exclude``: globs over weight names or module paths.
+    ``keep_first``/``keep_last``: leave the first/last prunable weight dense.
+    ``target_sparsity`` (fraction of masked weights, or ``{name: fraction}``)
+    and ``target_macs`` (fraction of dense MACs) are budgets the training and
+    one-shot methods meet exactly. Remaining keyword options go to the method
+    (e.g. ``s_init``, ``rescale`` for ``"cs"``).
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(
+            f"transform expects a torch.nn.Module, got {type(model).__name__}; wrap plain "
+            "functions in an nn.Module whose forward calls them"
+        )
+    spec = get_method(method)
+    if granularity not in GRANULARITIES or granularity not in spec.granularities:
+        allowed = ", ".join(g for g in GRANULARITIES if g in spec.granularities)
+        raise ConfigError(
+            f"granularity {granularity!r} is not supported by method {method!r}; use {allowed}"
+        )
+    options = split_options(spec, method_options)
+    _check_fraction("target_sparsity", target_sparsity)
+    if target_macs is not None and not (isinstance(target_macs, (int, float))
+                                        and 0.0 < float(target_macs) <= 1.0):
+        raise ConfigError(f"target_macs must be a fraction in (0, 1], got {target_macs!r}")
+    if target_macs is not None and target_sparsity is not None:
+        raise ConfigError("give either target_sparsity or target_macs, not both")
+
+    original = copy.deepcopy(model)
+    working = copy.deepcopy(model)
+    prunable = TRACED_THROUGH + (nn.MultiheadAttention,)
+    result = trace_partially(working, prunable, leaf_modules, concrete_args)
+    if not result.traced:
+        raise_untraceable(result.failures)
+    root = result.root
+    sites = find_weight_sites(root, original, result.traced)
+    chosen = select_sites(sites, include, exclude, keep_first, keep_last)
+    if not chosen:
+        raise SelectionError(
+            f"no weight left to prune: found {len(sites)} prunable weight(s) "
+            f"({', '.join(s.name for s in sites[:5])}{', ...' if len(sites) > 5 else ''}), "
+            f"but include={include!r}, exclude={exclude!r}, keep_first={keep_first}, "
+            f"keep_last={keep_last} removed them all. Loosen the globs."
+        )
+
+    def make_mask(site: WeightSite) -> Mask:
+        mask = spec.build(site.shape, granularity, site.name, options)
+        mask.kind = site.kind
+        return mask
+
+    InsertMaskNodes(make_mask).run(chosen)
+    ParametrizeWeights(make_mask).run(chosen)
+
+    untraced = [str(f) for f in result.failures] if root not in result.traced.values() else []
+    if untraced:
+        warnings.warn(PartialTraceWarning(
+            "sparsify_fx traced only parts of the model; these did not trace and their "
+            "weights are masked by parametrization:\n  " + "\n  ".join(untraced)
+        ), stacklevel=2)
+    config = SparsifyConfig(method, granularity, options, target_sparsity, target_macs,
+                            per_layer, untraced)
+    setattr(root, CONFIG_ATTRIBUTE, config)
+    root.train(model.training)
+    if spec.after_transform is not None:
+        spec.after_transform(root, config)
+    return root
+
+
+def config_of(model: nn.Module) -> SparsifyConfig | None:
+    """The SparsifyConfig transform left on ``model`` (None if absent)."""
+    return getattr(model, CONFIG_ATTRIBUTE, None)
+
+
+__all__ = ["transform", "SparsifyConfig", "PartialTraceWarning", "config_of"]
