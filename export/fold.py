@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from sparsify_fx.errors import FoldError
 from sparsify_fx.mask import MaskSet
 from sparsify_fx.mask_index import masks, unwrap
-from sparsify_fx.transform import CONFIG_ATTRIBUTE
+from sparsify_fx.prepare import CONFIG_ATTRIBUTE
 
 
 def fold(model: nn.Module) -> nn.Module:

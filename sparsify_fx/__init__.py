@@ -16,9 +16,9 @@ __version__ = "0.1.0"
 
 #: public name -> module that defines it
 _LAZY = {
-    "transform": "sparsify_fx.transform",
-    "PartialTraceWarning": "sparsify_fx.transform",
-    "SparsifyConfig": "sparsify_fx.transform",
+    "transform": "sparsify_fx.prepare",
+    "PartialTraceWarning": "sparsify_fx.prepare",
+    "SparsifyConfig": "sparsify_fx.prepare",
     "masks": "sparsify_fx.mask_index",
     "MaskEntry": "sparsify_fx.mask_index",
     "sparsity": "sparsify_fx.mask_index",

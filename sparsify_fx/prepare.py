@@ -1,4 +1,4 @@
-"""``transform``: trace a model and put a mask on every selected weight.
+"""``transform`` (like quantize_fx.prepare_fx): trace a model and put a mask on every selected weight.
 
 The input model is never mutated: transform works on a deep copy.
 """

@@ -1,0 +1,230 @@
+"""Continuous Sparsification in the user's own loop: three added lines.
+
+    opt = torch.optim.SGD(sparsify_fx.param_groups(gm, lr=0.1, weight_decay=1e-4), momentum=0.9)
+    cs = sparsify_fx.CSScheduler(gm, epochs=E)
+    ...  loss = task_loss + cs.penalty(); loss.backward(); opt.step()
+    cs.step()                    # once per epoch (or per batch with per_step=True)
+
+Facts from Savarese et al. (NeurIPS 2020) and the reference code: soft mask
+``sigmoid(beta * s)``, beta from 1 to ``beta_final`` (200) geometrically,
+``beta_e = beta_final ** (e / (epochs - 1))``, penalty ``lambda * sum(soft
+masks)`` with lambda 1e-8 (so small that ``s_init`` effectively sets the
+sparsity), hard mask ``s > 0``.
+
+Beyond the reference: with a target (``target_sparsity`` or ``target_macs``,
+taken from ``transform`` by default) a controller moves ``log(lambda)`` in
+proportion to the gap between the current hard density (``s > 0``) and the
+target, per layer when the target is per layer; ``finalize()`` then cuts the
+masks to exactly the target (see :mod:`sparsify_fx.budget`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .budget import CutResult, apply_budget, weight_costs
+from .errors import ConfigError
+from .mask import CSMask
+from .mask_index import MaskEntry, masks, unwrap
+from .prepare import config_of
+
+
+def mask_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Learnable mask parameters (scores, log-alphas, ...) of every mask."""
+    seen: set[int] = set()
+    out = []
+    for e in masks(model):
+        for p in e.mask.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+def param_groups(model: nn.Module, mask_lr: float | None = None,
+                 mask_options: Mapping[str, Any] | None = None,
+                 **optimizer_options: Any) -> list[dict[str, Any]]:
+    """Two parameter groups for any torch optimizer: weights, then mask scores.
+
+    ``optimizer_options`` (lr, weight_decay, ...) apply to the weights; the
+    mask group gets the same options except ``weight_decay=0`` (reference
+    behaviour), ``lr=mask_lr`` if given, plus ``mask_options``.
+    """
+    model = unwrap(model)
+    mask_ids = {id(p) for p in mask_parameters(model)}
+    weights = [p for p in model.parameters() if id(p) not in mask_ids and p.requires_grad]
+    mask_params = [p for p in model.parameters() if id(p) in mask_ids]
+    weight_group = {"params": weights, "name": "weights", **optimizer_options}
+    mask_group = {"params": mask_params, "name": "masks",
+                  **{k: v for k, v in optimizer_options.items() if k != "weight_decay"},
+                  "weight_decay": 0.0, **(dict(mask_options or {}))}
+    if mask_lr is not None:
+        mask_group["lr"] = mask_lr
+    return [weight_group, mask_group]
+
+
+class CSScheduler:
+    """Beta annealing, L1 penalty, lambda controller and exact final cut for CS masks.
+
+    Shaped like ``torch.optim.lr_scheduler``: call :meth:`step` once per epoch
+    (``per_step=False``) or once per optimizer step (``per_step=True``, needs
+    ``steps_per_epoch``). Mutates the ``beta`` buffers of the model's CS masks.
+    """
+
+    def __init__(self, model: nn.Module, epochs: int, *, beta_final: float = 200.0,
+                 lmbda: float = 1e-8, per_step: bool = False, steps_per_epoch: int | None = None,
+                 target_sparsity: float | Mapping[str, float] | None = None,
+                 target_macs: float | None = None, per_layer: bool | None = None,
+                 example_inputs: Sequence[Tensor] | Tensor | None = None,
+                 controller_gain: float = 0.5, lmbda_bounds: tuple[float, float] = (1e-12, 10.0)
+                 ) -> None:
+        self.model = unwrap(model)
+        if epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {epochs}")
+        if beta_final < 1.0:
+            raise ConfigError(f"beta_final must be >= 1 (beta starts at 1), got {beta_final}")
+        if per_step and not steps_per_epoch:
+            raise ConfigError("per_step=True needs steps_per_epoch (len(train_loader))")
+        self.entries: list[MaskEntry] = [e for e in masks(self.model) if isinstance(e.mask, CSMask)]
+        if not self.entries:
+            raise ConfigError("CSScheduler needs a model transformed with method='cs'")
+        cfg = config_of(self.model)
+        if target_sparsity is None and target_macs is None and cfg is not None:
+            target_sparsity, target_macs = cfg.target_sparsity, cfg.target_macs
+            per_layer = cfg.per_layer if per_layer is None else per_layer
+        self.epochs = int(epochs)
+        self.beta_final = float(beta_final)
+        self.per_step = bool(per_step)
+        self.total_steps = self.epochs * (steps_per_epoch or 1)
+        self.target_sparsity = target_sparsity
+        self.target_macs = target_macs
+        self.per_layer = bool(per_layer) or isinstance(target_sparsity, Mapping)
+        self.gain = float(controller_gain)
+        self.bounds = lmbda_bounds
+        self.costs: dict[str, float] | None = None
+        if target_macs is not None:
+            if example_inputs is None:
+                raise ConfigError("target_macs needs example_inputs to count MACs per weight")
+            self.costs = weight_costs(self.model, example_inputs)
+        n_groups = len(self.entries) if self.per_layer else 1
+        self.log_lmbda = torch.full((n_groups,), math.log(lmbda), dtype=torch.float64)
+        self.t = 0  # epochs (or steps) completed in this round
+        self.round = 0
+        self._apply_beta()
+
+    # -- schedule --------------------------------------------------------------
+    @property
+    def beta(self) -> float:
+        span = (self.total_steps if self.per_step else self.epochs) - 1
+        if span <= 0:
+            return self.beta_final
+        return self.beta_final ** (min(self.t, span) / span)
+
+    @property
+    def lmbda(self) -> float | list[float]:
+        vals = self.log_lmbda.exp().tolist()
+        return vals[0] if len(vals) == 1 else vals
+
+    def _apply_beta(self) -> None:
+        for e in self.entries:
+            e.mask.beta.fill_(self.beta)
+
+    def _groups(self) -> Iterator[tuple[int, list[MaskEntry]]]:
+        if self.per_layer:
+            yield from ((i, [e]) for i, e in enumerate(self.entries))
+        else:
+            yield 0, self.entries
+
+    # -- penalty -----------------------------------------------------------------
+    def _weight_of(self, e: MaskEntry) -> float:
+        per_score = e.mask.weights_per_score
+        if self.costs is not None:
+            mean_cost = sum(self.costs.values()) / len(self.costs)
+            return per_score * self.costs[e.name] / mean_cost
+        return float(per_score)
+
+    def penalty(self) -> Tensor:
+        """``sum_g lambda_g * sum(soft masks in g)`` (each score counts the weights it covers)."""
+        total: Tensor | None = None
+        lm = self.log_lmbda.exp()
+        for g, group in self._groups():
+            s = sum(e.mask.soft_mask().sum() * self._weight_of(e) for e in group)
+            term = s * float(lm[g])
+            total = term if total is None else total + term
+        assert total is not None
+        return total
+
+    # -- controller --------------------------------------------------------------
+    def _target_density(self, group: list[MaskEntry]) -> float | None:
+        if self.target_macs is not None:
+            return float(self.target_macs)
+        if self.target_sparsity is None:
+            return None
+        if isinstance(self.target_sparsity, Mapping):
+            t = self.target_sparsity.get(group[0].name)
+            return None if t is None else 1.0 - float(t)
+        return 1.0 - float(self.target_sparsity)
+
+    def _density(self, group: list[MaskEntry]) -> float:
+        if self.costs is not None:
+            kept = sum(e.mask.kept_weights() * self.costs[e.name] for e in group)
+            return kept / sum(e.mask.numel() * self.costs[e.name] for e in group)
+        return sum(e.mask.kept_weights() for e in group) / sum(e.mask.numel() for e in group)
+
+    @torch.no_grad()
+    def update_controller(self) -> None:
+        """log(lambda_g) += gain * (density_g - target_g) / target_g, clipped to bounds."""
+        lo, hi = (math.log(b) for b in self.bounds)
+        for g, group in self._groups():
+            target = self._target_density(group)
+            if target is None:
+                continue
+            gap = (self._density(group) - target) / max(target, 1e-3)
+            self.log_lmbda[g] = min(max(float(self.log_lmbda[g]) + self.gain * gap, lo), hi)
+
+    def step(self) -> None:
+        """End of an epoch (or a step, with per_step): anneal beta, update the controller."""
+        self.update_controller()
+        self.t += 1
+        self._apply_beta()
+
+    # -- rounds and the final cut --------------------------------------------------
+    @torch.no_grad()
+    def next_round(self, reference_clamp: bool = False) -> None:
+        """Start a new ticket-search round: ``s <- min(beta_final * s, s_init)``, beta <- 1.
+
+        ``reference_clamp=True`` reproduces the reference code, which resets beta
+        to 1 before clamping and so computes ``min(s, s_init)``.
+        """
+        factor = 1.0 if reference_clamp else self.beta_final
+        for e in self.entries:
+            m = e.mask
+            m.scores.copy_(torch.clamp(factor * m.scores, max=m.s_init))
+        self.t = 0
+        self.round += 1
+        self._apply_beta()
+
+    def finalize(self) -> CutResult | None:
+        """Cut to the exact target (if any) and freeze the masks; None without a target."""
+        if self.target_sparsity is None and self.target_macs is None:
+            return None
+        return apply_budget(self.model, self.target_sparsity, target_macs=self.target_macs,
+                            costs=self.costs, per_layer=self.per_layer)
+
+    # -- state ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"t": self.t, "round": self.round, "log_lmbda": self.log_lmbda.clone(),
+                "epochs": self.epochs, "beta_final": self.beta_final, "per_step": self.per_step,
+                "total_steps": self.total_steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if int(state["epochs"]) != self.epochs or bool(state["per_step"]) != self.per_step:
+            raise ConfigError("CSScheduler state was saved with a different epochs/per_step setting")
+        self.t = int(state["t"])
+        self.round = int(state["round"])
+        self.log_lmbda = state["log_lmbda"].clone().to(torch.float64)
+        self.total_steps = int(state["total_steps"])
+        self._apply_beta()

@@ -1,0 +1,283 @@
+"""Built-in trainer for CS (and any mask method): one run, or ticket search with rewinding.
+
+Mutates the model it is given (that is what training is). Checkpoints are
+written atomically after every epoch when ``checkpoint_path`` is set, and a
+run resumes bit-identically from one on CPU (data order is seeded per epoch).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .budget import CutResult
+from .cs_scheduler import CSScheduler, param_groups
+from .errors import TrainingError
+from .mask_index import hard_masks, masks, sparsity, unwrap
+
+EvalHook = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class EpochLog:
+    epoch: int
+    loss: float
+    train_acc: float
+    val_acc: float | None
+    beta: float
+    lmbda: float | list[float]
+    sparsity: float
+
+
+@dataclass
+class RunResult:
+    """History of one run and the exact cut applied at its end (if any)."""
+
+    history: list[EpochLog] = field(default_factory=list)
+    cut: CutResult | None = None
+    epochs_trained: int = 0
+
+
+def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu",
+             hard: bool = True) -> float:
+    """Top-1 accuracy in percent, with binary masks by default; restores train mode."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    with torch.no_grad(), hard_masks(model, hard):
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            correct += int((model(x).argmax(1) == y).sum())
+            total += int(y.numel())
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1)
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """SGD/Adam training of a transformed model with CS scheduling.
+
+    ``dataset`` is a map-style Dataset of (input, label); batches are drawn in
+    an order seeded by ``seed`` and the epoch, so runs are reproducible.
+    ``lr`` applies to weights, ``mask_lr`` (default ``lr``) to mask scores.
+    """
+
+    def __init__(self, model: nn.Module, train_set: Dataset, val_loader: Iterable | None = None,
+                 *, epochs: int = 10, batch_size: int = 64, lr: float = 0.1,
+                 mask_lr: float | None = None, momentum: float = 0.9,
+                 weight_decay: float = 1e-4, optimizer: str = "sgd",
+                 loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+                 seed: int = 0, device: str | torch.device = "cpu",
+                 checkpoint_path: str | None = None, eval_hook: EvalHook | None = None,
+                 progress: bool = True, **cs_options: Any) -> None:
+        self.model = model
+        self.train_set = train_set
+        self.val_loader = val_loader
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr, self.mask_lr, self.momentum = lr, mask_lr, momentum
+        self.weight_decay = weight_decay
+        self.optimizer_name = optimizer
+        self.loss_fn = loss_fn
+        self.seed = seed
+        self.device = device
+        self.checkpoint_path = checkpoint_path
+        self.eval_hook = eval_hook
+        self.progress = progress
+        self.cs_options = cs_options
+        self.steps_per_epoch = math.ceil(len(train_set) / batch_size)  # type: ignore[arg-type]
+        self.optimizer = self._make_optimizer()
+        self.scheduler: CSScheduler | None = None
+        if any(hasattr(e.mask, "scores") and hasattr(e.mask, "beta") for e in masks(model)):
+            self.scheduler = CSScheduler(model, epochs, steps_per_epoch=self.steps_per_epoch,
+                                         **cs_options)
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        groups = param_groups(self.model, mask_lr=self.mask_lr, lr=self.lr,
+                              weight_decay=self.weight_decay)
+        groups = [g for g in groups if g["params"]]
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(groups)
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(groups, momentum=self.momentum)
+        raise TrainingError(f"unknown optimizer {self.optimizer_name!r}; use 'sgd' or 'adam'")
+
+    def _loader(self, epoch: int) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 1_000 * self._round)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g)
+
+    _round = 0
+
+    # -- checkpoints ------------------------------------------------------------------
+    def state_dict(self, epoch: int) -> dict[str, Any]:
+        return {"epoch": epoch, "round": self._round, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> int:
+        """Restore model, optimizer, CS state and RNG; returns the next epoch to run."""
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self._round = int(state["round"])
+        return int(state["epoch"]) + 1
+
+    # -- one run ------------------------------------------------------------------------
+    def fit(self, resume_from: str | None = None, finalize: bool = True,
+            on_step: Callable[[int, int], None] | None = None) -> RunResult:
+        """Train ``epochs`` epochs; cut masks to the exact target at the end.
+
+        ``on_step(epoch, step)`` is called after every optimizer step (rewind
+        points use it). Raises :class:`TrainingError` on a non-finite loss,
+        leaving the last checkpoint as it was.
+        """
+        start = 0
+        if resume_from is not None:
+            start = self.load_state_dict(torch.load(resume_from, weights_only=False))
+        result = RunResult()
+        model = self.model.to(self.device)
+        for epoch in range(start, self.epochs):
+            model.train()
+            loss_sum = correct = seen = 0.0
+            bar = tqdm(self._loader(epoch), desc=f"epoch {epoch + 1}/{self.epochs}",
+                       disable=not self.progress, leave=False)
+            for step, (x, y) in enumerate(bar):
+                x, y = x.to(self.device), y.to(self.device)
+                self.optimizer.zero_grad(set_to_none=True)
+                out = model(x)
+                loss = self.loss_fn(out, y)
+                if self.scheduler is not None:
+                    loss = loss + self.scheduler.penalty()
+                if not torch.isfinite(loss):
+                    beta = self.scheduler.beta if self.scheduler else float("nan")
+                    raise TrainingError(
+                        f"non-finite loss ({float(loss)}) at epoch {epoch}, step {step}, "
+                        f"beta {beta:.4g}; the last checkpoint "
+                        f"({self.checkpoint_path or 'none written'}) is intact. Lower the "
+                        "learning rate or beta_final, or check the inputs for NaN/inf."
+                    )
+                loss.backward()
+                self.optimizer.step()
+                if self.scheduler is not None and self.scheduler.per_step:
+                    self.scheduler.step()
+                if on_step is not None:
+                    on_step(epoch, step)
+                loss_sum += float(loss) * len(y)
+                correct += float((out.argmax(1) == y).sum())
+                seen += len(y)
+                if self.progress:
+                    bar.set_postfix(self._postfix(loss_sum / seen, 100 * correct / seen))
+            if self.scheduler is not None and not self.scheduler.per_step:
+                self.scheduler.step()
+            log = self._epoch_log(epoch, loss_sum / seen, 100 * correct / seen)
+            result.history.append(log)
+            result.epochs_trained += 1
+            if self.eval_hook is not None:
+                self.eval_hook(epoch, log.__dict__)
+            if self.checkpoint_path:
+                _atomic_save(self.state_dict(epoch), self.checkpoint_path)
+        if finalize and self.scheduler is not None:
+            result.cut = self.scheduler.finalize()
+        return result
+
+    def _postfix(self, loss: float, acc: float) -> dict[str, str]:
+        post = {"loss": f"{loss:.3f}", "acc": f"{acc:.1f}"}
+        if self.scheduler is not None:
+            lm = self.scheduler.lmbda
+            post.update(beta=f"{self.scheduler.beta:.3g}",
+                        lmbda=f"{lm if isinstance(lm, float) else max(lm):.2e}",
+                        sparsity=f"{sparsity(self.model):.3f}")
+        return post
+
+    def _epoch_log(self, epoch: int, loss: float, acc: float) -> EpochLog:
+        val = evaluate(self.model, self.val_loader, self.device) if self.val_loader else None
+        sched = self.scheduler
+        return EpochLog(epoch, loss, acc, val, sched.beta if sched else 1.0,
+                        sched.lmbda if sched else 0.0, float(sparsity(self.model)))
+
+    # -- ticket search ---------------------------------------------------------------------
+    def search_ticket(self, rounds: int = 3, rewind_iteration: int = 0,
+                      reference_clamp: bool = False, retrain_epochs: int | None = None,
+                      test_loader: Iterable | None = None) -> list[dict[str, Any]]:
+        """Ticket search: ``rounds`` CS rounds, then retrain (rewound weights, fixed mask).
+
+        After each round ``s <- min(beta_final * s, s_init)`` (or the reference's
+        ``min(s, s_init)`` with ``reference_clamp``), beta <- 1, weights rewound
+        to their values after ``rewind_iteration`` optimizer steps of round 0.
+        Returns one row per round plus the ticket: sparsity, accuracy, epochs.
+        """
+        if self.scheduler is None:
+            raise TrainingError("search_ticket needs a model transformed with method='cs'")
+        weight_ids = {id(p) for g in self.optimizer.param_groups if g.get("name") == "weights"
+                      for p in g["params"]}
+        rewind: dict[str, Tensor] = {}
+        named = dict(unwrap(self.model).named_parameters())
+
+        def snapshot() -> None:
+            for n, p in named.items():
+                if id(p) in weight_ids:
+                    rewind[n] = p.detach().clone()
+
+        if rewind_iteration == 0:
+            snapshot()
+        counter = {"steps": 0}
+
+        def on_step(_e: int, _s: int) -> None:
+            counter["steps"] += 1
+            if counter["steps"] == rewind_iteration:
+                snapshot()
+
+        rows: list[dict[str, Any]] = []
+        total_epochs = 0
+        for r in range(rounds):
+            self._round = r
+            run = self.fit(finalize=False, on_step=on_step if r == 0 else None)
+            total_epochs += run.epochs_trained
+            acc = evaluate(self.model, test_loader or self.val_loader or [], self.device) \
+                if (test_loader or self.val_loader) else None
+            rows.append({"stage": f"round {r + 1}", "sparsity": float(sparsity(self.model)),
+                         "accuracy": acc, "epochs": total_epochs})
+            if r < rounds - 1:
+                self.scheduler.next_round(reference_clamp)
+                self._restore(named, rewind)
+                self.optimizer = self._make_optimizer()
+        cut = self.scheduler.finalize()
+        if cut is None:
+            for e in masks(self.model):
+                e.mask.freeze(e.mask.learned_keep())
+        self._restore(named, rewind)
+        self.optimizer = self._make_optimizer()
+        saved_epochs = self.epochs
+        self.epochs = retrain_epochs or self.epochs
+        self._round = rounds
+        run = self.fit(finalize=False)
+        self.epochs = saved_epochs
+        total_epochs += run.epochs_trained
+        acc = evaluate(self.model, test_loader or self.val_loader or [], self.device) \
+            if (test_loader or self.val_loader) else None
+        rows.append({"stage": "ticket (retrained)", "sparsity": float(sparsity(self.model)),
+                     "accuracy": acc, "epochs": total_epochs,
+                     "changed_bits": cut.changed_bits if cut else 0})
+        return rows
+
+    @staticmethod
+    def _restore(named: dict[str, nn.Parameter], values: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for n, v in values.items():
+                named[n].copy_(v)
+
