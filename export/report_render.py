@@ -1,0 +1,229 @@
+"""Text renderings of a :class:`~sparsify_fx.export.report.Report`: table, markdown,
+JSON (schema ``sparsify_fx.report/v1``, see docs/report.md) and CSV, plus the
+before/after comparison. Pure functions of the report; nothing is mutated.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .report import Comparison, LayerRow, Report
+
+SCHEMA = "sparsify_fx.report/v1"
+UNITS = {"macs": "multiply-accumulates (one multiply + one add)",
+         "flops": "2 x macs", "sparsity": "fraction of zero weights in [0, 1]"}
+FLOPS_NOTE = ("FLOPs = 2 x MACs. torchvision's `_ops` metadata is GMACs although it is "
+              "labelled GFLOPS.")
+CSV_FIELDS = ["name", "kind", "weight_shape", "params", "nonzeros", "sparsity",
+              "out_channels", "out_channels_kept", "in_channels", "in_channels_kept",
+              "dense_macs", "macs", "output_shape", "masked", "calls"]
+
+
+def _dims(shape: Any) -> str:
+    return "x".join(str(s) for s in shape) if shape else "-"
+
+
+def _g(x: float) -> str:
+    return f"{x / 1e9:.3f} G"
+
+
+def _m(x: float) -> str:
+    return f"{x / 1e6:.2f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _short(name: str, width: int) -> str:
+    return name if len(name) <= width else "..." + name[-(width - 3):]
+
+
+def _other_groups(report: "Report") -> "OrderedDict[str, list[int]]":
+    groups: OrderedDict[str, list[int]] = OrderedDict()
+    for o in report.other:
+        g = groups.setdefault(o.op, [0, 0])
+        g[0] += 1
+        g[1] += o.macs
+    return groups
+
+
+def _other_line(report: "Report") -> str:
+    if not report.other:
+        return "other ops: none with MACs (pooling, norms, activations, bias adds are not counted)"
+    parts = ", ".join(f"{op} x{n}" for op, (n, _) in _other_groups(report).items())
+    return (f"other ops: {len(report.other)} ({parts}) = {_m(report.other_macs)} MMACs, "
+            "counted dense in both totals")
+
+
+def summary_lines(report: "Report") -> list[str]:
+    t = report.totals()
+    masked = "" if t["masked_sparsity"] is None else f", masked weights {_pct(t['masked_sparsity'])}"
+    return [
+        f"params {t['params']:,} (nonzero {t['nonzeros']:,}); sparsity: prunable weights "
+        f"{_pct(t['weight_sparsity'])}{masked}, all params {_pct(t['param_sparsity'])}",
+        f"MACs: dense {_g(t['dense_macs'])} -> effective {_g(t['macs'])} "
+        f"(ratio {t['macs_ratio']:.3f}); FLOPs = 2 x MACs: {_g(t['dense_flops'])} -> "
+        f"{_g(t['flops'])}",
+    ]
+
+
+def _header(report: "Report") -> str:
+    shapes = ", ".join(_dims(s) for s in report.input_shapes)
+    return f"sparsify_fx report: {report.model_name}, input {shapes}, counted by {report.counting}"
+
+
+def to_table(report: "Report", width: int = 44) -> str:
+    """Compact fixed-width table (what ``print(report)`` shows)."""
+    head = (f"{'layer':{width}s} {'kind':18s} {'weight':>14s} {'params':>10s} {'sparsity':>8s} "
+            f"{'out kept':>10s} {'dense MMACs':>12s} {'eff. MMACs':>11s}")
+    lines = [_header(report), head, "-" * len(head)]
+    for r in report.rows:
+        lines.append(
+            f"{_short(r.name, width):{width}s} {r.kind:18s} {_dims(r.weight_shape):>14s} "
+            f"{r.params:>10,} {_pct(r.sparsity):>8s} "
+            f"{f'{r.out_channels_kept}/{r.out_channels}':>10s} {_m(r.dense_macs):>12s} "
+            f"{_m(r.macs):>11s}")
+    lines += ["-" * len(head), _other_line(report), *summary_lines(report), *report.notes]
+    return "\n".join(lines)
+
+
+def to_markdown(report: "Report") -> str:
+    t = report.totals()
+    out = [f"## {report.model_name}", "",
+           f"Input {', '.join(_dims(s) for s in report.input_shapes)}; counted by "
+           f"{report.counting}. {FLOPS_NOTE}", "",
+           "| total | value |", "|---|---|",
+           f"| parameters | {t['params']:,} |", f"| nonzero parameters | {t['nonzeros']:,} |",
+           f"| sparsity, prunable weights | {_pct(t['weight_sparsity'])} |",
+           f"| sparsity, masked weights | {_pct(t['masked_sparsity'])} |",
+           f"| sparsity, all parameters | {_pct(t['param_sparsity'])} |",
+           f"| dense MACs | {_g(t['dense_macs'])} |", f"| effective MACs | {_g(t['macs'])} |",
+           f"| effective / dense | {t['macs_ratio']:.3f} |",
+           f"| dense FLOPs (2 x MACs) | {_g(t['dense_flops'])} |", "",
+           "| layer | kind | weight | params | nonzeros | sparsity | out ch. kept | in ch. kept "
+           "| dense MMACs | eff. MMACs | output |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in report.rows:
+        out.append(f"| `{r.name}` | {r.kind} | {_dims(r.weight_shape)} | {r.params:,} | "
+                   f"{r.nonzeros:,} | {_pct(r.sparsity)} | {r.out_channels_kept}/{r.out_channels} | "
+                   f"{r.in_channels_kept}/{r.in_channels} | {_m(r.dense_macs)} | {_m(r.macs)} | "
+                   f"{_dims(r.output_shape)} |")
+    out += ["", _other_line(report)]
+    if report.other:
+        out += ["", "| other op | count | MMACs |", "|---|---:|---:|"]
+        out += [f"| {op} | {n} | {_m(m)} |" for op, (n, m) in _other_groups(report).items()]
+    out += [f"\n> {n}" for n in report.notes]
+    return "\n".join(out) + "\n"
+
+
+def report_dict(report: "Report") -> dict[str, Any]:
+    from .report import row_dict
+    return {
+        "schema": SCHEMA, "model": report.model_name,
+        "input_shapes": [list(s) for s in report.input_shapes],
+        "counting": report.counting, "units": UNITS, "totals": report.totals(),
+        "layers": [row_dict(r) for r in report.rows],
+        "other": [{"name": o.name, "op": o.op, "macs": o.macs,
+                   "output_shape": list(o.output_shape) if o.output_shape else None}
+                  for o in report.other],
+        "notes": list(report.notes),
+    }
+
+
+def to_json(report: "Report", indent: int | None = 2) -> str:
+    return json.dumps(report_dict(report), indent=indent)
+
+
+def _csv_row(r: "LayerRow") -> dict[str, Any]:
+    return {f: (_dims(getattr(r, f)) if f.endswith("shape") else getattr(r, f))
+            for f in CSV_FIELDS}
+
+
+def to_csv(report: "Report") -> str:
+    """One line per layer, then one per other op (kind ``other:<op>``, no weight)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for r in report.rows:
+        writer.writerow(_csv_row(r))
+    for o in report.other:
+        writer.writerow({"name": o.name, "kind": f"other:{o.op}", "params": 0, "nonzeros": 0,
+                         "dense_macs": o.macs, "macs": o.macs,
+                         "output_shape": _dims(o.output_shape)})
+    return buf.getvalue()
+
+
+# -- before / after ------------------------------------------------------------------
+def _pairs(c: "Comparison") -> list[tuple[str, "LayerRow | None", "LayerRow | None"]]:
+    before = {r.name: r for r in c.before.rows}
+    after = {r.name: r for r in c.after.rows}
+    names = list(before) + [n for n in after if n not in before]
+    return [(n, before.get(n), after.get(n)) for n in names]
+
+
+def compare_dict(c: "Comparison") -> dict[str, Any]:
+    from .report import row_dict
+    return {"schema": SCHEMA + "/compare", "before": c.before.model_name,
+            "after": c.after.model_name,
+            "totals": {"before": c.before.totals(), "after": c.after.totals()},
+            "layers": [{"name": n, "before": row_dict(b) if b else None,
+                        "after": row_dict(a) if a else None} for n, b, a in _pairs(c)]}
+
+
+def _cmp_cells(b: "LayerRow | None", a: "LayerRow | None") -> list[str]:
+    def get(r: "LayerRow | None", f: str, fmt: Any) -> str:
+        return fmt(getattr(r, f)) if r is not None else "-"
+    return [get(b, "params", lambda x: f"{x:,}"), get(a, "params", lambda x: f"{x:,}"),
+            get(b, "sparsity", _pct), get(a, "sparsity", _pct),
+            get(b, "macs", _m), get(a, "macs", _m)]
+
+
+def compare_markdown(c: "Comparison") -> str:
+    tb, ta = c.before.totals(), c.after.totals()
+    out = [f"## {c.before.model_name} (before) vs {c.after.model_name} (after)", "", FLOPS_NOTE,
+           "", "| total | before | after |", "|---|---:|---:|",
+           f"| parameters | {tb['params']:,} | {ta['params']:,} |",
+           f"| nonzero parameters | {tb['nonzeros']:,} | {ta['nonzeros']:,} |",
+           f"| sparsity, prunable weights | {_pct(tb['weight_sparsity'])} | "
+           f"{_pct(ta['weight_sparsity'])} |",
+           f"| dense MACs | {_g(tb['dense_macs'])} | {_g(ta['dense_macs'])} |",
+           f"| effective MACs | {_g(tb['macs'])} | {_g(ta['macs'])} |", "",
+           "| layer | params before | params after | sparsity before | sparsity after | "
+           "eff. MMACs before | eff. MMACs after |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for n, b, a in _pairs(c):
+        out.append(f"| `{n}` | " + " | ".join(_cmp_cells(b, a)) + " |")
+    return "\n".join(out) + "\n"
+
+
+def compare_table(c: "Comparison", width: int = 44) -> str:
+    head = (f"{'layer':{width}s} {'params':>10s} {'->':>10s} {'sparsity':>8s} {'->':>8s} "
+            f"{'eff. MMACs':>11s} {'->':>10s}")
+    lines = [f"before: {c.before.model_name}   after: {c.after.model_name}", head, "-" * len(head)]
+    for n, b, a in _pairs(c):
+        cells = _cmp_cells(b, a)
+        lines.append(f"{_short(n, width):{width}s} {cells[0]:>10s} {cells[1]:>10s} "
+                     f"{cells[2]:>8s} {cells[3]:>8s} {cells[4]:>11s} {cells[5]:>10s}")
+    lines.append("-" * len(head))
+    lines += ["before: " + s for s in summary_lines(c.before)]
+    lines += ["after:  " + s for s in summary_lines(c.after)]
+    return "\n".join(lines)
+
+
+def compare_csv(c: "Comparison") -> str:
+    buf = io.StringIO()
+    fields = ["name"] + [f"{f}_{w}" for w in ("before", "after")
+                         for f in ("params", "nonzeros", "sparsity", "dense_macs", "macs")]
+    writer = csv.DictWriter(buf, fields, lineterminator="\n")
+    writer.writeheader()
+    for n, b, a in _pairs(c):
+        row: dict[str, Any] = {"name": n}
+        for w, r in (("before", b), ("after", a)):
+            for f in ("params", "nonzeros", "sparsity", "dense_macs", "macs"):
+                row[f"{f}_{w}"] = getattr(r, f) if r is not None else ""
+        writer.writerow(row)
+    return buf.getvalue()
