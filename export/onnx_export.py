@@ -1,0 +1,362 @@
+"""``export_onnx``: fold, export with torch.onnx, store pruned weights sparsely, verify.
+
+Pipeline: reference outputs from the model (eval mode, binary masks) ->
+``sparsify_fx.fold`` (masks never reach the graph, so BatchNorm folds into the
+convolutions) -> ``torch.onnx.export`` (torch.export-based by default, dynamic
+batch) -> dense initializers at ``>= min_sparsity`` zeros move to
+``graph.sparse_initializer`` (:mod:`sparsify_fx.export.sparse_initializers`) ->
+``onnx.checker.check_model`` -> an onnxruntime CPU session compared with the
+reference. Everything is written into a temporary directory next to ``path``
+and renamed into place only once verification passed, so a failure never
+leaves a half-written or unverified file at ``path``.
+
+The user's model is not mutated (its train/eval flags and mask modes are
+restored; folding works on a copy).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
+
+from sparsify_fx.errors import ConfigError, ExportError, InputError
+from sparsify_fx.mask_index import hard_masks, masks, unwrap
+
+from .fold import fold
+from .sparse_initializers import InitializerStorage, sparsify_initializers
+
+#: protobuf cannot serialise a message of 2 GiB or more; keep a margin.
+PROTO_LIMIT = 2**31 - 64 * 2**20
+
+InputsLike = Tensor | np.ndarray | Sequence[Tensor | np.ndarray]
+
+
+@dataclass
+class OnnxExport:
+    """What :func:`export_onnx` wrote.
+
+    ``bytes``: bytes on disk (``.onnx`` plus its ``.data`` file, if any).
+    ``dense_bytes``: bytes the same export takes with every initializer dense.
+    ``initializers``: per-initializer storage (``"dense"``/``"sparse"``) and
+    sparsity. ``max_abs_diff``: largest |onnxruntime - PyTorch| over all outputs
+    (``None`` when ``verify=False``); ``tolerance``: the bound it was held to.
+    ``latency_ms``: median onnxruntime CPU latency on the example inputs.
+    """
+
+    path: Path
+    bytes: int
+    dense_bytes: int
+    initializers: list[InitializerStorage]
+    max_abs_diff: float | None
+    tolerance: float | None
+    latency_ms: float | None
+    external_data: Path | None = None
+    exporter: str = "dynamo"
+    _session: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def ratio(self) -> float:
+        """``bytes / dense_bytes``."""
+        return self.bytes / self.dense_bytes
+
+    @property
+    def sparse_names(self) -> list[str]:
+        return [i.name for i in self.initializers if i.storage == "sparse"]
+
+    def session(self) -> Any:
+        """A fresh ``onnxruntime.InferenceSession`` (CPU) on the exported file."""
+        return make_session(self.path)
+
+    def run(self, *inputs: Tensor | np.ndarray) -> np.ndarray:
+        """First output of the exported model on ``inputs`` (any batch size), as numpy."""
+        if self._session is None:
+            self._session = self.session()
+        return _run(self._session, _as_numpy(inputs))[0]
+
+    def summary(self) -> str:
+        sparse = len(self.sparse_names)
+        diff = "not verified" if self.max_abs_diff is None else (
+            f"max abs diff {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g})")
+        latency = "" if self.latency_ms is None else f", onnxruntime {self.latency_ms:.2f} ms"
+        return (f"{self.path}: {self.bytes:,} bytes ({self.ratio:.3f} of dense "
+                f"{self.dense_bytes:,}); {sparse}/{len(self.initializers)} initializers "
+                f"sparse; {diff}{latency}")
+
+
+def make_session(path: str | os.PathLike, threads: int | None = None) -> Any:
+    """An onnxruntime CPU ``InferenceSession`` on ``path``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: str | os.PathLike, inputs: InputsLike) -> np.ndarray:
+    """Run the ONNX file at ``path`` on ``inputs`` in onnxruntime; first output as numpy."""
+    return _run(make_session(path), _as_numpy(inputs))[0]
+
+
+# -- helpers -------------------------------------------------------------------------
+def _as_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
+    items = (example_inputs,) if isinstance(example_inputs, Tensor) else example_inputs
+    if not isinstance(items, (tuple, list)) or not items or not all(
+            isinstance(t, Tensor) for t in items):
+        raise InputError(
+            f"example_inputs must be a Tensor or a non-empty tuple of Tensors, got "
+            f"{type(example_inputs).__name__}; pass e.g. torch.randn(1, 3, 224, 224)")
+    return tuple(t.detach().cpu() for t in items)
+
+
+def _as_numpy(inputs: Any) -> list[np.ndarray]:
+    if isinstance(inputs, (Tensor, np.ndarray)):
+        inputs = (inputs,)
+    if len(inputs) == 1 and isinstance(inputs[0], (tuple, list)):
+        inputs = inputs[0]
+    return [t.detach().cpu().numpy() if isinstance(t, Tensor) else np.asarray(t)
+            for t in inputs]
+
+
+def _run(session: Any, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(arrays):
+        raise InputError(f"the ONNX model takes {len(names)} inputs ({', '.join(names)}), "
+                         f"got {len(arrays)}")
+    return session.run(None, dict(zip(names, arrays)))
+
+
+def _check_destination(path: str | os.PathLike) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"path must be a str or PathLike, got {type(path).__name__}")
+    target = Path(path).expanduser().absolute()
+    parent = target.parent
+    if target.is_dir():
+        raise ExportError(f"cannot write ONNX to {target}: it is a directory; "
+                          "pass a file path such as model.onnx")
+    if not parent.is_dir():
+        raise ExportError(f"cannot write ONNX to {target}: directory {parent} does not exist "
+                          "(or is not a directory); create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write ONNX to {target}: directory {parent} is not "
+                          "writable; choose another path or fix its permissions")
+    return target
+
+
+def _reference(model: nn.Module, inputs: tuple[Tensor, ...]) -> list[Tensor]:
+    with torch.no_grad(), hard_masks(model):
+        out = model(*inputs)
+    return _leaves(out)
+
+
+def _leaves(out: Any) -> list[Tensor]:
+    return [t.detach().cpu() for t in tree_leaves(out) if isinstance(t, Tensor)]
+
+
+def _param_bytes(model: nn.Module) -> int:
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _torch_export(model: nn.Module, inputs: tuple[Tensor, ...], n_outputs: int,
+                  work: Path, *, dynamo: bool, dynamic_batch: bool, opset: int | None,
+                  big: bool) -> onnx.ModelProto:
+    """Export ``model`` (eval mode, no masks); dense ``ModelProto`` with data loaded."""
+    input_names = ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]
+    output_names = (["output"] if n_outputs == 1
+                    else [f"output_{i}" for i in range(n_outputs)])
+    batched = dynamic_batch and all(t.dim() >= 1 for t in inputs)
+    raw = work / "exported.onnx"
+    if dynamo:
+        dynamic_shapes = None
+        if batched:
+            batch = torch.export.Dim("batch")
+            dynamic_shapes = tuple({0: batch} for _ in inputs)
+        program = torch.onnx.export(model, inputs, dynamo=True, verbose=False,
+                                    input_names=input_names, output_names=output_names,
+                                    opset_version=opset, dynamic_shapes=dynamic_shapes)
+        if not big:
+            return program.model_proto
+        program.save(str(raw), external_data=True)
+    else:
+        axes = {n: {0: "batch"} for n in input_names + output_names} if batched else None
+        torch.onnx.export(model, inputs, str(raw), dynamo=False, input_names=input_names,
+                          output_names=output_names, opset_version=opset, dynamic_axes=axes,
+                          do_constant_folding=True)
+    return onnx.load(str(raw), load_external_data=True)
+
+
+def _save(model: onnx.ModelProto, file: Path, external: bool | None) -> Path | None:
+    """Write ``model`` to ``file``; external data next to it when asked or needed."""
+    if external is None:
+        external = model.ByteSize() > PROTO_LIMIT
+    if not external:
+        if model.ByteSize() > PROTO_LIMIT:
+            raise ExportError("the model is over 2 GB even with sparse initializers and "
+                              "external_data=False; pass external_data=True or None")
+        onnx.save_model(model, str(file))
+        return None
+    data = file.with_name(file.name + ".data")
+    # sparse initializers stay inside the .onnx (onnx's external-data writer skips them)
+    onnx.save_model(model, str(file), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return data if data.exists() else None
+
+
+def _compare(outputs: list[np.ndarray], expected: list[np.ndarray], rtol: float,
+             atol: float, what: str) -> tuple[float, float]:
+    """Largest abs diff and its bound; raises :class:`ExportError` past the bound."""
+    if len(outputs) != len(expected):
+        raise ExportError(f"onnxruntime returned {len(outputs)} outputs for {what}, "
+                          f"PyTorch {len(expected)}")
+    scale = max(float(np.abs(e).max()) if e.size else 0.0 for e in expected)
+    bound = atol + rtol * scale
+    worst = 0.0
+    for i, (o, e) in enumerate(zip(outputs, expected)):
+        if o.shape != e.shape:
+            raise ExportError(f"output {i} has shape {o.shape} in onnxruntime and {e.shape} in "
+                              f"PyTorch for {what}")
+        diff = float(np.abs(o.astype(np.float64) - e.astype(np.float64)).max()) if o.size else 0.0
+        if not np.isfinite(diff) or diff > bound:
+            raise ExportError(
+                f"verification failed for {what}: output {i} max abs diff {diff:.4g} > "
+                f"tolerance {bound:.4g} (atol {atol:g} + rtol {rtol:g} x output scale "
+                f"{scale:.4g}); the ONNX file does not reproduce the PyTorch model")
+        worst = max(worst, diff)
+    return worst, bound
+
+
+def _verify(session: Any, inputs: tuple[Tensor, ...], reference: list[Tensor],
+            rtol: float, atol: float, dynamic_batch: bool) -> tuple[float, float]:
+    """Compare onnxruntime with ``reference``; then at twice the batch if it is dynamic."""
+    arrays = [t.numpy() for t in inputs]
+    expected = [t.numpy() for t in reference]
+    diff, bound = _compare(_run(session, arrays), expected, rtol, atol, "the example inputs")
+    batch = inputs[0].shape[0] if inputs[0].dim() else None
+    if dynamic_batch and batch is not None and all(
+            t.dim() and t.shape[0] == batch for t in inputs):
+        doubled = [np.concatenate([a, a]) for a in arrays]
+        tiled = [np.concatenate([e, e]) if e.ndim and e.shape[0] == batch else e
+                 for e in expected]
+        diff2, _ = _compare(_run(session, doubled), tiled, rtol, atol,
+                            f"batch {2 * batch} (dynamic batch check; pass "
+                            "dynamic_batch=False if the model fixes its batch size)")
+        diff = max(diff, diff2)
+    return diff, bound
+
+
+def _latency(session: Any, inputs: tuple[Tensor, ...], runs: int) -> float | None:
+    if runs <= 0:
+        return None
+    arrays = [t.numpy() for t in inputs]
+    _run(session, arrays)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        _run(session, arrays)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+# -- the API ----------------------------------------------------------------------------
+def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
+                path: str | os.PathLike, *, sparse: bool = True, min_sparsity: float = 0.5,
+                only_if_smaller: bool = True, verify: bool = True,
+                reference_outputs: Any = None, rtol: float = 1e-4, atol: float = 1e-5,
+                dynamic_batch: bool = True, external_data: bool | None = None,
+                opset: int | None = None, dynamo: bool = True,
+                latency_runs: int = 5) -> OnnxExport:
+    """Export ``model`` to a verified ONNX file at ``path`` with pruned weights sparse.
+
+    ``model``: a transformed (masked) or folded model, or any plain module;
+    masked models are folded first (on a copy). It is exported in eval mode.
+    ``example_inputs``: a Tensor or tuple of Tensors (CPU); dim 0 is exported
+    as a dynamic ``batch`` dimension unless ``dynamic_batch=False``.
+    ``sparse``/``min_sparsity``: initializers with at least that fraction of
+    zeros are stored as COO ``sparse_initializer`` (and, with
+    ``only_if_smaller``, only where that is smaller than dense).
+    ``verify``: ``onnx.checker.check_model`` plus onnxruntime outputs within
+    ``atol + rtol * max|reference|`` of ``reference_outputs`` (default: the
+    model's own outputs on ``example_inputs`` with binary masks), also at twice
+    the batch size when the batch is dynamic. ``external_data``: ``None``
+    writes one self-contained file unless it would pass 2 GB; ``True`` always
+    writes ``<path>.data``. ``dynamo=False`` uses the deprecated TorchScript
+    exporter. Raises :class:`ExportError`; nothing is left at ``path`` then.
+    """
+    model = unwrap(model)
+    inputs = _as_tuple(example_inputs)
+    if not 0.0 <= float(min_sparsity) <= 1.0:
+        raise ConfigError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
+    target = _check_destination(path)
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        reference = (_reference(model, inputs) if reference_outputs is None
+                     else _leaves(reference_outputs))
+        plain = fold(model) if masks(model) else model
+        big = external_data is True or _param_bytes(plain) > PROTO_LIMIT
+        try:
+            work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        except OSError as exc:
+            raise ExportError(f"cannot write ONNX next to {target}: {exc}") from exc
+        try:
+            try:
+                proto = _torch_export(plain, inputs, len(reference), work, dynamo=dynamo,
+                                      dynamic_batch=dynamic_batch, opset=opset, big=big)
+            except Exception as exc:  # noqa: BLE001 - torch.onnx raises many types
+                raise ExportError(
+                    f"torch.onnx.export ({'dynamo' if dynamo else 'TorchScript'}) failed for "
+                    f"{type(model).__name__}: {type(exc).__name__}: {exc}".rstrip()[:2000]
+                    + ("; try dynamo=False" if dynamo else "")) from exc
+            dense_bytes = _dense_size(proto)
+            storage = (sparsify_initializers(proto, float(min_sparsity),
+                                             only_if_smaller=only_if_smaller) if sparse
+                       else sparsify_initializers(proto, 2.0))
+            staged = work / target.name
+            data = _save(proto, staged, external_data)
+            del proto
+            diff = bound = latency = None
+            session = None
+            if verify:
+                try:
+                    onnx.checker.check_model(str(staged))
+                except onnx.checker.ValidationError as exc:
+                    raise ExportError(f"onnx.checker rejected the exported model: {exc}") from exc
+                try:
+                    session = make_session(staged)
+                except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types
+                    raise ExportError(f"onnxruntime could not load the exported model: "
+                                      f"{exc}") from exc
+                diff, bound = _verify(session, inputs, reference, rtol, atol, dynamic_batch)
+                latency = _latency(session, inputs, latency_runs)
+            written = staged.stat().st_size + (data.stat().st_size if data else 0)
+            final_data = None
+            if data is not None:
+                final_data = target.with_name(data.name)
+                os.replace(data, final_data)
+            os.replace(staged, target)
+        except OSError as exc:
+            raise ExportError(f"writing {target} failed: {exc}") from exc
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    finally:
+        for module, mode in flags:
+            module.training = mode
+    return OnnxExport(target, written, dense_bytes, storage, diff, bound, latency,
+                      final_data, "dynamo" if dynamo else "torchscript", session)
+
+
+def _dense_size(proto: onnx.ModelProto) -> int:
+    """Bytes of ``proto`` written as one dense file (every initializer inline)."""
+    return proto.ByteSize()
