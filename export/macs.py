@@ -43,6 +43,8 @@ from sparsify_fx.passes.trace import SparsifyTracer
 aten = torch.ops.aten
 
 Shape = tuple[int, ...]
+#: parameter names of nn.MultiheadAttention input projections
+ATTENTION_IN = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
 @dataclass
@@ -122,18 +124,24 @@ class Tally:
             self._nnz[key] = int(torch.count_nonzero(w[start:stop]))
         return self._nnz[key]
 
-    def density(self, name: str) -> float:
+    def density(self, name: str, used: Tensor | None = None) -> float:
+        """Density of weight ``name``, or of the slice ``used`` of it (e.g. a q/k/v split)."""
         w = self.weights[name]
+        if used is not None and used.numel() != w.numel():
+            key = (name, -1 - int(used.storage_offset()), int(used.numel()))
+            if key not in self._nnz:
+                self._nnz[key] = int(torch.count_nonzero(used))
+            return self._nnz[key] / used.numel()
         return self.nonzeros(name) / w.numel() if w.numel() else 0.0
 
     def add_weight(self, name: str, kind: str, dense: int, out: Any, groups: int = 1,
-                   effective: float | None = None) -> None:
+                   effective: float | None = None, used: Tensor | None = None) -> None:
         use = self.count.weights.get(name)
         if use is None:
             use = WeightUse(name, kind, tuple(self.weights[name].shape), groups)
             self.count.weights[name] = use
         use.dense_macs += int(dense)
-        use.macs += dense * self.density(name) if effective is None else effective
+        use.macs += dense * self.density(name, used) if effective is None else effective
         use.output_shape = use.output_shape or _shape(out)
         use.calls += 1
 
@@ -148,7 +156,8 @@ class Tally:
         for operand in (b, a):
             name = self.name_of(operand)
             if name is not None:
-                self.add_weight(name, "linear", macs, out)
+                kind = "attention_in_proj" if name.endswith(ATTENTION_IN) else "linear"
+                self.add_weight(name, kind, macs, out, used=operand)
                 return
         self.add_other(label, op, macs, out)
 

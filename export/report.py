@@ -264,7 +264,14 @@ def _inputs(example_inputs: Any) -> tuple:
 
 
 def _shapes(inputs: Sequence[Any]) -> list[Shape]:
-    return [tuple(int(s) for s in x.shape) for x in inputs if isinstance(x, Tensor)]
+    """Shapes of the tensors in ``inputs`` (lists and tuples flattened, in order)."""
+    out: list[Shape] = []
+    for x in inputs:
+        if isinstance(x, Tensor):
+            out.append(tuple(int(s) for s in x.shape))
+        elif isinstance(x, (list, tuple)):
+            out.extend(_shapes(x))
+    return out
 
 
 def report(model: nn.Module, example_inputs: Any, *, name: str = "",
