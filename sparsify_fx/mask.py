@@ -198,3 +198,82 @@ class MaskSet(nn.ModuleDict):
     def key_for(weight_name: str) -> str:
         key = "".join(c if c.isalnum() or c == "_" else "_" for c in weight_name.replace(".", "__"))
         return key if not key[:1].isdigit() else f"w_{key}"
+
+
+class SharedChannelMask(Mask):
+    """A channel mask that reads its values from shared per-group score masks.
+
+    ``sources``: the group masks (any Mask with 1-D ``score_shape`` (K_g,), e.g.
+    a CSMask built by the method). ``index``: int64, one entry per channel of
+    this tensor's dim 0, pointing into ``cat(source values) + [whole]``; the
+    last position means "always kept" (factor exactly 1, soft or hard).
+    Used by the channel coupling pass for producer weights and biases and for
+    BatchNorm weight/bias (``kind`` "batchnorm"/"bias": ``auxiliary`` True).
+    Soft mode uses each source's ``soft_mask()`` (its ``fold_factor()`` once frozen);
+    hard mode and ``fold_factor()`` use each source's ``fold_factor()``, so fold
+    stays exact. ``freeze`` writes the decision back into the sources.
+    """
+
+    method = "shared"
+
+    def __init__(self, weight_shape: Sequence[int], sources: Sequence[Mask], index: torch.Tensor,
+                 weight_name: str = "", kind: str = "", auxiliary: bool = False) -> None:
+        super().__init__(weight_shape, "channel", weight_name)
+        self.sources = nn.ModuleList(sources)
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        if index.numel() != self.score_shape[0]:
+            raise ConfigError(f"{weight_name}: index has {index.numel()} entries for "
+                              f"{self.score_shape[0]} channels")
+        self.register_buffer("index", index)
+        self.kind = kind
+        self.auxiliary = bool(auxiliary)
+
+    def _gather(self, values: list[Tensor], whole: Tensor) -> Tensor:
+        flat = torch.cat([v.reshape(-1) for v in values] + [whole.reshape(1).to(values[0].dtype)]
+                         if values else [whole.reshape(1)])
+        return flat[self.index].reshape(self.score_shape)
+
+    def _one(self, dtype: torch.dtype) -> Tensor:
+        return torch.ones((), dtype=dtype, device=self.index.device)
+
+    @property
+    def scale(self) -> float:
+        return self.sources[0].scale if len(self.sources) else 1.0
+
+    def soft_mask(self) -> Tensor:
+        vals = [s.fold_factor() if s._frozen else s.soft_mask() for s in self.sources]
+        return self._gather([v.float() for v in vals], self._one(torch.float32))
+
+    def learned_keep(self) -> Tensor:
+        return self._gather([s.learned_keep() for s in self.sources], self._one(torch.bool))
+
+    def hard_mask(self) -> Tensor:
+        return self._gather([s.hard_mask() for s in self.sources], self._one(torch.bool))
+
+    def fold_factor(self) -> Tensor:
+        return self._gather([s.fold_factor().float() for s in self.sources],
+                            self._one(torch.float32))
+
+    def ranking_scores(self) -> Tensor:
+        vals = [s.ranking_scores().float() for s in self.sources]
+        return self._gather(vals, torch.tensor(float("inf"), device=self.index.device))
+
+    def freeze(self, keep: Tensor) -> None:
+        """Write ``keep`` (bool, ``score_shape``) into the sources and freeze them."""
+        keep = keep.to(device=self.index.device, dtype=torch.bool).reshape(-1)
+        offset = 0
+        for src in self.sources:
+            n = src.keep.numel()
+            sel = (self.index >= offset) & (self.index < offset + n)
+            new = src.hard_mask().detach().clone().reshape(-1)
+            new[self.index[sel] - offset] = keep[sel]
+            src.freeze(new)
+            offset += n
+
+    def unfreeze(self) -> None:
+        for src in self.sources:
+            src.unfreeze()
+
+    def forward(self, weight: Tensor) -> Tensor:
+        factor = self.fold_factor() if self.hard else self.soft_mask()
+        return weight * factor.to(weight.dtype)

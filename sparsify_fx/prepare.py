@@ -113,6 +113,9 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
 
     InsertMaskNodes(make_mask).run(chosen)
     ParametrizeWeights(make_mask).run(chosen)
+    if granularity == "channel":  # coupled channels share one score vector (issue 7)
+        from sparsify_fx.passes.couple_channels import couple_channels
+        couple_channels(root, lambda k, name: spec.build((k,), granularity, name, options))
 
     untraced = [str(f) for f in result.failures] if root not in result.traced.values() else []
     if untraced:

@@ -1,0 +1,224 @@
+"""Channel coupling pass: coupled channel masks share one score vector.
+
+Run after ``transform(..., granularity="channel")`` has put one channel mask on
+every Conv/Linear weight. Mutates the GraphModule it is given:
+
+* one *group mask* per :class:`~sparsify_fx.passes.channel_groups.ChannelGroup`
+  (built by ``make_group_mask(K, name)``, score shape ``(K,)``) is stored as
+  ``sparsify_masks.channel_group_<i>``;
+* every producer weight mask is replaced by a :class:`SharedChannelMask` that
+  gathers its channels' values from the group mask(s) (same key, so
+  ``sparsify_fx.masks`` still lists one entry per weight);
+* the producer's bias gets a mask node too, and every BatchNorm on the group's
+  channels gets its weight and bias parametrized with the same gate
+  (``kind`` "bias" / "batchnorm", ``auxiliary=True``): a pruned channel is then
+  exactly zero wherever it flows, in soft and hard mode, and removing it
+  (:func:`sparsify_fx.passes.shrink.shrink`) is exact;
+* masks on channels that must stay whole (model outputs, unsupported
+  patterns, weights inside leaf modules, ConvTranspose) are removed; a
+  :class:`ChannelCouplingWarning` names the nodes of unsupported patterns
+  (``strict=True`` raises :class:`ShrinkError` instead).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, fx, nn
+from torch.nn.utils import parametrize
+
+from sparsify_fx.errors import ShrinkError
+from sparsify_fx.mask import Mask, MaskSet, SharedChannelMask
+from sparsify_fx.mask_index import MaskEntry, masks, unwrap
+
+from .channel_groups import ChannelGraph, analyze_channels
+
+GROUP_PREFIX = "channel_group_"
+PRODUCER_KINDS = ("conv", "linear", "depthwise_conv", "grouped_conv")
+GroupMaskFactory = Callable[[int, str], Mask]
+
+
+class ChannelCouplingWarning(UserWarning):
+    """Some channels stay whole because the coupling analysis did not understand an op."""
+
+
+def _index_for(cg: ChannelGraph, ids: np.ndarray,
+               group_masks: list[Mask]) -> tuple[list[Mask], Tensor] | None:
+    """Sources and gather index for channels ``ids``; None when every channel is whole."""
+    g, s = cg.slots(ids)
+    used = sorted(set(g[g >= 0].tolist()))
+    if not used:
+        return None
+    offsets, total = {}, 0
+    for gi in used:
+        offsets[gi] = total
+        total += len(cg.groups[gi].components)
+    index = np.full(len(ids), total, dtype=np.int64)
+    for gi in used:
+        sel = g == gi
+        index[sel] = offsets[gi] + s[sel]
+    return [group_masks[gi] for gi in used], torch.from_numpy(index)
+
+
+def _remove_graph_mask(gm: fx.GraphModule, key: str) -> None:
+    target = f"{MaskSet.ATTRIBUTE}.{key}"
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == target:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    del getattr(gm, MaskSet.ATTRIBUTE)[key]
+
+
+def _key_of(entry: MaskEntry) -> str:
+    assert entry.node is not None
+    return str(entry.node.target).split(".", 1)[1]
+
+
+def couple_channels(gm: nn.Module, make_group_mask: GroupMaskFactory, *,
+                    strict: bool = False) -> ChannelGraph | None:
+    """Make coupled channel masks of ``gm`` share one score vector per group.
+
+    Returns the :class:`ChannelGraph` used, or None (with a warning) when
+    ``gm`` is not one fully traced GraphModule. Mutates ``gm``.
+    """
+    if not isinstance(gm, fx.GraphModule) or not hasattr(gm, MaskSet.ATTRIBUTE):
+        warnings.warn(ChannelCouplingWarning(
+            "channel coupling needs a fully traced model; the channel masks of this "
+            "partially traced model stay independent and shrink() will refuse it"), stacklevel=3)
+        return None
+    entries = masks(gm)
+    for e in entries:  # channel masks inside leaf modules: not coupled, kept whole
+        if e.route == "parametrize" and e.mask.granularity == "channel":
+            warnings.warn(ChannelCouplingWarning(
+                f"{e.name} lives inside a leaf module; its channels stay whole"), stacklevel=3)
+            parametrize.remove_parametrizations(e.host, e.attr, leave_parametrized=False)
+    graph_entries = [e for e in entries if e.route == "graph" and e.mask.granularity == "channel"]
+    by_weight = {str(e.node.args[0].target): e for e in graph_entries
+                 if e.kind in PRODUCER_KINDS and e.node is not None}
+    masked = set(by_weight)
+    cg = analyze_channels(gm, masked)
+    uses: dict[str, int] = {}
+    for p in cg.producers.values():
+        uses[p.weight] = uses.get(p.weight, 0) + 1
+    shared = {w for w, n in uses.items() if n > 1 and w in masked}
+    if shared:
+        masked -= shared
+        cg = analyze_channels(gm, masked)
+    if cg.unsupported:
+        message = ("channel coupling does not understand these ops; the channels they touch "
+                   "stay whole:\n  " + "\n  ".join(cg.unsupported))
+        if strict:
+            raise ShrinkError(message + "\nPass strict=False to keep those channels whole, or "
+                              "exclude the layers around them.")
+        warnings.warn(ChannelCouplingWarning(message), stacklevel=3)
+
+    mask_set = getattr(gm, MaskSet.ATTRIBUTE)
+    device = next((e.weight.device for e in graph_entries), torch.device("cpu"))
+    group_masks: list[Mask] = []
+    for group in cg.groups:
+        gmask = make_group_mask(len(group.components), f"{GROUP_PREFIX}{group.index}")
+        gmask.kind = "channel_group"
+        gmask.to(device)
+        mask_set[f"{GROUP_PREFIX}{group.index}"] = gmask
+        group_masks.append(gmask)
+
+    producers = {p.weight: p for p in cg.producers.values() if p.weight in masked}
+    for e in graph_entries:
+        weight = str(e.node.args[0].target)
+        prod = producers.get(weight)
+        made = None if prod is None else _index_for(cg, prod.out_ids, group_masks)
+        if made is None:
+            _remove_graph_mask(gm, _key_of(e))
+            continue
+        sources, index = made
+        mask_set[_key_of(e)] = SharedChannelMask(e.mask.weight_shape, sources, index.to(device),
+                                                 e.name, e.kind).to(device)
+        if prod.bias is not None:
+            _mask_bias(gm, cg.producers[prod.node], prod.bias, sources, index, device)
+    for norm in cg.norms.values():
+        made = _index_for(cg, norm.ids, group_masks)
+        if made is None:
+            continue
+        bn = gm.get_submodule(norm.module)
+        for attr in ("weight", "bias"):
+            follower = SharedChannelMask(tuple(getattr(bn, attr).shape), made[0],
+                                         made[1].to(device), f"{norm.module}.{attr}",
+                                         "batchnorm", auxiliary=True).to(device)
+            parametrize.register_parametrization(bn, attr, follower, unsafe=True)
+    gm.graph.lint()
+    gm.recompile()
+    return cg
+
+
+def _mask_bias(gm: fx.GraphModule, prod, bias: str, sources: list[Mask], index: Tensor,
+               device: torch.device) -> None:
+    node = next(n for n in gm.graph.nodes if n.name == prod.node)
+    bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if not isinstance(bias_arg, fx.Node) or bias_arg.op != "get_attr":
+        return  # bias already behind a mask node
+    key = MaskSet.key_for(bias)
+    mask_set = getattr(gm, MaskSet.ATTRIBUTE)
+    while key in mask_set:
+        key += "_"
+    shape = tuple(gm.get_parameter(bias).shape)
+    mask_set[key] = SharedChannelMask(shape, sources, index.to(device), bias, "bias",
+                                      auxiliary=True).to(device)
+    with gm.graph.inserting_after(bias_arg):
+        masked = gm.graph.call_module(f"{MaskSet.ATTRIBUTE}.{key}", (bias_arg,))
+    node.replace_input_with(bias_arg, masked)
+
+
+# -- working with groups after coupling ------------------------------------------------
+def group_masks(model: nn.Module) -> dict[str, Mask]:
+    """The shared group masks of a coupled model, ``{key: mask}`` (score shape ``(K,)``)."""
+    model = unwrap(model)
+    mask_set = getattr(model, MaskSet.ATTRIBUTE, None)
+    if mask_set is None:
+        return {}
+    return {k: m for k, m in mask_set.items() if k.startswith(GROUP_PREFIX)}
+
+
+def channel_l1_scores(model: nn.Module) -> dict[str, Tensor]:
+    """L1-norm channel scores per group: sum over the group's producer weights of
+    ``|w[c]|.sum()`` for every score slot (the magnitude baseline). Read-only."""
+    groups = group_masks(model)
+    ids = {id(m): k for k, m in groups.items()}
+    scores = {k: torch.zeros(m.score_shape, dtype=torch.float64) for k, m in groups.items()}
+    with torch.no_grad():
+        for e in masks(model):
+            m = e.mask
+            if not isinstance(m, SharedChannelMask) or m.auxiliary:
+                continue
+            per_channel = e.weight.detach().abs().reshape(m.weight_shape[0], -1).sum(1).double()
+            offset = 0
+            for src in m.sources:
+                n = src.keep.numel()
+                sel = (m.index >= offset) & (m.index < offset + n)
+                scores[ids[id(src)]].index_add_(0, (m.index[sel] - offset).cpu(),
+                                                per_channel[sel].cpu())
+                offset += n
+    return {k: v.float() for k, v in scores.items()}
+
+
+def select_channels(model: nn.Module, keep_fraction: float | Mapping[str, float],
+                    scores: Mapping[str, Tensor] | None = None) -> dict[str, int]:
+    """Freeze every group to its top ``keep_fraction`` of slots (at least one).
+
+    Ranked by ``scores[key]`` if given (e.g. :func:`channel_l1_scores`), else by
+    each group mask's ``ranking_scores()``. Returns ``{key: slots kept}``.
+    Mutates the group masks (``freeze``).
+    """
+    kept: dict[str, int] = {}
+    for key, m in group_masks(model).items():
+        frac = keep_fraction[key] if isinstance(keep_fraction, Mapping) else keep_fraction
+        if not 0.0 < float(frac) <= 1.0:
+            raise ShrinkError(f"keep fraction for {key} must be in (0, 1], got {frac!r}")
+        s = (scores[key] if scores is not None else m.ranking_scores()).detach().reshape(-1)
+        n = max(1, int(round(float(frac) * s.numel())))
+        keep = torch.zeros(s.numel(), dtype=torch.bool)
+        keep[torch.sort(s.cpu().float(), descending=True, stable=True).indices[:n]] = True
+        m.freeze(keep.reshape(m.score_shape))
+        kept[key] = n
+    return kept
