@@ -49,7 +49,7 @@ def plot(report: "Report", path: str, dpi: int = 100) -> str:
                     label=f"all prunable weights: {100 * report.weight_sparsity:.1f}%")
     axes[0].set_yticks(ys)
     axes[0].set_yticklabels([_label(r.name) for r in rows], fontsize=font)
-    axes[0].invert_yaxis()
+    axes[0].set_ylim(len(rows) - 0.5, -0.5)  # first layer on top, no empty margins
     axes[1].barh(ys, [100 * r.params / total for r in rows], color=colors, height=0.8)
     axes[1].set_xlabel("share of prunable params (%)")
     for ax in axes:
