@@ -18,6 +18,18 @@ from sparsify_fx.mask_index import masks, unwrap
 from sparsify_fx.prepare import CONFIG_ATTRIBUTE
 
 
+def _detach_parametrized_class(module: nn.Module) -> None:
+    """Give a parametrized module of the copy its own class object.
+
+    A deep copy shares the dynamically created ``Parametrized<Cls>`` class with
+    the original, and ``remove_parametrizations`` deletes properties from that
+    class; without this, folding the copy would break the caller's model.
+    """
+    cls = type(module)
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
 def fold(model: nn.Module) -> nn.Module:
     """Return a plain copy of ``model`` with masks multiplied into the weights.
 
@@ -34,6 +46,8 @@ def fold(model: nn.Module) -> nn.Module:
     out = copy.deepcopy(model)
     entries = masks(out)
     folded: set[int] = set()
+    for host in {id(e.host): e.host for e in entries if e.route == "parametrize"}.values():
+        _detach_parametrized_class(host)
     with torch.no_grad():
         for entry in entries:
             mask = entry.mask

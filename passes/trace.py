@@ -110,8 +110,9 @@ def trace_partially(module: nn.Module, prunable: tuple[type[nn.Module], ...],
     """Trace ``module`` whole, else its largest children that trace, recursively.
 
     Mutates ``module``: traced children are swapped for their GraphModules.
-    Children with no ``prunable`` module inside are left alone; a bare
-    prunable leaf under an untraceable parent is left for parametrization.
+    Children with no ``prunable`` module inside are left alone; bare prunable
+    modules and leaf modules (e.g. nn.MultiheadAttention) under an untraceable
+    parent are left for parametrization.
     """
     try:
         gm = trace(module, leaf_modules, concrete_args if not path else None)
@@ -119,10 +120,12 @@ def trace_partially(module: nn.Module, prunable: tuple[type[nn.Module], ...],
     except Exception as exc:  # noqa: BLE001 - any trace failure triggers the fallback
         failures = [describe_failure(path, exc)]
     traced: dict[str, fx.GraphModule] = {}
+    leaf_check = SparsifyTracer(leaf_modules)
     for name, child in list(module.named_children()):
-        if isinstance(child, TRACED_THROUGH) or not _holds(child, prunable):
-            continue
         child_path = f"{path}.{name}" if path else name
+        if (isinstance(child, TRACED_THROUGH) or not _holds(child, prunable)
+                or leaf_check.is_leaf_module(child, child_path)):
+            continue  # bare prunable modules and leaves are parametrized instead
         sub = trace_partially(child, prunable, leaf_modules, None, child_path)
         if sub.root is not child:
             setattr(module, name, sub.root)

@@ -79,7 +79,8 @@ class CSScheduler:
                  target_sparsity: float | Mapping[str, float] | None = None,
                  target_macs: float | None = None, per_layer: bool | None = None,
                  example_inputs: Sequence[Tensor] | Tensor | None = None,
-                 controller_gain: float = 0.5, lmbda_bounds: tuple[float, float] = (1e-12, 10.0)
+                 controller_gain: float = 0.05, target_ramp: float = 0.5,
+                 lmbda_bounds: tuple[float, float] = (1e-12, 1.0)
                  ) -> None:
         self.model = unwrap(model)
         if epochs < 1:
@@ -103,6 +104,9 @@ class CSScheduler:
         self.target_macs = target_macs
         self.per_layer = bool(per_layer) or isinstance(target_sparsity, Mapping)
         self.gain = float(controller_gain)
+        if not 0.0 < target_ramp <= 1.0:
+            raise ConfigError(f"target_ramp must be in (0, 1], got {target_ramp}")
+        self.ramp = float(target_ramp)
         self.bounds = lmbda_bounds
         self.costs: dict[str, float] | None = None
         if target_macs is not None:
@@ -147,7 +151,13 @@ class CSScheduler:
         return float(per_score)
 
     def penalty(self) -> Tensor:
-        """``sum_g lambda_g * sum(soft masks in g)`` (each score counts the weights it covers)."""
+        """``sum_g lambda_g * sum(soft masks in g)`` (each score counts the weights it covers).
+
+        With a target, each call first runs one controller update (so the
+        controller ticks once per optimizer step in the usual loop).
+        """
+        if self.has_target:
+            self.update_controller()
         total: Tensor | None = None
         lm = self.log_lmbda.exp()
         for g, group in self._groups():
@@ -157,8 +167,12 @@ class CSScheduler:
         assert total is not None
         return total
 
+    @property
+    def has_target(self) -> bool:
+        return self.target_sparsity is not None or self.target_macs is not None
+
     # -- controller --------------------------------------------------------------
-    def _target_density(self, group: list[MaskEntry]) -> float | None:
+    def _final_density(self, group: list[MaskEntry]) -> float | None:
         if self.target_macs is not None:
             return float(self.target_macs)
         if self.target_sparsity is None:
@@ -168,6 +182,21 @@ class CSScheduler:
             return None if t is None else 1.0 - float(t)
         return 1.0 - float(self.target_sparsity)
 
+    @property
+    def progress(self) -> float:
+        """Fraction of the round done, from the epoch (or step) counter."""
+        return self.t / (self.total_steps if self.per_step else self.epochs)
+
+    def setpoint(self, final_density: float) -> float:
+        """Density the controller tracks now: cubic ramp from 1 to the target.
+
+        Reaches the target after ``target_ramp`` of the round (Zhu & Gupta's
+        cubic shape); pruned scores rarely recover once beta is large, so
+        approaching the target gradually avoids overshooting it.
+        """
+        left = max(0.0, 1.0 - self.progress / self.ramp)
+        return final_density + (1.0 - final_density) * left ** 3
+
     def _density(self, group: list[MaskEntry]) -> float:
         if self.costs is not None:
             kept = sum(e.mask.kept_weights() * self.costs[e.name] for e in group)
@@ -176,18 +205,22 @@ class CSScheduler:
 
     @torch.no_grad()
     def update_controller(self) -> None:
-        """log(lambda_g) += gain * (density_g - target_g) / target_g, clipped to bounds."""
+        """``log(lambda_g) += gain * (density_g - target_g) / target_g``, clipped to bounds.
+
+        ``density_g`` is the hard density (``s > 0``) of group g, MAC-weighted
+        for a MACs budget.
+        """
         lo, hi = (math.log(b) for b in self.bounds)
         for g, group in self._groups():
-            target = self._target_density(group)
-            if target is None:
+            final = self._final_density(group)
+            if final is None:
                 continue
+            target = self.setpoint(final)
             gap = (self._density(group) - target) / max(target, 1e-3)
             self.log_lmbda[g] = min(max(float(self.log_lmbda[g]) + self.gain * gap, lo), hi)
 
     def step(self) -> None:
-        """End of an epoch (or a step, with per_step): anneal beta, update the controller."""
-        self.update_controller()
+        """End of an epoch (or of a step, with ``per_step``): anneal beta."""
         self.t += 1
         self._apply_beta()
 

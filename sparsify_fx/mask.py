@@ -50,6 +50,9 @@ class Mask(nn.Module):
     method: str = "fixed"
     #: op kind of the masked weight ("conv", "linear", ...), set by transform.
     kind: str = ""
+    #: True for masks on biases/BatchNorm that only follow a channel decision;
+    #: they are listed by ``masks()`` but not counted in sparsity or budgets.
+    auxiliary: bool = False
 
     def __init__(self, weight_shape: Sequence[int], granularity: str = "element",
                  weight_name: str = "") -> None:

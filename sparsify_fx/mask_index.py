@@ -123,7 +123,7 @@ def sparsity(model: nn.Module, per_layer: bool = False,
     """
     if kind not in ("hard", "soft"):
         raise InputError(f"sparsity kind must be 'hard' or 'soft', got {kind!r}")
-    entries = masks(model)
+    entries = [e for e in masks(model) if not e.mask.auxiliary]
     if not entries:
         raise InputError("model has no sparsify_fx masks; call sparsify_fx.transform first")
     zeros: dict[str, float] = {}

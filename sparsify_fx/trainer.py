@@ -72,12 +72,17 @@ class Trainer:
     ``dataset`` is a map-style Dataset of (input, label); batches are drawn in
     an order seeded by ``seed`` and the epoch, so runs are reproducible.
     ``lr`` applies to weights, ``mask_lr`` (default ``lr``) to mask scores.
+    Weights use ``optimizer`` (SGD with momentum by default); mask scores use
+    ``mask_optimizer`` (Adam by default: it moves scores at a rate set by
+    ``mask_lr`` whatever the gradient scale, so short runs still drive
+    ``|s|`` well past ``1 / beta_final``; pass ``None`` for the weights' one).
     """
 
     def __init__(self, model: nn.Module, train_set: Dataset, val_loader: Iterable | None = None,
                  *, epochs: int = 10, batch_size: int = 64, lr: float = 0.1,
                  mask_lr: float | None = None, momentum: float = 0.9,
                  weight_decay: float = 1e-4, optimizer: str = "sgd",
+                 mask_optimizer: str | None = "adam",
                  loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
                  seed: int = 0, device: str | torch.device = "cpu",
                  checkpoint_path: str | None = None, eval_hook: EvalHook | None = None,
@@ -90,6 +95,7 @@ class Trainer:
         self.lr, self.mask_lr, self.momentum = lr, mask_lr, momentum
         self.weight_decay = weight_decay
         self.optimizer_name = optimizer
+        self.mask_optimizer_name = mask_optimizer or optimizer
         self.loss_fn = loss_fn
         self.seed = seed
         self.device = device
@@ -104,15 +110,19 @@ class Trainer:
             self.scheduler = CSScheduler(model, epochs, steps_per_epoch=self.steps_per_epoch,
                                          **cs_options)
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
+    def _make_optimizer(self) -> list[torch.optim.Optimizer]:
+        """One optimizer per group kind: weights, then mask scores (weight decay 0)."""
         groups = param_groups(self.model, mask_lr=self.mask_lr, lr=self.lr,
                               weight_decay=self.weight_decay)
-        groups = [g for g in groups if g["params"]]
-        if self.optimizer_name == "adam":
-            return torch.optim.Adam(groups)
-        if self.optimizer_name == "sgd":
-            return torch.optim.SGD(groups, momentum=self.momentum)
-        raise TrainingError(f"unknown optimizer {self.optimizer_name!r}; use 'sgd' or 'adam'")
+        names = (self.optimizer_name, self.mask_optimizer_name)
+        return [self._build(name, group) for name, group in zip(names, groups) if group["params"]]
+
+    def _build(self, name: str, group: dict[str, Any]) -> torch.optim.Optimizer:
+        if name == "adam":
+            return torch.optim.Adam([group])
+        if name == "sgd":
+            return torch.optim.SGD([{**group, "momentum": self.momentum}])
+        raise TrainingError(f"unknown optimizer {name!r}; use 'sgd' or 'adam'")
 
     def _loader(self, epoch: int) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 1_000 * self._round)
@@ -123,14 +133,15 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------
     def state_dict(self, epoch: int) -> dict[str, Any]:
         return {"epoch": epoch, "round": self._round, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": [o.state_dict() for o in self.optimizer],
                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                 "rng": torch.get_rng_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> int:
         """Restore model, optimizer, CS state and RNG; returns the next epoch to run."""
         unwrap(self.model).load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        for opt, opt_state in zip(self.optimizer, state["optimizer"]):
+            opt.load_state_dict(opt_state)
         if self.scheduler and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
@@ -158,7 +169,8 @@ class Trainer:
                        disable=not self.progress, leave=False)
             for step, (x, y) in enumerate(bar):
                 x, y = x.to(self.device), y.to(self.device)
-                self.optimizer.zero_grad(set_to_none=True)
+                for opt in self.optimizer:
+                    opt.zero_grad(set_to_none=True)
                 out = model(x)
                 loss = self.loss_fn(out, y)
                 if self.scheduler is not None:
@@ -172,12 +184,13 @@ class Trainer:
                         "learning rate or beta_final, or check the inputs for NaN/inf."
                     )
                 loss.backward()
-                self.optimizer.step()
+                for opt in self.optimizer:
+                    opt.step()
                 if self.scheduler is not None and self.scheduler.per_step:
                     self.scheduler.step()
                 if on_step is not None:
                     on_step(epoch, step)
-                loss_sum += float(loss) * len(y)
+                loss_sum += float(loss.detach()) * len(y)
                 correct += float((out.argmax(1) == y).sum())
                 seen += len(y)
                 if self.progress:
@@ -223,8 +236,8 @@ class Trainer:
         """
         if self.scheduler is None:
             raise TrainingError("search_ticket needs a model transformed with method='cs'")
-        weight_ids = {id(p) for g in self.optimizer.param_groups if g.get("name") == "weights"
-                      for p in g["params"]}
+        weight_ids = {id(p) for o in self.optimizer for g in o.param_groups
+                      if g.get("name") == "weights" for p in g["params"]}
         rewind: dict[str, Tensor] = {}
         named = dict(unwrap(self.model).named_parameters())
 
