@@ -35,7 +35,8 @@ def test_dense_macs_and_params_match_torchvision_metadata(name, weights):
     decimals = len(str(published).split(".")[1])
     assert round(rep.total_dense_macs / 1e9, decimals) == pytest.approx(published, abs=1e-9)
     assert rep.total_params == weights.meta["num_params"]
-    assert rep.total_macs == rep.total_dense_macs  # random init: no exact zeros to speak of
+    # random init leaves few exact zeros (vit's zero-initialised head is one)
+    assert 0.99 * rep.total_dense_macs < rep.total_macs <= rep.total_dense_macs
 
 
 def _fcm_macs(model: nn.Module, x) -> tuple[float, dict[str, float]]:
