@@ -178,7 +178,7 @@ class Trainer:
                 if not torch.isfinite(loss):
                     beta = self.scheduler.beta if self.scheduler else float("nan")
                     raise TrainingError(
-                        f"non-finite loss ({float(loss)}) at epoch {epoch}, step {step}, "
+                        f"non-finite loss ({float(loss.detach())}) at epoch {epoch}, step {step}, "
                         f"beta {beta:.4g}; the last checkpoint "
                         f"({self.checkpoint_path or 'none written'}) is intact. Lower the "
                         "learning rate or beta_final, or check the inputs for NaN/inf."

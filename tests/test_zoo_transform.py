@@ -71,6 +71,10 @@ def test_detection_model_partial_trace() -> None:
     assert "backbone" in graphs
     assert sorted(e.name for e in sf.masks(gm)) == sorted(prunable_weight_names(model))
     with torch.no_grad():
+        feats_ref = model.backbone(torch.rand(1, 3, 160, 160, generator=torch.Generator().manual_seed(1)))
+        feats = gm.backbone(torch.rand(1, 3, 160, 160, generator=torch.Generator().manual_seed(1)))
+        for k in feats_ref:
+            assert max_diff(feats[k], feats_ref[k]) <= 1e-5
         ref, out = model(images)[0], gm(images)[0]
     for key in ("boxes", "scores"):
         assert ref[key].shape == out[key].shape

@@ -25,7 +25,7 @@ ZOO: dict[str, ZooEntry] = {
     "vgg11": (lambda: tvm.vgg11(), (1, 3, 32, 32), True),
     "densenet121": (lambda: tvm.densenet121(), (2, 3, 64, 64), True),
     "googlenet": (lambda: tvm.googlenet(aux_logits=False, init_weights=True), (2, 3, 64, 64), True),
-    "inception_v3": (lambda: tvm.inception_v3(aux_logits=False, init_weights=True), (1, 3, 96, 96), True),
+    "inception_v3": (lambda: tvm.inception_v3(aux_logits=False, init_weights=True), (2, 3, 96, 96), True),
     "convnext_tiny": (lambda: tvm.convnext_tiny(), (1, 3, 64, 64), True),
     "vit_b_16": (lambda: tvm.vit_b_16(image_size=64), (1, 3, 64, 64), True),
     "swin_t": (lambda: tvm.swin_t(), (1, 3, 64, 64), True),
@@ -33,7 +33,7 @@ ZOO: dict[str, ZooEntry] = {
     "deeplabv3_mobilenet_v3_large": (
         lambda: tvm.segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None,
                                                               aux_loss=False),
-        (1, 3, 64, 64), True),
+        (2, 3, 64, 64), True),
 }
 
 
@@ -42,6 +42,10 @@ def build(name: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     builder, shape, _ = ZOO[name]
     torch.manual_seed(seed)
     model = builder().eval()
+    with torch.no_grad():  # zero-initialised heads (vit_b_16) would hide every upstream gradient
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and not bool(m.weight.any()):
+                m.weight.normal_(0.0, 0.02)
     return model, torch.randn(*shape)
 
 
