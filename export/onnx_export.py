@@ -15,6 +15,7 @@ restored; folding works on a copy).
 """
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import statistics
@@ -28,7 +29,8 @@ import numpy as np
 import onnx
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves
+from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_leaves, tree_map
 
 from sparsify_fx.errors import ConfigError, ExportError, InputError
 from sparsify_fx.mask_index import hard_masks, masks, unwrap
@@ -110,14 +112,16 @@ def run_onnx(path: str | os.PathLike, inputs: InputsLike) -> np.ndarray:
 
 
 # -- helpers -------------------------------------------------------------------------
-def _as_tuple(example_inputs: Any) -> tuple[Tensor, ...]:
+def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    """The positional arguments: Tensors, or nested lists/tuples/dicts of Tensors."""
     items = (example_inputs,) if isinstance(example_inputs, Tensor) else example_inputs
-    if not isinstance(items, (tuple, list)) or not items or not all(
-            isinstance(t, Tensor) for t in items):
+    leaves = tree_leaves(items) if isinstance(items, (tuple, list)) else []
+    if not leaves or not all(isinstance(t, Tensor) for t in leaves):
         raise InputError(
-            f"example_inputs must be a Tensor or a non-empty tuple of Tensors, got "
-            f"{type(example_inputs).__name__}; pass e.g. torch.randn(1, 3, 224, 224)")
-    return tuple(t.detach().cpu() for t in items)
+            f"example_inputs must be a Tensor or a non-empty tuple of Tensors (nested lists "
+            f"of Tensors allowed), got {type(example_inputs).__name__}; pass e.g. "
+            "torch.randn(1, 3, 224, 224)")
+    return tuple(tree_map(lambda t: t.detach().cpu(), tuple(items)))
 
 
 def _as_numpy(inputs: Any) -> list[np.ndarray]:
@@ -154,7 +158,7 @@ def _check_destination(path: str | os.PathLike) -> Path:
     return target
 
 
-def _reference(model: nn.Module, inputs: tuple[Tensor, ...]) -> list[Tensor]:
+def _reference(model: nn.Module, inputs: tuple[Any, ...]) -> list[Tensor]:
     with torch.no_grad(), hard_masks(model):
         out = model(*inputs)
     return _leaves(out)
@@ -164,25 +168,52 @@ def _leaves(out: Any) -> list[Tensor]:
     return [t.detach().cpu() for t in tree_leaves(out) if isinstance(t, Tensor)]
 
 
+def _fold_copy(model: nn.Module) -> nn.Module:
+    """``fold(model)`` without touching ``model``.
+
+    ``torch.nn.utils.parametrize`` gives a parametrized module a generated class
+    that ``deepcopy`` shares with the copy, and ``remove_parametrizations`` deletes
+    the weight property from that class, which breaks the original. So
+    parametrized modules get their own class in a private copy before folding.
+    """
+    if not any(e.route == "parametrize" for e in masks(model)):
+        return fold(model)
+    private = copy.deepcopy(model)
+    for module in private.modules():
+        if parametrize.is_parametrized(module):
+            cls = type(module)
+            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+    return fold(private)
+
+
 def _param_bytes(model: nn.Module) -> int:
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def _torch_export(model: nn.Module, inputs: tuple[Tensor, ...], n_outputs: int,
-                  work: Path, *, dynamo: bool, dynamic_batch: bool, opset: int | None,
+def _batched(inputs: tuple[Any, ...], dynamic_batch: bool) -> bool:
+    """Dim 0 is made dynamic only for flat Tensor arguments of equal dim 0."""
+    if not dynamic_batch or not all(isinstance(t, Tensor) and t.dim() for t in inputs):
+        return False
+    return len({t.shape[0] for t in inputs}) == 1
+
+
+def _torch_export(model: nn.Module, inputs: tuple[Any, ...], n_outputs: int,
+                  work: Path, *, dynamo: bool, batched: bool, opset: int | None,
                   big: bool) -> onnx.ModelProto:
     """Export ``model`` (eval mode, no masks); dense ``ModelProto`` with data loaded."""
-    input_names = ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]
+    n_inputs = len(tree_leaves(inputs))
+    input_names = ["input"] if n_inputs == 1 else [f"input_{i}" for i in range(n_inputs)]
     output_names = (["output"] if n_outputs == 1
                     else [f"output_{i}" for i in range(n_outputs)])
-    batched = dynamic_batch and all(t.dim() >= 1 for t in inputs)
     raw = work / "exported.onnx"
     if dynamo:
         dynamic_shapes = None
         if batched:
             batch = torch.export.Dim("batch")
             dynamic_shapes = tuple({0: batch} for _ in inputs)
+            if inputs[0].shape[0] == 1:  # torch.export specialises size-1 dims: trace at 2
+                inputs = tuple(torch.cat([t, t]) for t in inputs)
         program = torch.onnx.export(model, inputs, dynamo=True, verbose=False,
                                     input_names=input_names, output_names=output_names,
                                     opset_version=opset, dynamic_shapes=dynamic_shapes)
@@ -237,15 +268,14 @@ def _compare(outputs: list[np.ndarray], expected: list[np.ndarray], rtol: float,
     return worst, bound
 
 
-def _verify(session: Any, inputs: tuple[Tensor, ...], reference: list[Tensor],
-            rtol: float, atol: float, dynamic_batch: bool) -> tuple[float, float]:
+def _verify(session: Any, inputs: tuple[Any, ...], reference: list[Tensor],
+            rtol: float, atol: float, batched: bool) -> tuple[float, float]:
     """Compare onnxruntime with ``reference``; then at twice the batch if it is dynamic."""
-    arrays = [t.numpy() for t in inputs]
+    arrays = [t.numpy() for t in tree_leaves(inputs)]
     expected = [t.numpy() for t in reference]
     diff, bound = _compare(_run(session, arrays), expected, rtol, atol, "the example inputs")
-    batch = inputs[0].shape[0] if inputs[0].dim() else None
-    if dynamic_batch and batch is not None and all(
-            t.dim() and t.shape[0] == batch for t in inputs):
+    if batched:
+        batch = inputs[0].shape[0]
         doubled = [np.concatenate([a, a]) for a in arrays]
         tiled = [np.concatenate([e, e]) if e.ndim and e.shape[0] == batch else e
                  for e in expected]
@@ -256,10 +286,10 @@ def _verify(session: Any, inputs: tuple[Tensor, ...], reference: list[Tensor],
     return diff, bound
 
 
-def _latency(session: Any, inputs: tuple[Tensor, ...], runs: int) -> float | None:
+def _latency(session: Any, inputs: tuple[Any, ...], runs: int) -> float | None:
     if runs <= 0:
         return None
-    arrays = [t.numpy() for t in inputs]
+    arrays = [t.numpy() for t in tree_leaves(inputs)]
     _run(session, arrays)
     times = []
     for _ in range(runs):
@@ -281,7 +311,8 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
 
     ``model``: a transformed (masked) or folded model, or any plain module;
     masked models are folded first (on a copy). It is exported in eval mode.
-    ``example_inputs``: a Tensor or tuple of Tensors (CPU); dim 0 is exported
+    ``example_inputs``: a Tensor or tuple of positional arguments (Tensors, or
+    nested lists of Tensors; CPU). For flat Tensor arguments dim 0 is exported
     as a dynamic ``batch`` dimension unless ``dynamic_batch=False``.
     ``sparse``/``min_sparsity``: initializers with at least that fraction of
     zeros are stored as COO ``sparse_initializer`` (and, with
@@ -299,12 +330,13 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
     if not 0.0 <= float(min_sparsity) <= 1.0:
         raise ConfigError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
     target = _check_destination(path)
+    batched = _batched(inputs, dynamic_batch)
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         reference = (_reference(model, inputs) if reference_outputs is None
                      else _leaves(reference_outputs))
-        plain = fold(model) if masks(model) else model
+        plain = _fold_copy(model) if masks(model) else model
         big = external_data is True or _param_bytes(plain) > PROTO_LIMIT
         try:
             work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -313,7 +345,7 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
         try:
             try:
                 proto = _torch_export(plain, inputs, len(reference), work, dynamo=dynamo,
-                                      dynamic_batch=dynamic_batch, opset=opset, big=big)
+                                      batched=batched, opset=opset, big=big)
             except Exception as exc:  # noqa: BLE001 - torch.onnx raises many types
                 raise ExportError(
                     f"torch.onnx.export ({'dynamo' if dynamo else 'TorchScript'}) failed for "
@@ -338,7 +370,7 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
                 except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types
                     raise ExportError(f"onnxruntime could not load the exported model: "
                                       f"{exc}") from exc
-                diff, bound = _verify(session, inputs, reference, rtol, atol, dynamic_batch)
+                diff, bound = _verify(session, inputs, reference, rtol, atol, batched)
                 latency = _latency(session, inputs, latency_runs)
             written = staged.stat().st_size + (data.stat().st_size if data else 0)
             final_data = None

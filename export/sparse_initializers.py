@@ -62,7 +62,7 @@ def sparsify_initializers(model: onnx.ModelProto, min_sparsity: float = 0.5, *,
     An initializer moves when its fraction of zeros is ``>= min_sparsity`` and,
     with ``only_if_smaller`` (default), when COO storage is strictly smaller
     than dense storage. Initializers that are also graph inputs (overridable
-    defaults) and non-numeric ones stay dense. ``value_info`` entries naming a
+    defaults), scalars and non-numeric ones stay dense. ``value_info`` entries naming a
     moved initializer are removed (they conflict with the sparse form).
     External data must be loaded into the model before calling this.
     Mutates ``model``; returns one :class:`InitializerStorage` per initializer,
@@ -86,6 +86,8 @@ def sparsify_initializers(model: onnx.ModelProto, min_sparsity: float = 0.5, *,
         reason = ""
         if array.dtype.kind not in "biufc":
             reason = "non-numeric"
+        elif not shape:
+            reason = "scalar"  # ONNX sparse tensors need rank >= 1
         elif init.name in graph_inputs:
             reason = "graph input"
         elif numel == 0 or sparsity < min_sparsity:

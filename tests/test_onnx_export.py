@@ -281,10 +281,15 @@ def test_zoo_exports_and_verifies(name, tmp_path):
     gm = random_mask(sparsify_fx.transform(model, method="cs"))
     result = sparsify_fx.export_onnx(gm, x, tmp_path / f"{name}.onnx", latency_runs=1)
     assert result.max_abs_diff <= result.tolerance
-    assert set(result.sparse_names) <= {e.name for e in sparsify_fx.masks(gm)}
-    assert len(result.sparse_names) >= 0.9 * len(sparsify_fx.masks(gm))
+    # the exporter may rename weights it rewrites (transposes, q/k/v slices): count them
+    assert len(result.sparse_names) >= 0.9 * len(sparsify_fx.masks(gm)), result.initializers
     assert result.ratio < 0.5, result.summary()
-    assert "BatchNormalization" not in op_types(result.path)
+    bn_nodes = sum(n.op_type == "BatchNormalization"
+                   for n in onnx.load(str(result.path)).graph.node)
+    if name in ("maxvit_t", "densenet121"):  # pre-activation BatchNorm precedes its conv
+        assert bn_nodes < sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    else:
+        assert bn_nodes == 0
     with torch.no_grad(), sparsify_fx.hard_masks(gm):
         expected = first_tensor(gm(x)).numpy()
     got = result.run(x)
@@ -307,3 +312,32 @@ def test_cli_export(digits_model, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
     assert cli_main([str(saved), "-o", str(out), "--input-shape", "a,b"]) == 1
     assert cli_main(["--help"]) == 0
+
+
+class _Attention(nn.Module):
+    """nn.MultiheadAttention is a leaf: its weights are masked through parametrize."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_parametrized_masks_export_and_model_survives(tmp_path):
+    torch.manual_seed(0)
+    gm = random_mask(sparsify_fx.transform(_Attention().eval(), method="cs"))
+    assert any(e.route == "parametrize" for e in sparsify_fx.masks(gm))
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad(), sparsify_fx.hard_masks(gm):
+        before = gm(x)
+    # TorchScript exporter: ~1 s here against ~15 s for torch.export (fold is the same)
+    result = sparsify_fx.export_onnx(gm, x, tmp_path / "attn.onnx", latency_runs=0,
+                                     dynamo=False)
+    assert result.max_abs_diff <= result.tolerance
+    assert len(result.sparse_names) >= 2, result.initializers
+    with torch.no_grad(), sparsify_fx.hard_masks(gm):  # the input model still works
+        torch.testing.assert_close(gm(x), before)
+    assert any(e.route == "parametrize" for e in sparsify_fx.masks(gm))  # masks still there
