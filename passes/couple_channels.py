@@ -21,6 +21,7 @@ every Conv/Linear weight. Mutates the GraphModule it is given:
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable, Mapping
 
@@ -194,7 +195,7 @@ def channel_l1_scores(model: nn.Module) -> dict[str, Tensor]:
             per_channel = e.weight.detach().abs().reshape(m.weight_shape[0], -1).sum(1).double()
             offset = 0
             for src in m.sources:
-                n = src.keep.numel()
+                n = math.prod(src.score_shape)
                 sel = (m.index >= offset) & (m.index < offset + n)
                 scores[ids[id(src)]].index_add_(0, (m.index[sel] - offset).cpu(),
                                                 per_channel[sel].cpu())

@@ -172,7 +172,8 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
             offset += n
     kept = sum(e.mask.kept_weights() for e in entries)
     total = sum(e.mask.numel() for e in entries)
-    changed = sum(int((before[e.name] != e.mask.keep.reshape(-1).cpu()).sum()) * e.mask.weights_per_score
+    changed = sum(int((before[e.name] != e.mask.hard_mask().reshape(-1).cpu()).sum())
+                  * e.mask.weights_per_score
                   for e in entries)
     per = {e.name: 1.0 - e.mask.kept_weights() / e.mask.numel() for e in entries}
     return CutResult(kept, total, changed, per)

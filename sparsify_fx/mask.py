@@ -10,7 +10,8 @@ Contract shared by every method:
   ``fold_factor()`` is the exact float multiplier fold writes into the weight.
   In hard mode ``forward`` computes ``weight * fold_factor()``, so fold is exact.
 * ``keep``/``frozen`` buffers: once a method (or an exact-budget cut) fixes the
-  mask, ``frozen`` is set and ``keep`` alone decides. Both are in ``state_dict``.
+  mask, ``frozen`` is set and ``keep`` alone decides. Both are in ``state_dict``;
+  ``keep`` stays empty (no memory) until the mask is first frozen.
 """
 from __future__ import annotations
 
@@ -63,22 +64,27 @@ class Mask(nn.Module):
         self.weight_name = weight_name
         #: True: forward uses the binary mask (evaluation / fold parity); False: soft.
         self.hard = False
-        self.register_buffer("keep", torch.ones(self.score_shape, dtype=torch.bool))
+        self.register_buffer("keep", torch.ones(0, dtype=torch.bool))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
         self._frozen = False  # python mirror of `frozen`: no device sync per forward
 
     # -- what subclasses define -------------------------------------------------
+    def _keep_or_ones(self) -> Tensor:
+        if self.keep.numel():
+            return self.keep
+        return torch.ones(self.score_shape, dtype=torch.bool, device=self.frozen.device)
+
     def soft_mask(self) -> Tensor:
         """Differentiable mask values in ``score_shape`` (float32)."""
-        return self.keep.float()
+        return self._keep_or_ones().float()
 
     def learned_keep(self) -> Tensor:
         """The method's own binarisation rule (bool, ``score_shape``)."""
-        return self.keep
+        return self._keep_or_ones()
 
     def ranking_scores(self) -> Tensor:
         """Scores ranked by exact-budget cuts: larger means keep first."""
-        return self.keep.float()
+        return self._keep_or_ones().float()
 
     @property
     def scale(self) -> float:
@@ -97,8 +103,8 @@ class Mask(nn.Module):
 
     def freeze(self, keep: Tensor) -> None:
         """Fix the mask to ``keep`` (bool, ``score_shape``); mutates this module."""
-        keep = keep.to(device=self.keep.device, dtype=torch.bool).reshape(self.score_shape)
-        self.keep.copy_(keep)
+        self.keep = keep.to(device=self.frozen.device, dtype=torch.bool).reshape(
+            self.score_shape).clone()
         self.frozen.fill_(True)
         self._frozen = True
 
@@ -106,8 +112,11 @@ class Mask(nn.Module):
         self.frozen.fill_(False)
         self._frozen = False
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # keep the mirror in sync
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        incoming = state_dict.get(prefix + "keep")
+        if incoming is not None and incoming.shape != self.keep.shape:
+            self.keep = torch.empty_like(incoming, device=self.frozen.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._frozen = bool(self.frozen)
 
     def forward(self, weight: Tensor) -> Tensor:
@@ -143,7 +152,7 @@ class FixedMask(Mask):
     def __init__(self, weight_shape: Sequence[int], granularity: str = "element",
                  weight_name: str = "") -> None:
         super().__init__(weight_shape, granularity, weight_name)
-        self.freeze(self.keep)
+        self.freeze(torch.ones(self.score_shape, dtype=torch.bool))
 
 
 class CSMask(Mask):
@@ -266,7 +275,7 @@ class SharedChannelMask(Mask):
         keep = keep.to(device=self.index.device, dtype=torch.bool).reshape(-1)
         offset = 0
         for src in self.sources:
-            n = src.keep.numel()
+            n = math.prod(src.score_shape)
             sel = (self.index >= offset) & (self.index < offset + n)
             new = src.hard_mask().detach().clone().reshape(-1)
             new[self.index[sel] - offset] = keep[sel]

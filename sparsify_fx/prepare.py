@@ -89,7 +89,7 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
     if target_macs is not None and target_sparsity is not None:
         raise ConfigError("give either target_sparsity or target_macs, not both")
 
-    original = copy.deepcopy(model)
+    original = model  # read-only: owner types are looked up here
     working = copy.deepcopy(model)
     prunable = TRACED_THROUGH + (nn.MultiheadAttention,)
     result = trace_partially(working, prunable, leaf_modules, concrete_args)
