@@ -16,6 +16,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import BudgetError, ConfigError
+from .mask import Mask
 from .mask_index import MaskEntry, hard_masks, masks, unwrap
 
 
@@ -128,7 +129,7 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
     ``costs`` from :func:`weight_costs`). ``scores`` overrides each mask's own
     ranking (e.g. ``|w|`` for magnitude pruning).
     """
-    entries = [e for e in masks(model)]
+    entries = [e for e in masks(model) if not e.mask.auxiliary]
     if not entries:
         raise BudgetError("model has no masks to cut; call sparsify_fx.transform first")
     if (target_sparsity is None) == (target_macs is None):
@@ -136,6 +137,11 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
     if target_macs is not None and costs is None:
         raise ConfigError("target_macs needs per-weight costs: pass "
                           "costs=sparsify_fx.budget.weight_costs(model, example_inputs)")
+    if any(hasattr(e.mask, "sources") for e in entries):
+        if isinstance(target_sparsity, Mapping) or per_layer:
+            raise ConfigError("coupled channel masks take one global target (sparsity or "
+                              "MACs); per-layer targets would split coupled channels")
+        return _coupled_cut(model, entries, target_sparsity, target_macs, costs, scores)
 
     def ranking(e: MaskEntry) -> Tensor:
         s = scores[e.name] if scores is not None and e.name in scores else e.mask.ranking_scores()
@@ -179,9 +185,63 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
     return CutResult(kept, total, changed, per)
 
 
+def _coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: float | None,
+                 target_macs: float | None, costs: Mapping[str, float] | None,
+                 scores: Mapping[str, Tensor] | None) -> CutResult:
+    """Cut shared channel groups: each group slot costs the weights (or MACs) of every
+    channel it gates, summed over its follower masks; channels kept whole are fixed."""
+    sources: dict[int, Mask] = {}
+    for e in entries:
+        for src in e.mask.sources:
+            sources.setdefault(id(src), src)
+    order = list(sources)
+    offset, start = 0, {}
+    for sid in order:
+        start[sid] = offset
+        offset += math.prod(sources[sid].score_shape)
+    slot_units = torch.zeros(offset, dtype=torch.float64)
+    fixed = dense = 0.0
+    for e in entries:
+        unit = e.mask.weights_per_score * (costs[e.name] if target_macs is not None else 1.0)
+        dense += unit * e.mask.score_shape[0]
+        local = e.mask.index.cpu()
+        glob = torch.full_like(local, -1)
+        pos = 0
+        for src in e.mask.sources:
+            n = math.prod(src.score_shape)
+            sel = (local >= pos) & (local < pos + n)
+            glob[sel] = local[sel] - pos + start[id(src)]
+            pos += n
+        fixed += unit * int((glob < 0).sum())
+        slot_units.index_add_(0, glob[glob >= 0], torch.full((int((glob >= 0).sum()),), unit,
+                                                              dtype=torch.float64))
+    from sparsify_fx.passes.couple_channels import group_masks
+    by_key = {id(m): k for k, m in group_masks(model).items()}
+    ranking = torch.cat([
+        (scores[by_key[sid]] if scores is not None and by_key.get(sid) in scores
+         else sources[sid].ranking_scores()).detach().float().reshape(-1).cpu() for sid in order])
+    fraction = float(target_macs) if target_macs is not None else 1.0 - float(target_sparsity)
+    budget = fraction * dense - fixed
+    if budget < 0:
+        raise BudgetError(f"the budget keeps {fraction:.3f} of the masked layers, but channels that "
+                          f"must stay whole already take {fixed / dense:.3f}; raise the budget")
+    before = {sid: sources[sid].learned_keep().reshape(-1).cpu().clone() for sid in order}
+    keep = _keep_top(ranking, slot_units, budget)
+    changed = 0
+    for sid in order:
+        n = math.prod(sources[sid].score_shape)
+        piece = keep[start[sid]:start[sid] + n]
+        changed += int((slot_units[start[sid]:start[sid] + n][before[sid] != piece]).sum())
+        sources[sid].freeze(piece.reshape(sources[sid].score_shape))
+    kept = sum(e.mask.kept_weights() for e in entries)
+    total = sum(e.mask.numel() for e in entries)
+    per = {e.name: 1.0 - e.mask.kept_weights() / e.mask.numel() for e in entries}
+    return CutResult(kept, total, changed, per)
+
+
 def macs_fraction(model: nn.Module, costs: Mapping[str, float]) -> float:
     """Kept MACs / dense MACs over the masked layers, from the hard masks."""
-    entries = masks(model)
+    entries = [e for e in masks(model) if not e.mask.auxiliary]
     dense = sum(e.mask.numel() * costs[e.name] for e in entries)
     kept = sum(e.mask.kept_weights() * costs[e.name] for e in entries)
     return kept / dense

@@ -89,8 +89,15 @@ class CSScheduler:
             raise ConfigError(f"beta_final must be >= 1 (beta starts at 1), got {beta_final}")
         if per_step and not steps_per_epoch:
             raise ConfigError("per_step=True needs steps_per_epoch (len(train_loader))")
-        self.entries: list[MaskEntry] = [e for e in masks(self.model) if isinstance(e.mask, CSMask)]
-        if not self.entries:
+        #: every CS score module (coupled channel groups included): beta and round clamps
+        self.cs_masks: list[CSMask] = list({id(m): m for m in self.model.modules()
+                                            if isinstance(m, CSMask)}.values())
+        #: the masked weights (followers of coupled groups included): penalty and density
+        self.entries: list[MaskEntry] = [
+            e for e in masks(self.model) if not e.mask.auxiliary
+            and (isinstance(e.mask, CSMask) or any(isinstance(s, CSMask)
+                                                    for s in getattr(e.mask, "sources", [])))]
+        if not self.cs_masks or not self.entries:
             raise ConfigError("CSScheduler needs a model transformed with method='cs'")
         cfg = config_of(self.model)
         if target_sparsity is None and target_macs is None and cfg is not None:
@@ -133,8 +140,8 @@ class CSScheduler:
         return vals[0] if len(vals) == 1 else vals
 
     def _apply_beta(self) -> None:
-        for e in self.entries:
-            e.mask.beta.fill_(self.beta)
+        for m in self.cs_masks:
+            m.beta.fill_(self.beta)
 
     def _groups(self) -> Iterator[tuple[int, list[MaskEntry]]]:
         if self.per_layer:
@@ -233,8 +240,7 @@ class CSScheduler:
         to 1 before clamping and so computes ``min(s, s_init)``.
         """
         factor = 1.0 if reference_clamp else self.beta_final
-        for e in self.entries:
-            m = e.mask
+        for m in self.cs_masks:
             m.scores.copy_(torch.clamp(factor * m.scores, max=m.s_init))
         self.t = 0
         self.round += 1

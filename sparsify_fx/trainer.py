@@ -20,9 +20,42 @@ from tqdm.auto import tqdm
 from .budget import CutResult
 from .cs_scheduler import CSScheduler, param_groups
 from .errors import TrainingError
+from .mask import CSMask
 from .mask_index import hard_masks, masks, sparsity, unwrap
 
 EvalHook = Callable[[int, dict[str, float]], None]
+
+
+class Callback:
+    """Hooks a method adds to :class:`Trainer` (baselines: GMP, L0, ...); all optional.
+
+    ``setup(trainer)`` once when the trainer is built; ``penalty()`` returns a
+    scalar Tensor added to every step's loss; ``after_step(epoch, step)`` after
+    each optimizer step; ``after_epoch(epoch)`` after each epoch;
+    ``finalize()`` at the end of ``fit(finalize=True)`` and may return a
+    :class:`CutResult` (the exact cut), which becomes ``RunResult.cut`` when the
+    CS scheduler made none. Subclassing is optional: any object with some of
+    these methods works.
+    """
+
+    def setup(self, trainer: "Trainer") -> None:
+        return None
+
+    def penalty(self) -> Tensor | None:
+        return None
+
+    def after_step(self, epoch: int, step: int) -> None:
+        return None
+
+    def after_epoch(self, epoch: int) -> None:
+        return None
+
+    def finalize(self) -> CutResult | None:
+        return None
+
+
+def _hook(cb: Any, name: str) -> Callable[..., Any] | None:
+    return getattr(cb, name, None)
 
 
 @dataclass
@@ -86,7 +119,8 @@ class Trainer:
                  loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
                  seed: int = 0, device: str | torch.device = "cpu",
                  checkpoint_path: str | None = None, eval_hook: EvalHook | None = None,
-                 progress: bool = True, **cs_options: Any) -> None:
+                 progress: bool = True, callbacks: Iterable[Any] = (),
+                 **cs_options: Any) -> None:
         self.model = model
         self.train_set = train_set
         self.val_loader = val_loader
@@ -106,9 +140,13 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(train_set) / batch_size)  # type: ignore[arg-type]
         self.optimizer = self._make_optimizer()
         self.scheduler: CSScheduler | None = None
-        if any(hasattr(e.mask, "scores") and hasattr(e.mask, "beta") for e in masks(model)):
+        if any(isinstance(m, CSMask) for m in model.modules()):
             self.scheduler = CSScheduler(model, epochs, steps_per_epoch=self.steps_per_epoch,
                                          **cs_options)
+        self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            if (setup := _hook(cb, "setup")) is not None:
+                setup(self)
 
     def _make_optimizer(self) -> list[torch.optim.Optimizer]:
         """One optimizer per group kind: weights, then mask scores (weight decay 0)."""
@@ -175,6 +213,9 @@ class Trainer:
                 loss = self.loss_fn(out, y)
                 if self.scheduler is not None:
                     loss = loss + self.scheduler.penalty()
+                for cb in self.callbacks:
+                    if (pen := _hook(cb, "penalty")) is not None and (p := pen()) is not None:
+                        loss = loss + p
                 if not torch.isfinite(loss):
                     beta = self.scheduler.beta if self.scheduler else float("nan")
                     raise TrainingError(
@@ -190,6 +231,9 @@ class Trainer:
                     self.scheduler.step()
                 if on_step is not None:
                     on_step(epoch, step)
+                for cb in self.callbacks:
+                    if (after := _hook(cb, "after_step")) is not None:
+                        after(epoch, step)
                 loss_sum += float(loss.detach()) * len(y)
                 correct += float((out.argmax(1) == y).sum())
                 seen += len(y)
@@ -197,6 +241,9 @@ class Trainer:
                     bar.set_postfix(self._postfix(loss_sum / seen, 100 * correct / seen))
             if self.scheduler is not None and not self.scheduler.per_step:
                 self.scheduler.step()
+            for cb in self.callbacks:
+                if (after_epoch := _hook(cb, "after_epoch")) is not None:
+                    after_epoch(epoch)
             log = self._epoch_log(epoch, loss_sum / seen, 100 * correct / seen)
             result.history.append(log)
             result.epochs_trained += 1
@@ -206,6 +253,10 @@ class Trainer:
                 _atomic_save(self.state_dict(epoch), self.checkpoint_path)
         if finalize and self.scheduler is not None:
             result.cut = self.scheduler.finalize()
+        if finalize:
+            for cb in self.callbacks:
+                if (fin := _hook(cb, "finalize")) is not None and (cut := fin()) is not None:
+                    result.cut = result.cut or cut
         return result
 
     def _postfix(self, loss: float, acc: float) -> dict[str, str]:
@@ -221,7 +272,8 @@ class Trainer:
         val = evaluate(self.model, self.val_loader, self.device) if self.val_loader else None
         sched = self.scheduler
         return EpochLog(epoch, loss, acc, val, sched.beta if sched else 1.0,
-                        sched.lmbda if sched else 0.0, float(sparsity(self.model)))
+                        sched.lmbda if sched else 0.0,
+                        float(sparsity(self.model)) if masks(self.model) else 0.0)
 
     # -- ticket search ---------------------------------------------------------------------
     def search_ticket(self, rounds: int = 3, rewind_iteration: int = 0,
