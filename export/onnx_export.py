@@ -15,7 +15,6 @@ restored; folding works on a copy).
 """
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import statistics
@@ -29,7 +28,6 @@ import numpy as np
 import onnx
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves, tree_map
 
 from sparsify_fx.errors import ConfigError, ExportError, InputError
@@ -166,24 +164,6 @@ def _reference(model: nn.Module, inputs: tuple[Any, ...]) -> list[Tensor]:
 
 def _leaves(out: Any) -> list[Tensor]:
     return [t.detach().cpu() for t in tree_leaves(out) if isinstance(t, Tensor)]
-
-
-def _fold_copy(model: nn.Module) -> nn.Module:
-    """``fold(model)`` without touching ``model``.
-
-    ``torch.nn.utils.parametrize`` gives a parametrized module a generated class
-    that ``deepcopy`` shares with the copy, and ``remove_parametrizations`` deletes
-    the weight property from that class, which breaks the original. So
-    parametrized modules get their own class in a private copy before folding.
-    """
-    if not any(e.route == "parametrize" for e in masks(model)):
-        return fold(model)
-    private = copy.deepcopy(model)
-    for module in private.modules():
-        if parametrize.is_parametrized(module):
-            cls = type(module)
-            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
-    return fold(private)
 
 
 def _param_bytes(model: nn.Module) -> int:
@@ -336,7 +316,7 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
     try:
         reference = (_reference(model, inputs) if reference_outputs is None
                      else _leaves(reference_outputs))
-        plain = _fold_copy(model) if masks(model) else model
+        plain = fold(model) if masks(model) else model
         big = external_data is True or _param_bytes(plain) > PROTO_LIMIT
         try:
             work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import fx, nn
-from torch.nn.utils import parametrize
 
 from sparsify_fx.errors import ShrinkError
-from sparsify_fx.mask import MaskSet, SharedChannelMask
+from sparsify_fx.mask import SharedChannelMask
 from sparsify_fx.mask_index import masks, unwrap
-from sparsify_fx.prepare import CONFIG_ATTRIBUTE
 
 from .channel_groups import ChannelGraph, analyze_channels
+from .fold_masks import fold_masks_inplace
 
 
 @dataclass
@@ -104,43 +103,6 @@ def plan_shrink(model: nn.Module) -> ShrinkPlan:
     return ShrinkPlan(cg, keep_id, layers)
 
 
-def own_parametrized_classes(model: nn.Module) -> None:
-    """Give every parametrized module of a deep copy its own class (mutates ``model``).
-
-    ``copy.deepcopy`` keeps the class torch.nn.utils.parametrize injected, and
-    ``remove_parametrizations`` deletes the property from that class, which
-    would break the parametrized original the copy was made from.
-    """
-    for m in model.modules():
-        if parametrize.is_parametrized(m):
-            cls = type(m)
-            m.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
-
-
-def _fold_hard(gm: fx.GraphModule) -> None:
-    """Multiply every mask's fold factor into its tensor, then drop masks and config."""
-    own_parametrized_classes(gm)
-    done: set[int] = set()
-    with torch.no_grad():
-        for e in masks(gm):
-            e.mask.hard = True
-            if e.route == "parametrize":
-                parametrize.remove_parametrizations(e.host, e.attr, leave_parametrized=True)
-                continue
-            w = getattr(e.host, e.attr)
-            if id(w) not in done:
-                w.copy_(e.mask(w))
-                done.add(id(w))
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and str(node.target).startswith(MaskSet.ATTRIBUTE + "."):
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-    if hasattr(gm, MaskSet.ATTRIBUTE):
-        delattr(gm, MaskSet.ATTRIBUTE)
-    if hasattr(gm, CONFIG_ATTRIBUTE):
-        delattr(gm, CONFIG_ATTRIBUTE)
-
-
 def _set_param(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
     owner_path, _, attr = name.rpartition(".")
     owner = gm.get_submodule(owner_path)
@@ -169,7 +131,7 @@ def shrink(model: nn.Module) -> fx.GraphModule:
     out = copy.deepcopy(unwrap(model))
     plan = plan_shrink(out)
     cg, keep_id = plan.graph, plan.keep_id
-    _fold_hard(out)
+    fold_masks_inplace(out)
     nodes = {n.name: n for n in out.graph.nodes}
     sliced: dict[str, tuple[bytes, bytes]] = {}
     with torch.no_grad():
