@@ -3,7 +3,10 @@
 ``weight_costs`` gives, per masked weight, the MACs one weight takes part in for
 one input sample (shape propagation over the graph with ``example_inputs``).
 ``apply_budget`` freezes every mask to exactly the top-scored weights that fit.
-Both only read the model, except ``apply_budget`` which freezes the masks.
+For coupled channel masks the MACs budget is counted as :func:`channel_macs`
+does: the MACs of every Conv/Linear call after shrink (a removed channel also
+removes the next layer's input channel). Both only read the model, except
+``apply_budget`` which freezes the masks.
 """
 from __future__ import annotations
 
@@ -30,7 +33,10 @@ def weight_costs(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor) ->
 
     Conv/Linear: output elements per output channel (``out.numel() / (N * out_ch)``);
     ConvTranspose: input elements per input channel; weights inside leaf modules
-    (attention projections): the leaf's input tokens per sample. Mutates nothing.
+    (attention projections): the leaf's input tokens per sample. A coupled channel
+    model also gets the cost of every unmasked Conv/Linear weight of its graph
+    (their input channels shrink too; see :func:`channel_macs`). Mutates the
+    graph nodes' ``tensor_meta`` only.
     """
     model = unwrap(model)
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
@@ -47,7 +53,26 @@ def weight_costs(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor) ->
         if cost is None:
             cost = _leaf_cost(model, e, inputs, batch)
         costs[e.name] = cost
+    if isinstance(model, fx.GraphModule) and _is_coupled(entries):
+        nodes = {n.name: n for n in model.graph.nodes}
+        for prod in _channel_graph(model).producers.values():
+            out = _out_meta(nodes[prod.node])
+            if prod.weight not in costs and out is not None:
+                costs[prod.weight] = math.prod(out.shape) / (batch * len(prod.out_ids))
     return costs
+
+
+def _is_coupled(entries: list[MaskEntry]) -> bool:
+    return any(hasattr(e.mask, "sources") for e in entries)
+
+
+def _channel_graph(gm: fx.GraphModule):  # -> ChannelGraph (passes imported lazily: no cycle)
+    """The channel analysis ``shrink`` uses: coupled producer weights may lose channels."""
+    from sparsify_fx.passes.channel_groups import analyze_channels
+    coupled = {str(e.node.args[0].target) for e in masks(gm)
+               if hasattr(e.mask, "sources") and not e.mask.auxiliary and e.route == "graph"
+               and e.node is not None}
+    return analyze_channels(gm, coupled)
 
 
 def _graph_cost(e: MaskEntry, batch: int) -> float | None:
@@ -126,8 +151,11 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
     per layer (``per_layer=True``) or a ``{weight name: fraction}`` dict.
     Element masks hit it to one weight, channel masks to one channel.
     ``target_macs``: fraction of the masked layers' dense MACs to keep (needs
-    ``costs`` from :func:`weight_costs`). ``scores`` overrides each mask's own
-    ranking (e.g. ``|w|`` for magnitude pruning).
+    ``costs`` from :func:`weight_costs`); for coupled channel masks, of every
+    Conv/Linear call's MACs as the shrunk model computes them (kept MACs stay
+    within one channel slot's cost below the budget). ``scores`` overrides each
+    mask's own ranking (e.g. ``|w|`` for magnitude pruning; for coupled masks,
+    ``{group key: (K,) scores}`` such as ``channel_l1_scores``).
     """
     entries = [e for e in masks(model) if not e.mask.auxiliary]
     if not entries:
@@ -188,21 +216,22 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
 def _coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: float | None,
                  target_macs: float | None, costs: Mapping[str, float] | None,
                  scores: Mapping[str, Tensor] | None) -> CutResult:
-    """Cut shared channel groups: each group slot costs the weights (or MACs) of every
-    channel it gates, summed over its follower masks; channels kept whole are fixed."""
-    sources: dict[int, Mask] = {}
-    for e in entries:
-        for src in e.mask.sources:
-            sources.setdefault(id(src), src)
-    order = list(sources)
-    offset, start = 0, {}
-    for sid in order:
-        start[sid] = offset
-        offset += math.prod(sources[sid].score_shape)
-    slot_units = torch.zeros(offset, dtype=torch.float64)
+    """Cut shared channel groups: keep the highest-ranked group slots (one score each)
+    while the budget holds. Sparsity: a slot costs the weights of every channel it gates,
+    summed over its follower masks (channels kept whole are fixed). MACs: the MACs
+    :func:`shrink` would leave, counted by :func:`channel_macs` (a removed channel also
+    removes the next layer's input channel), so the shrunk model meets the budget."""
+    from sparsify_fx.passes.couple_channels import group_masks
+    groups = group_masks(model)
+    order = list(groups)
+    start, offset = {}, 0
+    for key in order:
+        start[id(groups[key])] = offset
+        offset += math.prod(groups[key].score_shape)
+    slot_units = torch.zeros(offset, dtype=torch.float64)  # weights gated per slot
     fixed = dense = 0.0
     for e in entries:
-        unit = e.mask.weights_per_score * (costs[e.name] if target_macs is not None else 1.0)
+        unit = float(e.mask.weights_per_score)
         dense += unit * e.mask.score_shape[0]
         local = e.mask.index.cpu()
         glob = torch.full_like(local, -1)
@@ -215,33 +244,155 @@ def _coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: fl
         fixed += unit * int((glob < 0).sum())
         slot_units.index_add_(0, glob[glob >= 0], torch.full((int((glob >= 0).sum()),), unit,
                                                               dtype=torch.float64))
-    from sparsify_fx.passes.couple_channels import group_masks
-    by_key = {id(m): k for k, m in group_masks(model).items()}
     ranking = torch.cat([
-        (scores[by_key[sid]] if scores is not None and by_key.get(sid) in scores
-         else sources[sid].ranking_scores()).detach().float().reshape(-1).cpu() for sid in order])
-    fraction = float(target_macs) if target_macs is not None else 1.0 - float(target_sparsity)
-    budget = fraction * dense - fixed
-    if budget < 0:
-        raise BudgetError(f"the budget keeps {fraction:.3f} of the masked layers, but channels that "
-                          f"must stay whole already take {fixed / dense:.3f}; raise the budget")
-    before = {sid: sources[sid].learned_keep().reshape(-1).cpu().clone() for sid in order}
-    keep = _keep_top(ranking, slot_units, budget)
-    changed = 0
-    for sid in order:
-        n = math.prod(sources[sid].score_shape)
-        piece = keep[start[sid]:start[sid] + n]
-        changed += int((slot_units[start[sid]:start[sid] + n][before[sid] != piece]).sum())
-        sources[sid].freeze(piece.reshape(sources[sid].score_shape))
+        (scores[k] if scores is not None and k in scores else groups[k].ranking_scores())
+        .detach().float().reshape(-1).cpu() for k in order])
+    before = torch.cat([groups[k].learned_keep().reshape(-1).cpu() for k in order])
+    if target_macs is not None:
+        assert costs is not None
+        keep = _macs_prefix(channel_macs(model, costs), ranking, float(target_macs))
+    else:
+        fraction = 1.0 - float(target_sparsity)  # type: ignore[arg-type]
+        budget = fraction * dense - fixed
+        if budget < 0:
+            raise BudgetError(f"the budget keeps {fraction:.3f} of the masked weights, but "
+                              f"channels that must stay whole already take {fixed / dense:.3f}; "
+                              "raise the budget")
+        keep = _keep_top(ranking, slot_units, budget)
+    changed = int(slot_units[before != keep].sum())
+    for key in order:
+        m = groups[key]
+        n = math.prod(m.score_shape)
+        m.freeze(keep[start[id(m)]:start[id(m)] + n].reshape(m.score_shape))
     kept = sum(e.mask.kept_weights() for e in entries)
     total = sum(e.mask.numel() for e in entries)
     per = {e.name: 1.0 - e.mask.kept_weights() / e.mask.numel() for e in entries}
     return CutResult(kept, total, changed, per)
 
 
+def _macs_prefix(cm: "ChannelMacs", ranking: Tensor, fraction: float) -> Tensor:
+    """Keep the longest prefix of slots by descending score whose MACs fit ``fraction``
+    of the dense MACs (MACs grow with the prefix, so a binary search finds it)."""
+    order = torch.sort(ranking, descending=True, stable=True).indices
+    budget = fraction * cm.dense + 1e-6 * max(cm.dense, 1.0)
+
+    def top(n: int) -> Tensor:
+        keep = torch.zeros(cm.n_slots, dtype=torch.bool)
+        keep[order[:n]] = True
+        return keep
+
+    if cm.macs(top(0)) > budget:
+        raise BudgetError(f"the MACs budget keeps {fraction:.3f} of the dense MACs, but channels "
+                          f"that must stay whole already take {cm.macs(top(0)) / cm.dense:.3f}; "
+                          "raise the budget")
+    lo, hi = 0, cm.n_slots  # macs(top(lo)) fits; find the largest n that fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cm.macs(top(mid)) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return top(lo)
+
+
+# -- MACs of a coupled channel model: what shrink leaves ----------------------------------
+@dataclass
+class _ChannelLayer:
+    weight: str
+    unit: float  # MACs per sample of one (output channel, input channel) pair
+    groups: int
+    out_slot: Tensor  # global slot of each output channel; n_slots means "whole"
+    in_slot: Tensor  # global slot of each input channel (all conv groups)
+
+
+@dataclass
+class ChannelMacs:
+    """MACs of every Conv/Linear call of a coupled channel model as a function of the
+    kept group slots (the group masks' slots concatenated in ``group_masks`` order).
+
+    A layer's MACs are ``unit * sum over conv groups of kept outputs x kept inputs``:
+    exactly the MACs of the layer :func:`~sparsify_fx.passes.shrink.shrink` leaves.
+    """
+
+    layers: list[_ChannelLayer]
+    group_masks: list[Mask]
+    n_slots: int
+
+    def macs(self, keep: Tensor) -> float:
+        """MACs per sample when the slots ``keep`` (bool, ``(n_slots,)``) are kept."""
+        ext = torch.cat([keep.reshape(-1).bool().cpu(), torch.ones(1, dtype=torch.bool)])
+        total = 0.0
+        for lay in self.layers:
+            o = ext[lay.out_slot].reshape(lay.groups, -1).sum(1).double()
+            i = ext[lay.in_slot].reshape(lay.groups, -1).sum(1).double()
+            total += lay.unit * float((o * i).sum())
+        return total
+
+    @property
+    def dense(self) -> float:
+        return self.macs(torch.ones(self.n_slots, dtype=torch.bool))
+
+    def hard_keep(self) -> Tensor:
+        """The group masks' current hard decisions, concatenated."""
+        return torch.cat([m.hard_mask().reshape(-1).cpu() for m in self.group_masks])
+
+
+def channel_macs(model: nn.Module, costs: Mapping[str, float]) -> ChannelMacs:
+    """MACs bookkeeping of a coupled channel model (read-only).
+
+    Covers every Conv/Linear call of the traced graph, masked or not (an unmasked
+    layer loses input channels when its producer is pruned). ``costs``: from
+    :func:`weight_costs` on this model (it includes the unmasked layers).
+    """
+    from sparsify_fx.passes.couple_channels import GROUP_PREFIX, group_masks
+    gm = unwrap(model)
+    if not isinstance(gm, fx.GraphModule):
+        raise BudgetError("coupled channel budgets need one fully traced GraphModule")
+    cg = _channel_graph(gm)
+    groups = group_masks(gm)
+    keys = [f"{GROUP_PREFIX}{g.index}" for g in cg.groups]
+    if sorted(keys) != sorted(groups) or any(
+            math.prod(groups[k].score_shape) != len(g.components) for k, g in zip(keys, cg.groups)):
+        raise BudgetError("the model's channel groups no longer match its graph (edited after "
+                          "transform?); re-run sparsify_fx.transform(..., granularity='channel')")
+    ordered = [k for k in groups]  # slot order: group_masks order
+    base = {k: sum(math.prod(groups[j].score_shape) for j in ordered[:i])
+            for i, k in enumerate(ordered)}
+    n_slots = sum(math.prod(m.score_shape) for m in groups.values())
+    first = torch.tensor([base[k] for k in keys] + [n_slots], dtype=torch.long)
+
+    def slots(ids) -> Tensor:
+        g, s = cg.slots(ids)
+        g = torch.from_numpy(g).long()
+        s = torch.from_numpy(s).long()
+        return torch.where(g >= 0, first[g.clamp(min=0)] + s, torch.full_like(g, n_slots))
+
+    layers = []
+    for prod in cg.producers.values():
+        if prod.weight not in costs:
+            raise ConfigError(f"no MACs cost for {prod.weight}; compute the costs with "
+                              "sparsify_fx.budget.weight_costs(model, example_inputs) on this "
+                              "coupled model")
+        shape = tuple(gm.get_parameter(prod.weight).shape)
+        n_in = shape[1] * prod.groups
+        in_slot = (slots(prod.in_ids) if prod.in_ids is not None
+                   else torch.full((n_in,), n_slots, dtype=torch.long))
+        layers.append(_ChannelLayer(prod.weight, float(costs[prod.weight]) * math.prod(shape[2:]),
+                                    prod.groups, slots(prod.out_ids), in_slot))
+    return ChannelMacs(layers, [groups[k] for k in ordered], n_slots)
+
+
 def macs_fraction(model: nn.Module, costs: Mapping[str, float]) -> float:
-    """Kept MACs / dense MACs over the masked layers, from the hard masks."""
+    """Kept MACs / dense MACs, from the hard masks.
+
+    Element and independent channel masks: over the masked layers. Coupled
+    channel masks: over every Conv/Linear call, counting removed input channels
+    too (:func:`channel_macs`), i.e. what the shrunk model computes.
+    """
     entries = [e for e in masks(model) if not e.mask.auxiliary]
+    if _is_coupled(entries):
+        cm = channel_macs(model, costs)
+        return cm.macs(cm.hard_keep()) / cm.dense
     dense = sum(e.mask.numel() * costs[e.name] for e in entries)
     kept = sum(e.mask.kept_weights() * costs[e.name] for e in entries)
     return kept / dense
