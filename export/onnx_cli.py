@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import asdict
 
 import torch
-from torch import nn
 
-from sparsify_fx.errors import InputError, SparsifyError
+from sparsify_fx.errors import SparsifyError
+
+from .cli_models import load_model, parse_shape
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,39 +45,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
-    except ValueError:
-        shape = ()
-    if not shape or any(s <= 0 for s in shape):
-        raise InputError(f"--input-shape {text!r} is not a shape; write e.g. 1,3,224,224")
-    return shape
-
-
-def load_model(spec: str) -> nn.Module:
-    """``torchvision:<name>`` (weights=None) or a ``torch.save``'d module file."""
-    if spec.startswith("torchvision:"):
-        import torchvision.models as tvm
-
-        name = spec.split(":", 1)[1]
-        try:
-            return tvm.get_model(name, weights=None).eval()
-        except ValueError as exc:
-            raise InputError(f"unknown torchvision model {name!r}: {exc}") from exc
-    if not os.path.isfile(spec):
-        raise InputError(f"model file {spec!r} not found; pass a torch.save(model) file "
-                         "or torchvision:<name>")
-    try:
-        model = torch.load(spec, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - unpickling raises anything
-        raise InputError(f"cannot load {spec!r} with torch.load: {exc}") from exc
-    if not isinstance(model, nn.Module):
-        raise InputError(f"{spec!r} holds a {type(model).__name__}, not an nn.Module; save the "
-                         "whole model with torch.save(model, path), not its state_dict")
-    return model
-
-
 def main(argv: list[str]) -> int:
     """Run the export subcommand; returns the exit status."""
     from .onnx_export import export_onnx
@@ -89,7 +56,7 @@ def main(argv: list[str]) -> int:
     try:
         model = load_model(args.model)
         generator = torch.Generator().manual_seed(args.seed)
-        example = torch.randn(*_shape(args.input_shape), generator=generator)
+        example = torch.randn(*parse_shape(args.input_shape), generator=generator)
         result = export_onnx(model, example, args.output, sparse=not args.dense,
                              min_sparsity=args.min_sparsity, verify=not args.no_verify,
                              dynamic_batch=not args.fixed_batch,

@@ -7,48 +7,16 @@ Writes only the files named by ``--output`` and ``--plot``.
 from __future__ import annotations
 
 import argparse
-import difflib
 import os
 import sys
 
 import torch
-from torch import nn
 
-from sparsify_fx.errors import InputError, SparsifyError
+from sparsify_fx.errors import SparsifyError
+
+from .cli_models import load_model, parse_shape
 
 FORMATS = ("table", "markdown", "json", "csv")
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
-    except ValueError:
-        shape = ()
-    if not shape or any(s <= 0 for s in shape):
-        raise argparse.ArgumentTypeError(f"bad shape {text!r}; write it like 1,3,224,224")
-    return shape
-
-
-def load_model(spec: str) -> nn.Module:
-    """A torch.save'd module from a path, or a torchvision model (weights=None) by name."""
-    if os.path.exists(spec):
-        obj = torch.load(spec, map_location="cpu", weights_only=False)
-        if not isinstance(obj, nn.Module):
-            raise InputError(
-                f"{spec} holds a {type(obj).__name__}, not a module; save the whole model with "
-                "torch.save(model, path) (a state_dict has no architecture to count)"
-            )
-        return obj
-    import torchvision.models as tvm
-    names = tvm.list_models()
-    if spec not in names:
-        close = difflib.get_close_matches(spec, names, n=3)
-        raise InputError(
-            f"{spec!r} is neither an existing file nor a torchvision model name"
-            + (f"; did you mean {', '.join(close)}?" if close else
-               "; see torchvision.models.list_models()")
-        )
-    return tvm.get_model(spec, weights=None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sparsify-fx report",
         description="Per-layer sparsity, parameters and MACs (FLOPs = 2 x MACs) of a model.")
     p.add_argument("model", help="torch.save'd whole module, or a torchvision model name")
-    p.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224),
+    p.add_argument("--input-shape", type=parse_shape, default=(1, 3, 224, 224),
                    help="example input shape, e.g. 1,3,224,224 (default)")
     p.add_argument("--format", choices=FORMATS, default="table")
     p.add_argument("--compare", metavar="MODEL",
