@@ -175,12 +175,25 @@ def compare_dict(c: "Comparison") -> dict[str, Any]:
                         "after": row_dict(a) if a else None} for n, b, a in _pairs(c)]}
 
 
+def _channels(r: "LayerRow | None", side: str) -> str:
+    return "-" if r is None else f"{getattr(r, side + '_channels_kept')}/{getattr(r, side + '_channels')}"
+
+
 def _cmp_cells(b: "LayerRow | None", a: "LayerRow | None") -> list[str]:
+    """params, sparsity, effective MMACs, output and input channels kept: before, after."""
     def get(r: "LayerRow | None", f: str, fmt: Any) -> str:
         return fmt(getattr(r, f)) if r is not None else "-"
     return [get(b, "params", lambda x: f"{x:,}"), get(a, "params", lambda x: f"{x:,}"),
             get(b, "sparsity", _pct), get(a, "sparsity", _pct),
-            get(b, "macs", _m), get(a, "macs", _m)]
+            get(b, "macs", _m), get(a, "macs", _m),
+            _channels(b, "out"), _channels(a, "out"), _channels(b, "in"), _channels(a, "in")]
+
+
+def _macs_change(c: "Comparison") -> str:
+    before, after = c.before.total_macs, c.after.total_macs
+    ratio = f"{after / before:.4f}" if before else "-"
+    return (f"effective MACs {before:,.0f} -> {after:,.0f} per input batch "
+            f"(after / before {ratio})")
 
 
 def compare_markdown(c: "Comparison") -> str:
@@ -192,9 +205,14 @@ def compare_markdown(c: "Comparison") -> str:
            f"| sparsity, prunable weights | {_pct(tb['weight_sparsity'])} | "
            f"{_pct(ta['weight_sparsity'])} |",
            f"| dense MACs | {_g(tb['dense_macs'])} | {_g(ta['dense_macs'])} |",
-           f"| effective MACs | {_g(tb['macs'])} | {_g(ta['macs'])} |", "",
+           f"| effective MACs | {_g(tb['macs'])} | {_g(ta['macs'])} |",
+           f"| effective MACs (exact) | {tb['macs']:,.0f} | {ta['macs']:,.0f} |",
+           f"| effective MACs after / before | | "
+           f"{ta['macs'] / tb['macs'] if tb['macs'] else float('nan'):.4f} |", "",
            "| layer | params before | params after | sparsity before | sparsity after | "
-           "eff. MMACs before | eff. MMACs after |", "|---|---:|---:|---:|---:|---:|---:|"]
+           "eff. MMACs before | eff. MMACs after | out ch. kept before | out ch. kept after | "
+           "in ch. kept before | in ch. kept after |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n, b, a in _pairs(c):
         out.append(f"| `{n}` | " + " | ".join(_cmp_cells(b, a)) + " |")
     return "\n".join(out) + "\n"
@@ -202,13 +220,16 @@ def compare_markdown(c: "Comparison") -> str:
 
 def compare_table(c: "Comparison", width: int = 44) -> str:
     head = (f"{'layer':{width}s} {'params':>10s} {'->':>10s} {'sparsity':>8s} {'->':>8s} "
-            f"{'eff. MMACs':>11s} {'->':>10s}")
+            f"{'eff. MMACs':>11s} {'->':>10s} {'out ch.':>9s} {'->':>9s} {'in ch.':>9s} "
+            f"{'->':>9s}")
     lines = [f"before: {c.before.model_name}   after: {c.after.model_name}", head, "-" * len(head)]
     for n, b, a in _pairs(c):
         cells = _cmp_cells(b, a)
         lines.append(f"{_short(n, width):{width}s} {cells[0]:>10s} {cells[1]:>10s} "
-                     f"{cells[2]:>8s} {cells[3]:>8s} {cells[4]:>11s} {cells[5]:>10s}")
+                     f"{cells[2]:>8s} {cells[3]:>8s} {cells[4]:>11s} {cells[5]:>10s} "
+                     f"{cells[6]:>9s} {cells[7]:>9s} {cells[8]:>9s} {cells[9]:>9s}")
     lines.append("-" * len(head))
+    lines.append(_macs_change(c))
     lines += ["before: " + s for s in summary_lines(c.before)]
     lines += ["after:  " + s for s in summary_lines(c.after)]
     return "\n".join(lines)
@@ -216,14 +237,15 @@ def compare_table(c: "Comparison", width: int = 44) -> str:
 
 def compare_csv(c: "Comparison") -> str:
     buf = io.StringIO()
-    fields = ["name"] + [f"{f}_{w}" for w in ("before", "after")
-                         for f in ("params", "nonzeros", "sparsity", "dense_macs", "macs")]
+    per_side = ("params", "nonzeros", "sparsity", "dense_macs", "macs", "out_channels",
+                "out_channels_kept", "in_channels", "in_channels_kept")
+    fields = ["name"] + [f"{f}_{w}" for w in ("before", "after") for f in per_side]
     writer = csv.DictWriter(buf, fields, lineterminator="\n")
     writer.writeheader()
     for n, b, a in _pairs(c):
         row: dict[str, Any] = {"name": n}
         for w, r in (("before", b), ("after", a)):
-            for f in ("params", "nonzeros", "sparsity", "dense_macs", "macs"):
+            for f in per_side:
                 row[f"{f}_{w}"] = getattr(r, f) if r is not None else ""
         writer.writerow(row)
     return buf.getvalue()

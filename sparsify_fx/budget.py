@@ -217,7 +217,7 @@ def _coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: fl
                  target_macs: float | None, costs: Mapping[str, float] | None,
                  scores: Mapping[str, Tensor] | None) -> CutResult:
     """Cut shared channel groups: keep the highest-ranked group slots (one score each)
-    while the budget holds. Sparsity: a slot costs the weights of every channel it gates,
+    while the budget holds; every group keeps at least its best slot. Sparsity: a slot costs the weights of every channel it gates,
     summed over its follower masks (channels kept whole are fixed). MACs: the MACs
     :func:`shrink` would leave, counted by :func:`channel_macs` (a removed channel also
     removes the next layer's input channel), so the shrunk model meets the budget."""
@@ -248,15 +248,22 @@ def _coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: fl
         (scores[k] if scores is not None and k in scores else groups[k].ranking_scores())
         .detach().float().reshape(-1).cpu() for k in order])
     before = torch.cat([groups[k].learned_keep().reshape(-1).cpu() for k in order])
+    floor = torch.zeros(offset, dtype=torch.bool)  # each group keeps its best slot
+    for k in order:
+        floor[start[id(groups[k])] + int(torch.argmax(
+            ranking[start[id(groups[k])]:start[id(groups[k])] + math.prod(groups[k].score_shape)]))] = True
+    ranking = torch.where(floor, torch.tensor(float("inf")), ranking)
     if target_macs is not None:
         assert costs is not None
-        keep = _macs_prefix(channel_macs(model, costs), ranking, float(target_macs))
+        keep = _macs_prefix(channel_macs(model, costs), ranking, float(target_macs),
+                            int(floor.sum()))
     else:
         fraction = 1.0 - float(target_sparsity)  # type: ignore[arg-type]
         budget = fraction * dense - fixed
-        if budget < 0:
+        if budget < float(slot_units[floor].sum()):
             raise BudgetError(f"the budget keeps {fraction:.3f} of the masked weights, but "
-                              f"channels that must stay whole already take {fixed / dense:.3f}; "
+                              "channels that must stay whole and one channel per group already "
+                              f"take {(fixed + float(slot_units[floor].sum())) / dense:.3f}; "
                               "raise the budget")
         keep = _keep_top(ranking, slot_units, budget)
     changed = int(slot_units[before != keep].sum())
@@ -270,9 +277,9 @@ def _coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: fl
     return CutResult(kept, total, changed, per)
 
 
-def _macs_prefix(cm: "ChannelMacs", ranking: Tensor, fraction: float) -> Tensor:
-    """Keep the longest prefix of slots by descending score whose MACs fit ``fraction``
-    of the dense MACs (MACs grow with the prefix, so a binary search finds it)."""
+def _macs_prefix(cm: "ChannelMacs", ranking: Tensor, fraction: float, floor: int) -> Tensor:
+    """Keep the longest prefix (at least ``floor`` slots) of slots by descending score whose
+    MACs fit ``fraction`` of the dense MACs (MACs grow with the prefix: binary search)."""
     order = torch.sort(ranking, descending=True, stable=True).indices
     budget = fraction * cm.dense + 1e-6 * max(cm.dense, 1.0)
 
@@ -281,11 +288,11 @@ def _macs_prefix(cm: "ChannelMacs", ranking: Tensor, fraction: float) -> Tensor:
         keep[order[:n]] = True
         return keep
 
-    if cm.macs(top(0)) > budget:
+    if cm.macs(top(floor)) > budget:
         raise BudgetError(f"the MACs budget keeps {fraction:.3f} of the dense MACs, but channels "
-                          f"that must stay whole already take {cm.macs(top(0)) / cm.dense:.3f}; "
-                          "raise the budget")
-    lo, hi = 0, cm.n_slots  # macs(top(lo)) fits; find the largest n that fits
+                          "that must stay whole and one channel per group already take "
+                          f"{cm.macs(top(floor)) / cm.dense:.3f}; raise the budget")
+    lo, hi = floor, cm.n_slots  # macs(top(lo)) fits; find the largest n that fits
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if cm.macs(top(mid)) <= budget:

@@ -183,8 +183,19 @@ def test_compare_before_after(element_report):
     data = cmp.to_dict()
     assert data["totals"]["before"]["macs"] > data["totals"]["after"]["macs"]
     assert len(data["layers"]) == 21
-    assert "| `fc.weight` | 512,000 | 512,000 | 0.0% | 75.0% |" in cmp.to_markdown()
-    assert len(list(csv.DictReader(io.StringIO(cmp.to_csv())))) == 21
+    md = cmp.to_markdown()
+    assert "| `fc.weight` | 512,000 | 512,000 | 0.0% | 75.0% |" in md
+    # flat index % 4 == 0 on a 1000x512 weight keeps columns 0, 4, 8, ...: every output
+    # row keeps weights, only 128 of the 512 inputs do
+    assert "| 1000/1000 | 1000/1000 | 512/512 | 128/512 |" in md
+    ratio = after.total_macs / before.total_macs
+    assert f"| effective MACs after / before | | {ratio:.4f} |" in md
+    assert abs(ratio - 0.25) < 0.01
+    rows = list(csv.DictReader(io.StringIO(cmp.to_csv())))
+    assert len(rows) == 21
+    fc = next(r for r in rows if r["name"] == "fc.weight")
+    assert (fc["out_channels_before"], fc["in_channels_kept_after"]) == ("1000", "128")
+    assert float(fc["macs_after"]) == after.row("fc.weight").macs
 
 
 def _png_size(path) -> tuple[int, int]:
