@@ -17,22 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the package, also when run as a script from anywhere
+import numpy as np
+import onnx
+import torch
+import torchvision.models as tvm
 
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-import torch  # noqa: E402
-import torchvision.models as tvm  # noqa: E402
-
-import sparsify_fx  # noqa: E402
-from sparsify_fx.export.onnx_export import make_session  # noqa: E402
-from sparsify_fx.export.sparse_initializers import coo_lower_bound  # noqa: E402
+import sparsify_fx
+from sparsify_fx.export.onnx_export import make_session
+from sparsify_fx.export.sparse_initializers import coo_lower_bound
 
 
 def prune_global(model: torch.nn.Module, sparsity: float, how: str, seed: int) -> None:
@@ -65,7 +61,7 @@ def latencies(paths: list[Path], x: np.ndarray, runs: int, threads: int) -> list
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "onnx_size.json"))
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "onnx_size.json"))
     p.add_argument("--sparsities", default="0.5,0.8,0.9,0.95")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--mask", choices=("magnitude", "random"), default="magnitude")
