@@ -1,0 +1,90 @@
+"""What the channel analysis produces: layouts, producers, norm sites, groups.
+
+Plain data (numpy arrays of channel ids); :func:`sparsify_fx.passes.channel_groups.analyze_channels`
+builds a :class:`ChannelGraph`, the coupling and shrink passes read it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Layout:
+    """Channel ids along a tensor's channel dimension.
+
+    ``ids``/``zero``: int64 / bool arrays of length C. ``zero[i]``: if channel
+    ``ids[i]`` is pruned, this tensor is exactly 0 there. ``cdim``: channel dim
+    counted from the end (negative). ``rank``: tensor rank if known. ``mult``:
+    features per channel after a flatten (None: resolved by the consuming Linear).
+    """
+
+    ids: np.ndarray
+    zero: np.ndarray
+    cdim: int
+    rank: int | None
+    mult: int | None = 1
+
+    def with_(self, **changes: Any) -> "Layout":
+        values = dict(ids=self.ids, zero=self.zero, cdim=self.cdim, rank=self.rank, mult=self.mult)
+        values.update(changes)
+        return Layout(**values)
+
+
+@dataclass
+class Producer:
+    """A Conv/Linear call. ``in_ids``: ids of its input features (None: opaque input),
+    already repeated by the flatten multiplicity for a Linear."""
+
+    node: str
+    weight: str  # qualified parameter name (get_attr target)
+    bias: str | None
+    mask_node: str | None
+    kind: str  # "conv" | "linear"
+    groups: int
+    out_ids: np.ndarray
+    in_ids: np.ndarray | None
+
+
+@dataclass
+class NormSite:
+    """A BatchNorm call_module node and the channel ids it normalises."""
+
+    node: str
+    module: str
+    ids: np.ndarray
+
+
+@dataclass
+class ChannelGroup:
+    """Producers whose channels are removed together; ``components``: one entry per
+    score (a set of tied channel ids), global component numbers."""
+
+    index: int
+    producers: list[str]
+    components: np.ndarray
+
+
+@dataclass
+class ChannelGraph:
+    """Result of :func:`analyze_channels`. ``component[id]``: component of a channel
+    id; ``prunable[c]``: component c may be removed; ``group_of[c]`` / ``slot_of[c]``:
+    its group and position in the group's score vector (-1 when whole)."""
+
+    n_ids: int
+    producers: dict[str, Producer]
+    norms: dict[str, NormSite]
+    layouts: dict[str, Layout]
+    component: np.ndarray
+    prunable: np.ndarray
+    group_of: np.ndarray
+    slot_of: np.ndarray
+    groups: list[ChannelGroup]
+    unsupported: list[str] = field(default_factory=list)
+
+    def slots(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(group, slot) per channel id; -1 for whole ids."""
+        comp = self.component[ids]
+        return self.group_of[comp], self.slot_of[comp]
