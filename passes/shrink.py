@@ -97,6 +97,11 @@ def plan_shrink(model: nn.Module) -> ShrinkPlan:
                               f"{', ...' if len(group.producers) > 3 else ''}) keeps no channel; "
                               "keep at least one (select_channels does)")
     for prod in cg.producers.values():
+        if len(prod.out_ids) and not keep_id[prod.out_ids].any():
+            # A layer may not lose every channel (one branch of a concatenation can):
+            # keep one pruned channel set, which the zero contract makes exactly 0.
+            keep_id[comp == comp[prod.out_ids[0]]] = True
+    for prod in cg.producers.values():
         layers[prod.weight] = (int(keep_id[prod.out_ids].sum()), len(prod.out_ids))
     for norm in cg.norms.values():
         layers[f"{norm.module}"] = (int(keep_id[norm.ids].sum()), len(norm.ids))

@@ -168,3 +168,24 @@ def test_shrunk_model_exports_to_onnx(tmp_path, name: str) -> None:
     from sparsify_fx.export.onnx_export import run_onnx
     onnx_out = run_onnx(tmp_path / "small.onnx", x)
     assert np.abs(onnx_out - ref.numpy()).max() <= TOL
+
+
+def test_layer_that_loses_every_channel_keeps_one_zero_channel() -> None:
+    """One branch of a concatenation can lose all its channels while its group keeps
+    some; shrink keeps one (exactly zero) channel there instead of a 0-channel conv."""
+    net = liven_batchnorm(RandomNet([("conv", 3), ("cat", 2, 2), ("res",)]).eval(), 0)
+    x = torch.randn(2, 3, 12, 12)
+    hit = 0
+    for seed in range(12):
+        gm = sparsify_fx.transform(net, granularity="channel", rescale=False)
+        random_channel_masks(gm, 0.6, seed)
+        emptied = [e.name for e in sparsify_fx.masks(gm)
+                   if not e.mask.auxiliary and not e.mask.hard_mask().any()]
+        small = shrink(gm)
+        with torch.no_grad():
+            assert (small(x) - hard_output(gm, x)).abs().max().item() <= TOL
+        for name in emptied:
+            hit += 1
+            assert small.get_parameter(name).shape[0] == 1
+            assert small.get_parameter(name).abs().sum() == 0
+    assert hit > 0  # the case this test is about did occur
