@@ -217,8 +217,9 @@ def _coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: fl
                  target_macs: float | None, costs: Mapping[str, float] | None,
                  scores: Mapping[str, Tensor] | None) -> CutResult:
     """Cut shared channel groups: keep the highest-ranked group slots (one score each)
-    while the budget holds; every group keeps at least its best slot. Sparsity: a slot costs the weights of every channel it gates,
-    summed over its follower masks (channels kept whole are fixed). MACs: the MACs
+    while the budget holds; every group keeps at least its best slot. Sparsity: a slot
+    costs the weights of every channel it gates, summed over its follower masks (channels
+    kept whole are fixed). MACs: the MACs
     :func:`shrink` would leave, counted by :func:`channel_macs` (a removed channel also
     removes the next layer's input channel), so the shrunk model meets the budget."""
     from sparsify_fx.passes.couple_channels import group_masks
@@ -249,9 +250,9 @@ def _coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: fl
         .detach().float().reshape(-1).cpu() for k in order])
     before = torch.cat([groups[k].learned_keep().reshape(-1).cpu() for k in order])
     floor = torch.zeros(offset, dtype=torch.bool)  # each group keeps its best slot
-    for k in order:
-        floor[start[id(groups[k])] + int(torch.argmax(
-            ranking[start[id(groups[k])]:start[id(groups[k])] + math.prod(groups[k].score_shape)]))] = True
+    for m in groups.values():
+        first = start[id(m)]
+        floor[first + int(torch.argmax(ranking[first:first + math.prod(m.score_shape)]))] = True
     ranking = torch.where(floor, torch.tensor(float("inf")), ranking)
     if target_macs is not None:
         assert costs is not None
@@ -281,7 +282,7 @@ def _macs_prefix(cm: "ChannelMacs", ranking: Tensor, fraction: float, floor: int
     """Keep the longest prefix (at least ``floor`` slots) of slots by descending score whose
     MACs fit ``fraction`` of the dense MACs (MACs grow with the prefix: binary search)."""
     order = torch.sort(ranking, descending=True, stable=True).indices
-    budget = fraction * cm.dense + 1e-6 * max(cm.dense, 1.0)
+    budget = fraction * cm.dense * (1.0 + 1e-12)  # float64 rounding only
 
     def top(n: int) -> Tensor:
         keep = torch.zeros(cm.n_slots, dtype=torch.bool)
