@@ -90,6 +90,12 @@ def to_markdown(result: dict) -> str:
         bits = ", ".join(str(r["changed_bits"]) for r in rs)
         lines.append(f"| CS {target:.0%} | {counted:.4f} | {_mean_std(accs)} | "
                      f"{statistics.mean(dense) - statistics.mean(accs):+.2f} | {bits} |")
+    lines += ["", "Per seed (test acc %):", "",
+              "| seed | dense | " + " | ".join(f"CS {t:.0%}" for t in result["targets"]) + " |",
+              "|---|---|" + "---|" * len(result["targets"])]
+    for seed in result["seeds"]:
+        accs = [r["test_acc"] for r in ex if r["seed"] == seed]  # dense first, then targets
+        lines.append(f"| {seed} | " + " | ".join(f"{a:.2f}" for a in accs) + " |")
     lines += ["", "## Ticket search (3 rounds, rewinding; mean over seeds)", "",
               "| stage | sparsity | test acc % | epochs so far |", "|---|---|---|---|"]
     for stage in dict.fromkeys(r["stage"] for r in tk):
