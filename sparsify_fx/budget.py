@@ -154,8 +154,9 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
     ``costs`` from :func:`weight_costs`); for coupled channel masks, of every
     Conv/Linear call's MACs as the shrunk model computes them (kept MACs stay
     within one channel slot's cost below the budget). ``scores`` overrides each
-    mask's own ranking (e.g. ``|w|`` for magnitude pruning; for coupled masks,
-    ``{group key: (K,) scores}`` such as ``channel_l1_scores``).
+    mask's own ranking (e.g. ``|w|`` for magnitude pruning; for coupled masks either
+    ``{group key: (K,) scores}`` such as ``channel_l1_scores`` or ``{weight name:
+    scores}``, summed per channel and over the channels a slot gates).
     """
     entries = [e for e in masks(model) if not e.mask.auxiliary]
     if not entries:
@@ -231,6 +232,7 @@ def _coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: fl
         offset += math.prod(groups[key].score_shape)
     slot_units = torch.zeros(offset, dtype=torch.float64)  # weights gated per slot
     fixed = dense = 0.0
+    slots_of: dict[str, Tensor] = {}
     for e in entries:
         unit = float(e.mask.weights_per_score)
         dense += unit * e.mask.score_shape[0]
@@ -243,11 +245,16 @@ def _coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: fl
             glob[sel] = local[sel] - pos + start[id(src)]
             pos += n
         fixed += unit * int((glob < 0).sum())
+        slots_of[e.name] = glob
         slot_units.index_add_(0, glob[glob >= 0], torch.full((int((glob >= 0).sum()),), unit,
                                                               dtype=torch.float64))
-    ranking = torch.cat([
-        (scores[k] if scores is not None and k in scores else groups[k].ranking_scores())
-        .detach().float().reshape(-1).cpu() for k in order])
+    if scores is not None and not any(k in scores for k in order) and any(
+            e.name in scores for e in entries):
+        ranking = _slot_scores(entries, scores, slots_of, offset)
+    else:
+        ranking = torch.cat([
+            (scores[k] if scores is not None and k in scores else groups[k].ranking_scores())
+            .detach().float().reshape(-1).cpu() for k in order])
     before = torch.cat([groups[k].learned_keep().reshape(-1).cpu() for k in order])
     floor = torch.zeros(offset, dtype=torch.bool)  # each group keeps its best slot
     for m in groups.values():
@@ -276,6 +283,22 @@ def _coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: fl
     total = sum(e.mask.numel() for e in entries)
     per = {e.name: 1.0 - e.mask.kept_weights() / e.mask.numel() for e in entries}
     return CutResult(kept, total, changed, per)
+
+
+def _slot_scores(entries: list[MaskEntry], scores: Mapping[str, Tensor],
+                 slots_of: Mapping[str, Tensor], n_slots: int) -> Tensor:
+    """Per-weight scores (``{weight name: |w| or (C, ...) scores}``) summed into group
+    slots: a channel's score is the sum of ``|scores|`` over its row, and a slot's the sum
+    over every producer channel it gates (the L1 norm for ``|w|``)."""
+    out = torch.zeros(n_slots, dtype=torch.float64)
+    for e in entries:
+        if e.name not in scores:
+            continue
+        s = scores[e.name].detach().double().cpu()
+        per_channel = s.reshape(e.mask.score_shape[0], -1).abs().sum(1)
+        glob = slots_of[e.name]
+        out.index_add_(0, glob[glob >= 0], per_channel[glob >= 0])
+    return out.float()
 
 
 def _macs_prefix(cm: "ChannelMacs", ranking: Tensor, fraction: float, floor: int) -> Tensor:

@@ -231,3 +231,18 @@ def test_report_compare_lists_channels_kept_and_macs() -> None:
     assert int(fc1["in_channels_before"]) == 2 * W * 16
     assert int(fc1["in_channels_kept_after"]) == c2 * 16
     assert float(fc1["macs_after"]) == pytest.approx(after.row("classifier.1.weight").macs)
+
+
+def test_weight_name_scores_rank_like_l1_group_scores() -> None:
+    """``scores={weight name: |w|}`` (what the magnitude baseline passes) is summed per
+    slot over the tied producers, so it cuts exactly like ``channel_l1_scores``."""
+    dense = _model("tinyres")
+    a, b = _coupled(dense, method="fixed"), _coupled(dense, method="fixed")
+    costs = weight_costs(a, X)
+    apply_budget(a, target_macs=0.4, costs=costs, scores=channel_l1_scores(a))
+    apply_budget(b, target_macs=0.4, costs=costs,
+                 scores={e.name: e.weight.detach().abs() for e in sf.masks(b)
+                         if not e.mask.auxiliary})
+    for ma, mb in zip(group_masks(a).values(), group_masks(b).values()):
+        assert torch.equal(ma.hard_mask(), mb.hard_mask())
+        assert 0 < int(ma.hard_mask().sum()) < ma.score_shape[0]
