@@ -73,7 +73,10 @@ register_method(MethodSpec(
     doc="A binary mask set by the user (all ones at transform time).",
 ))
 
-_BUILTIN_MODULES: tuple[str, ...] = ()
+_BUILTIN_MODULES: tuple[str, ...] = (
+    "sparsify_fx.baselines.magnitude", "sparsify_fx.baselines.gmp", "sparsify_fx.baselines.imp",
+    "sparsify_fx.baselines.l0", "sparsify_fx.baselines.ste", "sparsify_fx.baselines.random_mask",
+)
 _loaded = False
 
 

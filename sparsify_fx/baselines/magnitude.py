@@ -1,0 +1,48 @@
+"""``method="magnitude"``: one-shot magnitude pruning of the weights the model has now.
+
+``transform(trained, method="magnitude", target_sparsity=0.9, scope="global")``
+keeps the largest ``|w|`` over all layers; ``scope="layer"`` with
+``distribution="uniform" | "erk" | {name: sparsity}`` keeps the largest per
+layer at that layer's share. Masks are frozen at transform time; fine-tune
+afterwards with :class:`sparsify_fx.Trainer`.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from torch import nn
+
+from ..budget import CutResult
+from ..errors import ConfigError
+from ..methods import MethodSpec, register_method
+from ._common import OptionMask, cut, magnitudes
+
+
+class MagnitudeMask(OptionMask):
+    method = "magnitude"
+
+
+def magnitude_prune(model: nn.Module, target_sparsity: float | Mapping[str, float],
+                    scope: str = "global",
+                    distribution: str | Mapping[str, float] = "uniform") -> CutResult:
+    """Freeze every mask to the largest-magnitude weights at exactly ``target_sparsity``.
+
+    Mutates the masks of ``model`` (a transformed model); returns the cut.
+    """
+    return cut(model, target_sparsity, magnitudes(model), scope, distribution)
+
+
+def _after_transform(model: nn.Module, config: Any) -> None:
+    if config.target_macs is not None:
+        raise ConfigError("method 'magnitude' takes target_sparsity, not target_macs")
+    if config.target_sparsity is None:
+        return  # masks stay all-ones; call magnitude_prune later
+    scope = "layer" if config.per_layer else config.options["scope"]
+    magnitude_prune(model, config.target_sparsity, scope, config.options["distribution"])
+
+
+register_method(MethodSpec(
+    "magnitude", MagnitudeMask, {"scope": "global", "distribution": "uniform"},
+    after_transform=_after_transform,
+    doc="One-shot magnitude pruning (global or per layer: uniform, erk or a dict).",
+))

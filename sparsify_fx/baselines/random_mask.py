@@ -1,0 +1,48 @@
+"""``method="random"``: random masks at a given layer budget (the floor of any comparison).
+
+Each layer keeps a uniformly random subset of exactly its share of weights;
+shares come from ``distribution`` (``"erk"`` by default, ``"uniform"`` or a
+``{name: sparsity}`` dict, e.g. another method's allocation). ``seed`` makes
+the draw reproducible. Masks are frozen at transform time.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..budget import CutResult
+from ..errors import ConfigError
+from ..mask_index import masks
+from ..methods import MethodSpec, register_method
+from ._common import OptionMask, cut
+
+
+class RandomMask(OptionMask):
+    method = "random"
+
+
+def random_prune(model: nn.Module, target_sparsity: float | Mapping[str, float],
+                 distribution: str | Mapping[str, float] = "erk", seed: int = 0) -> CutResult:
+    """Freeze every mask to a random subset at the layer budget; mutates the masks."""
+    g = torch.Generator().manual_seed(int(seed))
+    scores = {e.name: torch.rand(e.mask.score_shape, generator=g)
+              for e in masks(model) if not e.mask.auxiliary}
+    return cut(model, target_sparsity, scores, "layer", distribution)
+
+
+def _after_transform(model: nn.Module, config: Any) -> None:
+    if config.target_macs is not None:
+        raise ConfigError("method 'random' takes target_sparsity, not target_macs")
+    if config.target_sparsity is None:
+        return
+    random_prune(model, config.target_sparsity, config.options["distribution"],
+                 config.options["seed"])
+
+
+register_method(MethodSpec(
+    "random", RandomMask, {"distribution": "erk", "seed": 0},
+    after_transform=_after_transform,
+    doc="Random masks at the layer budget of a distribution (erk, uniform or a dict).",
+))
