@@ -39,7 +39,8 @@ import torch
 from torch import Tensor, nn
 
 import sparsify_fx as sf
-from sparsify_fx.budget import channel_macs, macs_fraction, weight_costs
+from sparsify_fx.budget import macs_fraction, weight_costs
+from sparsify_fx.channel_macs import channel_macs
 from sparsify_fx.data import Splits, digits, mnist
 from sparsify_fx.models import DigitsCNN
 from sparsify_fx.passes.couple_channels import channel_l1_scores, group_masks, select_channels

@@ -19,7 +19,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import BudgetError, ConfigError
-from .mask import Mask
+from .channel_macs import ChannelMacs, channel_graph, channel_macs, is_coupled
 from .mask_index import MaskEntry, hard_masks, masks, unwrap
 
 
@@ -53,26 +53,13 @@ def weight_costs(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor) ->
         if cost is None:
             cost = _leaf_cost(model, e, inputs, batch)
         costs[e.name] = cost
-    if isinstance(model, fx.GraphModule) and _is_coupled(entries):
+    if isinstance(model, fx.GraphModule) and is_coupled(entries):
         nodes = {n.name: n for n in model.graph.nodes}
-        for prod in _channel_graph(model).producers.values():
+        for prod in channel_graph(model).producers.values():
             out = _out_meta(nodes[prod.node])
             if prod.weight not in costs and out is not None:
                 costs[prod.weight] = math.prod(out.shape) / (batch * len(prod.out_ids))
     return costs
-
-
-def _is_coupled(entries: list[MaskEntry]) -> bool:
-    return any(hasattr(e.mask, "sources") for e in entries)
-
-
-def _channel_graph(gm: fx.GraphModule):  # -> ChannelGraph (passes imported lazily: no cycle)
-    """The channel analysis ``shrink`` uses: coupled producer weights may lose channels."""
-    from sparsify_fx.passes.channel_groups import analyze_channels
-    coupled = {str(e.node.args[0].target) for e in masks(gm)
-               if hasattr(e.mask, "sources") and not e.mask.auxiliary and e.route == "graph"
-               and e.node is not None}
-    return analyze_channels(gm, coupled)
 
 
 def _graph_cost(e: MaskEntry, batch: int) -> float | None:
@@ -301,7 +288,7 @@ def _slot_scores(entries: list[MaskEntry], scores: Mapping[str, Tensor],
     return out.float()
 
 
-def _macs_prefix(cm: "ChannelMacs", ranking: Tensor, fraction: float, floor: int) -> Tensor:
+def _macs_prefix(cm: ChannelMacs, ranking: Tensor, fraction: float, floor: int) -> Tensor:
     """Keep the longest prefix (at least ``floor`` slots) of slots by descending score whose
     MACs fit ``fraction`` of the dense MACs (MACs grow with the prefix: binary search)."""
     order = torch.sort(ranking, descending=True, stable=True).indices
@@ -326,93 +313,6 @@ def _macs_prefix(cm: "ChannelMacs", ranking: Tensor, fraction: float, floor: int
     return top(lo)
 
 
-# -- MACs of a coupled channel model: what shrink leaves ----------------------------------
-@dataclass
-class _ChannelLayer:
-    weight: str
-    unit: float  # MACs per sample of one (output channel, input channel) pair
-    groups: int
-    out_slot: Tensor  # global slot of each output channel; n_slots means "whole"
-    in_slot: Tensor  # global slot of each input channel (all conv groups)
-
-
-@dataclass
-class ChannelMacs:
-    """MACs of every Conv/Linear call of a coupled channel model as a function of the
-    kept group slots (the group masks' slots concatenated in ``group_masks`` order).
-
-    A layer's MACs are ``unit * sum over conv groups of kept outputs x kept inputs``:
-    exactly the MACs of the layer :func:`~sparsify_fx.passes.shrink.shrink` leaves.
-    """
-
-    layers: list[_ChannelLayer]
-    group_masks: list[Mask]
-    n_slots: int
-
-    def macs(self, keep: Tensor) -> float:
-        """MACs per sample when the slots ``keep`` (bool, ``(n_slots,)``) are kept."""
-        ext = torch.cat([keep.reshape(-1).bool().cpu(), torch.ones(1, dtype=torch.bool)])
-        total = 0.0
-        for lay in self.layers:
-            o = ext[lay.out_slot].reshape(lay.groups, -1).sum(1).double()
-            i = ext[lay.in_slot].reshape(lay.groups, -1).sum(1).double()
-            total += lay.unit * float((o * i).sum())
-        return total
-
-    @property
-    def dense(self) -> float:
-        return self.macs(torch.ones(self.n_slots, dtype=torch.bool))
-
-    def hard_keep(self) -> Tensor:
-        """The group masks' current hard decisions, concatenated."""
-        return torch.cat([m.hard_mask().reshape(-1).cpu() for m in self.group_masks])
-
-
-def channel_macs(model: nn.Module, costs: Mapping[str, float]) -> ChannelMacs:
-    """MACs bookkeeping of a coupled channel model (read-only).
-
-    Covers every Conv/Linear call of the traced graph, masked or not (an unmasked
-    layer loses input channels when its producer is pruned). ``costs``: from
-    :func:`weight_costs` on this model (it includes the unmasked layers).
-    """
-    from sparsify_fx.passes.couple_channels import GROUP_PREFIX, group_masks
-    gm = unwrap(model)
-    if not isinstance(gm, fx.GraphModule):
-        raise BudgetError("coupled channel budgets need one fully traced GraphModule")
-    cg = _channel_graph(gm)
-    groups = group_masks(gm)
-    keys = [f"{GROUP_PREFIX}{g.index}" for g in cg.groups]
-    if sorted(keys) != sorted(groups) or any(
-            math.prod(groups[k].score_shape) != len(g.components) for k, g in zip(keys, cg.groups)):
-        raise BudgetError("the model's channel groups no longer match its graph (edited after "
-                          "transform?); re-run sparsify_fx.transform(..., granularity='channel')")
-    ordered = [k for k in groups]  # slot order: group_masks order
-    base = {k: sum(math.prod(groups[j].score_shape) for j in ordered[:i])
-            for i, k in enumerate(ordered)}
-    n_slots = sum(math.prod(m.score_shape) for m in groups.values())
-    first = torch.tensor([base[k] for k in keys] + [n_slots], dtype=torch.long)
-
-    def slots(ids) -> Tensor:
-        g, s = cg.slots(ids)
-        g = torch.from_numpy(g).long()
-        s = torch.from_numpy(s).long()
-        return torch.where(g >= 0, first[g.clamp(min=0)] + s, torch.full_like(g, n_slots))
-
-    layers = []
-    for prod in cg.producers.values():
-        if prod.weight not in costs:
-            raise ConfigError(f"no MACs cost for {prod.weight}; compute the costs with "
-                              "sparsify_fx.budget.weight_costs(model, example_inputs) on this "
-                              "coupled model")
-        shape = tuple(gm.get_parameter(prod.weight).shape)
-        n_in = shape[1] * prod.groups
-        in_slot = (slots(prod.in_ids) if prod.in_ids is not None
-                   else torch.full((n_in,), n_slots, dtype=torch.long))
-        layers.append(_ChannelLayer(prod.weight, float(costs[prod.weight]) * math.prod(shape[2:]),
-                                    prod.groups, slots(prod.out_ids), in_slot))
-    return ChannelMacs(layers, [groups[k] for k in ordered], n_slots)
-
-
 def macs_fraction(model: nn.Module, costs: Mapping[str, float]) -> float:
     """Kept MACs / dense MACs, from the hard masks.
 
@@ -421,7 +321,7 @@ def macs_fraction(model: nn.Module, costs: Mapping[str, float]) -> float:
     too (:func:`channel_macs`), i.e. what the shrunk model computes.
     """
     entries = [e for e in masks(model) if not e.mask.auxiliary]
-    if _is_coupled(entries):
+    if is_coupled(entries):
         cm = channel_macs(model, costs)
         return cm.macs(cm.hard_keep()) / cm.dense
     dense = sum(e.mask.numel() * costs[e.name] for e in entries)
