@@ -176,7 +176,10 @@ def compare_dict(c: "Comparison") -> dict[str, Any]:
 
 
 def _channels(r: "LayerRow | None", side: str) -> str:
-    return "-" if r is None else f"{getattr(r, side + '_channels_kept')}/{getattr(r, side + '_channels')}"
+    """``kept/total`` channels on ``side`` ("out" or "in") of a row, "-" when absent."""
+    if r is None:
+        return "-"
+    return f"{getattr(r, side + '_channels_kept')}/{getattr(r, side + '_channels')}"
 
 
 def _cmp_cells(b: "LayerRow | None", a: "LayerRow | None") -> list[str]:

@@ -112,7 +112,8 @@ def test_apply_budget_macs_met_by_shrunk_model(kind: str, target: float) -> None
 
 def test_trainer_fit_finalize_meets_macs_budget() -> None:
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(96, 1, 8, 8, generator=g), torch.randint(0, 10, (96,), generator=g))
+    data = TensorDataset(torch.randn(96, 1, 8, 8, generator=g),
+                         torch.randint(0, 10, (96,), generator=g))
     dense = _model("digits")
     gm = sf.transform(dense, method="cs", granularity="channel", target_macs=0.5)
     run = sf.Trainer(gm, data, epochs=2, batch_size=32, lr=0.05, mask_lr=0.05, progress=False,
