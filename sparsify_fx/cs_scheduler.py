@@ -12,9 +12,9 @@ masks)`` with lambda 1e-8 (so small that ``s_init`` effectively sets the
 sparsity), hard mask ``s > 0``.
 
 Beyond the reference: with a target (``target_sparsity`` or ``target_macs``,
-taken from ``transform`` by default) a controller moves ``log(lambda)`` in
-proportion to the gap between the current hard density (``s > 0``) and the
-target, per layer when the target is per layer; ``finalize()`` then cuts the
+taken from ``transform`` by default) a PI controller sets ``log(lambda)`` from
+the gap between the current hard density (``s > 0``) and a setpoint ramping to
+the target, per layer when the target is per layer; ``finalize()`` then cuts the
 masks to exactly the target (see :mod:`sparsify_fx.budget`).
 """
 from __future__ import annotations
@@ -79,7 +79,8 @@ class CSScheduler:
                  target_sparsity: float | Mapping[str, float] | None = None,
                  target_macs: float | None = None, per_layer: bool | None = None,
                  example_inputs: Sequence[Tensor] | Tensor | None = None,
-                 controller_gain: float = 0.05, target_ramp: float = 0.5,
+                 controller_gain: float = 0.1, controller_kp: float = 4.0,
+                 target_ramp: float = 0.5,
                  lmbda_bounds: tuple[float, float] = (1e-12, 1.0)
                  ) -> None:
         self.model = unwrap(model)
@@ -111,6 +112,7 @@ class CSScheduler:
         self.target_macs = target_macs
         self.per_layer = bool(per_layer) or isinstance(target_sparsity, Mapping)
         self.gain = float(controller_gain)
+        self.kp = float(controller_kp)
         if not 0.0 < target_ramp <= 1.0:
             raise ConfigError(f"target_ramp must be in (0, 1], got {target_ramp}")
         self.ramp = float(target_ramp)
@@ -121,7 +123,9 @@ class CSScheduler:
                 raise ConfigError("target_macs needs example_inputs to count MACs per weight")
             self.costs = weight_costs(self.model, example_inputs)
         n_groups = len(self.entries) if self.per_layer else 1
-        self.log_lmbda = torch.full((n_groups,), math.log(lmbda), dtype=torch.float64)
+        #: the controller's integral term (log lambda) and the lambda in use (integral + kp * gap)
+        self.log_lmbda_i = torch.full((n_groups,), math.log(lmbda), dtype=torch.float64)
+        self.log_lmbda = self.log_lmbda_i.clone()
         self.t = 0  # epochs (or steps) completed in this round
         self.round = 0
         self._apply_beta()
@@ -212,10 +216,14 @@ class CSScheduler:
 
     @torch.no_grad()
     def update_controller(self) -> None:
-        """``log(lambda_g) += gain * (density_g - target_g) / target_g``, clipped to bounds.
+        """PI step on ``log(lambda_g)`` from ``gap = (density_g - setpoint_g) / setpoint_g``.
 
+        ``gap`` is clipped to [-1, 1]; the integral ``I += gain * gap`` and the
+        lambda in use is ``exp(I + kp * gap)``, both clipped to ``lmbda_bounds``.
         ``density_g`` is the hard density (``s > 0``) of group g, MAC-weighted
-        for a MACs budget.
+        for a MACs budget. The proportional term brakes as the density nears the
+        setpoint: pruned scores barely recover once beta is large, so an
+        overshoot would otherwise stay until the final cut.
         """
         lo, hi = (math.log(b) for b in self.bounds)
         for g, group in self._groups():
@@ -224,7 +232,10 @@ class CSScheduler:
                 continue
             target = self.setpoint(final)
             gap = (self._density(group) - target) / max(target, 1e-3)
-            self.log_lmbda[g] = min(max(float(self.log_lmbda[g]) + self.gain * gap, lo), hi)
+            gap = min(max(gap, -1.0), 1.0)
+            integral = min(max(float(self.log_lmbda_i[g]) + self.gain * gap, lo), hi)
+            self.log_lmbda_i[g] = integral
+            self.log_lmbda[g] = min(max(integral + self.kp * gap, lo), hi)
 
     def step(self) -> None:
         """End of an epoch (or of a step, with ``per_step``): anneal beta."""
@@ -256,6 +267,7 @@ class CSScheduler:
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"t": self.t, "round": self.round, "log_lmbda": self.log_lmbda.clone(),
+                "log_lmbda_i": self.log_lmbda_i.clone(),
                 "epochs": self.epochs, "beta_final": self.beta_final, "per_step": self.per_step,
                 "total_steps": self.total_steps}
 
@@ -265,5 +277,6 @@ class CSScheduler:
         self.t = int(state["t"])
         self.round = int(state["round"])
         self.log_lmbda = state["log_lmbda"].clone().to(torch.float64)
+        self.log_lmbda_i = state.get("log_lmbda_i", state["log_lmbda"]).clone().to(torch.float64)
         self.total_steps = int(state["total_steps"])
         self._apply_beta()

@@ -115,3 +115,19 @@ def test_fold_after_training_reproduces_trained_model() -> None:
     with torch.no_grad():
         assert max_diff(folded(x), gm(x)) <= 1e-5
     assert sf.sparsity(gm) == pytest.approx(0.8, abs=1.0 / sum(e.mask.numel() for e in sf.masks(gm)))
+
+
+def test_controller_lands_near_the_target_before_the_cut() -> None:
+    """The PI controller brings the learned mask (``s > 0``) close to the target, so the
+    exact final cut flips few bits (the reviewers' complaint: CS cannot hit a target)."""
+    data = digits(1)
+    torch.manual_seed(1)
+    gm = sf.transform(DigitsCNN(), target_sparsity=0.9)
+    trainer = Trainer(gm, data.train, epochs=12, lr=0.05, mask_lr=0.01, seed=1, progress=False)
+    trainer.fit(finalize=False)
+    learned = sum(int(e.mask.learned_keep().sum()) for e in sf.masks(gm))
+    total = sum(e.mask.numel() for e in sf.masks(gm))
+    assert abs(learned / total - 0.1) < 0.03, learned / total
+    cut = trainer.scheduler.finalize()
+    assert abs(learned - cut.kept) <= cut.changed_bits < 0.03 * total
+    assert sf.sparsity(gm) == pytest.approx(0.9, abs=1.0 / total)
