@@ -126,6 +126,25 @@ def test_gmp_prunes_on_schedule_monotonically_and_exactly(small_train: TensorDat
     assert_exact(gm, 0.9)
 
 
+def test_gmp_global_threshold_follows_schedule(small_train: TensorDataset) -> None:
+    gm = sf.transform(tiny(), method="gmp", target_sparsity=0.8, scope="global", every=1,
+                      begin=0.0, end=1.0)
+    cb = GMPCallback(gm)
+    seen: list[tuple[int, int]] = []
+
+    class Watch:
+        def after_step(self, epoch: int, step: int) -> None:
+            seen.append((cb.step, counted(gm)[0]))
+
+    Trainer(gm, small_train, epochs=1, batch_size=64, lr=0.05, progress=False,
+            callbacks=[cb, Watch()]).fit()
+    total = counted(gm)[1]
+    assert [t for t, _ in seen] == [1, 2, 3, 4] and cb.n == 4
+    for t, kept in seen:  # one global threshold: the total is on schedule to one weight
+        assert kept == round((1 - gmp_sparsity(t, 0.8, 0.0, 0, 4, 1)) * total)
+    assert_exact(gm, 0.8)
+
+
 # -- IMP ----------------------------------------------------------------------------
 def test_imp_schedule_prunes_20_percent_of_remaining() -> None:
     levels = imp_schedule(0.9, 0.2)
@@ -174,6 +193,7 @@ def test_run_imp_rewinds_and_hits_each_level(small_train: TensorDataset,
         for n, w in start.items():
             assert torch.equal(w, init[n]), n
     assert_exact(gm, 0.75)
+    check_fold(gm)
 
 
 # -- L0 -----------------------------------------------------------------------------
