@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .budget import CutResult, apply_budget, weight_costs
+from .channel_macs import ChannelMacs, channel_macs, is_coupled
 from .errors import ConfigError
 from .mask import CSMask
 from .mask_index import MaskEntry, masks, unwrap
@@ -122,6 +123,11 @@ class CSScheduler:
             if example_inputs is None:
                 raise ConfigError("target_macs needs example_inputs to count MACs per weight")
             self.costs = weight_costs(self.model, example_inputs)
+        #: coupled channel masks under a MACs budget: count what shrink will leave
+        #: (removed input channels included), the same number the final cut uses
+        self.channel_macs: ChannelMacs | None = None
+        if self.costs is not None and not self.per_layer and is_coupled(self.entries):
+            self.channel_macs = channel_macs(self.model, self.costs)
         n_groups = len(self.entries) if self.per_layer else 1
         #: the controller's integral term (log lambda) and the lambda in use (integral + kp * gap)
         self.log_lmbda_i = torch.full((n_groups,), math.log(lmbda), dtype=torch.float64)
@@ -209,6 +215,9 @@ class CSScheduler:
         return final_density + (1.0 - final_density) * left ** 3
 
     def _density(self, group: list[MaskEntry]) -> float:
+        if self.channel_macs is not None:
+            cm = self.channel_macs
+            return cm.macs(cm.hard_keep()) / cm.dense
         if self.costs is not None:
             kept = sum(e.mask.kept_weights() * self.costs[e.name] for e in group)
             return kept / sum(e.mask.numel() * self.costs[e.name] for e in group)

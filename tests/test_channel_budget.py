@@ -247,3 +247,18 @@ def test_weight_name_scores_rank_like_l1_group_scores() -> None:
     for ma, mb in zip(group_masks(a).values(), group_masks(b).values()):
         assert torch.equal(ma.hard_mask(), mb.hard_mask())
         assert 0 < int(ma.hard_mask().sum()) < ma.score_shape[0]
+
+
+def test_controller_tracks_the_macs_the_cut_counts() -> None:
+    """Under a coupled MACs budget the CS controller's density is the shrunk-model MACs
+    fraction (removed input channels included), the number the final cut meets."""
+    gm = sf.transform(_model("digits"), method="cs", granularity="channel", target_macs=0.5)
+    cs = sf.CSScheduler(gm, epochs=2, example_inputs=X)
+    g = torch.Generator().manual_seed(1)
+    for m in group_masks(gm).values():
+        with torch.no_grad():
+            m.scores.copy_(torch.randn(m.score_shape, generator=g))
+    want = macs_fraction(gm, weight_costs(gm, X))
+    assert cs._density(cs.entries) == pytest.approx(want, rel=1e-12)
+    small, ratio = _shrunk_ratio(gm, _model("digits"))
+    assert ratio == pytest.approx(want, rel=1e-9)
