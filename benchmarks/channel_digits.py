@@ -28,10 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import platform
 import statistics
-import sys
 import time
 from typing import Any
 
@@ -39,11 +36,12 @@ import torch
 from torch import Tensor, nn
 
 import sparsify_fx as sf
+from bench_io import command_line, machine, write_results
 from sparsify_fx.budget import macs_fraction, weight_costs
 from sparsify_fx.channel_macs import channel_macs
 from sparsify_fx.data import Splits, digits, mnist
 from sparsify_fx.models import DigitsCNN
-from sparsify_fx.passes.couple_channels import channel_l1_scores, group_masks, select_channels
+from sparsify_fx.passes.couple_channels import channel_l1_scores, select_channels
 from sparsify_fx.trainer import evaluate
 
 LR, MASK_LR, FT_LR = 0.05, 0.01, 0.01
@@ -225,26 +223,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    argv_used = sys.argv[1:] if argv is None else argv
     result: dict[str, Any] = {
-        "command": " ".join([".venv/bin/python benchmarks/channel_digits.py", *argv_used]),
+        "command": command_line("channel_digits.py", argv),
         "dataset": "mnist" if args.data_dir else "digits", "seeds": args.seeds,
         "epochs": args.epochs, "finetune": args.finetune, "target_macs": args.target_macs,
         "epoch_note": "dense: training then the same fine-tune schedule without pruning; cs: CS "
                       "training with the MACs controller, exact cut, fine-tune with masks fixed; "
                       "l1/l1_uniform: the dense model's first epochs, one-shot cut, fine-tune",
-        "machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread", "rows": []}
+        "machine": machine(), "rows": []}
     for seed in args.seeds:
         data = mnist(args.data_dir, seed) if args.data_dir else digits(seed)
         side = int(data.train.tensors[0].shape[-1])
         result["rows"] += run_seed(data, seed, args, side)
     result["seconds"] = time.perf_counter() - t0
-    md = to_markdown(result)
-    print(md)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(args.out + ".md", "w") as f:
-        f.write(md)
+    write_results(args.out, result, to_markdown(result))
     return 0
 
 

@@ -14,15 +14,13 @@ Writes ``<out>.json`` and ``<out>.md`` and prints the tables.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import sys
 import time
 
 import torch
 
 import sparsify_fx as sf
+from bench_io import command_line, machine, write_results
 from sparsify_fx.data import digits
 from sparsify_fx.demo import train_cs, train_dense
 from sparsify_fx.models import DigitsCNN
@@ -119,22 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    args_used = sys.argv[1:] if argv is None else argv
-    result = {"command": " ".join(["python benchmarks/cs_digits.py", *args_used]),
+    result = {"command": command_line("cs_digits.py", argv),
               "targets": args.targets, "seeds": args.seeds, "epochs": args.epochs,
               "finetune": args.finetune, "ticket_epochs": args.ticket_epochs,
               "ticket_lmbda": args.ticket_lmbda, "rewind": args.rewind,
-              "machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread",
+              "machine": machine(),
               "exact": exact_targets(args.seeds, args.targets, args.epochs, args.finetune),
               "ticket": ticket_search(args.seeds, args.ticket_epochs, args.ticket_lmbda,
                                       args.rewind)}
     result["seconds"] = time.perf_counter() - t0
-    md = to_markdown(result)
-    print(md)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(args.out + ".md", "w") as f:
-        f.write(md)
+    write_results(args.out, result, to_markdown(result))
     return 0
 
 

@@ -1,0 +1,31 @@
+"""Shared output of the benchmark scripts: the command and machine line, JSON + markdown files.
+
+Imported as ``from bench_io import ...`` (a script's own folder is on ``sys.path``).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from typing import Any
+
+import torch
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces this run (``argv`` None: the real command line)."""
+    return " ".join([f".venv/bin/python benchmarks/{script}",
+                     *(sys.argv[1:] if argv is None else argv)])
+
+
+def machine(threads: int = 1) -> str:
+    return f"{platform.machine()}, torch {torch.__version__}, {threads} thread(s)"
+
+
+def write_results(out: str, result: dict[str, Any], markdown: str) -> None:
+    """Print ``markdown``; write ``<out>.json`` and ``<out>.md``."""
+    print(markdown)
+    with open(out + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    with open(out + ".md", "w") as f:
+        f.write(markdown)
