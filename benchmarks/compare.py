@@ -196,7 +196,8 @@ def _run_imp(args: argparse.Namespace, make: Callable[[], nn.Module], data: Spli
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="CI smoke: digits, 2 sparsities, 1 seed")
+    p.add_argument("--quick", action="store_true",
+                   help="CI smoke: 2 sparsities, 1 seed, 4 + 2 epochs, 1 thread")
     p.add_argument("--data-dir", default=None, help="MNIST folder (t10k IDX files); default digits")
     p.add_argument("--models", nargs="+", default=["lenet300100", "conv2"])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
@@ -207,14 +208,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None,
                    help="default 128 on MNIST, 32 on digits (1,257 training images)")
     p.add_argument("--rewind", type=float, default=0.5, help="IMP rewind point in epochs")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: run two processes with disjoint --models/--seeds instead)")
     p.add_argument("--report-only", action="store_true",
                    help="only rebuild .json/.md/.png from <out>.jsonl (e.g. after parallel runs)")
     p.add_argument("--out", default=None, help="output stem (default benchmarks/results/compare_<data>)")
     args = p.parse_args(argv)
-    if args.quick:
+    if args.quick:  # CI smoke: every method and model once, under 3 minutes on 2 cores
         args.sparsities, args.seeds = [0.8, 0.95], [0]
         args.train_epochs, args.finetune_epochs = 4, 2
+        args.threads = 1
     torch.set_num_threads(args.threads)
     args.dataset = "mnist" if args.data_dir else "digits"
     args.batch_size = args.batch_size or (128 if args.data_dir else 32)

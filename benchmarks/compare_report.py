@@ -138,7 +138,12 @@ def plot(agg: list[dict[str, Any]], path: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedLocator, NullLocator
     panels = sorted({(a["dataset"], a["model"]) for a in agg})
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5.2), squeeze=False)
+    n_series = len({a["method"] for a in agg})
+    ncol = 5 if len(panels) >= 2 else 2
+    rows = -(-n_series // ncol)
+    height = 5.0 + 0.4 * rows
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * max(len(panels), 1), height),
+                             squeeze=False)
     colors = dict(zip(ORDER, plt.get_cmap("tab10").colors))
     for ax, (ds, model) in zip(axes[0], panels):
         mine = [a for a in agg if (a["dataset"], a["model"]) == (ds, model)]
@@ -166,14 +171,14 @@ def plot(agg: list[dict[str, Any]], path: str) -> None:
         ax.tick_params(labelsize=12)
         ax.set_xlabel("remaining weights (log scale)", fontsize=13)
         ax.set_ylabel("test accuracy (%)", fontsize=13)
-        lo = min((a["test_acc"]["mean"] for a in mine if a["method"] not in ("random",)), default=0)
-        ax.set_ylim(max(0.0, lo - 3), 100.5)
+        lo = min((a["test_acc"]["mean"] - a["test_acc"]["std"] for a in mine), default=0.0)
+        ax.set_ylim(max(0.0, lo - 1.0), 100.3)
         ax.grid(True, alpha=0.3)
         ax.set_title(f"{model} on {ds}", fontsize=14)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=12,
+    fig.legend(handles, labels, loc="lower center", ncol=min(ncol, len(labels)), fontsize=12,
                frameon=False)
-    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    fig.tight_layout(rect=(0, (0.4 * rows + 0.1) / height, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
