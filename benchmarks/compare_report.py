@@ -80,8 +80,8 @@ def _fmt(s: dict[str, float] | None, digits: int = 2) -> str:
 def markdown(agg: list[dict[str, Any]], tickets: list[dict[str, Any]], command: str,
              settings: dict[str, Any]) -> str:
     lines = ["# Pruning methods compared in one framework", "",
-             *([f"Commands (disjoint models/seeds appending to one `.jsonl`, run as parallel "
-                f"processes with 1 thread each; then `--report-only` rebuilt these tables):", "",
+             *(["Commands (disjoint models/seeds appending to one `.jsonl`, run as parallel "
+                "processes with 1 thread each; then `--report-only` rebuilt these tables):", "",
                 *[f"    {c.strip()}" for c in command.split(" ; ")]]
                if " ; " in command else [f"Command: `{command}`"]), "",
              f"Budget per run: {settings.get('train_epochs')} train epochs (lr 0.05) + "
