@@ -119,7 +119,19 @@ class Mask(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._frozen = bool(self.frozen)
 
+    def _cached_fold_factor(self, dtype: torch.dtype) -> Tensor:
+        """``fold_factor()`` in ``dtype``, reused while ``keep`` is unchanged (frozen masks):
+        a training step then costs one multiply, like torch.nn.utils.prune's float mask."""
+        key = (id(self.keep), self.keep._version, self.keep.device, dtype, self.scale)
+        cached = getattr(self, "_factor_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, self.fold_factor().to(dtype))
+            self._factor_cache = cached
+        return cached[1]
+
     def forward(self, weight: Tensor) -> Tensor:
+        if self._frozen and self.keep.numel():
+            return weight * self._cached_fold_factor(weight.dtype)
         if self.hard or self._frozen:
             factor = self.fold_factor()
         else:
