@@ -170,6 +170,14 @@ def test_unwritable_paths_raise_clear_errors(digits_model, tmp_path):
         sparsify_fx.export_onnx(digits_model, [1, 2], tmp_path / "m.onnx")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux procfs")
+def test_directory_nobody_can_write_into(digits_model):
+    """/proc refuses new files even to root (the case the permission test below skips)."""
+    with pytest.raises(ExportError, match="cannot write ONNX"):
+        sparsify_fx.export_onnx(digits_model, torch.randn(2, 1, 8, 8), "/proc/m.onnx")
+    assert not os.path.exists("/proc/m.onnx")
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write to read-only directories")
 def test_read_only_directory(digits_model, tmp_path):
     locked = tmp_path / "locked"
