@@ -1,7 +1,4 @@
-import os
-import sys
-
+"""Test session set-up: the suite is sized for 2 CPU threads (the CI machines)."""
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(2)

@@ -8,7 +8,7 @@ import torch
 import sparsify_fx as sf
 from sparsify_fx.budget import apply_budget, macs_fraction, weight_costs
 from sparsify_fx.models import DigitsCNN
-from helpers import randomize_scores
+from tests.helpers import randomize_scores
 
 
 def scored(**kw: object) -> torch.nn.Module:

@@ -10,7 +10,7 @@ import sparsify_fx as sf
 from sparsify_fx.data import digits
 from sparsify_fx.models import DigitsCNN
 from sparsify_fx.trainer import Trainer
-from helpers import max_diff
+from tests.helpers import max_diff
 
 
 def tiny(**kw: object) -> torch.nn.Module:

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import sparsify_fx
-from zoo import build, detection_model, zoo_params
+from tests.zoo import build, detection_model, zoo_params
 
 # torchvision publishes `_ops` (GMACs, labelled GFLOPS) and `num_params` per weight enum.
 METADATA = [

@@ -20,7 +20,7 @@ from sparsify_fx.export.onnx_cli import main as cli_main
 from sparsify_fx.export.onnx_export import OnnxExport, run_onnx
 from sparsify_fx.export.sparse_initializers import coo_lower_bound, sparsify_initializers
 from sparsify_fx.models import DigitsCNN
-from zoo import ZOO, build, first_tensor
+from tests.zoo import ZOO, build, first_tensor
 
 RTOL, ATOL = 1e-4, 1e-5
 

@@ -12,7 +12,7 @@ from torch import nn
 import sparsify_fx as sf
 from sparsify_fx.passes.find_weights import prunable_weight_names
 from sparsify_fx.cs_scheduler import mask_parameters
-from helpers import max_diff
+from tests.helpers import max_diff
 
 
 class RandomNet(nn.Module):

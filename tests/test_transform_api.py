@@ -10,7 +10,7 @@ from torch import nn
 
 import sparsify_fx as sf
 from sparsify_fx.models import DigitsCNN
-from helpers import max_diff, randomize_scores
+from tests.helpers import max_diff, randomize_scores
 
 
 def small() -> nn.Module:
