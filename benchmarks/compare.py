@@ -105,9 +105,11 @@ def dense_measure(model: nn.Module, data: Splits, example: torch.Tensor) -> dict
 class Recorder:
     """Appends run rows to a JSON-lines file and remembers what is done (resume)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, fresh: bool = False) -> None:
         self.path = path
         self.rows: list[dict[str, Any]] = []
+        if fresh and os.path.exists(path):
+            os.remove(path)
         if os.path.exists(path):
             with open(path) as fh:
                 self.rows = [json.loads(line) for line in fh if line.strip()]
@@ -197,7 +199,7 @@ def _run_imp(args: argparse.Namespace, make: Callable[[], nn.Module], data: Spli
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help="CI smoke: 2 sparsities, 1 seed, 4 + 2 epochs, 1 thread")
+                   help="CI smoke: 2 sparsities, 1 seed, 4 + 2 epochs, 1 thread; always a fresh run")
     p.add_argument("--data-dir", default=None, help="MNIST folder (t10k IDX files); default digits")
     p.add_argument("--models", nargs="+", default=["lenet300100", "conv2"])
     p.add_argument("--methods", nargs="+", default=list(METHODS))
@@ -227,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.out or os.path.join(here, "results", default)
     os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
     command = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    rec = Recorder(stem + ".jsonl")
+    # --quick is a smoke test: it always runs (never resumes from an earlier .jsonl)
+    rec = Recorder(stem + ".jsonl", fresh=args.quick and not args.report_only)
     rec.command = command
     start = time.perf_counter()
     if not args.report_only:
