@@ -140,7 +140,9 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(train_set) / batch_size)  # type: ignore[arg-type]
         self.optimizer = self._make_optimizer()
         self.scheduler: CSScheduler | None = None
-        if any(isinstance(m, CSMask) for m in model.modules()):
+        # CS masks still learning get the scheduler; a frozen (cut) CS model is fine-tuned
+        # as a fixed mask, with no penalty, controller or second cut
+        if any(isinstance(m, CSMask) and not m._frozen for m in model.modules()):
             self.scheduler = CSScheduler(model, epochs, steps_per_epoch=self.steps_per_epoch,
                                          **cs_options)
         self.callbacks = list(callbacks)

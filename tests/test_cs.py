@@ -131,3 +131,13 @@ def test_controller_lands_near_the_target_before_the_cut() -> None:
     cut = trainer.scheduler.finalize()
     assert abs(learned - cut.kept) <= cut.changed_bits < 0.03 * total
     assert sf.sparsity(gm) == pytest.approx(0.9, abs=1.0 / total)
+
+
+def test_rescale_default_element_on_channel_off() -> None:
+    elem = [e.mask for e in sf.masks(tiny())]
+    assert all(m.scale == pytest.approx(2.0) for m in elem)  # 1 / sigmoid(0)
+    chan = tiny(granularity="channel")
+    groups = [m for m in chan.modules() if isinstance(m, sf.CSMask)]
+    assert groups and all(m.scale == 1.0 and not m.rescale for m in groups)
+    forced = tiny(granularity="channel", rescale=True)
+    assert all(m.scale == pytest.approx(2.0) for m in forced.modules() if isinstance(m, sf.CSMask))

@@ -78,3 +78,22 @@ def test_ticket_search_rows() -> None:
     assert rows[-1]["epochs"] == 6
     assert rows[-1]["sparsity"] == pytest.approx(0.8, abs=1e-3)
     assert all(r["accuracy"] is not None for r in rows)
+
+
+def test_fine_tuning_a_cut_cs_model_keeps_the_mask_and_needs_no_scheduler() -> None:
+    """After the exact cut, Trainer fine-tunes a CS model as a fixed mask: no penalty,
+    no controller, no second cut (so a MACs budget needs no example_inputs again)."""
+    data = digits(0)
+    x = data.train.tensors[0][:2]
+    torch.manual_seed(0)
+    gm = sf.transform(DigitsCNN(width=4, hidden=16), granularity="channel", target_macs=0.5)
+    Trainer(gm, data.train, epochs=2, lr=0.05, mask_lr=0.01, progress=False,
+            example_inputs=x).fit()
+    before = [e.mask.hard_mask().clone() for e in sf.masks(gm)]
+    weight = sf.masks(gm)[1].weight.detach().clone()
+    tune = Trainer(gm, data.train, epochs=1, lr=0.01, progress=False)
+    assert tune.scheduler is None
+    run = tune.fit()
+    assert run.cut is None
+    assert all(torch.equal(a, e.mask.hard_mask()) for a, e in zip(before, sf.masks(gm)))
+    assert not torch.equal(weight, sf.masks(gm)[1].weight.detach())  # the weights did train
