@@ -172,8 +172,7 @@ class CSMask(Mask):
 
     ``s`` (parameter ``scores``) starts at ``s_init``; ``beta`` is a buffer set
     by :class:`sparsify_fx.CSScheduler`. With ``rescale=True`` (reference
-    behaviour; the default for ``granularity="element"``, while channel masks
-    default to ``rescale=False``) ``scale = 1 / sigmoid(s_init)``: training starts with
+    behaviour, default) ``scale = 1 / sigmoid(s_init)``: training starts with
     mask exactly 1, and the hard mask keeps that factor (``scale * (s > 0)``),
     so fold reproduces the function the network was trained as.
     """
@@ -181,7 +180,7 @@ class CSMask(Mask):
     method = "cs"
 
     def __init__(self, weight_shape: Sequence[int], granularity: str = "element",
-                 weight_name: str = "", s_init: float = 0.0, rescale: bool | None = None,
+                 weight_name: str = "", s_init: float = 0.0, rescale: bool = True,
                  beta: float = 1.0) -> None:
         super().__init__(weight_shape, granularity, weight_name)
         if not math.isfinite(s_init) or abs(s_init * beta) >= SATURATION_LIMIT:
@@ -191,9 +190,7 @@ class CSMask(Mask):
                 "above ~16.6, which zeroes every gradient). Use s_init in [-1, 1]."
             )
         self.s_init = float(s_init)
-        # default: the reference's rescaling for element masks; off for channel masks,
-        # where a factor per kept channel compounds through the layers (docs/cs.md)
-        self.rescale = (granularity == "element") if rescale is None else bool(rescale)
+        self.rescale = bool(rescale)
         self.scores = nn.Parameter(torch.full(self.score_shape, float(s_init)))
         self.register_buffer("beta", torch.tensor(float(beta)))
         self._scale = 1.0 / (1.0 / (1.0 + math.exp(-self.s_init))) if self.rescale else 1.0

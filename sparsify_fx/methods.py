@@ -65,7 +65,7 @@ def split_options(spec: MethodSpec, options: dict[str, Any]) -> dict[str, Any]:
 
 
 register_method(MethodSpec(
-    "cs", CSMask, {"s_init": 0.0, "rescale": None},
+    "cs", CSMask, {"s_init": 0.0, "rescale": True},
     doc="Continuous Sparsification: scale * sigmoid(beta * s), hard mask s > 0.",
 ))
 register_method(MethodSpec(

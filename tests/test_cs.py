@@ -133,11 +133,15 @@ def test_controller_lands_near_the_target_before_the_cut() -> None:
     assert sf.sparsity(gm) == pytest.approx(0.9, abs=1.0 / total)
 
 
-def test_rescale_default_element_on_channel_off() -> None:
-    elem = [e.mask for e in sf.masks(tiny())]
-    assert all(m.scale == pytest.approx(2.0) for m in elem)  # 1 / sigmoid(0)
-    chan = tiny(granularity="channel")
-    groups = [m for m in chan.modules() if isinstance(m, sf.CSMask)]
-    assert groups and all(m.scale == 1.0 and not m.rescale for m in groups)
-    forced = tiny(granularity="channel", rescale=True)
-    assert all(m.scale == pytest.approx(2.0) for m in forced.modules() if isinstance(m, sf.CSMask))
+@pytest.mark.parametrize("granularity", ["element", "channel"])
+def test_transform_keeps_the_function_and_rescale_false_halves_it(granularity: str) -> None:
+    """Default (reference) rescaling: the transformed model computes the original
+    function; ``rescale=False`` starts every mask at sigmoid(0) = 0.5."""
+    torch.manual_seed(0)
+    model = DigitsCNN(width=4, hidden=16).eval()
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert max_diff(sf.transform(model, granularity=granularity)(x), model(x)) <= 1e-5
+        halved = sf.transform(model, granularity=granularity, rescale=False)
+        assert all(m.scale == 1.0 for m in halved.modules() if isinstance(m, sf.CSMask))
+        assert max_diff(halved(x), model(x)) > 1e-3
