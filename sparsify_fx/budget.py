@@ -153,7 +153,7 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
     if target_macs is not None and costs is None:
         raise ConfigError("target_macs needs per-weight costs: pass "
                           "costs=sparsify_fx.budget.weight_costs(model, example_inputs)")
-    if any(hasattr(e.mask, "sources") for e in entries):
+    if is_coupled(entries):
         if isinstance(target_sparsity, Mapping) or per_layer:
             raise ConfigError("coupled channel masks take one global target (sparsity or "
                               "MACs); per-layer targets would split coupled channels")
@@ -192,13 +192,18 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
             n = e.mask.hard_mask().numel()
             e.mask.freeze(keep[offset:offset + n].reshape(e.mask.score_shape))
             offset += n
-    kept = sum(e.mask.kept_weights() for e in entries)
-    total = sum(e.mask.numel() for e in entries)
     changed = sum(int((before[e.name] != e.mask.hard_mask().reshape(-1).cpu()).sum())
                   * e.mask.weights_per_score
                   for e in entries)
+    return _cut_result(entries, changed)
+
+
+def _cut_result(entries: list[MaskEntry], changed_bits: int) -> CutResult:
+    """Kept/total weights and per-layer sparsity of the (just frozen) masks."""
+    kept = sum(e.mask.kept_weights() for e in entries)
+    total = sum(e.mask.numel() for e in entries)
     per = {e.name: 1.0 - e.mask.kept_weights() / e.mask.numel() for e in entries}
-    return CutResult(kept, total, changed, per)
+    return CutResult(kept, total, changed_bits, per)
 
 
 def _coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: float | None,
@@ -266,10 +271,7 @@ def _coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: fl
         m = groups[key]
         n = math.prod(m.score_shape)
         m.freeze(keep[start[id(m)]:start[id(m)] + n].reshape(m.score_shape))
-    kept = sum(e.mask.kept_weights() for e in entries)
-    total = sum(e.mask.numel() for e in entries)
-    per = {e.name: 1.0 - e.mask.kept_weights() / e.mask.numel() for e in entries}
-    return CutResult(kept, total, changed, per)
+    return _cut_result(entries, changed)
 
 
 def _slot_scores(entries: list[MaskEntry], scores: Mapping[str, Tensor],
@@ -322,8 +324,14 @@ def macs_fraction(model: nn.Module, costs: Mapping[str, float]) -> float:
     """
     entries = [e for e in masks(model) if not e.mask.auxiliary]
     if is_coupled(entries):
-        cm = channel_macs(model, costs)
-        return cm.macs(cm.hard_keep()) / cm.dense
-    dense = sum(e.mask.numel() * costs[e.name] for e in entries)
-    kept = sum(e.mask.kept_weights() * costs[e.name] for e in entries)
-    return kept / dense
+        return channel_macs(model, costs).hard_fraction()
+    return kept_fraction(entries, costs)
+
+
+def kept_fraction(entries: Sequence[MaskEntry], costs: Mapping[str, float] | None = None) -> float:
+    """Kept / total weights of ``entries`` under their hard masks; with ``costs``, each
+    weight counts its MACs (so this is the kept MACs fraction of those layers)."""
+    def cost(e: MaskEntry) -> float:
+        return costs[e.name] if costs is not None else 1.0
+    kept = sum(e.mask.kept_weights() * cost(e) for e in entries)
+    return kept / sum(e.mask.numel() * cost(e) for e in entries)

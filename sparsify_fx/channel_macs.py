@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Mapping
 
 import torch
@@ -65,13 +66,18 @@ class ChannelMacs:
             total += lay.unit * float((o * i).sum())
         return total
 
-    @property
+    @cached_property
     def dense(self) -> float:
+        """MACs per sample with every slot kept (computed once: the layers never change)."""
         return self.macs(torch.ones(self.n_slots, dtype=torch.bool))
 
     def hard_keep(self) -> Tensor:
         """The group masks' current hard decisions, concatenated."""
         return torch.cat([m.hard_mask().reshape(-1).cpu() for m in self.group_masks])
+
+    def hard_fraction(self) -> float:
+        """Kept / dense MACs under the group masks' current hard decisions."""
+        return self.macs(self.hard_keep()) / self.dense
 
 
 def channel_macs(model: nn.Module, costs: Mapping[str, float]) -> ChannelMacs:

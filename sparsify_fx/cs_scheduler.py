@@ -25,7 +25,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .budget import CutResult, apply_budget, weight_costs
+from .budget import CutResult, apply_budget, kept_fraction, weight_costs
 from .channel_macs import ChannelMacs, channel_macs, is_coupled
 from .errors import ConfigError
 from .mask import CSMask
@@ -216,12 +216,8 @@ class CSScheduler:
 
     def _density(self, group: list[MaskEntry]) -> float:
         if self.channel_macs is not None:
-            cm = self.channel_macs
-            return cm.macs(cm.hard_keep()) / cm.dense
-        if self.costs is not None:
-            kept = sum(e.mask.kept_weights() * self.costs[e.name] for e in group)
-            return kept / sum(e.mask.numel() * self.costs[e.name] for e in group)
-        return sum(e.mask.kept_weights() for e in group) / sum(e.mask.numel() for e in group)
+            return self.channel_macs.hard_fraction()
+        return kept_fraction(group, self.costs)
 
     @torch.no_grad()
     def update_controller(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -24,6 +25,9 @@ from .mask import CSMask
 from .mask_index import hard_masks, masks, sparsity, unwrap
 
 EvalHook = Callable[[int, dict[str, float]], None]
+
+#: seconds between progress-bar postfix refreshes (loss, accuracy, beta, lambda, sparsity)
+POSTFIX_INTERVAL_S = 0.5
 
 
 class Callback:
@@ -205,6 +209,7 @@ class Trainer:
         for epoch in range(start, self.epochs):
             model.train()
             loss_sum = correct = seen = 0.0
+            shown = -math.inf
             bar = tqdm(self._loader(epoch), desc=f"epoch {epoch + 1}/{self.epochs}",
                        disable=not self.progress, leave=False)
             for step, (x, y) in enumerate(bar):
@@ -239,8 +244,12 @@ class Trainer:
                 loss_sum += float(loss.detach()) * len(y)
                 correct += float((out.argmax(1) == y).sum())
                 seen += len(y)
-                if self.progress:
+                # counting hard sparsity reads every mask: refresh the bar now and then
+                # (and on the last step), not on every step
+                if self.progress and (time.monotonic() - shown >= POSTFIX_INTERVAL_S
+                                      or step == self.steps_per_epoch - 1):
                     bar.set_postfix(self._postfix(loss_sum / seen, 100 * correct / seen))
+                    shown = time.monotonic()
             if self.scheduler is not None and not self.scheduler.per_step:
                 self.scheduler.step()
             for cb in self.callbacks:
