@@ -105,6 +105,7 @@ class Mask(nn.Module):
         """Fix the mask to ``keep`` (bool, ``score_shape``); mutates this module."""
         self.keep = keep.to(device=self.frozen.device, dtype=torch.bool).reshape(
             self.score_shape).clone()
+        self._factor_cache = None  # the old keep's id may be reused by a later tensor
         self.frozen.fill_(True)
         self._frozen = True
 
@@ -117,6 +118,7 @@ class Mask(nn.Module):
         if incoming is not None and incoming.shape != self.keep.shape:
             self.keep = torch.empty_like(incoming, device=self.frozen.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._factor_cache = None
         self._frozen = bool(self.frozen)
 
     def _cached_fold_factor(self, dtype: torch.dtype) -> Tensor:
@@ -130,12 +132,9 @@ class Mask(nn.Module):
         return cached[1]
 
     def forward(self, weight: Tensor) -> Tensor:
-        if self._frozen and self.keep.numel():
+        if self._frozen:
             return weight * self._cached_fold_factor(weight.dtype)
-        if self.hard or self._frozen:
-            factor = self.fold_factor()
-        else:
-            factor = self.soft_mask()
+        factor = self.fold_factor() if self.hard else self.soft_mask()
         return weight * factor.to(weight.dtype)
 
     # -- counting ------------------------------------------------------------------

@@ -187,3 +187,22 @@ def test_errors_share_one_root() -> None:
     for cls in (sf.InputError, sf.ConfigError, sf.TraceError, sf.SelectionError, sf.FoldError,
                 sf.BudgetError, sf.TrainingError, sf.ExportError, sf.ShrinkError):
         assert issubclass(cls, sf.SparsifyError)
+
+
+def test_frozen_mask_forward_follows_every_new_keep() -> None:
+    """Frozen masks reuse a cached float factor; it must follow freeze, in-place edits
+    of ``keep`` and state_dict loads."""
+    mask = sf.FixedMask((4, 3))
+    w = torch.randn(4, 3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        keep = torch.rand(4, 3, generator=g) > 0.5
+        mask.freeze(keep)
+        mask.freeze(~keep)  # twice in a row, no forward in between
+        assert torch.equal(mask(w), w * (~keep).float())
+    mask.keep[0, 0] = not bool(mask.keep[0, 0])
+    assert torch.equal(mask(w), w * mask.keep.float())
+    other = sf.FixedMask((4, 3))
+    other.freeze(torch.zeros(4, 3, dtype=torch.bool))
+    mask.load_state_dict(other.state_dict())
+    assert torch.equal(mask(w), torch.zeros_like(w))
