@@ -128,6 +128,7 @@ class CSScheduler:
         self.channel_macs: ChannelMacs | None = None
         if self.costs is not None and not self.per_layer and is_coupled(self.entries):
             self.channel_macs = channel_macs(self.model, self.costs)
+        self.penalty_weight = self._penalty_weights()
         n_groups = len(self.entries) if self.per_layer else 1
         #: the controller's integral term (log lambda) and the lambda in use (integral + kp * gap)
         self.log_lmbda_i = torch.full((n_groups,), math.log(lmbda), dtype=torch.float64)
@@ -160,12 +161,13 @@ class CSScheduler:
             yield 0, self.entries
 
     # -- penalty -----------------------------------------------------------------
-    def _weight_of(self, e: MaskEntry) -> float:
-        per_score = e.mask.weights_per_score
-        if self.costs is not None:
-            mean_cost = sum(self.costs.values()) / len(self.costs)
-            return per_score * self.costs[e.name] / mean_cost
-        return float(per_score)
+    def _penalty_weights(self) -> dict[str, float]:
+        """Per entry: weights each score covers, times its MACs cost relative to the
+        mean cost under a MACs budget. Constant for the scheduler's life."""
+        mean_cost = sum(self.costs.values()) / len(self.costs) if self.costs else 1.0
+        return {e.name: e.mask.weights_per_score
+                * (self.costs[e.name] / mean_cost if self.costs else 1.0)
+                for e in self.entries}
 
     def penalty(self) -> Tensor:
         """``sum_g lambda_g * sum(soft masks in g)`` (each score counts the weights it covers).
@@ -178,7 +180,7 @@ class CSScheduler:
         total: Tensor | None = None
         lm = self.log_lmbda.exp()
         for g, group in self._groups():
-            s = sum(e.mask.soft_mask().sum() * self._weight_of(e) for e in group)
+            s = sum(e.mask.soft_mask().sum() * self.penalty_weight[e.name] for e in group)
             term = s * float(lm[g])
             total = term if total is None else total + term
         assert total is not None
