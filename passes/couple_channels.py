@@ -21,7 +21,6 @@ every Conv/Linear weight. Mutates the GraphModule it is given:
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable, Mapping
 
@@ -193,13 +192,8 @@ def channel_l1_scores(model: nn.Module) -> dict[str, Tensor]:
             if not isinstance(m, SharedChannelMask) or m.auxiliary:
                 continue
             per_channel = e.weight.detach().abs().reshape(m.weight_shape[0], -1).sum(1).double()
-            offset = 0
-            for src in m.sources:
-                n = math.prod(src.score_shape)
-                sel = (m.index >= offset) & (m.index < offset + n)
-                scores[ids[id(src)]].index_add_(0, (m.index[sel] - offset).cpu(),
-                                                per_channel[sel].cpu())
-                offset += n
+            for src, sel, slot in m.source_slots():
+                scores[ids[id(src)]].index_add_(0, slot.cpu(), per_channel[sel].cpu())
     return {k: v.float() for k, v in scores.items()}
 
 

@@ -228,14 +228,9 @@ def _coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: fl
     for e in entries:
         unit = float(e.mask.weights_per_score)
         dense += unit * e.mask.score_shape[0]
-        local = e.mask.index.cpu()
-        glob = torch.full_like(local, -1)
-        pos = 0
-        for src in e.mask.sources:
-            n = math.prod(src.score_shape)
-            sel = (local >= pos) & (local < pos + n)
-            glob[sel] = local[sel] - pos + start[id(src)]
-            pos += n
+        glob = torch.full((e.mask.index.numel(),), -1, dtype=torch.long)
+        for src, sel, slot in e.mask.source_slots():
+            glob[sel.cpu()] = slot.cpu() + start[id(src)]
         fixed += unit * int((glob < 0).sum())
         slots_of[e.name] = glob
         slot_units.index_add_(0, glob[glob >= 0], torch.full((int((glob >= 0).sum()),), unit,

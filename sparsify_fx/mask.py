@@ -16,7 +16,7 @@ Contract shared by every method:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -259,6 +259,17 @@ class SharedChannelMask(Mask):
     def _one(self, dtype: torch.dtype) -> Tensor:
         return torch.ones((), dtype=dtype, device=self.index.device)
 
+    def source_slots(self) -> Iterator[tuple[Mask, Tensor, Tensor]]:
+        """Per source: ``(source, sel, slot)``. ``sel`` (bool, one per channel of this
+        tensor) marks the channels gated by that source, ``slot`` (int64) their
+        positions in the source's flattened scores. Channels kept whole are in no ``sel``."""
+        offset = 0
+        for src in self.sources:
+            n = math.prod(src.score_shape)
+            sel = (self.index >= offset) & (self.index < offset + n)
+            yield src, sel, self.index[sel] - offset
+            offset += n
+
     @property
     def scale(self) -> float:
         return self.sources[0].scale if len(self.sources) else 1.0
@@ -284,14 +295,10 @@ class SharedChannelMask(Mask):
     def freeze(self, keep: Tensor) -> None:
         """Write ``keep`` (bool, ``score_shape``) into the sources and freeze them."""
         keep = keep.to(device=self.index.device, dtype=torch.bool).reshape(-1)
-        offset = 0
-        for src in self.sources:
-            n = math.prod(src.score_shape)
-            sel = (self.index >= offset) & (self.index < offset + n)
+        for src, sel, slot in self.source_slots():
             new = src.hard_mask().detach().clone().reshape(-1)
-            new[self.index[sel] - offset] = keep[sel]
+            new[slot] = keep[sel]
             src.freeze(new)
-            offset += n
 
     def unfreeze(self) -> None:
         for src in self.sources:

@@ -116,17 +116,13 @@ def _gate_units(model: nn.Module) -> list[tuple[L0Mask, Tensor | int]]:
             continue
         if m.auxiliary or not hasattr(m, "sources"):
             continue
-        offset = 0
-        for src in m.sources:
-            n = math.prod(src.score_shape)
+        for src, sel, slot in m.source_slots():
             if isinstance(src, L0Mask):
                 groups[id(src)] = src
-                acc = units.setdefault(id(src), torch.zeros(n, device=src.log_alpha.device))
-                sel = (m.index >= offset) & (m.index < offset + n)
-                acc.index_add_(0, m.index[sel] - offset,
-                               torch.full((int(sel.sum()),), float(m.weights_per_score),
-                                          device=acc.device))
-            offset += n
+                acc = units.setdefault(id(src), torch.zeros(math.prod(src.score_shape),
+                                                            device=src.log_alpha.device))
+                acc.index_add_(0, slot, torch.full((int(sel.sum()),), float(m.weights_per_score),
+                                                   device=acc.device))
     out += [(g, units[k].reshape(g.score_shape)) for k, g in groups.items()]
     return out
 
