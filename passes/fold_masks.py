@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from sparsify_fx.mask import MaskSet
 from sparsify_fx.mask_index import masks
-from sparsify_fx.prepare import CONFIG_ATTRIBUTE
+from sparsify_fx.config import CONFIG_ATTRIBUTE
 
 
 def own_parametrized_classes(model: nn.Module) -> None:

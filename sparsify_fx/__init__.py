@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "transform": "sparsify_fx.prepare",
     "PartialTraceWarning": "sparsify_fx.prepare",
-    "SparsifyConfig": "sparsify_fx.prepare",
+    "SparsifyConfig": "sparsify_fx.config",
     "masks": "sparsify_fx.mask_index",
     "MaskEntry": "sparsify_fx.mask_index",
     "sparsity": "sparsify_fx.mask_index",

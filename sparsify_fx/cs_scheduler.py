@@ -30,7 +30,7 @@ from .channel_macs import ChannelMacs, channel_macs, is_coupled
 from .errors import ConfigError
 from .mask import CSMask
 from .mask_index import MaskEntry, masks, unwrap
-from .prepare import config_of
+from .config import config_of
 
 
 def mask_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from torch import nn
@@ -16,28 +15,14 @@ from sparsify_fx.passes.insert_masks import InsertMaskNodes
 from sparsify_fx.passes.parametrize_weights import ParametrizeWeights
 from sparsify_fx.passes.trace import TRACED_THROUGH, raise_untraceable, trace_partially
 
+from .config import CONFIG_ATTRIBUTE, SparsifyConfig, config_of
 from .errors import ConfigError, InputError, SelectionError
 from .mask import GRANULARITIES, Mask
 from .methods import get_method, split_options
 
-CONFIG_ATTRIBUTE = "sparsify_config"
-
 
 class PartialTraceWarning(UserWarning):
     """Only parts of the model were traced; the rest is masked by parametrization."""
-
-
-@dataclass
-class SparsifyConfig:
-    """What transform was asked for; kept on the returned model as ``sparsify_config``."""
-
-    method: str
-    granularity: str
-    options: dict[str, Any]
-    target_sparsity: float | dict[str, float] | None = None
-    target_macs: float | None = None
-    per_layer: bool = False
-    untraced: list[str] = field(default_factory=list)
 
 
 def _check_fraction(name: str, value: Any) -> None:
@@ -130,11 +115,6 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
     if spec.after_transform is not None:
         spec.after_transform(root, config)
     return root
-
-
-def config_of(model: nn.Module) -> SparsifyConfig | None:
-    """The SparsifyConfig transform left on ``model`` (None if absent)."""
-    return getattr(model, CONFIG_ATTRIBUTE, None)
 
 
 __all__ = ["transform", "SparsifyConfig", "PartialTraceWarning", "config_of"]

@@ -26,6 +26,15 @@ def test_passes_never_import_export() -> None:
     assert not offenders, offenders
 
 
+def test_passes_never_import_prepare() -> None:
+    """Passes run inside transform: they read the config from sparsify_fx.config, never
+    from sparsify_fx.prepare (which imports the passes)."""
+    offenders = [f"{p.name}: {name}" for p in sorted((ROOT / "passes").glob("*.py"))
+                 for name in _imports(p)
+                 if name in ("sparsify_fx.prepare", "..prepare") or name.startswith("sparsify_fx.prepare.")]
+    assert not offenders, offenders
+
+
 def test_subpackages_install_under_sparsify_fx_only(tmp_path: pathlib.Path) -> None:
     code = ("import importlib.util as u, sparsify_fx.passes as p, sparsify_fx.export as e\n"
             "print(u.find_spec('passes') is None, u.find_spec('export') is None)\n"

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..mask_index import unwrap
-from ..prepare import config_of
+from ..config import config_of
 from .erk import erk_densities, layer_sparsities
 from .gmp import GMPCallback, gmp_sparsity
 from .imp import imp_schedule, prune_remaining, run_imp

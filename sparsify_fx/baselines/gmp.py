@@ -20,7 +20,7 @@ from ..budget import CutResult
 from ..errors import ConfigError
 from ..mask_index import unwrap
 from ..methods import MethodSpec, register_method
-from ..prepare import config_of
+from ..config import config_of
 from ._common import OptionMask, cut, magnitudes, require_target
 from .erk import layer_sparsities
 

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError
 from ..mask_index import masks, sparsity, unwrap
 from ..methods import MethodSpec, register_method
-from ..prepare import config_of
+from ..config import config_of
 from ._common import OptionMask, cut, magnitudes
 
 

@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from ..mask import Mask
 from ..mask_index import MaskEntry, masks, unwrap
 from ..methods import MethodSpec, register_method
-from ..prepare import config_of
+from ..config import config_of
 
 GAMMA, ZETA, TEMPERATURE = -0.1, 1.1, 2.0 / 3.0
 

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..mask import Mask
 from ..mask_index import masks, unwrap
 from ..methods import MethodSpec, register_method
-from ..prepare import config_of
+from ..config import config_of
 from .erk import layer_sparsities
 
 
