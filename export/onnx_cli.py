@@ -2,29 +2,33 @@
 
     sparsify-fx export MODEL --input-shape 1,3,224,224 -o model.onnx [options]
 
-``MODEL`` is a file written by ``torch.save(model)`` (a whole pickled module,
-transformed or folded; loaded with ``weights_only=False``, so only load files
-you trust) or ``torchvision:<name>`` for an untrained torchvision model
-(``weights=None``). Exit status: 0 written and verified, 1 export or
-verification failed (nothing written), 2 bad arguments.
+``MODEL``: ``torchvision:<name>`` or ``package.module:factory`` with
+``--weights state_dict.pt`` (loaded with ``weights_only=True``); a whole
+pickled module (``torch.save(model)``, transformed or folded) only with
+``--trust-pickle``, which runs code from the file. Exit status: 0 written and
+verified; 2 refused with one line on stderr (bad argument, missing file, model
+failing on the example input, export or verification failed: nothing written);
+``--debug`` shows tracebacks.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import asdict
 
 import torch
 
-from sparsify_fx.errors import SparsifyError
+from sparsify_fx.cli_common import run_guarded
 
-from .cli_models import load_model, parse_shape
+from .cli_models import MODEL_HELP, TRUST_PICKLE_HELP, check_runs, load_model, parse_shape
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sparsify-fx export", description=__doc__.split("\n")[0])
-    p.add_argument("model", help="torch.save'd nn.Module file, or torchvision:<name>")
+    p.add_argument("model", help=MODEL_HELP)
+    p.add_argument("--weights", default=None, help="state_dict file for MODEL (weights_only)")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_PICKLE_HELP)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("-o", "--output", required=True, help="path of the .onnx file to write")
     p.add_argument("--input-shape", required=True,
                    help="example input shape, comma separated, e.g. 1,3,224,224")
@@ -46,25 +50,24 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    """Run the export subcommand; returns the exit status."""
+    """Run the export subcommand; returns the exit status (see module doc)."""
+    return run_guarded("sparsify-fx export", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
     from .onnx_export import export_onnx
 
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:  # argparse: --help (0) or usage error (2)
-        return int(exc.code or 0)
-    try:
-        model = load_model(args.model)
-        generator = torch.Generator().manual_seed(args.seed)
-        example = torch.randn(*parse_shape(args.input_shape), generator=generator)
-        result = export_onnx(model, example, args.output, sparse=not args.dense,
-                             min_sparsity=args.min_sparsity, verify=not args.no_verify,
-                             dynamic_batch=not args.fixed_batch,
-                             external_data=True if args.external_data else None,
-                             opset=args.opset, dynamo=not args.torchscript)
-    except SparsifyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    args = _parser().parse_args(argv)
+    shape = parse_shape(args.input_shape)
+    model = load_model(args.model, args.weights, args.trust_pickle)
+    generator = torch.Generator().manual_seed(args.seed)
+    example = torch.randn(*shape, generator=generator)
+    check_runs(model, example)
+    result = export_onnx(model, example, args.output, sparse=not args.dense,
+                         min_sparsity=args.min_sparsity, verify=not args.no_verify,
+                         dynamic_batch=not args.fixed_batch,
+                         external_data=True if args.external_data else None,
+                         opset=args.opset, dynamo=not args.torchscript)
     print(result.summary())
     for init in result.initializers:
         if init.storage == "sparse":

@@ -1,6 +1,8 @@
-"""Command line: ``sparsify-fx report ...`` and ``sparsify-fx export ...``.
+"""Command line: ``sparsify-fx {prune,report,export} ...`` (also ``python -m sparsify_fx``).
 
 Each subcommand lives next to the code it drives; this module only dispatches.
+Every subcommand follows :mod:`sparsify_fx.cli_common`: errors are one line on
+stderr with exit status 2, and ``--debug`` shows tracebacks.
 """
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
+    "prune": ("sparsify_fx.prune.cli", "Prune a model on a dataset end to end (recipe, resume, "
+                                       "torchrun), writing model, reports and verified ONNX."),
     "report": ("sparsify_fx.export.report_cli", "Print the per-layer sparsity/params/MACs table."),
     "export": ("sparsify_fx.export.onnx_cli", "Fold and write a verified sparse ONNX file."),
 }
@@ -17,8 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
         lines = [f"  {name:8s} {doc}" for name, (_, doc) in SUBCOMMANDS.items()]
-        print("usage: sparsify-fx {report,export} [options]\n\n" + "\n".join(lines))
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        text = ("usage: sparsify-fx {prune,report,export} [options]   (sparsify-fx SUBCOMMAND -h "
+                "for its options)\n\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"sparsify-fx: error: unknown subcommand {argv[0]!r}; use one of "
+                  f"{', '.join(SUBCOMMANDS)}", file=sys.stderr)
+            return 2
+        print(text)
+        return 0 if argv else 2
     module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
     return int(module.main(argv[1:]) or 0)
 

@@ -241,7 +241,7 @@ def test_cli_prints_table_for_name_and_saved_model(element_report, tmp_path, cap
     torch.save(t, path)
     png = tmp_path / "p.png"
     assert report_main([str(path), "--input-shape", "1,3,64,64", "--format", "json",
-                        "--plot", str(png)]) == 0
+                        "--plot", str(png), "--trust-pickle"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["totals"]["nonzeros"] == rep.total_nonzeros
     assert data["totals"]["macs"] == pytest.approx(rep.total_macs)

@@ -1,0 +1,1 @@
+"""Example models and recipes for ``sparsify-fx prune`` (see docs/cli.md)."""

@@ -1,0 +1,20 @@
+"""``sparsify-fx prune``: the whole pipeline as one command, driven by a TOML recipe.
+
+Modules: :mod:`.recipe` (keys, types, TOML), :mod:`.datasets` (DATA kinds),
+:mod:`.outdir` (OUTDIR layout, recipe guard, atomic writes), :mod:`.run`
+(phases, resume, torchrun), :mod:`.outputs` (model.pt, reports, ONNX, summary;
+:func:`load_pruned`), :mod:`.cli` (argument parsing). Imported lazily by
+``sparsify_fx.cli``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+def load_pruned(path: Any, trust_pickle: bool = False) -> Any:
+    """Rebuild OUTDIR/model.pt as a plain model (see :func:`.outputs.load_pruned`)."""
+    from .outputs import load_pruned as _load
+    return _load(path, trust_pickle)
+
+
+__all__ = ["load_pruned"]

@@ -1,0 +1,141 @@
+"""Outputs of ``sparsify-fx prune`` and :func:`load_pruned`, which rebuilds ``model.pt``.
+
+``model.pt`` (loadable with ``torch.load(weights_only=True)``) holds
+``format``, ``spec`` (MODEL, the transform options, ``output``: ``fold`` or
+``shrink``, the example input shape), ``state_dict`` (the pruned plain model)
+and ``masked_state_dict`` (the transformed model after training, from which
+``load_pruned`` rebuilds the exact architecture, shrunk channels included).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..errors import ExportError, InputError
+from .outdir import OUTPUTS, OutDir
+
+if TYPE_CHECKING:
+    from .datasets import Data
+    from .run import Context
+
+FORMAT = "sparsify-fx-prune/1"
+TRANSFORM_KEYS = ("method", "granularity", "include", "exclude", "keep_first", "keep_last",
+                  "target_sparsity", "target_macs")
+
+
+def outputs_present(out: OutDir) -> bool:
+    return all(out.file(n).is_file() for n in OUTPUTS)
+
+
+def _finalize_model(gm: nn.Module, granularity: str) -> nn.Module:
+    if granularity == "channel":
+        from ..passes.shrink import shrink
+        return shrink(gm).eval()
+    from ..export.fold import fold
+    return fold(gm).eval()
+
+
+def _onnx_accuracy(exported: Any, loader: DataLoader) -> float:
+    """Top-1 accuracy (percent) of the exported file in onnxruntime."""
+    correct = total = 0
+    for x, y in loader:
+        logits = exported.run(x)
+        correct += int((np.argmax(logits, 1) == y.numpy()).sum())
+        total += int(y.numel())
+    return 100.0 * correct / max(total, 1)
+
+
+def write_outputs(ctx: "Context", gm: nn.Module, data: "Data", example: torch.Tensor,
+                  before: float, resumed: bool, masks_equal: bool | None,
+                  wall_s: float) -> dict[str, Any]:
+    """Fold or shrink ``gm``, then stage and publish every output; returns the summary."""
+    from ..export.onnx_export import export_onnx
+    from ..export.report import report
+    from ..mask_index import sparsity
+    from ..trainer import evaluate
+
+    t0 = time.monotonic()
+    r = ctx.recipe
+    final = _finalize_model(gm, r["granularity"])
+    # element masks: the masked model's report counts sparsity over exactly the masked
+    # weights; channel: the shrunk model is what runs, so report it
+    rep = report(gm if r["granularity"] == "element" else final, example, name=r["model"])
+    stage = ctx.out.staging()
+    (stage / "report.md").write_text(rep.to_markdown() + "\n", encoding="utf-8")
+    (stage / "report.json").write_text(rep.to_json() + "\n", encoding="utf-8")
+    rep.plot(str(stage / "sparsity.png"))
+    loader = DataLoader(data.val, batch_size=256)
+    batch = next(iter(DataLoader(data.val, batch_size=8)))[0]
+    try:
+        onnx = export_onnx(final, (batch,), stage / "model.onnx")
+    except ExportError as exc:
+        raise ExportError(f"{exc} (the pruned model is kept in "
+                          f"{ctx.out.checkpoint('final.pt')}; rerun resumes there)") from exc
+    after = evaluate(final, loader)
+    onnx_acc = _onnx_accuracy(onnx, loader)
+    spec = {"model": r["model"], "weights": r["weights"],
+            "transform": {k: r[k] for k in TRANSFORM_KEYS},
+            "output": "shrink" if r["granularity"] == "channel" else "fold",
+            "input_shape": list(example.shape)}
+    torch.save({"format": FORMAT, "spec": spec, "state_dict": final.state_dict(),
+                "masked_state_dict": gm.state_dict()}, stage / "model.pt")
+    summary = {
+        "command": ctx.command, "recipe": r, "data": data.description,
+        "accuracy": {"split": "val", "before": before, "after": after, "onnx": onnx_acc,
+                     "onnx_equals_pytorch": onnx_acc == after},
+        "sparsity": {"target": r["target_sparsity"], "masked": float(sparsity(gm)),
+                     "weights": rep.weight_sparsity},
+        "macs": {"target_fraction": r["target_macs"], "dense": rep.total_dense_macs,
+                 "effective": rep.total_macs, "ratio": rep.macs_ratio,
+                 "input_shape": list(example.shape)},
+        "bytes": {"model_onnx": onnx.bytes, "model_onnx_dense": onnx.dense_bytes,
+                  "model_pt": (stage / "model.pt").stat().st_size},
+        "onnx": {"max_abs_diff": onnx.max_abs_diff, "tolerance": onnx.tolerance},
+        "epochs": {"train": r["epochs"], "finetune": r["finetune_epochs"]},
+        "wall_time_s": 0.0, "resumed": resumed, "world_size": ctx.world,
+        "masks_equal_across_ranks": masks_equal, "notes": ctx.notes,
+    }
+    summary["wall_time_s"] = round(wall_s + time.monotonic() - t0, 3)
+    (stage / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    ctx.out.publish(stage, list(OUTPUTS))
+    return summary
+
+
+def command_line(argv: list[str]) -> str:
+    return shlex.join(["sparsify-fx", "prune", *argv])
+
+
+def load_pruned(path: str | os.PathLike, trust_pickle: bool = False) -> nn.Module:
+    """Rebuild the pruned model saved by ``sparsify-fx prune`` as ``model.pt``.
+
+    Builds MODEL from the spec, transforms it as the run did, loads the trained
+    masks and weights, folds or shrinks, then loads ``state_dict`` (strict). The
+    file is read with ``weights_only=True``; MODEL must be importable here.
+    """
+    from ..export.cli_models import load_model
+    from ..prepare import transform
+
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - missing, truncated or foreign file
+        raise InputError(f"cannot read {os.fspath(path)!r} as a prune model.pt "
+                         f"({type(exc).__name__}); pass OUTDIR/model.pt") from None
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        raise InputError(f"{os.fspath(path)!r} is not a model.pt written by sparsify-fx prune "
+                         f"(format {FORMAT})")
+    spec = saved["spec"]
+    t = dict(spec["transform"])
+    t["include"], t["exclude"] = t["include"] or None, t["exclude"] or None
+    gm = transform(load_model(spec["model"], trust_pickle=trust_pickle), **t)
+    gm.load_state_dict(saved["masked_state_dict"])
+    final = _finalize_model(gm, "channel" if spec["output"] == "shrink" else "element")
+    final.load_state_dict(saved["state_dict"])
+    return final

@@ -1,0 +1,249 @@
+"""The ``sparsify-fx prune`` pipeline: load, transform, train, exact cut, fine-tune, outputs.
+
+Phases and their resume points in ``OUTDIR/checkpoints`` (see
+:mod:`.outdir`): ``train.pt`` after every training epoch (model, optimizers,
+CS state, RNG), ``cut.pt`` after the exact cut, ``finetune.pt`` after every
+fine-tuning epoch, ``final.pt`` before the outputs are written. Each phase
+seeds torch from the recipe's seed, and data order is seeded per epoch, so a
+run killed anywhere and rerun ends bit-identical (CPU) to an uninterrupted one.
+Under ``torchrun`` every rank trains on its shard through DDP; only rank 0
+writes, and the masks are compared across ranks after the cut.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from ..errors import ConfigError, InputError, TrainingError
+from .datasets import Data, example_input, load_data
+from .outdir import OutDir, save_atomic
+
+
+@dataclass
+class Context:
+    """Where a run is: its recipe, folder, process group position and device."""
+
+    recipe: dict[str, Any]
+    out: OutDir
+    rank: int = 0
+    world: int = 1
+    device: str = "cpu"
+    progress: bool = True
+    command: str = ""
+    trust_pickle: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def writer(self) -> bool:
+        return self.rank == 0
+
+    def say(self, text: str) -> None:
+        if self.writer:
+            print(text, flush=True)
+
+
+def method_wiring(gm: nn.Module, recipe: dict[str, Any], example: torch.Tensor) -> dict[str, Any]:
+    """Everything that depends on the method, in one place.
+
+    Returns Trainer options for the training phase (``callbacks`` included) and
+    ``imp=True`` when IMP's own driver (:func:`sparsify_fx.baselines.run_imp`)
+    runs the training phase instead of one Trainer.
+    """
+    from ..baselines import callbacks_for
+
+    method = recipe["method"]
+    options: dict[str, Any] = {"callbacks": callbacks_for(gm)}
+    if method in ("cs", "l0", "ste"):
+        options["mask_lr"] = recipe["mask_lr"]
+    if method == "cs":
+        options["per_step"] = True  # smooth beta schedule for short runs
+        if recipe["target_macs"] is not None:
+            options["example_inputs"] = example
+    return {"trainer": options, "imp": method == "imp"}
+
+
+def _setup_distributed(device: str) -> tuple[int, int, str]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank = dist.get_rank()
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def _barrier(ctx: Context) -> None:
+    if ctx.world > 1:
+        dist.barrier()
+
+
+def _shard(ctx: Context, train: Any) -> Any:
+    return train if ctx.world == 1 else Subset(train, list(range(ctx.rank, len(train), ctx.world)))
+
+
+def _wrap(ctx: Context, gm: nn.Module) -> nn.Module:
+    if ctx.world == 1:
+        return gm
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [torch.device(ctx.device).index] if ctx.device.startswith("cuda") else None
+    return DistributedDataParallel(gm, device_ids=ids, find_unused_parameters=True)
+
+
+def _fit(ctx: Context, gm: nn.Module, train: Any, ckpt: Path, epochs: int, lr: float,
+         seed: int, **options: Any) -> Any:
+    """One Trainer phase, checkpointed every epoch at ``ckpt`` (rank 0) and resumed from it."""
+    from ..mask_index import unwrap
+    from ..trainer import Trainer
+
+    holder: dict[str, Any] = {}
+
+    def checkpoint(epoch: int, _log: dict[str, float]) -> None:
+        if ctx.writer:
+            state = holder["trainer"].state_dict(epoch)
+            state["model"] = unwrap(gm).state_dict()  # without DDP's "module." prefix
+            save_atomic(state, ckpt)
+
+    r = ctx.recipe
+    trainer = Trainer(_wrap(ctx, gm), _shard(ctx, train), epochs=epochs,
+                      batch_size=r["batch_size"], lr=lr, weight_decay=r["weight_decay"],
+                      seed=seed, device=ctx.device, progress=ctx.progress and ctx.writer,
+                      eval_hook=checkpoint, **options)
+    holder["trainer"] = trainer
+    resume = str(ckpt) if ckpt.is_file() else None
+    if resume:
+        ctx.say(f"resuming from {ckpt} (epoch {torch.load(ckpt, weights_only=False)['epoch'] + 1}"
+                f" of {epochs} done)")
+    _barrier(ctx)
+    return trainer.fit(resume_from=resume)
+
+
+def _train_and_cut(ctx: Context, gm: nn.Module, data: Data, example: torch.Tensor) -> None:
+    """Training phase (masks learned or scheduled), then the exact cut to the target."""
+    from ..baselines import run_imp
+    from ..budget import apply_budget, weight_costs
+
+    r = ctx.recipe
+    torch.manual_seed(r["seed"] + 1)
+    wiring = method_wiring(gm, r, example)
+    cut = None
+    if wiring["imp"]:
+        ctx.notes.append("imp: an interrupted run restarts the IMP phase (no per-epoch resume)")
+        phase = dict(epochs=r["epochs"], batch_size=r["batch_size"], lr=r["lr"], seed=r["seed"],
+                     progress=ctx.progress and ctx.writer, device=ctx.device)
+        run_imp(gm, _shard(ctx, data.train), phases=[phase])
+    elif r["epochs"] > 0:
+        cut = _fit(ctx, gm, data.train, ctx.out.checkpoint("train.pt"), r["epochs"], r["lr"],
+                   r["seed"], **wiring["trainer"]).cut
+    if cut is None:  # one-shot methods, IMP, or no training epochs: cut here (exact)
+        if r["target_macs"] is not None:
+            apply_budget(gm, target_macs=r["target_macs"], costs=weight_costs(gm, example))
+        else:
+            apply_budget(gm, r["target_sparsity"])
+
+
+def _load_into(gm: nn.Module, path: Path) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    gm.load_state_dict(state)
+
+
+def _masks_equal_across_ranks(ctx: Context, gm: nn.Module) -> bool | None:
+    """Rank 0's hard masks equal every rank's (None outside torchrun)."""
+    if ctx.world == 1:
+        return None
+    from ..mask_index import masks
+    mine = [e.mask.hard_mask().detach().cpu() for e in masks(gm)]
+    gathered: list[Any] = [None] * ctx.world
+    dist.all_gather_object(gathered, mine)
+    return all(len(g) == len(mine) and all(torch.equal(a, b) for a, b in zip(g, mine))
+               for g in gathered)
+
+
+def run(ctx: Context, overwrite: bool) -> dict[str, Any] | None:
+    """Run (or resume) the pipeline; rank 0 returns the summary, other ranks None."""
+    from ..export.cli_models import check_runs, load_model
+    from ..prepare import transform
+    from ..trainer import evaluate
+    from .outputs import outputs_present, write_outputs
+
+    started = time.monotonic()
+    r = ctx.recipe
+    if r["model"] is None:
+        raise InputError("MODEL is required: torchvision:<name> or package.module:factory "
+                         "(on the command line or as `model` in the recipe)")
+    if (r["target_sparsity"] is None) == (r["target_macs"] is None):
+        raise ConfigError("give exactly one of --target-sparsity or --target-macs (flag or "
+                          "recipe key)")
+    for key in ("epochs", "finetune_epochs"):
+        if r[key] < 0:
+            raise ConfigError(f"{key} must be >= 0, got {r[key]}")
+    if r["batch_size"] < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {r['batch_size']}")
+    if r["threads"] is not None:
+        torch.set_num_threads(max(1, r["threads"]))
+    ctx.rank, ctx.world, ctx.device = _setup_distributed(r["device"])
+    resuming = ctx.out.prepare(r, overwrite, writer=False)  # every rank refuses alike
+    _barrier(ctx)
+    if ctx.writer:
+        resuming = ctx.out.prepare(r, overwrite, writer=True)
+    if ctx.world > 1:  # rank 0's view of OUTDIR decides for all
+        flag = [resuming]
+        dist.broadcast_object_list(flag, src=0)
+        resuming = bool(flag[0])
+    if resuming and outputs_present(ctx.out):
+        ctx.say(f"{ctx.out.path} is complete for this recipe; nothing to do "
+                "(--overwrite reruns it)")
+        return None
+
+    torch.manual_seed(r["seed"])
+    model = load_model(r["model"], r["weights"], ctx.trust_pickle)
+    data = load_data(r["data"], r["seed"], r["val_fraction"], r["image_size"])
+    example = example_input(data)
+    check_runs(model, example, "DATA or MODEL (the model must accept one DATA sample "
+               "with a batch dimension)")
+    val_loader = DataLoader(data.val, batch_size=256)
+    before = evaluate(model, val_loader)
+    ctx.say(f"data: {data.description}\nbefore pruning: val accuracy {before:.2f} %")
+    gm = transform(model, method=r["method"], granularity=r["granularity"],
+                   include=r["include"] or None, exclude=r["exclude"] or None,
+                   keep_first=r["keep_first"], keep_last=r["keep_last"],
+                   target_sparsity=r["target_sparsity"], target_macs=r["target_macs"])
+    gm.to(ctx.device)
+    example_dev = example.to(ctx.device)
+
+    final_ckpt, cut_ckpt = ctx.out.checkpoint("final.pt"), ctx.out.checkpoint("cut.pt")
+    if final_ckpt.is_file():
+        _load_into(gm, final_ckpt)
+    else:
+        if cut_ckpt.is_file():
+            _load_into(gm, cut_ckpt)
+        else:
+            _train_and_cut(ctx, gm, data, example_dev)
+            if ctx.writer:
+                save_atomic(gm.state_dict(), cut_ckpt)
+        if r["finetune_epochs"] > 0:
+            torch.manual_seed(r["seed"] + 2)
+            _fit(ctx, gm, data.train, ctx.out.checkpoint("finetune.pt"), r["finetune_epochs"],
+                 r["finetune_lr"], r["seed"] + 1)
+        if ctx.writer:
+            save_atomic(gm.state_dict(), final_ckpt)
+    equal = _masks_equal_across_ranks(ctx, gm)
+    if equal is False:
+        raise TrainingError("masks differ across torchrun ranks after the cut; check that "
+                            "every rank runs the same recipe and data")
+    _barrier(ctx)
+    if not ctx.writer:
+        return None
+    gm.to("cpu")
+    return write_outputs(ctx, gm, data, example, before, resuming, equal,
+                         time.monotonic() - started)
