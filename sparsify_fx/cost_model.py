@@ -1,0 +1,258 @@
+"""One cost model for coupled channel budgets: MACs today, onnxruntime latency too.
+
+What :func:`~sparsify_fx.passes.shrink.shrink` leaves: a removed channel takes its
+producer's output row and every consumer's input column with it. So the cost of a
+channel model is ``remainder + sum over Conv/Linear calls of layer_cost(kept
+outputs, kept inputs)`` (per conv group), a function of the kept channel-group
+slots (the group masks' slots concatenated in ``group_masks`` order).
+:class:`ChannelCost` is that function; :func:`channel_macs` fills it with MACs
+(``unit x kept outputs x kept inputs``, remainder 0) and :func:`channel_latency`
+with milliseconds from the onnxruntime table of :mod:`sparsify_fx.latency_table`.
+The exact cut (:mod:`sparsify_fx.budget`), the CS controller and ``report`` all
+read a :class:`ChannelCost`, so they agree by construction. Read-only.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Callable, Mapping, Protocol, Sequence
+
+import torch
+from torch import Tensor, fx, nn
+
+from .errors import BudgetError, ConfigError
+from .mask import Mask
+from .mask_index import MaskEntry, hard_masks, masks, unwrap
+
+
+def is_coupled(entries: list[MaskEntry]) -> bool:
+    return any(hasattr(e.mask, "sources") for e in entries)
+
+
+def channel_graph(gm: fx.GraphModule):  # -> ChannelGraph (passes imported lazily: no cycle)
+    """The channel analysis ``shrink`` uses: coupled producer weights may lose channels."""
+    from sparsify_fx.passes.channel_groups import analyze_channels
+    coupled = {str(e.node.args[0].target) for e in masks(gm)
+               if hasattr(e.mask, "sources") and not e.mask.auxiliary and e.route == "graph"
+               and e.node is not None}
+    return analyze_channels(gm, coupled)
+
+
+class LayerCost(Protocol):
+    """A layer's cost from its kept outputs and inputs per conv group (float64, ``(groups,)``)."""
+
+    def __call__(self, kept_out: Tensor, kept_in: Tensor) -> float: ...
+
+
+@dataclass(frozen=True)
+class MacsCost:
+    """MACs per sample: ``unit * sum over conv groups of kept outputs x kept inputs``."""
+
+    unit: float  # MACs per sample of one (output channel, input channel) pair
+
+    def __call__(self, kept_out: Tensor, kept_in: Tensor) -> float:
+        return self.unit * float((kept_out * kept_in).sum())
+
+
+@dataclass(frozen=True)
+class TableCost:
+    """Milliseconds from an interpolated :class:`~sparsify_fx.latency_table.OpTable`
+    (a grouped conv's table is indexed by kept output channels, inputs follow)."""
+
+    table: Callable[[float, float], float]
+    grouped: bool
+
+    def __call__(self, kept_out: Tensor, kept_in: Tensor) -> float:
+        o = float(kept_out.sum())
+        return self.table(o, 1.0 if self.grouped else float(kept_in.sum()))
+
+
+@dataclass
+class CostLayer:
+    """One Conv/Linear call: its weight, conv groups, which slot gates each output / input
+    channel (``n_slots`` means "kept whole") and its cost function."""
+
+    weight: str
+    groups: int
+    out_slot: Tensor
+    in_slot: Tensor
+    cost: LayerCost
+
+
+@dataclass
+class ChannelCost:
+    """Cost of a coupled channel model as a function of the kept group slots.
+
+    ``cost(keep) = remainder + sum of layer costs``; ``unit`` names what is counted
+    (``"MACs"`` or ``"ms"``). ``keep``: bool, ``(n_slots,)``.
+    """
+
+    layers: list[CostLayer]
+    group_masks: list[Mask]
+    n_slots: int
+    remainder: float = 0.0
+    unit: str = "MACs"
+    meta: dict = field(default_factory=dict)
+
+    def _kept(self, keep: Tensor) -> Tensor:
+        return torch.cat([keep.reshape(-1).bool().cpu(), torch.ones(1, dtype=torch.bool)])
+
+    def layer_costs(self, keep: Tensor) -> dict[str, float]:
+        """Cost of every layer (by weight name) when the slots ``keep`` are kept."""
+        ext = self._kept(keep)
+        out: dict[str, float] = {}
+        for lay in self.layers:
+            o = ext[lay.out_slot].reshape(lay.groups, -1).sum(1).double()
+            i = ext[lay.in_slot].reshape(lay.groups, -1).sum(1).double()
+            out[lay.weight] = out.get(lay.weight, 0.0) + lay.cost(o, i)
+        return out
+
+    def cost(self, keep: Tensor) -> float:
+        """Model cost (remainder included) when the slots ``keep`` are kept."""
+        return self.remainder + sum(self.layer_costs(keep).values())
+
+    macs = cost  # the name the MACs-only bookkeeping had
+
+    @cached_property
+    def dense(self) -> float:
+        """Cost with every slot kept (computed once: the layers never change)."""
+        return self.cost(torch.ones(self.n_slots, dtype=torch.bool))
+
+    def hard_keep(self) -> Tensor:
+        """The group masks' current hard decisions, concatenated."""
+        return torch.cat([m.hard_mask().reshape(-1).cpu() for m in self.group_masks])
+
+    def hard_fraction(self) -> float:
+        """Kept / dense cost under the group masks' current hard decisions."""
+        return self.cost(self.hard_keep()) / self.dense
+
+
+ChannelMacs = ChannelCost  # the MACs instance keeps its old name
+
+
+def _cost_layers(gm: fx.GraphModule, make: Callable[[object, bool, bool], LayerCost]
+                 ) -> tuple[list[CostLayer], list[Mask], int, object]:
+    """Slot bookkeeping shared by every cost: one :class:`CostLayer` per producer of the
+    channel analysis, its cost from ``make(producer, outputs prunable, inputs prunable)``."""
+    from sparsify_fx.passes.couple_channels import GROUP_PREFIX, group_masks
+    cg = channel_graph(gm)
+    groups = group_masks(gm)
+    keys = [f"{GROUP_PREFIX}{g.index}" for g in cg.groups]
+    if sorted(keys) != sorted(groups) or any(
+            math.prod(groups[k].score_shape) != len(g.components) for k, g in zip(keys, cg.groups)):
+        raise BudgetError("the model's channel groups no longer match its graph (edited after "
+                          "transform?); re-run sparsify_fx.transform(..., granularity='channel')")
+    ordered = [k for k in groups]  # slot order: group_masks order
+    base = {k: sum(math.prod(groups[j].score_shape) for j in ordered[:i])
+            for i, k in enumerate(ordered)}
+    n_slots = sum(math.prod(m.score_shape) for m in groups.values())
+    first = torch.tensor([base[k] for k in keys] + [n_slots], dtype=torch.long)
+
+    def slots(ids) -> Tensor:
+        g, s = cg.slots(ids)
+        g = torch.from_numpy(g).long()
+        s = torch.from_numpy(s).long()
+        return torch.where(g >= 0, first[g.clamp(min=0)] + s, torch.full_like(g, n_slots))
+
+    layers = []
+    for prod in cg.producers.values():
+        shape = prod.shape  # (out, in, *kernel); attention matmuls have no parameter
+        n_in = shape[1] * prod.groups
+        in_slot = (slots(prod.in_ids) if prod.in_ids is not None
+                   else torch.full((n_in,), n_slots, dtype=torch.long))
+        out_slot = slots(prod.out_ids)
+        cost = make(prod, bool((out_slot < n_slots).any()), bool((in_slot < n_slots).any()))
+        layers.append(CostLayer(prod.weight, prod.groups, out_slot, in_slot, cost))
+    return layers, [groups[k] for k in ordered], n_slots, cg
+
+
+def _graph(model: nn.Module) -> fx.GraphModule:
+    gm = unwrap(model)
+    if not isinstance(gm, fx.GraphModule):
+        raise BudgetError("coupled channel budgets need one fully traced GraphModule")
+    return gm
+
+
+def channel_macs(model: nn.Module, costs: Mapping[str, float]) -> ChannelCost:
+    """MACs bookkeeping of a coupled channel model (read-only).
+
+    Covers every Conv/Linear call of the traced graph, masked or not (an unmasked
+    layer loses input channels when its producer is pruned). ``costs``: from
+    :func:`~sparsify_fx.budget.weight_costs` on this model (it includes the unmasked layers).
+    """
+    gm = _graph(model)
+
+    def make(prod, _out: bool, _in: bool) -> LayerCost:
+        if prod.macs_unit is not None:  # attention: MACs per channel pair from the analysis
+            return MacsCost(prod.macs_unit)
+        if prod.weight not in costs:
+            raise ConfigError(f"no MACs cost for {prod.weight}; compute the costs with "
+                              "sparsify_fx.budget.weight_costs(model, example_inputs) on this "
+                              "coupled model")
+        return MacsCost(float(costs[prod.weight]) * math.prod(prod.shape[2:]))
+
+    layers, group_list, n_slots, _ = _cost_layers(gm, make)
+    return ChannelCost(layers, group_list, n_slots)
+
+
+def channel_latency(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor, *,
+                    threads: int = 2, cache_dir: str | os.PathLike | None = None,
+                    timer: Callable | None = None, model_timer: Callable | None = None,
+                    progress: bool = True) -> ChannelCost:
+    """onnxruntime latency (ms, batch of ``example_inputs``) of a coupled channel model
+    as shrink will leave it.
+
+    Each Conv/Linear call reads its op's table, timed at several kept widths by
+    ``timer(signature, kept_out, kept_in) -> ms`` (default
+    :func:`~sparsify_fx.latency_table.ort_timer`). The remainder is the dense model's
+    latency, ``model_timer(plain_model, inputs) -> ms`` (default: onnxruntime on the
+    exported model), minus the sum of its dense entries. Both are cached
+    (:class:`~sparsify_fx.latency_table.LatencyTable`, under ``cache_dir``): a second
+    call on the same machine measures nothing. Read-only (shape metadata on nodes aside).
+    """
+    from tqdm.auto import tqdm
+
+    from .latency_probe import measure_model, model_key, op_signatures, strip_masks
+    from .latency_table import LatencyTable, ort_timer
+    gm = _graph(model)
+    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    table = LatencyTable.load(threads, cache_dir)
+    sigs = op_signatures(gm, inputs)
+    state: dict = {"timer": timer, "bar": None, "timings": 0, "model_timed": False}
+
+    def timed(sig, kept_out: int, kept_in: int) -> float:
+        if state["timer"] is None:
+            state["timer"] = ort_timer(threads)
+        if state["bar"] is None:
+            state["bar"] = tqdm(desc="latency table", unit="op", disable=not progress,
+                                leave=False)
+        state["bar"].update(1)
+        state["timings"] += 1
+        return state["timer"](sig, kept_out, kept_in)
+
+    def make(prod, out_prunable: bool, in_prunable: bool) -> LayerCost:
+        sig = sigs[prod.node]
+        return TableCost(table.measure(sig, out_prunable, in_prunable, timed), sig.groups > 1)
+
+    try:
+        layers, group_list, n_slots, _ = _cost_layers(gm, make)
+    finally:
+        if state["bar"] is not None:
+            state["bar"].close()
+    ops_dense = ChannelCost(layers, group_list, n_slots, unit="ms").dense
+    key = model_key(gm, inputs)
+    if key not in table.remainders:
+        plain = strip_masks(gm)
+        measured = (model_timer(plain, inputs) if model_timer is not None
+                    else measure_model(plain, inputs, threads))
+        table.remainders[key] = float(measured) - ops_dense
+        state["model_timed"] = True
+    if state["timings"] or state["model_timed"]:
+        table.save()
+    remainder = table.remainders[key]
+    return ChannelCost(layers, group_list, n_slots, remainder=remainder, unit="ms",
+                       meta={"table": str(table.path), "env": dict(table.env),
+                             "dense_ms": ops_dense + remainder,
+                             "timings": state["timings"], "model_timed": state["model_timed"]})

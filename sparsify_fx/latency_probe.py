@@ -1,0 +1,121 @@
+"""What the latency table times, read from a transformed graph, and the dense model's latency.
+
+``op_signatures``: one :class:`~sparsify_fx.latency_table.OpSignature` per Conv/Linear
+call (shapes from ShapeProp on the example inputs). ``strip_masks``: a plain copy of
+the graph with every mask node bypassed (the dense function's graph, for timing only).
+``measure_model``: median onnxruntime latency of a plain model exported with
+:func:`sparsify_fx.export.onnx_export.export_onnx` (the path the benchmark verifies).
+Only ``op_signatures`` touches the input graph, and only its nodes' ``tensor_meta``.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import ConfigError
+from .latency_table import OpSignature, time_session
+from .mask_index import hard_masks
+
+MASK_PREFIX = "sparsify_masks."
+
+
+def _tuple(v: Any, nd: int) -> tuple[int, ...]:
+    return tuple(int(x) for x in v) if isinstance(v, (tuple, list)) else (int(v),) * nd
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def op_signatures(gm: fx.GraphModule, inputs: tuple[Tensor, ...]) -> dict[str, OpSignature]:
+    """``{node name: OpSignature}`` for every conv/linear call_function node of ``gm``."""
+    from sparsify_fx.passes.channel_groups import CONV_FUNCS, LINEAR_FUNCS
+    with torch.no_grad(), hard_masks(gm, False):
+        ShapeProp(gm).propagate(*inputs)
+    out: dict[str, OpSignature] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not (node.target in CONV_FUNCS
+                                              or node.target in LINEAR_FUNCS):
+            continue
+        x, w = _shape(node.args[0]), _shape(node.args[1])
+        if x is None or w is None:
+            continue
+        if node.target in LINEAR_FUNCS:
+            tokens = math.prod(x[1:-1]) if len(x) > 2 else 1
+            out[node.name] = OpSignature("linear", int(x[0]) if len(x) > 1 else 1,
+                                         int(w[1]), int(w[0]), 1, (int(tokens),))
+            continue
+        nd = CONV_FUNCS[node.target]
+
+        def arg(i: int, name: str, default: Any) -> Any:
+            return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+        kernel = tuple(int(k) for k in w[2:])
+        stride, dilation = _tuple(arg(3, "stride", 1), nd), _tuple(arg(5, "dilation", 1), nd)
+        padding = arg(4, "padding", 0)
+        if padding == "valid":
+            padding = 0
+        elif padding == "same":
+            padding = tuple(d * (k - 1) // 2 for d, k in zip(dilation, kernel))
+        groups = int(arg(6, "groups", 1))
+        out[node.name] = OpSignature("conv", int(x[0]), int(x[1]), int(w[0]), groups,
+                                     tuple(int(s) for s in x[2:]), kernel, stride,
+                                     _tuple(padding, nd), dilation)
+    return out
+
+
+def strip_masks(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with every mask node replaced by its raw weight and no masks left
+    (the dense model's graph: only its latency is meaningful, not its outputs)."""
+    plain = copy.deepcopy(gm)
+    for node in list(plain.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith(MASK_PREFIX):
+            node.replace_all_uses_with(node.args[0])
+            plain.graph.erase_node(node)
+    plain.graph.eliminate_dead_code()
+    for name in [n for n, _ in plain.named_children() if n == MASK_PREFIX[:-1]]:
+        delattr(plain, name)
+    for module in plain.modules():
+        if torch.nn.utils.parametrize.is_parametrized(module):
+            for attr in list(module.parametrizations):
+                torch.nn.utils.parametrize.remove_parametrizations(module, attr, False)
+    if hasattr(plain, "sparsify_config"):
+        delattr(plain, "sparsify_config")
+    plain.recompile()
+    return plain
+
+
+def model_key(gm: fx.GraphModule, inputs: tuple[Tensor, ...]) -> str:
+    """A stable key for one model's remainder: graph code, parameter shapes, input shapes."""
+    h = hashlib.sha1(gm.code.encode())
+    for name, p in gm.named_parameters():
+        h.update(f"{name}{tuple(p.shape)}".encode())
+    h.update(str([tuple(t.shape) for t in inputs]).encode())
+    return "model|" + h.hexdigest()[:16]
+
+
+def measure_model(model: nn.Module, inputs: tuple[Tensor, ...], threads: int,
+                  runs: int = 30) -> float:
+    """Median onnxruntime latency (ms) of ``model`` exported to ONNX (CPU, ``threads``)."""
+    from sparsify_fx.export.onnx_export import export_onnx, make_session
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        try:
+            export_onnx(model.eval(), inputs if len(inputs) > 1 else inputs[0], path,
+                        sparse=False, verify=False, latency_runs=0)
+        except Exception as exc:  # ExportError and friends
+            raise ConfigError(f"measuring the dense latency needs an ONNX export of the model: "
+                              f"{exc}") from exc
+        session = make_session(path, threads=threads)
+        names = [i.name for i in session.get_inputs()]
+        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
+        return time_session(session, feed, min_runs=runs)
