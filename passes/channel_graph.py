@@ -36,16 +36,57 @@ class Layout:
 @dataclass
 class Producer:
     """A Conv/Linear call. ``in_ids``: ids of its input features (None: opaque input),
-    already repeated by the flatten multiplicity for a Linear."""
+    already repeated by the flatten multiplicity for a Linear.
+
+    Attention calls add producers of kind ``"attention_qkv"`` / ``"attention_out"``
+    (the in- and out-projections) and ``"attention_matmul"`` (q k^T and attn v, no
+    weight: ``weight`` is a label). ``shape``: weight shape as ``(out, in, *kernel)``.
+    ``macs_unit``: MACs per sample of one (output, input) channel pair when the
+    analysis knows it from propagated shapes (attention); None: from the weight costs.
+    """
 
     node: str
     weight: str  # qualified parameter name (get_attr target)
     bias: str | None
     mask_node: str | None
-    kind: str  # "conv" | "linear"
+    kind: str  # "conv" | "linear" | "attention_qkv" | "attention_out" | "attention_matmul"
     groups: int
     out_ids: np.ndarray
     in_ids: np.ndarray | None
+    shape: tuple[int, ...] = ()
+    macs_unit: float | None = None
+
+
+@dataclass
+class AttentionSite:
+    """A self-attention call whose heads are channel groups.
+
+    ``style``: ``"mha"`` (an ``nn.MultiheadAttention`` leaf at ``module``) or
+    ``"window"`` (torchvision's ``shifted_window_attention`` function, relative
+    position bias table ``bias_table`` with one column per head). ``qkv`` / ``out``:
+    keys of its projection producers in :attr:`ChannelGraph.producers`. The qkv
+    producer's ids are ``[q | k | v]``, each ``num_heads x head_dim``; all ids of one
+    head (its q, k and v rows) are tied, so a head is one score slot.
+    """
+
+    node: str
+    style: str
+    module: str | None
+    qkv: str
+    out: str
+    num_heads: int
+    head_dim: int
+    qkv_weight: str
+    bias_table: str | None = None
+
+    @property
+    def label(self) -> str:
+        """Module path of the attention (``"window"``: the owner of its qkv weight's module)."""
+        return self.module or self.qkv_weight.rpartition(".")[0].rpartition(".")[0] or self.node
+
+    def head_ids(self, qkv_ids: np.ndarray) -> np.ndarray:
+        """First q id of every head, ``(num_heads,)``."""
+        return qkv_ids[: self.num_heads * self.head_dim: self.head_dim]
 
 
 @dataclass
@@ -83,6 +124,7 @@ class ChannelGraph:
     slot_of: np.ndarray
     groups: list[ChannelGroup]
     unsupported: list[str] = field(default_factory=list)
+    attention: dict[str, AttentionSite] = field(default_factory=dict)
 
     def slots(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(group, slot) per channel id; -1 for whole ids."""

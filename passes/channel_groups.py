@@ -35,7 +35,8 @@ from torch import fx, nn
 
 from sparsify_fx.mask import MaskSet
 
-from .channel_graph import ChannelGraph, ChannelGroup, Layout, NormSite, Producer
+from . import attention_heads
+from .channel_graph import AttentionSite, ChannelGraph, ChannelGroup, Layout, NormSite, Producer
 
 CONV_FUNCS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3,
               F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -112,6 +113,7 @@ class _Analyzer:
         self.norms: dict[str, NormSite] = {}
         self.state: dict[str, Any] = {}
         self.unsupported: list[str] = []
+        self.attention: dict[str, AttentionSite] = {}
         self.calls: dict[str, int] = {}
         for node in gm.graph.nodes:
             if node.op == "call_module":
@@ -192,6 +194,8 @@ class _Analyzer:
             return x.with_(zero=np.zeros_like(x.zero)) if isinstance(x, Layout) else OPAQUE
         if isinstance(mod, nn.Flatten):
             return self.flatten(node, x, mod.start_dim, mod.end_dim)
+        if isinstance(mod, nn.MultiheadAttention):
+            return attention_heads.visit_mha(self, node, mod)
         return self.reject(node, f"module type {type(mod).__name__} is not understood")
 
     def call_method(self, node: fx.Node) -> Any:
@@ -234,6 +238,8 @@ class _Analyzer:
             kind = "add" if t in ADD_OPS else "mul" if t in MUL_OPS else "div"
             b = args[1] if len(args) > 1 else node.kwargs.get("other")
             return self.binary(node, kind, self.val(args[0]), self.val(b))
+        if getattr(t, "__name__", "") in attention_heads.WINDOW_FUNCTIONS:
+            return attention_heads.visit_window(self, node)
         if t in (torch.cat, torch.concat):
             return self.cat(node)
         if t is torch.flatten:
@@ -261,13 +267,14 @@ class _Analyzer:
         bias, _ = weight_source(self.gm, bias_arg)
         if weight is None:
             return None
-        out = int(self.gm.get_parameter(weight).shape[0])
+        shape = tuple(int(s) for s in self.gm.get_parameter(weight).shape)
+        out = shape[0]
         index = len(self.producers)
         prunable = weight in self.masked and mask_node is not None
         ids = self.new_ids(out, index if prunable else -1)
         if not prunable:
             self.whole_ids.update(ids.tolist())
-        prod = Producer(node.name, weight, bias, mask_node, kind, groups, ids, in_ids)
+        prod = Producer(node.name, weight, bias, mask_node, kind, groups, ids, in_ids, shape)
         self.producers[node.name] = prod
         return prod, out
 
@@ -467,4 +474,5 @@ def analyze_channels(gm: fx.GraphModule, masked: set[str] | None = None) -> Chan
         groups.append(ChannelGroup(gi, [names[i] for i in sorted(members)], cs))
     return ChannelGraph(an.n_ids, an.producers, an.norms,
                         {k: v for k, v in an.state.items() if isinstance(v, Layout)},
-                        component, prunable, group_of, slot_of, groups, an.unsupported)
+                        component, prunable, group_of, slot_of, groups, an.unsupported,
+                        an.attention)

@@ -14,8 +14,12 @@ every Conv/Linear weight. Mutates the GraphModule it is given:
   (``kind`` "bias" / "batchnorm", ``auxiliary=True``): a pruned channel is then
   exactly zero wherever it flows, in soft and hard mode, and removing it
   (:func:`sparsify_fx.passes.shrink.shrink`) is exact;
+* attention heads (:mod:`sparsify_fx.passes.attention_heads`) are groups too: a
+  ``nn.MultiheadAttention``'s ``in_proj_weight`` / ``in_proj_bias`` get a
+  :class:`SharedChannelMask` parametrization (one slot per head), a windowed
+  attention's ``qkv`` weight and bias mask nodes;
 * masks on channels that must stay whole (model outputs, unsupported
-  patterns, weights inside leaf modules, ConvTranspose) are removed; a
+  patterns, other weights inside leaf modules, ConvTranspose) are removed; a
   :class:`ChannelCouplingWarning` names the nodes of unsupported patterns
   (``strict=True`` raises :class:`ShrinkError` instead).
 """
@@ -83,21 +87,20 @@ def couple_channels(gm: nn.Module, make_group_mask: GroupMaskFactory, *,
     Returns the :class:`ChannelGraph` used, or None (with a warning) when
     ``gm`` is not one fully traced GraphModule. Mutates ``gm``.
     """
+    if isinstance(gm, fx.GraphModule) and not hasattr(gm, MaskSet.ATTRIBUTE) and masks(gm):
+        gm.add_module(MaskSet.ATTRIBUTE, MaskSet())  # only leaf masks (attention heads)
     if not isinstance(gm, fx.GraphModule) or not hasattr(gm, MaskSet.ATTRIBUTE):
         warnings.warn(ChannelCouplingWarning(
             "channel coupling needs a fully traced model; the channel masks of this "
             "partially traced model stay independent and shrink() will refuse it"), stacklevel=3)
         return None
     entries = masks(gm)
-    for e in entries:  # channel masks inside leaf modules: not coupled, kept whole
-        if e.route == "parametrize" and e.mask.granularity == "channel":
-            warnings.warn(ChannelCouplingWarning(
-                f"{e.name} lives inside a leaf module; its channels stay whole"), stacklevel=3)
-            parametrize.remove_parametrizations(e.host, e.attr, leave_parametrized=False)
+    leaf_entries = [e for e in entries if e.route == "parametrize"
+                    and e.mask.granularity == "channel"]
     graph_entries = [e for e in entries if e.route == "graph" and e.mask.granularity == "channel"]
     by_weight = {str(e.node.args[0].target): e for e in graph_entries
                  if e.kind in PRODUCER_KINDS and e.node is not None}
-    masked = set(by_weight)
+    masked = set(by_weight) | {e.name for e in leaf_entries if e.kind == "attention_in_proj"}
     cg = analyze_channels(gm, masked)
     uses: dict[str, int] = {}
     for p in cg.producers.values():
@@ -115,7 +118,7 @@ def couple_channels(gm: nn.Module, make_group_mask: GroupMaskFactory, *,
         warnings.warn(ChannelCouplingWarning(message), stacklevel=3)
 
     mask_set = getattr(gm, MaskSet.ATTRIBUTE)
-    device = next((e.weight.device for e in graph_entries), torch.device("cpu"))
+    device = next((e.weight.device for e in graph_entries + leaf_entries), torch.device("cpu"))
     group_masks: list[Mask] = []
     for group in cg.groups:
         gmask = make_group_mask(len(group.components), f"{GROUP_PREFIX}{group.index}")
@@ -136,7 +139,25 @@ def couple_channels(gm: nn.Module, make_group_mask: GroupMaskFactory, *,
         mask_set[_key_of(e)] = SharedChannelMask(e.mask.weight_shape, sources, index.to(device),
                                                  e.name, e.kind).to(device)
         if prod.bias is not None:
-            _mask_bias(gm, cg.producers[prod.node], prod.bias, sources, index, device)
+            _mask_bias(gm, prod, sources, index, device)
+    for e in leaf_entries:  # inside leaf modules: attention heads, else kept whole
+        prod = producers.get(e.name)
+        made = None if prod is None else _index_for(cg, prod.out_ids, group_masks)
+        parametrize.remove_parametrizations(e.host, e.attr, leave_parametrized=False)
+        if made is None:
+            if not _is_attention_out(cg, e.name):
+                warnings.warn(ChannelCouplingWarning(
+                    f"{e.name} lives inside a leaf module; its channels stay whole"), stacklevel=3)
+            continue
+        sources, index = made
+        parametrize.register_parametrization(e.host, e.attr, SharedChannelMask(
+            e.mask.weight_shape, sources, index.to(device), e.name, e.kind).to(device), unsafe=True)
+        bias_attr = e.attr.replace("weight", "bias")
+        if prod.bias is not None and getattr(e.host, bias_attr, None) is not None:
+            shape = tuple(getattr(e.host, bias_attr).shape)
+            parametrize.register_parametrization(e.host, bias_attr, SharedChannelMask(
+                shape, sources, index.to(device), prod.bias, "bias", auxiliary=True).to(device),
+                unsafe=True)
     for norm in cg.norms.values():
         made = _index_for(cg, norm.ids, group_masks)
         if made is None:
@@ -152,11 +173,19 @@ def couple_channels(gm: nn.Module, make_group_mask: GroupMaskFactory, *,
     return cg
 
 
-def _mask_bias(gm: fx.GraphModule, prod, bias: str, sources: list[Mask], index: Tensor,
+def _is_attention_out(cg: ChannelGraph, weight: str) -> bool:
+    """``weight`` is the out-projection of an attention whose heads are groups."""
+    return any(cg.producers[s.out].weight == weight for s in cg.attention.values())
+
+
+def _mask_bias(gm: fx.GraphModule, prod, sources: list[Mask], index: Tensor,
                device: torch.device) -> None:
+    """Put a follower mask node after the producer's bias ``get_attr`` input."""
+    bias = prod.bias
     node = next(n for n in gm.graph.nodes if n.name == prod.node)
-    bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    if not isinstance(bias_arg, fx.Node) or bias_arg.op != "get_attr":
+    bias_arg = next((a for a in node.all_input_nodes
+                     if a.op == "get_attr" and str(a.target) == bias), None)
+    if bias_arg is None:
         return  # bias already behind a mask node
     key = MaskSet.key_for(bias)
     mask_set = getattr(gm, MaskSet.ATTRIBUTE)
@@ -180,12 +209,16 @@ def group_masks(model: nn.Module) -> dict[str, Mask]:
     return {k: m for k, m in mask_set.items() if k.startswith(GROUP_PREFIX)}
 
 
-def channel_l1_scores(model: nn.Module) -> dict[str, Tensor]:
+def channel_l1_scores(model: nn.Module, per_weight: bool = False) -> dict[str, Tensor]:
     """L1-norm channel scores per group: sum over the group's producer weights of
-    ``|w[c]|.sum()`` for every score slot (the magnitude baseline). Read-only."""
+    ``|w[c]|.sum()`` for every score slot (the magnitude baseline). ``per_weight=True``
+    divides each slot's sum by the number of weights it gates (mean ``|w|``), so slots
+    of different sizes (an attention head's ``3 x head_dim`` rows, one MLP unit) rank
+    on one scale. Read-only."""
     groups = group_masks(model)
     ids = {id(m): k for k, m in groups.items()}
     scores = {k: torch.zeros(m.score_shape, dtype=torch.float64) for k, m in groups.items()}
+    counts = {k: torch.zeros(m.score_shape, dtype=torch.float64) for k, m in groups.items()}
     with torch.no_grad():
         for e in masks(model):
             m = e.mask
@@ -194,6 +227,10 @@ def channel_l1_scores(model: nn.Module) -> dict[str, Tensor]:
             per_channel = e.weight.detach().abs().reshape(m.weight_shape[0], -1).sum(1).double()
             for src, sel, slot in m.source_slots():
                 scores[ids[id(src)]].index_add_(0, slot.cpu(), per_channel[sel].cpu())
+                counts[ids[id(src)]].index_add_(0, slot.cpu(), torch.full(
+                    (int(sel.sum()),), float(m.weights_per_score), dtype=torch.float64))
+    if per_weight:
+        scores = {k: v / counts[k].clamp(min=1.0) for k, v in scores.items()}
     return {k: v.float() for k, v in scores.items()}
 
 

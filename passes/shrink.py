@@ -6,7 +6,9 @@ masks. Output: a new plain ``torch.fx.GraphModule`` (no masks, no
 parametrizations, no config) whose Conv/Linear weights and biases, grouped-conv
 ``groups`` arguments and BatchNorm modules hold only the kept channels, and
 whose outputs equal the hard-masked input model's (the masks' fold factors are
-multiplied into the kept weights first). The input model is not mutated.
+multiplied into the kept weights first). Attention calls lose their pruned heads
+(:mod:`sparsify_fx.passes.shrink_attention`: the residual width stays, the inner
+width shrinks). The input model is not mutated.
 
 Raises :class:`ShrinkError` when the model has no coupled channel masks, or
 when the kept channels of a tied set disagree (never a silent shape mismatch).
@@ -26,6 +28,7 @@ from sparsify_fx.mask_index import masks, unwrap
 
 from .channel_groups import ChannelGraph, analyze_channels
 from .fold_masks import fold_masks_inplace
+from .shrink_attention import shrink_attention
 
 
 @dataclass
@@ -36,11 +39,14 @@ class ShrinkPlan:
     graph: ChannelGraph
     keep_id: np.ndarray
     layers: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: attention heads kept per attention call (module path or node name): (kept, total)
+    heads: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def format(self) -> str:
-        width = max((len(k) for k in self.layers), default=10)
+        width = max((len(k) for k in [*self.layers, *self.heads]), default=10)
         rows = [f"{'layer':<{width}}  kept / total"]
         rows += [f"{k:<{width}}  {a:>4} / {b:<4}" for k, (a, b) in self.layers.items()]
+        rows += [f"{k:<{width}}  {a:>4} / {b:<4} heads" for k, (a, b) in self.heads.items()]
         return "\n".join(rows)
 
 
@@ -59,6 +65,8 @@ def _coupled_entries(gm: fx.GraphModule) -> dict[str, SharedChannelMask]:
                 "channels. Transform with granularity='channel' (fully traced model).")
         if not e.mask.auxiliary and e.route == "graph" and e.node is not None:
             out[str(e.node.args[0].target)] = e.mask
+        elif not e.mask.auxiliary and e.route == "parametrize":  # attention in-projections
+            out[e.name] = e.mask
     return out
 
 
@@ -102,10 +110,15 @@ def plan_shrink(model: nn.Module) -> ShrinkPlan:
             # keep one pruned channel set, which the zero contract makes exactly 0.
             keep_id[comp == comp[prod.out_ids[0]]] = True
     for prod in cg.producers.values():
-        layers[prod.weight] = (int(keep_id[prod.out_ids].sum()), len(prod.out_ids))
+        if prod.kind != "attention_matmul":
+            layers[prod.weight] = (int(keep_id[prod.out_ids].sum()), len(prod.out_ids))
     for norm in cg.norms.values():
         layers[f"{norm.module}"] = (int(keep_id[norm.ids].sum()), len(norm.ids))
-    return ShrinkPlan(cg, keep_id, layers)
+    heads = {}
+    for site in cg.attention.values():
+        kept = keep_id[site.head_ids(cg.producers[site.qkv].out_ids)]
+        heads[site.label] = (int(kept.sum()), site.num_heads)
+    return ShrinkPlan(cg, keep_id, layers, heads)
 
 
 def _set_param(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
@@ -141,6 +154,8 @@ def shrink(model: nn.Module) -> fx.GraphModule:
     sliced: dict[str, tuple[bytes, bytes]] = {}
     with torch.no_grad():
         for prod in cg.producers.values():
+            if prod.kind.startswith("attention"):
+                continue  # rewritten whole by shrink_attention below
             out_keep = keep_id[prod.out_ids]
             in_keep = (keep_id[prod.in_ids] if prod.in_ids is not None
                        else np.ones(out.get_parameter(prod.weight).shape[1] * prod.groups, bool))
@@ -171,6 +186,7 @@ def shrink(model: nn.Module) -> fx.GraphModule:
             bn = out.get_submodule(norm.module)
             parent, _, name = norm.module.rpartition(".")
             setattr(out.get_submodule(parent), name, _new_norm(bn, torch.from_numpy(keep)))
+        shrink_attention(out, cg, keep_id)
     out.graph.lint()
     out.recompile()
     return out
