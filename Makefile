@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP_INSTALL) -e '.[test]'
 	touch $(STAMP)
 
+# the main job: `sparsify-fx prune` on digits with the recipe kept in the repo (fresh each time)
 demo: $(STAMP)
-	$(PY) -m sparsify_fx.demo
+	$(VENV)/bin/sparsify-fx prune --recipe examples/digits_cs90.toml -o runs/digits_cs90 --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider

@@ -1,4 +1,8 @@
-"""The main job (``make demo``): dense vs CS at an exact 90 % on scikit-learn digits.
+"""Dense vs CS at an exact 90 % on scikit-learn digits, through the Python API.
+
+``make demo`` now runs ``sparsify-fx prune`` with ``examples/digits_cs90.toml``;
+this module is the same job written against the API (``python -m
+sparsify_fx.demo``), and ``benchmarks/cs_digits.py`` reuses its functions.
 
 Steps: train a dense DigitsCNN; transform a fresh one with CS and
 ``target_sparsity``; train with the CS scheduler (beta annealing, lambda
