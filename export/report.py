@@ -32,6 +32,7 @@ from sparsify_fx.mask import Mask
 from sparsify_fx.mask_index import masks, unwrap
 
 from .macs import OtherOp, WeightUse, count_macs
+from .report_heads import heads_kept
 
 Shape = tuple[int, ...]
 
@@ -69,6 +70,8 @@ class Report:
     model_name: str = ""
     counting: str = "fx"
     notes: list[str] = field(default_factory=list)
+    #: attention heads kept per attention layer: ``{module path: (kept, heads)}``
+    heads: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     # -- totals --------------------------------------------------------------------
     @property
@@ -295,8 +298,10 @@ def report(model: nn.Module, example_inputs: Any, *, name: str = "",
                      "from the aten ops it dispatched")
     with torch.no_grad():
         total_nnz = sum(int(torch.count_nonzero(t)) for t in weights.values())
-    return Report(rows, list(count.other), sum(t.numel() for t in weights.values()), total_nnz,
-                  _shapes(inputs), name or type(model).__name__, count.method, notes)
+    out = Report(rows, list(count.other), sum(t.numel() for t in weights.values()), total_nnz,
+                 _shapes(inputs), name or type(model).__name__, count.method, notes)
+    out.heads = heads_kept(model, weights)
+    return out
 
 
 def _row(use: WeightUse, w: Tensor, masked: bool) -> LayerRow:

@@ -10,6 +10,8 @@ import json
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+from .report_heads import heads_line
+
 if TYPE_CHECKING:
     from .report import Comparison, LayerRow, Report
 
@@ -69,6 +71,7 @@ def summary_lines(report: "Report") -> list[str]:
         f"MACs: dense {_g(t['dense_macs'])} -> effective {_g(t['macs'])} "
         f"(ratio {t['macs_ratio']:.3f}); FLOPs = 2 x MACs: {_g(t['dense_flops'])} -> "
         f"{_g(t['flops'])}",
+        *heads_line(report.heads),
     ]
 
 
@@ -132,6 +135,7 @@ def report_dict(report: "Report") -> dict[str, Any]:
                    "output_shape": list(o.output_shape) if o.output_shape else None}
                   for o in report.other],
         "notes": list(report.notes),
+        "heads": {k: list(v) for k, v in report.heads.items()},
     }
 
 
@@ -218,6 +222,11 @@ def compare_markdown(c: "Comparison") -> str:
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n, b, a in _pairs(c):
         out.append(f"| `{n}` | " + " | ".join(_cmp_cells(b, a)) + " |")
+    if c.before.heads or c.after.heads:
+        out += ["", "| attention layer | heads before | heads after |", "|---|---:|---:|"]
+        for k in dict.fromkeys([*c.before.heads, *c.after.heads]):
+            b, a = c.before.heads.get(k), c.after.heads.get(k)
+            out.append(f"| `{k}` | {b[0] if b else '-'} | {a[0] if a else '-'} |")
     return "\n".join(out) + "\n"
 
 

@@ -221,3 +221,16 @@ def test_swin_t_shrink_parity() -> None:
     gm = transformed(tvm.swin_t().eval())
     random_select(gm, 0.6, seed=5)
     check_parity(gm, torch.randn(1, 3, 224, 224))
+
+
+def test_report_shows_heads_kept_before_and_after_shrink() -> None:
+    gm = transformed(small_vit())
+    random_select(gm, 0.5, seed=6)
+    x = torch.randn(1, 3, 32, 32)
+    masked, small = report(gm, x), report(shrink(gm), x)
+    expect = {f"encoder.layers.encoder_layer_{i}.self_attention": (2, 4) for i in range(2)}
+    assert masked.heads == expect and small.heads == expect
+    assert "attention heads kept: 4 / 8" in str(small)
+    md = report(small_vit(), x).compare(small).to_markdown()
+    assert "| `encoder.layers.encoder_layer_1.self_attention` | 4 | 2 |" in md
+    assert report(small_swin(), torch.randn(1, 3, 32, 32)).heads["features.3.1.attn"] == (4, 4)
