@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from sparsify_fx.errors import InputError
+from sparsify_fx.errors import InputError, SparsifyError
 from sparsify_fx.mask import Mask
 from sparsify_fx.mask_index import masks, unwrap
 
@@ -56,6 +56,8 @@ class LayerRow:
     in_channels_kept: int
     masked: bool
     calls: int = 1
+    latency_ms: float | None = None  # estimated (latency table, kept widths)
+    latency_measured_ms: float | None = None  # the op timed alone at its kept widths
 
 
 @dataclass
@@ -70,6 +72,8 @@ class Report:
     model_name: str = ""
     counting: str = "fx"
     notes: list[str] = field(default_factory=list)
+    #: with ``report(..., latency=cost)``: estimated / dense / measured model latency (ms)
+    latency: dict[str, Any] | None = None
     #: attention heads kept per attention layer: ``{module path: (kept, heads)}``
     heads: dict[str, tuple[int, int]] = field(default_factory=dict)
 
@@ -133,6 +137,7 @@ class Report:
             "macs": self.total_macs, "other_macs": self.other_macs,
             "macs_ratio": self.macs_ratio, "dense_flops": self.total_dense_flops,
             "flops": self.total_flops,
+            **({f"latency_{k}": v for k, v in self.latency.items()} if self.latency else {}),
         }
 
     def row(self, name: str) -> LayerRow:
@@ -278,18 +283,30 @@ def _shapes(inputs: Sequence[Any]) -> list[Shape]:
 
 
 def report(model: nn.Module, example_inputs: Any, *, name: str = "",
-           eager: bool = False) -> Report:
+           eager: bool = False, latency: Any = None, measure_latency: bool = False) -> Report:
     """Per-layer sparsity/params/MACs of ``model`` run on ``example_inputs``.
 
     ``model``: transformed (hard masks are used), folded or plain ``nn.Module``;
     not mutated. ``example_inputs``: a tensor or tuple of positional inputs; MACs
     scale with its batch size. ``eager=True`` skips the FX graph and counts aten ops
-    (also the automatic fallback when the model does not trace).
+    (also the automatic fallback when the model does not trace). ``latency``: the
+    :class:`~sparsify_fx.cost_model.ChannelCost` from ``channel_latency`` on the
+    transformed model (the one the cut used): adds each layer's estimated ms under
+    its masks' hard decisions; ``measure_latency`` also times each layer alone and the
+    whole ``model`` (shrunk first if it still has masks) in onnxruntime.
     """
     model = unwrap(model)
     inputs = _inputs(example_inputs)
     weights, mask_pairs = effective_weights(model)
-    count = count_macs(model, inputs, weights, mask_pairs, eager=eager)
+    try:
+        count = count_macs(model, inputs, weights, mask_pairs, eager=eager)
+    except SparsifyError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's forward raises anything
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise InputError(f"the model raised on example_inputs of shape(s) {_shapes(inputs)}: "
+                         f"{type(exc).__name__}: {first}; pass inputs the model accepts "
+                         "(the shape and dtype it runs on)") from exc
     masked = {n for n, _ in mask_pairs}
     rows = [_row(use, weights[use.name], use.name in masked) for use in count.weights.values()]
     notes = []
@@ -301,7 +318,31 @@ def report(model: nn.Module, example_inputs: Any, *, name: str = "",
     out = Report(rows, list(count.other), sum(t.numel() for t in weights.values()), total_nnz,
                  _shapes(inputs), name or type(model).__name__, count.method, notes)
     out.heads = heads_kept(model, weights)
+    if latency is not None:
+        _add_latency(out, model, inputs, latency, measure_latency)
     return out
+
+
+def _add_latency(rep: Report, model: nn.Module, inputs: tuple, cost: Any, measure: bool) -> None:
+    """Estimated (and measured) latency per layer and in total, from the cost model."""
+    from sparsify_fx.cost_model import measure_layers
+    if getattr(cost, "unit", None) != "ms":
+        raise InputError("report(latency=...) takes the cost from sparsify_fx.cost_model."
+                         "channel_latency(model, example_inputs), not a MACs cost")
+    keep = cost.hard_keep()
+    est = cost.layer_costs(keep)
+    measured = measure_layers(cost, keep) if measure else {}
+    for r in rep.rows:
+        r.latency_ms = est.get(r.name)
+        r.latency_measured_ms = measured.get(r.name)
+    rep.latency = {"estimated_ms": cost.cost(keep), "dense_estimated_ms": cost.dense,
+                   "fraction": cost.cost(keep) / cost.dense, "remainder_ms": cost.remainder}
+    if measure:
+        from sparsify_fx.latency_probe import measure_model
+        from sparsify_fx.passes.shrink import shrink
+        plain = shrink(model) if masks(model) else model
+        threads = int(cost.meta.get("env", {}).get("threads", 2))
+        rep.latency["measured_ms"] = measure_model(plain, inputs, threads)
 
 
 def _row(use: WeightUse, w: Tensor, masked: bool) -> LayerRow:

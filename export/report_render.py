@@ -41,6 +41,10 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def _short(name: str, width: int) -> str:
     return name if len(name) <= width else "..." + name[-(width - 3):]
 
@@ -71,8 +75,19 @@ def summary_lines(report: "Report") -> list[str]:
         f"MACs: dense {_g(t['dense_macs'])} -> effective {_g(t['macs'])} "
         f"(ratio {t['macs_ratio']:.3f}); FLOPs = 2 x MACs: {_g(t['dense_flops'])} -> "
         f"{_g(t['flops'])}",
+        *_latency_lines(report),
         *heads_line(report.heads),
     ]
+
+
+def _latency_lines(report: "Report") -> list[str]:
+    """Latency summary (only for ``report(..., latency=cost)``)."""
+    lat = report.latency
+    if not lat:
+        return []
+    measured = (f"; measured {lat['measured_ms']:.2f} ms" if "measured_ms" in lat else "")
+    return [f"onnxruntime latency: estimated {lat['estimated_ms']:.2f} ms of dense "
+            f"{lat['dense_estimated_ms']:.2f} ms (fraction {lat['fraction']:.3f}){measured}"]
 
 
 def _header(report: "Report") -> str:
@@ -117,6 +132,11 @@ def to_markdown(report: "Report") -> str:
                    f"{r.in_channels_kept}/{r.in_channels} | {_m(r.dense_macs)} | {_m(r.macs)} | "
                    f"{_dims(r.output_shape)} |")
     out += ["", _other_line(report)]
+    if report.latency:
+        out += ["", *_latency_lines(report), "", "| layer | est. ms | measured ms |",
+                "|---|---:|---:|"]
+        out += [f"| `{r.name}` | {_ms(r.latency_ms)} | {_ms(r.latency_measured_ms)} |"
+                for r in report.rows]
     if report.other:
         out += ["", "| other op | count | MMACs |", "|---|---:|---:|"]
         out += [f"| {op} | {n} | {_m(m)} |" for op, (n, m) in _other_groups(report).items()]

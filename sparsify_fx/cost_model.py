@@ -63,6 +63,7 @@ class TableCost:
 
     table: Callable[[float, float], float]
     grouped: bool
+    signature: object = None  # the OpSignature the table was timed for
 
     def __call__(self, kept_out: Tensor, kept_in: Tensor) -> float:
         o = float(kept_out.sum())
@@ -234,7 +235,8 @@ def channel_latency(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor,
 
     def make(prod, out_prunable: bool, in_prunable: bool) -> LayerCost:
         sig = sigs[prod.node]
-        return TableCost(table.measure(sig, out_prunable, in_prunable, timed), sig.groups > 1)
+        return TableCost(table.measure(sig, out_prunable, in_prunable, timed), sig.groups > 1,
+                         sig)
 
     try:
         layers, group_list, n_slots, _ = _cost_layers(gm, make)
@@ -256,3 +258,29 @@ def channel_latency(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor,
                        meta={"table": str(table.path), "env": dict(table.env),
                              "dense_ms": ops_dense + remainder,
                              "timings": state["timings"], "model_timed": state["model_timed"]})
+
+
+def kept_widths(cost: ChannelCost, keep: Tensor) -> dict[str, tuple[int, int]]:
+    """(kept outputs, kept inputs) of every layer when the slots ``keep`` are kept."""
+    ext = cost._kept(keep)
+    return {lay.weight: (int(ext[lay.out_slot].sum()), int(ext[lay.in_slot].sum()))
+            for lay in cost.layers}
+
+
+def measure_layers(cost: ChannelCost, keep: Tensor | None = None,
+                   timer: Callable | None = None) -> dict[str, float]:
+    """Each layer of a latency cost timed alone in onnxruntime at its exact kept widths
+    (``keep`` defaults to the masks' hard decisions): the table's estimate, checked."""
+    from .latency_table import ort_timer
+    keep = cost.hard_keep() if keep is None else keep
+    threads = int(cost.meta.get("env", {}).get("threads", 2))
+    timer = timer or ort_timer(threads)
+    widths = kept_widths(cost, keep)
+    out: dict[str, float] = {}
+    for lay in cost.layers:
+        sig = getattr(lay.cost, "signature", None)
+        if sig is None:
+            raise ConfigError("measure_layers needs a latency cost from channel_latency(...)")
+        o, i = widths[lay.weight]
+        out[lay.weight] = out.get(lay.weight, 0.0) + (timer(sig, o, i) if o and i else 0.0)
+    return out

@@ -84,14 +84,23 @@ def strip_masks(gm: fx.GraphModule) -> fx.GraphModule:
     plain.graph.eliminate_dead_code()
     for name in [n for n, _ in plain.named_children() if n == MASK_PREFIX[:-1]]:
         delattr(plain, name)
-    for module in plain.modules():
+    for module in list(plain.modules()):
         if torch.nn.utils.parametrize.is_parametrized(module):
-            for attr in list(module.parametrizations):
-                torch.nn.utils.parametrize.remove_parametrizations(module, attr, False)
+            _unparametrize(module)
     if hasattr(plain, "sparsify_config"):
         delattr(plain, "sparsify_config")
     plain.recompile()
     return plain
+
+
+def _unparametrize(module: nn.Module) -> None:
+    """Turn a parametrized module (of a copy) back into its plain class with its raw
+    tensors. Not ``remove_parametrizations``: that edits the generated class, which the
+    copy shares with the original model."""
+    lists = module._modules.pop("parametrizations")
+    module.__class__ = type(module).__bases__[0]
+    for attr, plist in lists.items():
+        module._parameters[attr] = plist.original
 
 
 def model_key(gm: fx.GraphModule, inputs: tuple[Tensor, ...]) -> str:

@@ -1,0 +1,125 @@
+"""One cost model (issue 12 / issue 15): MACs and latency are the same ChannelCost bookkeeping,
+and the cut, the CS controller and report read one cost object."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsify_fx as sf
+from sparsify_fx.budget import weight_costs
+from sparsify_fx.cost_model import ChannelCost, channel_latency, channel_macs, kept_widths
+from sparsify_fx.latency_table import OpSignature
+from sparsify_fx.passes.couple_channels import group_masks
+
+X = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+MS_PER_MAC = 1e-6
+
+
+class TinyRes(nn.Module):
+    """Stem + residual conv (tied channels), strided conv, depthwise conv, head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.bn2 = nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn0(self.stem(x)))
+        x = x + F.relu(self.bn1(self.c1(x)))
+        x = self.dw(F.relu(self.bn2(self.c2(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def macs_timer(sig: OpSignature, kept_out: int, kept_in: int) -> float:
+    """A fake onnxruntime: milliseconds exactly proportional to the op's MACs for the batch."""
+    if sig.kind == "linear":
+        return MS_PER_MAC * sig.batch * sig.spatial[0] * kept_out * kept_in
+    out_sp = [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in
+              zip(sig.spatial, sig.padding, sig.dilation, sig.kernel, sig.stride)]
+    groups = kept_out // (sig.out_ch // sig.groups) if sig.groups > 1 else 1
+    return (MS_PER_MAC * sig.batch * math.prod(out_sp) * math.prod(sig.kernel)
+            * kept_out * kept_in / groups)
+
+
+REMAINDER = 0.25
+
+
+def model_timer(plain: nn.Module, inputs: tuple) -> float:
+    """Dense model: the exact MAC-proportional sum of its Conv/Linear calls, plus REMAINDER."""
+    ms = 0.0
+
+    def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        nonlocal ms
+        del args
+        w = m.weight
+        per_out = out[0].numel() // w.shape[0] if out.dim() > 2 else 1
+        ms += MS_PER_MAC * out.shape[0] * per_out * w.numel()
+
+    del plain  # the stripped copy calls functional convs; time the equivalent module
+    net = TinyRes().eval()
+    hooks = [m.register_forward_hook(hook) for m in net.modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        net(*inputs)
+    for h in hooks:
+        h.remove()
+    return ms + REMAINDER
+
+
+@pytest.fixture
+def gm() -> nn.Module:
+    torch.manual_seed(0)
+    return sf.transform(TinyRes().eval(), method="cs", granularity="channel")
+
+
+def latency(gm: nn.Module, tmp_path) -> ChannelCost:
+    return channel_latency(gm, X, cache_dir=tmp_path, timer=macs_timer,
+                           model_timer=model_timer, progress=False)
+
+
+def test_latency_and_macs_share_one_bookkeeping(gm, tmp_path) -> None:
+    """With a MAC-proportional timer, latency == c x MACs + remainder for every keep: the
+    interpolated table, the slot bookkeeping and the remainder are exact."""
+    macs = channel_macs(gm, weight_costs(gm, X))
+    lat = latency(gm, tmp_path)
+    assert type(macs) is type(lat) and macs.unit == "MACs" and lat.unit == "ms"
+    assert lat.remainder == pytest.approx(REMAINDER)
+    assert lat.dense == pytest.approx(MS_PER_MAC * X.shape[0] * macs.dense + REMAINDER)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        keep = torch.rand(lat.n_slots, generator=g) < 0.6
+        assert lat.cost(keep) == pytest.approx(MS_PER_MAC * X.shape[0] * macs.cost(keep)
+                                               + REMAINDER, rel=1e-9)
+        per_macs, per_lat = macs.layer_costs(keep), lat.layer_costs(keep)
+        assert per_lat.keys() == per_macs.keys()
+        for k in per_macs:
+            assert per_lat[k] == pytest.approx(MS_PER_MAC * X.shape[0] * per_macs[k], rel=1e-9)
+
+
+def test_report_reads_the_cost_object(gm, tmp_path) -> None:
+    lat = latency(gm, tmp_path)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in group_masks(gm).values():
+            m.freeze(torch.rand(m.score_shape, generator=g) < 0.5)
+    keep = lat.hard_keep()
+    rep = sf.report(sf.shrink(gm), X, latency=lat)  # the shrunk model, costed by gm's masks
+    est = lat.layer_costs(keep)
+    assert {r.name: r.latency_ms for r in rep.rows} == est
+    assert rep.latency["estimated_ms"] == pytest.approx(lat.cost(keep))
+    assert rep.latency["fraction"] == pytest.approx(lat.hard_fraction())
+    assert rep.latency["fraction"] < 1.0
+    widths = kept_widths(lat, keep)
+    for r in rep.rows:  # the widths the cost reads are the channels report counts
+        assert widths[r.name][0] == r.out_channels_kept
+    assert "onnxruntime latency: estimated" in rep.to_markdown()
+    assert rep.to_dict()["totals"]["latency_fraction"] == pytest.approx(lat.hard_fraction())
+    with pytest.raises(sf.SparsifyError, match="channel_latency"):
+        sf.report(sf.shrink(gm), X, latency=channel_macs(gm, weight_costs(gm, X)))
