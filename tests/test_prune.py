@@ -119,11 +119,14 @@ def test_end_to_end_outputs_exact_sparsity_and_onnx_accuracy(finished: pathlib.P
     assert np.abs(onnx_logits - logits.numpy()).max() < 1e-3
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM,
+                                 pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_kill_after_epoch_one_then_resume_is_bit_identical(finished: pathlib.Path,
-                                                           tmp_path: pathlib.Path) -> None:
+                                                           tmp_path: pathlib.Path,
+                                                           sig: signal.Signals) -> None:
     out = tmp_path / "killed"
     env = {**os.environ, KILL_ENV: str(out / "checkpoints" / "train.pt"),
-           SIGNAL_ENV: str(int(signal.SIGTERM))}
+           SIGNAL_ENV: str(int(sig))}
     proc = subprocess.run([sys.executable, "-m", "sparsify_fx", "prune", *_args(out)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 130, proc.stderr
