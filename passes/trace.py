@@ -74,11 +74,22 @@ class TraceFailure:
         return f"{label}: {self.reason}" + (f" (at {self.where})" if self.where else "")
 
 
+#: Frames in these paths are the tracer's own, not the model's code.
+_LIBRARY_PATHS = ("/torch/fx/", "/torch/export/", "/torch/_export/", "/torch/_dynamo/",
+                  "/torch/_subclasses/", "/torch/_ops.py", "/torch/_prims", "/torch/_refs",
+                  "/torch/_decomp", "/torch/_higher_order_ops/", "/torch/_functorch/",
+                  "/torch/utils/", "/torch/_library/", "/torch/_tensor.py", "/sparsify_fx/",
+                  "/passes/", "<eval_with_key>")
+
+#: Reasons that come from Python control flow on a traced value (concrete_args helps).
+CONTROL_FLOW = ("control flow", "cannot be iterated", "Proxy", "bool(")
+
+
 def describe_failure(path: str, exc: BaseException) -> TraceFailure:
-    """Find the user-code line that made tracing fail (the last frame outside torch)."""
+    """Find the model-code line that made capture fail (the last frame outside torch)."""
     where = ""
     for frame in reversed(traceback.extract_tb(exc.__traceback__)):
-        if "/torch/fx/" not in frame.filename and "/sparsify_fx/" not in frame.filename:
+        if not any(part in frame.filename for part in _LIBRARY_PATHS):
             where = f"{frame.filename}:{frame.lineno} `{(frame.line or '').strip()}`"
             break
     reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -134,14 +145,34 @@ def trace_partially(module: nn.Module, prunable: tuple[type[nn.Module], ...],
     return PartialTrace(module, traced, failures)
 
 
-def raise_untraceable(failures: list[TraceFailure]) -> None:
-    """Raise the TraceError users see when no part of the model traced."""
-    listed = "\n  ".join(str(f) for f in failures[:8])
+def raise_untraceable(failures: list[TraceFailure], export_failure: TraceFailure | str | None = None,
+                      example_inputs_given: bool = False) -> None:
+    """Raise the TraceError users see when no capture worked.
+
+    Names the torch.fx failures (``failures``: the root first, then submodules),
+    the torch.export failure (or, as text, why it was not tried), the construct at fault,
+    and only the fixes that apply.
+    """
+    listed = "\n  ".join(f"torch.fx {f}" for f in failures[:8])
+    if isinstance(export_failure, TraceFailure):
+        listed += f"\n  torch.export {export_failure}"
+    else:
+        listed += f"\n  torch.export: not tried ({export_failure or 'no example_inputs given'})"
+    fixes = []
+    if not example_inputs_given:
+        fixes.append("pass `example_inputs=` (a tuple of tensors the model accepts) so "
+                     "torch.export can capture it: it resolves Python control flow for those "
+                     "inputs, shape branches included")
+    children = sorted({f.path for f in failures if f.path})
+    fixes.append("keep the failing submodules opaque with `leaf_modules=` (types or qualified "
+                 f"names{': ' + ', '.join(children[:6]) if children else ''}); their weights "
+                 "are then masked by parametrization")
+    if any(key in f.reason for f in failures for key in CONTROL_FLOW):
+        fixes.append("fix the control flow on an input with `concrete_args=` (see "
+                     "torch.fx.symbolic_trace), if it branches on a flag rather than a tensor")
     raise TraceError(
-        "torch.fx could not trace the model or any submodule that holds weights:\n  "
-        f"{listed}\nFix: pass the offending modules as `leaf_modules=` (types or "
-        "qualified names) so they stay opaque, or fix data-dependent control flow "
-        "with `concrete_args=` (see torch.fx.symbolic_trace)."
+        "sparsify_fx could not capture the model or any submodule that holds weights:\n  "
+        f"{listed}\nFixes that apply:\n  - " + "\n  - ".join(fixes)
     )
 
 

@@ -76,9 +76,11 @@ def masks(model: nn.Module) -> list[MaskEntry]:
     """Every mask in ``model`` with the weight it masks, in graph then module order."""
     model = unwrap(model)
     entries: list[MaskEntry] = []
+    seen: set[int] = set()  # a mask shared by two graphs (train/eval exports) is listed once
     for module in model.modules():
         if isinstance(module, fx.GraphModule) and hasattr(module, MaskSet.ATTRIBUTE):
-            entries.extend(_graph_entries(module))
+            entries.extend(e for e in _graph_entries(module)
+                           if id(e.mask) not in seen and not seen.add(id(e.mask)))
         plists = getattr(module, "parametrizations", None)
         if plists is None:
             continue
