@@ -5,7 +5,6 @@ The input model is never mutated: transform works on a deep copy.
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Any, Sequence
 
 from torch import nn
@@ -13,16 +12,12 @@ from torch import nn
 from sparsify_fx.passes.find_weights import WeightSite, find_weight_sites, select_sites
 from sparsify_fx.passes.insert_masks import InsertMaskNodes
 from sparsify_fx.passes.parametrize_weights import ParametrizeWeights
-from sparsify_fx.passes.trace import TRACED_THROUGH, raise_untraceable, trace_partially
 
+from .capture import PartialTraceWarning, capture_model, check_capture_options
 from .config import CONFIG_ATTRIBUTE, SparsifyConfig, config_of
 from .errors import ConfigError, InputError, SelectionError
 from .mask import GRANULARITIES, Mask
 from .methods import get_method, split_options
-
-
-class PartialTraceWarning(UserWarning):
-    """Only parts of the model were traced; the rest is masked by parametrization."""
 
 
 def _check_fraction(name: str, value: Any) -> None:
@@ -41,6 +36,7 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
               concrete_args: dict[str, Any] | None = None,
               target_sparsity: float | dict[str, float] | None = None,
               target_macs: float | None = None, per_layer: bool = False,
+              example_inputs: Any = None, capture: str = "auto", dynamic_shapes: Any = None,
               **method_options: Any) -> nn.Module:
     """Trace ``model`` and insert a mask after every selected Conv/Linear weight.
 
@@ -54,6 +50,15 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
     and ``target_macs`` (fraction of dense MACs) are budgets the training and
     one-shot methods meet exactly. Remaining keyword options go to the method
     (e.g. ``s_init``, ``rescale`` for ``"cs"``).
+
+    ``capture``: ``"auto"`` (symbolic_trace; if it fails and ``example_inputs``
+    are given, torch.export; else the partial trace), ``"fx"`` (symbolic_trace,
+    whole or partial) or ``"export"`` (torch.export only; returns an
+    :class:`~sparsify_fx.exported_module.ExportedModule` that switches graphs
+    with ``.train()``/``.eval()``). ``dynamic_shapes``: as for
+    ``torch.export.export``; default: dim 0 of every input is dynamic. A
+    :class:`~sparsify_fx.passes.capture_export.SpecializationWarning` names
+    what export specialised. See docs/capture.md.
     """
     if not isinstance(model, nn.Module):
         raise InputError(
@@ -74,14 +79,22 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
     if target_macs is not None and target_sparsity is not None:
         raise ConfigError("give either target_sparsity or target_macs, not both")
 
+    inputs = (None if example_inputs is None else tuple(example_inputs)
+              if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
+    check_capture_options(capture, inputs, dynamic_shapes)
+
     original = model  # read-only: owner types are looked up here
     working = copy.deepcopy(model)
-    prunable = TRACED_THROUGH + (nn.MultiheadAttention,)
-    result = trace_partially(working, prunable, leaf_modules, concrete_args)
-    if not result.traced:
-        raise_untraceable(result.failures)
-    root = result.root
-    sites = find_weight_sites(root, original, result.traced)
+    captured = capture_model(working, capture=capture, example_inputs=inputs,
+                             dynamic_shapes=dynamic_shapes, leaf_modules=leaf_modules,
+                             concrete_args=concrete_args)
+    if captured.path == "export" and granularity == "channel":
+        raise ConfigError(
+            "granularity='channel' needs a torch.fx module graph (channel coupling reads "
+            "Conv/BatchNorm modules), but this model was captured with torch.export; use "
+            "granularity='element', or make the model symbolically traceable (capture='fx')")
+    root = captured.root
+    sites = find_weight_sites(root, original, captured.graphs)
     chosen = select_sites(sites, include, exclude, keep_first, keep_last)
     if not chosen:
         raise SelectionError(
@@ -98,16 +111,13 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
 
     InsertMaskNodes(make_mask).run(chosen)
     ParametrizeWeights(make_mask).run(chosen)
+    captured.finish()
     if granularity == "channel":  # coupled channels share one score vector (issue 7)
         from sparsify_fx.passes.couple_channels import couple_channels
         couple_channels(root, lambda k, name: spec.build((k,), granularity, name, options))
 
-    untraced = [str(f) for f in result.failures] if root not in result.traced.values() else []
-    if untraced:
-        warnings.warn(PartialTraceWarning(
-            "sparsify_fx traced only parts of the model; these did not trace and their "
-            "weights are masked by parametrization:\n  " + "\n  ".join(untraced)
-        ), stacklevel=2)
+    untraced = [str(f) for f in captured.failures]
+    root = captured.model
     config = SparsifyConfig(method, granularity, options, target_sparsity, target_macs,
                             per_layer, untraced)
     setattr(root, CONFIG_ATTRIBUTE, config)
