@@ -20,6 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import BudgetError, ConfigError
 from .channel_macs import ChannelMacs, channel_graph, channel_macs, is_coupled
+from .cost_model import ChannelCost, budget_cost
 from .mask_index import MaskEntry, hard_masks, masks, unwrap
 
 
@@ -131,6 +132,7 @@ def _keep_top(scores: Tensor, units: Tensor, budget: float) -> Tensor:
 
 def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] | None = None,
                  *, target_macs: float | None = None, costs: Mapping[str, float] | None = None,
+                 target_latency: float | None = None, cost: ChannelCost | None = None,
                  per_layer: bool = False, scores: Mapping[str, Tensor] | None = None) -> CutResult:
     """Freeze every mask to the top-scored weights that fit the budget; mutates masks.
 
@@ -144,8 +146,14 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
     mask's own ranking (e.g. ``|w|`` for magnitude pruning; for coupled masks either
     ``{group key: (K,) scores}`` such as ``channel_l1_scores`` or ``{weight name:
     scores}``, summed per channel and over the channels a slot gates).
+    ``target_latency`` (coupled channel masks): fraction of the dense onnxruntime
+    latency to keep, counted by ``cost`` (default: ``cost_model.channel_latency`` on
+    ``transform``'s example inputs); ``cost`` with ``target_macs`` budgets that cost.
     """
     entries = [e for e in masks(model) if not e.mask.auxiliary]
+    if target_latency is not None or cost is not None:  # one ChannelCost carries the budget
+        target_macs, costs = budget_cost(model, entries, target_sparsity, target_macs,
+                                         target_latency, cost)
     if not entries:
         raise BudgetError("model has no masks to cut; call sparsify_fx.transform first")
     if (target_sparsity is None) == (target_macs is None):
@@ -250,7 +258,8 @@ def _coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: fl
     ranking = torch.where(floor, torch.tensor(float("inf")), ranking)
     if target_macs is not None:
         assert costs is not None
-        keep = _macs_prefix(channel_macs(model, costs), ranking, float(target_macs),
+        keep = _macs_prefix(costs if isinstance(costs, ChannelCost) else
+                            channel_macs(model, costs), ranking, float(target_macs),
                             int(floor.sum()))
     else:
         fraction = 1.0 - float(target_sparsity)  # type: ignore[arg-type]
@@ -318,6 +327,8 @@ def macs_fraction(model: nn.Module, costs: Mapping[str, float]) -> float:
     too (:func:`channel_macs`), i.e. what the shrunk model computes.
     """
     entries = [e for e in masks(model) if not e.mask.auxiliary]
+    if isinstance(costs, ChannelCost):
+        return costs.hard_fraction()
     if is_coupled(entries):
         return channel_macs(model, costs).hard_fraction()
     return kept_fraction(entries, costs)

@@ -29,13 +29,18 @@ class SparsifyConfig:
     per_layer: bool = False
     untraced: list[str] = field(default_factory=list)
     example_inputs: tuple[Any, ...] | None = None
+    #: fraction of the dense onnxruntime latency (channel CS; sparsify_fx.cost_model)
+    target_latency: float | None = None
 
     @property
     def has_target(self) -> bool:
-        return self.target_sparsity is not None or self.target_macs is not None
+        return (self.target_sparsity is not None or self.target_macs is not None
+                or self.target_latency is not None)
 
     def describe_target(self) -> str:
         """``target_sparsity=0.9`` / ``target_macs=0.5`` as the user wrote it."""
+        if self.target_latency is not None:
+            return f"target_latency={self.target_latency!r}"
         if self.target_macs is not None:
             return f"target_macs={self.target_macs!r}"
         return f"target_sparsity={self.target_sparsity!r}"

@@ -234,7 +234,11 @@ def channel_latency(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor,
         return state["timer"](sig, kept_out, kept_in)
 
     def make(prod, out_prunable: bool, in_prunable: bool) -> LayerCost:
-        sig = sigs[prod.node]
+        sig = sigs.get(prod.node)
+        if sig is None:
+            raise ConfigError(f"the latency table times Conv/Linear calls; {prod.weight} "
+                              f"({prod.kind}) has none: budget attention heads with target_macs, "
+                              "or exclude their weights (exclude=['*attn*'])")
         return TableCost(table.measure(sig, out_prunable, in_prunable, timed), sig.groups > 1,
                          sig)
 
@@ -284,3 +288,39 @@ def measure_layers(cost: ChannelCost, keep: Tensor | None = None,
         o, i = widths[lay.weight]
         out[lay.weight] = out.get(lay.weight, 0.0) + (timer(sig, o, i) if o and i else 0.0)
     return out
+
+
+def budget_cost(model: nn.Module, entries: list[MaskEntry], target_sparsity: object,
+                target_macs: float | None, target_latency: float | None,
+                cost: ChannelCost | None,
+                example_inputs: Sequence[Tensor] | Tensor | None = None
+                ) -> tuple[float, ChannelCost]:
+    """(fraction to keep, cost model) for a coupled cut or controller against a
+    :class:`ChannelCost`: ``target_latency`` (a fraction of the dense onnxruntime latency;
+    the latency table is built from ``example_inputs`` or those given to ``transform``
+    unless ``cost`` is passed), or ``target_macs`` with an explicit ``cost``. Read-only."""
+    from .config import config_of
+    given = [n for n, v in (("target_sparsity", target_sparsity), ("target_macs", target_macs),
+                            ("target_latency", target_latency)) if v is not None]
+    if len(given) != 1 or given[0] == "target_sparsity":
+        raise ConfigError(f"a cost model budget takes exactly one of target_macs or "
+                          f"target_latency, got {given or 'none'}")
+    fraction = float(target_latency if target_latency is not None else target_macs)
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"{given[0]} must be a fraction in (0, 1], got {fraction!r}")
+    if not is_coupled(entries):
+        raise ConfigError(f"{given[0]} with a cost model needs coupled channel masks: "
+                          "transform(..., granularity='channel') on a fully traced model")
+    if cost is None:
+        cfg = config_of(unwrap(model))
+        inputs = example_inputs if example_inputs is not None else getattr(
+            cfg, "example_inputs", None)
+        if inputs is None:
+            raise ConfigError("target_latency needs example inputs to build the latency table: "
+                              "pass example_inputs= to transform, or cost=sparsify_fx.cost_model."
+                              "channel_latency(model, example_inputs)")
+        cost = channel_latency(model, inputs)
+    if target_latency is not None and cost.unit != "ms":
+        raise ConfigError("target_latency needs a latency cost (channel_latency), got a "
+                          f"{cost.unit} cost")
+    return fraction, cost

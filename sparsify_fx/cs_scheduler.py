@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .budget import CutResult, apply_budget, kept_fraction, weight_costs
 from .channel_macs import ChannelMacs, channel_macs, is_coupled
+from .cost_model import ChannelCost, budget_cost
 from .errors import ConfigError
 from .mask import CSMask
 from .mask_index import MaskEntry, masks, unwrap
@@ -79,6 +80,7 @@ class CSScheduler:
                  lmbda: float = 1e-8, per_step: bool = False, steps_per_epoch: int | None = None,
                  target_sparsity: float | Mapping[str, float] | None = None,
                  target_macs: float | None = None, per_layer: bool | None = None,
+                 target_latency: float | None = None, cost: ChannelCost | None = None,
                  example_inputs: Sequence[Tensor] | Tensor | None = None,
                  controller_gain: float = 0.1, controller_kp: float = 4.0,
                  target_ramp: float = 0.5,
@@ -128,6 +130,16 @@ class CSScheduler:
         self.channel_macs: ChannelMacs | None = None
         if self.costs is not None and not self.per_layer and is_coupled(self.entries):
             self.channel_macs = channel_macs(self.model, self.costs)
+        #: with target_latency (or an explicit cost=): the ChannelCost the controller
+        #: and the final cut both read (sparsify_fx.cost_model)
+        self.cost_model: ChannelCost | None = None
+        if target_latency is None and not self.has_target and cfg is not None:
+            target_latency = getattr(cfg, "target_latency", None)
+        if target_latency is not None or cost is not None:
+            self.target_macs, self.cost_model = budget_cost(
+                self.model, self.entries, self.target_sparsity, self.target_macs,
+                target_latency, cost, example_inputs)
+            self.channel_macs = self.cost_model
         self.penalty_weight = self._penalty_weights()
         n_groups = len(self.entries) if self.per_layer else 1
         #: the controller's integral term (log lambda) and the lambda in use (integral + kp * gap)
@@ -269,7 +281,7 @@ class CSScheduler:
         if self.target_sparsity is None and self.target_macs is None:
             return None
         return apply_budget(self.model, self.target_sparsity, target_macs=self.target_macs,
-                            costs=self.costs, per_layer=self.per_layer)
+                            costs=self.cost_model or self.costs, per_layer=self.per_layer)
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -36,6 +36,7 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
               concrete_args: dict[str, Any] | None = None,
               target_sparsity: float | dict[str, float] | None = None,
               target_macs: float | None = None, per_layer: bool = False,
+              target_latency: float | None = None,
               example_inputs: Any = None, capture: str = "auto", dynamic_shapes: Any = None,
               **method_options: Any) -> nn.Module:
     """Trace ``model`` and insert a mask after every selected Conv/Linear weight.
@@ -78,6 +79,14 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
         raise ConfigError(f"target_macs must be a fraction in (0, 1], got {target_macs!r}")
     if target_macs is not None and target_sparsity is not None:
         raise ConfigError("give either target_sparsity or target_macs, not both")
+    if target_latency is not None and (
+            method != "cs" or granularity != "channel" or per_layer
+            or target_sparsity is not None or target_macs is not None
+            or not isinstance(target_latency, (int, float)) or not 0 < target_latency <= 1):
+        raise ConfigError(f"target_latency (got {target_latency!r}) is a fraction in (0, 1] of the "
+                          "dense onnxruntime latency for method='cs', granularity='channel', "
+                          "global and alone; for other methods cut with apply_budget(gm, "
+                          "target_latency=..., scores=...)")
 
     inputs = (None if example_inputs is None else tuple(example_inputs)
               if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
@@ -121,6 +130,7 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
     config = SparsifyConfig(method, granularity, options, target_sparsity, target_macs,
                             per_layer, untraced)
     setattr(root, CONFIG_ATTRIBUTE, config)
+    config.target_latency = target_latency  # read by CSScheduler (sparsify_fx.cost_model)
     root.train(model.training)
     if spec.after_transform is not None:
         spec.after_transform(root, config)

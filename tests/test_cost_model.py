@@ -11,6 +11,7 @@ from torch import nn
 
 import sparsify_fx as sf
 from sparsify_fx.budget import weight_costs
+from sparsify_fx.config import config_of
 from sparsify_fx.cost_model import ChannelCost, channel_latency, channel_macs, kept_widths
 from sparsify_fx.latency_table import OpSignature
 from sparsify_fx.passes.couple_channels import group_masks
@@ -48,7 +49,7 @@ def macs_timer(sig: OpSignature, kept_out: int, kept_in: int) -> float:
             * kept_out * kept_in / groups)
 
 
-REMAINDER = 0.25
+REMAINDER = 0.02
 
 
 def model_timer(plain: nn.Module, inputs: tuple) -> float:
@@ -123,3 +124,48 @@ def test_report_reads_the_cost_object(gm, tmp_path) -> None:
     assert rep.to_dict()["totals"]["latency_fraction"] == pytest.approx(lat.hard_fraction())
     with pytest.raises(sf.SparsifyError, match="channel_latency"):
         sf.report(sf.shrink(gm), X, latency=channel_macs(gm, weight_costs(gm, X)))
+
+
+def test_latency_cut_and_controller_read_the_same_cost(gm, tmp_path) -> None:
+    lat = latency(gm, tmp_path)
+    sched = sf.CSScheduler(gm, epochs=2, target_latency=0.5, cost=lat)
+    assert sched.cost_model is lat and sched.channel_macs is lat
+    assert sched.target_macs == 0.5
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for m in group_masks(gm).values():
+            m.scores.copy_(torch.randn(m.score_shape, generator=g))
+    assert sched._density(sched.entries) == lat.hard_fraction()
+    sched.finalize()
+    frac = lat.hard_fraction()
+    assert frac <= 0.5 + 1e-12
+    # the cut is the longest prefix of ranked slots that fits: one more slot would not
+    ranking = torch.cat([m.ranking_scores().detach().reshape(-1) for m in lat.group_masks])
+    keep = lat.hard_keep()
+    dropped = ranking.masked_fill(keep, float("-inf"))
+    if not bool(keep.all()):
+        more = keep.clone()
+        more[int(dropped.argmax())] = True
+        assert lat.cost(more) / lat.dense > 0.5
+
+
+def test_apply_budget_target_latency(gm, tmp_path) -> None:
+    lat = latency(gm, tmp_path)
+    sf.apply_budget(gm, target_latency=0.6, cost=lat)
+    assert 0.45 < lat.hard_fraction() <= 0.6 + 1e-12
+    with pytest.raises(sf.SparsifyError, match="target_latency"):
+        sf.apply_budget(gm, target_latency=0.6, target_macs=0.5, cost=lat)
+    with pytest.raises(sf.SparsifyError, match="latency cost"):
+        sf.apply_budget(gm, target_latency=0.6, cost=channel_macs(gm, weight_costs(gm, X)))
+    element = sf.transform(TinyRes().eval(), method="cs")
+    with pytest.raises(sf.SparsifyError, match="channel"):
+        sf.apply_budget(element, target_latency=0.5, cost=lat)
+
+
+def test_transform_stores_target_latency() -> None:
+    gm = sf.transform(TinyRes().eval(), method="cs", granularity="channel", target_latency=0.5)
+    assert config_of(gm).target_latency == 0.5
+    for bad in (dict(granularity="element"), dict(target_macs=0.5), dict(method="magnitude")):
+        opts = dict(method="cs", granularity="channel", target_latency=0.5) | bad
+        with pytest.raises(sf.SparsifyError, match="target_latency"):
+            sf.transform(TinyRes().eval(), **opts)
