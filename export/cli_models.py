@@ -177,8 +177,9 @@ def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False
     return model
 
 
-def check_runs(model: nn.Module, example: Any, what: str = "--input-shape") -> None:
-    """Run ``model`` once on ``example``; InputError naming ``what`` if it raises."""
+def check_runs(model: nn.Module, example: Any,
+               fix: str = "fix --input-shape to the shape the model expects") -> None:
+    """Run ``model`` once on ``example``; InputError (with ``fix``) if it raises."""
     inputs = example if isinstance(example, tuple) else (example,)
     was_training = model.training
     model.eval()
@@ -189,7 +190,6 @@ def check_runs(model: nn.Module, example: Any, what: str = "--input-shape") -> N
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs if isinstance(t, torch.Tensor))
         first = " ".join(str(exc).split())[:300]
         raise InputError(f"the model fails on an example input of shape {shapes} "
-                         f"({type(exc).__name__}: {first}); fix {what} to the shape the model "
-                         "expects") from None
+                         f"({type(exc).__name__}: {first}); {fix}") from None
     finally:
         model.train(was_training)

@@ -192,32 +192,28 @@ def run(ctx: Context, overwrite: bool) -> dict[str, Any] | None:
     if r["threads"] is not None:
         torch.set_num_threads(max(1, r["threads"]))
     ctx.rank, ctx.world, ctx.device = _setup_distributed(r["device"])
-    resuming = ctx.out.prepare(r, overwrite, writer=False)  # every rank refuses alike
-    _barrier(ctx)
-    if ctx.writer:
-        resuming = ctx.out.prepare(r, overwrite, writer=True)
-    if ctx.world > 1:  # rank 0's view of OUTDIR decides for all
-        flag = [resuming]
-        dist.broadcast_object_list(flag, src=0)
-        resuming = bool(flag[0])
+    # read-only first: a refused OUTDIR, MODEL, DATA or transform leaves nothing behind
+    resuming = ctx.out.prepare(r, overwrite, writer=False)
     if resuming and outputs_present(ctx.out):
         ctx.say(f"{ctx.out.path} is complete for this recipe; nothing to do "
                 "(--overwrite reruns it)")
         return None
-
     torch.manual_seed(r["seed"])
     model = load_model(r["model"], r["weights"], ctx.trust_pickle)
     data = load_data(r["data"], r["seed"], r["val_fraction"], r["image_size"])
     example = example_input(data)
-    check_runs(model, example, "DATA or MODEL (the model must accept one DATA sample "
-               "with a batch dimension)")
-    val_loader = DataLoader(data.val, batch_size=256)
-    before = evaluate(model, val_loader)
-    ctx.say(f"data: {data.description}\nbefore pruning: val accuracy {before:.2f} %")
+    check_runs(model, example, "DATA and MODEL do not fit: MODEL must accept a batch of "
+               "DATA samples")
     gm = transform(model, method=r["method"], granularity=r["granularity"],
                    include=r["include"] or None, exclude=r["exclude"] or None,
                    keep_first=r["keep_first"], keep_last=r["keep_last"],
                    target_sparsity=r["target_sparsity"], target_macs=r["target_macs"])
+    _barrier(ctx)  # every rank has read OUTDIR before rank 0 changes it
+    if ctx.writer:
+        ctx.out.prepare(r, overwrite, writer=True)
+    _barrier(ctx)
+    before = evaluate(model, DataLoader(data.val, batch_size=256))
+    ctx.say(f"data: {data.description}\nbefore pruning: val accuracy {before:.2f} %")
     gm.to(ctx.device)
     example_dev = example.to(ctx.device)
 
