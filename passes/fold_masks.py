@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 from sparsify_fx.mask import MaskSet
 from sparsify_fx.mask_index import masks
-from sparsify_fx.config import CONFIG_ATTRIBUTE
+from sparsify_fx.config import detach_config, require_target_applied
 
 
 def own_parametrized_classes(model: nn.Module) -> None:
@@ -37,8 +37,11 @@ def fold_masks_inplace(model: nn.Module) -> nn.Module:
     method's fold factor), so outputs equal the hard-masked model's. Mask
     nodes are replaced by their input, parametrizations removed (leaving the
     folded tensor), and the ``sparsify_masks`` submodules and transform config
-    deleted from every (nested) GraphModule. Returns ``model``.
+    deleted from every (nested) GraphModule. Returns ``model``. Raises
+    :class:`TargetNotAppliedError` (before mutating anything) when ``transform``
+    was given a target the masks were never cut to.
     """
+    require_target_applied(model, "fold")
     entries = masks(model)
     own_parametrized_classes(model)
     folded: set[int] = set()
@@ -62,6 +65,5 @@ def fold_masks_inplace(model: nn.Module) -> nn.Module:
         delattr(gm, MaskSet.ATTRIBUTE)
         gm.graph.lint()
         gm.recompile()
-    if hasattr(model, CONFIG_ATTRIBUTE):
-        delattr(model, CONFIG_ATTRIBUTE)
+    detach_config(model)
     return model

@@ -10,7 +10,8 @@ import importlib
 from typing import Any
 
 from .errors import (BudgetError, ConfigError, ExportError, FoldError, InputError,
-                     SelectionError, ShrinkError, SparsifyError, TraceError, TrainingError)
+                     SelectionError, ShrinkError, SparsifyError, TargetNotAppliedError,
+                     TraceError, TrainingError)
 
 __version__ = "0.1.0"
 
@@ -40,7 +41,7 @@ _LAZY = {
 
 __all__ = sorted([*_LAZY, "SparsifyError", "InputError", "ConfigError", "TraceError",
                   "SelectionError", "FoldError", "BudgetError", "TrainingError",
-                  "ExportError", "ShrinkError", "__version__"])
+                  "ExportError", "ShrinkError", "TargetNotAppliedError", "__version__"])
 
 
 def __getattr__(name: str) -> Any:

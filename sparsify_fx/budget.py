@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .config import config_of
 from .errors import BudgetError, ConfigError
 from .channel_macs import ChannelMacs, channel_graph, channel_macs, is_coupled
 from .cost_model import ChannelCost, budget_cost
@@ -133,7 +134,8 @@ def _keep_top(scores: Tensor, units: Tensor, budget: float) -> Tensor:
 def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] | None = None,
                  *, target_macs: float | None = None, costs: Mapping[str, float] | None = None,
                  target_latency: float | None = None, cost: ChannelCost | None = None,
-                 per_layer: bool = False, scores: Mapping[str, Tensor] | None = None) -> CutResult:
+                 per_layer: bool = False, scores: Mapping[str, Tensor] | None = None,
+                 final: bool = True) -> CutResult:
     """Freeze every mask to the top-scored weights that fit the budget; mutates masks.
 
     ``target_sparsity``: fraction of masked weights to zero, global (default),
@@ -149,18 +151,37 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
     ``target_latency`` (coupled channel masks): fraction of the dense onnxruntime
     latency to keep, counted by ``cost`` (default: ``cost_model.channel_latency`` on
     ``transform``'s example inputs); ``cost`` with ``target_macs`` budgets that cost.
+    ``final``: this cut delivers the budget asked for (sets every mask's
+    ``at_target``, which ``fold``/``shrink``/``export_onnx`` require when
+    ``transform`` was given a target); schedules pass ``final=False`` for their
+    intermediate cuts. Without ``costs``, a MACs budget counts them on the
+    ``example_inputs`` given to ``transform``.
     """
     entries = [e for e in masks(model) if not e.mask.auxiliary]
     if target_latency is not None or cost is not None:  # one ChannelCost carries the budget
         target_macs, costs = budget_cost(model, entries, target_sparsity, target_macs,
                                          target_latency, cost)
+    result = _cut(model, entries, target_sparsity, target_macs, costs, per_layer, scores)
+    for e in entries:
+        e.mask.at_target.fill_(bool(final))
+    return result
+
+
+def _cut(model: nn.Module, entries: list[MaskEntry],
+         target_sparsity: float | Mapping[str, float] | None, target_macs: float | None,
+         costs: Mapping[str, float] | None, per_layer: bool,
+         scores: Mapping[str, Tensor] | None) -> CutResult:
     if not entries:
         raise BudgetError("model has no masks to cut; call sparsify_fx.transform first")
     if (target_sparsity is None) == (target_macs is None):
         raise ConfigError("apply_budget needs exactly one of target_sparsity or target_macs")
     if target_macs is not None and costs is None:
-        raise ConfigError("target_macs needs per-weight costs: pass "
-                          "costs=sparsify_fx.budget.weight_costs(model, example_inputs)")
+        cfg = config_of(unwrap(model))
+        if cfg is None or cfg.example_inputs is None:
+            raise ConfigError("target_macs needs per-weight costs: pass example_inputs= to "
+                              "transform, or costs=sparsify_fx.budget.weight_costs(model, "
+                              "example_inputs)")
+        costs = weight_costs(model, cfg.example_inputs)
     if is_coupled(entries):
         if isinstance(target_sparsity, Mapping) or per_layer:
             raise ConfigError("coupled channel masks take one global target (sparsity or "

@@ -15,11 +15,14 @@ Beyond the reference: with a target (``target_sparsity`` or ``target_macs``,
 taken from ``transform`` by default) a PI controller sets ``log(lambda)`` from
 the gap between the current hard density (``s > 0``) and a setpoint ramping to
 the target, per layer when the target is per layer; ``finalize()`` then cuts the
-masks to exactly the target (see :mod:`sparsify_fx.budget`).
+masks to exactly the target (see :mod:`sparsify_fx.budget`). The ``step()`` that
+completes the scheduled epochs (or steps) makes that cut itself, so the
+three-line loop ends exactly at the target; ``finalize()`` after it returns the
+same cut. ``CSScheduler`` is CS's :class:`~sparsify_fx.methods.MethodSession`:
+the Trainer drives it like any other method.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
@@ -28,10 +31,12 @@ from torch import Tensor, nn
 from .budget import CutResult, apply_budget, kept_fraction, weight_costs
 from .channel_macs import ChannelMacs, channel_macs, is_coupled
 from .cost_model import ChannelCost, budget_cost
+from .config import config_of
+from .density_controller import DensityController, cubic_setpoint
 from .errors import ConfigError
 from .mask import CSMask
 from .mask_index import MaskEntry, masks, unwrap
-from .config import config_of
+from .methods import MethodSession, MethodSpec, register_method
 
 
 def mask_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -68,13 +73,17 @@ def param_groups(model: nn.Module, mask_lr: float | None = None,
     return [weight_group, mask_group]
 
 
-class CSScheduler:
+class CSScheduler(MethodSession):
     """Beta annealing, L1 penalty, lambda controller and exact final cut for CS masks.
 
     Shaped like ``torch.optim.lr_scheduler``: call :meth:`step` once per epoch
     (``per_step=False``) or once per optimizer step (``per_step=True``, needs
-    ``steps_per_epoch``). Mutates the ``beta`` buffers of the model's CS masks.
+    ``steps_per_epoch``). Mutates the ``beta`` buffers of the model's CS masks,
+    marks them trained at the first :meth:`penalty` or :meth:`step`, and freezes
+    them at the exact cut when the schedule completes (``auto_finalize``).
     """
+
+    method = "cs"
 
     def __init__(self, model: nn.Module, epochs: int, *, beta_final: float = 200.0,
                  lmbda: float = 1e-8, per_step: bool = False, steps_per_epoch: int | None = None,
@@ -86,7 +95,7 @@ class CSScheduler:
                  target_ramp: float = 0.5,
                  lmbda_bounds: tuple[float, float] = (1e-12, 1.0)
                  ) -> None:
-        self.model = unwrap(model)
+        super().__init__(model)
         if epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {epochs}")
         if beta_final < 1.0:
@@ -122,8 +131,11 @@ class CSScheduler:
         self.bounds = lmbda_bounds
         self.costs: dict[str, float] | None = None
         if target_macs is not None:
+            if example_inputs is None and cfg is not None:
+                example_inputs = cfg.example_inputs
             if example_inputs is None:
-                raise ConfigError("target_macs needs example_inputs to count MACs per weight")
+                raise ConfigError("target_macs needs example inputs to count MACs per weight: "
+                                  "pass example_inputs= to transform (or to CSScheduler)")
             self.costs = weight_costs(self.model, example_inputs)
         #: coupled channel masks under a MACs budget: count what shrink will leave
         #: (removed input channels included), the same number the final cut uses
@@ -142,12 +154,43 @@ class CSScheduler:
             self.channel_macs = self.cost_model
         self.penalty_weight = self._penalty_weights()
         n_groups = len(self.entries) if self.per_layer else 1
-        #: the controller's integral term (log lambda) and the lambda in use (integral + kp * gap)
-        self.log_lmbda_i = torch.full((n_groups,), math.log(lmbda), dtype=torch.float64)
-        self.log_lmbda = self.log_lmbda_i.clone()
+        self.controller = DensityController(lmbda, gain=self.gain, kp=self.kp,
+                                            bounds=self.bounds, clip_gap=True,
+                                            n_groups=n_groups)
         self.t = 0  # epochs (or steps) completed in this round
         self.round = 0
+        #: the exact cut made when the schedule completed (or by finalize)
+        self.cut: CutResult | None = None
         self._apply_beta()
+
+    @classmethod
+    def for_trainer(cls, model: nn.Module, trainer: Any,
+                    **options: Any) -> "CSScheduler | None":
+        """A scheduler over the Trainer's run; None when every CS mask is frozen already
+        (a cut CS model is fine-tuned as a fixed mask: no penalty, controller or second cut)."""
+        if not any(isinstance(m, CSMask) and not m._frozen for m in unwrap(model).modules()):
+            return None
+        return cls(model, trainer.epochs, steps_per_epoch=trainer.steps_per_epoch, **options)
+
+    def after_step(self, epoch: int, step: int) -> None:
+        if self.per_step:
+            self.step()
+
+    def after_epoch(self, epoch: int) -> None:
+        if not self.per_step:
+            self.step()
+
+    def log_values(self) -> dict[str, float | list[float]]:
+        return {"beta": self.beta, "lmbda": self.lmbda}
+
+    @property
+    def log_lmbda(self) -> Tensor:
+        """log(lambda) in use per controller group (float64)."""
+        return self.controller.log
+
+    @property
+    def log_lmbda_i(self) -> Tensor:
+        return self.controller.log_i
 
     # -- schedule --------------------------------------------------------------
     @property
@@ -159,7 +202,7 @@ class CSScheduler:
 
     @property
     def lmbda(self) -> float | list[float]:
-        vals = self.log_lmbda.exp().tolist()
+        vals = self.controller.lmbda
         return vals[0] if len(vals) == 1 else vals
 
     def _apply_beta(self) -> None:
@@ -187,6 +230,7 @@ class CSScheduler:
         With a target, each call first runs one controller update (so the
         controller ticks once per optimizer step in the usual loop).
         """
+        self.mark_trained()
         if self.has_target:
             self.update_controller()
         total: Tensor | None = None
@@ -225,8 +269,7 @@ class CSScheduler:
         cubic shape); pruned scores rarely recover once beta is large, so
         approaching the target gradually avoids overshooting it.
         """
-        left = max(0.0, 1.0 - self.progress / self.ramp)
-        return final_density + (1.0 - final_density) * left ** 3
+        return cubic_setpoint(final_density, self.progress, self.ramp)
 
     def _density(self, group: list[MaskEntry]) -> float:
         if self.channel_macs is not None:
@@ -244,22 +287,25 @@ class CSScheduler:
         setpoint: pruned scores barely recover once beta is large, so an
         overshoot would otherwise stay until the final cut.
         """
-        lo, hi = (math.log(b) for b in self.bounds)
         for g, group in self._groups():
             final = self._final_density(group)
             if final is None:
                 continue
-            target = self.setpoint(final)
-            gap = (self._density(group) - target) / max(target, 1e-3)
-            gap = min(max(gap, -1.0), 1.0)
-            integral = min(max(float(self.log_lmbda_i[g]) + self.gain * gap, lo), hi)
-            self.log_lmbda_i[g] = integral
-            self.log_lmbda[g] = min(max(integral + self.kp * gap, lo), hi)
+            self.controller.update(g, self._density(group), self.setpoint(final))
+
+    @property
+    def schedule_done(self) -> bool:
+        """True once the scheduled epochs (or steps) of this round have all run."""
+        return self.t >= (self.total_steps if self.per_step else self.epochs)
 
     def step(self) -> None:
-        """End of an epoch (or of a step, with ``per_step``): anneal beta."""
+        """End of an epoch (or of a step, with ``per_step``): anneal beta. The step that
+        completes the schedule makes the exact cut when there is a target (``auto_finalize``)."""
+        self.mark_trained()
         self.t += 1
         self._apply_beta()
+        if self.schedule_done and self.auto_finalize and self.has_target and self.cut is None:
+            self.finalize()
 
     # -- rounds and the final cut --------------------------------------------------
     @torch.no_grad()
@@ -274,28 +320,41 @@ class CSScheduler:
             m.scores.copy_(torch.clamp(factor * m.scores, max=m.s_init))
         self.t = 0
         self.round += 1
+        self.cut = None
         self._apply_beta()
 
     def finalize(self) -> CutResult | None:
-        """Cut to the exact target (if any) and freeze the masks; None without a target."""
-        if self.target_sparsity is None and self.target_macs is None:
+        """Cut to the exact target (if any) and freeze the masks; None without a target.
+
+        Idempotent: once this round is cut (by the completing ``step()`` or an
+        earlier call), returns that cut without cutting again."""
+        if not self.has_target:
             return None
-        return apply_budget(self.model, self.target_sparsity, target_macs=self.target_macs,
-                            costs=self.cost_model or self.costs, per_layer=self.per_layer)
+        if self.cut is None or not all(bool(e.mask.at_target) for e in self.entries):
+            self.mark_trained()
+            self.cut = apply_budget(self.model, self.target_sparsity,
+                                    target_macs=self.target_macs, costs=self.cost_model or self.costs,
+                                    per_layer=self.per_layer)
+        return self.cut
 
     # -- state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"t": self.t, "round": self.round, "log_lmbda": self.log_lmbda.clone(),
-                "log_lmbda_i": self.log_lmbda_i.clone(),
+        return {"t": self.t, "round": self.round, **self.controller.state_dict(),
                 "epochs": self.epochs, "beta_final": self.beta_final, "per_step": self.per_step,
                 "total_steps": self.total_steps}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if int(state["epochs"]) != self.epochs or bool(state["per_step"]) != self.per_step:
-            raise ConfigError("CSScheduler state was saved with a different epochs/per_step setting")
+            raise ConfigError("CSScheduler state was saved with a different epochs/per_step "
+                              "setting; resume with the same epochs and per_step")
         self.t = int(state["t"])
         self.round = int(state["round"])
-        self.log_lmbda = state["log_lmbda"].clone().to(torch.float64)
-        self.log_lmbda_i = state.get("log_lmbda_i", state["log_lmbda"]).clone().to(torch.float64)
+        self.controller.load_state_dict(state)
         self.total_steps = int(state["total_steps"])
         self._apply_beta()
+
+
+register_method(MethodSpec(
+    "cs", CSMask, {"s_init": 0.0, "rescale": True}, session=CSScheduler,
+    doc="Continuous Sparsification: scale * sigmoid(beta * s), hard mask s > 0.",
+))

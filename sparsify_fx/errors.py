@@ -33,6 +33,10 @@ class BudgetError(SparsifyError, ValueError):
     """A target sparsity or MACs budget cannot be met."""
 
 
+class TargetNotAppliedError(FoldError, BudgetError):
+    """fold/shrink/export of a model whose requested target was never cut exactly."""
+
+
 class TrainingError(SparsifyError, RuntimeError):
     """Training diverged (NaN/inf loss) or was configured inconsistently."""
 

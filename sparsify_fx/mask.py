@@ -12,6 +12,17 @@ Contract shared by every method:
 * ``keep``/``frozen`` buffers: once a method (or an exact-budget cut) fixes the
   mask, ``frozen`` is set and ``keep`` alone decides. Both are in ``state_dict``;
   ``keep`` stays empty (no memory) until the mask is first frozen.
+* **Untrained is identity.** A learned mask is *untrained* until its method's
+  training lifecycle first runs on it (``CSScheduler.penalty()``/``step()``, the
+  L0 penalty, ...: :meth:`Mask.mark_trained`; the ``trained`` buffer, in
+  ``state_dict``). Until then, and unless it is frozen, its hard mask keeps every
+  weight and its fold factor is exactly 1 (no rescale), so ``sparsity()`` is 0 and
+  ``fold(transform(m))`` equals ``m``. A cut of an untrained mask keeps the kept
+  weights as they are (factor 1), since the network never ran with the rescale.
+* ``at_target`` buffer: set by the exact budget cut that delivers the target
+  asked at ``transform`` (:func:`sparsify_fx.apply_budget` with ``final=True``);
+  ``fold``/``shrink``/``export_onnx`` refuse a model with a target whose masks
+  are not all at it (:func:`sparsify_fx.config.require_target_applied`).
 """
 from __future__ import annotations
 
@@ -66,7 +77,10 @@ class Mask(nn.Module):
         self.hard = False
         self.register_buffer("keep", torch.ones(0, dtype=torch.bool))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("trained", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("at_target", torch.zeros((), dtype=torch.bool))
         self._frozen = False  # python mirror of `frozen`: no device sync per forward
+        self._trained = False  # python mirror of `trained`
 
     # -- what subclasses define -------------------------------------------------
     def _keep_or_ones(self) -> Tensor:
@@ -91,15 +105,43 @@ class Mask(nn.Module):
         """Constant factor applied to kept weights (1 unless the method rescales)."""
         return 1.0
 
+    def learned_factor(self) -> Tensor:
+        """Fold factor of a trained, unfrozen mask: ``learned_keep() * scale`` (float32)."""
+        factor = self.learned_keep().float()
+        return factor * self.scale if self.scale != 1.0 else factor
+
     # -- shared behaviour ----------------------------------------------------------
+    @property
+    def is_trained(self) -> bool:
+        """False until the method's training lifecycle first ran on this mask."""
+        return self._trained
+
+    def mark_trained(self) -> None:
+        """Record that training started (mutates the ``trained`` buffer); idempotent."""
+        if not self._trained:
+            self.trained.fill_(True)
+            self._trained = True
+            self._factor_cache = None
+
+    def _all_kept(self) -> Tensor:
+        return torch.ones(self.score_shape, dtype=torch.bool, device=self.frozen.device)
+
     def hard_mask(self) -> Tensor:
-        """Binary keep decision, bool, ``score_shape``."""
-        return self.keep if self._frozen else self.learned_keep()
+        """Binary keep decision, bool, ``score_shape`` (all True while untrained)."""
+        if self._frozen:
+            return self.keep
+        return self.learned_keep() if self._trained else self._all_kept()
 
     def fold_factor(self) -> Tensor:
-        """Exactly what fold multiplies into the weight (float32, ``score_shape``)."""
-        factor = self.hard_mask().float()
-        return factor * self.scale if self.scale != 1.0 else factor
+        """Exactly what fold multiplies into the weight (float32, ``score_shape``).
+
+        Frozen: ``keep * scale`` (scale only once trained); untrained: exactly 1."""
+        if self._frozen:
+            factor = self.keep.float()
+            return factor * self.scale if self._trained and self.scale != 1.0 else factor
+        if not self._trained:
+            return self._all_kept().float()
+        return self.learned_factor()
 
     def freeze(self, keep: Tensor) -> None:
         """Fix the mask to ``keep`` (bool, ``score_shape``); mutates this module."""
@@ -108,23 +150,30 @@ class Mask(nn.Module):
         self._factor_cache = None  # the old keep's id may be reused by a later tensor
         self.frozen.fill_(True)
         self._frozen = True
+        self.at_target.fill_(False)  # a final budget cut sets it again after freezing
 
     def unfreeze(self) -> None:
         self.frozen.fill_(False)
         self._frozen = False
+        self.at_target.fill_(False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints written before these buffers existed: their masks were trained
+        state_dict.setdefault(prefix + "trained", torch.ones((), dtype=torch.bool))
+        state_dict.setdefault(prefix + "at_target", torch.zeros((), dtype=torch.bool))
         incoming = state_dict.get(prefix + "keep")
         if incoming is not None and incoming.shape != self.keep.shape:
             self.keep = torch.empty_like(incoming, device=self.frozen.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._factor_cache = None
         self._frozen = bool(self.frozen)
+        self._trained = bool(self.trained)
 
     def _cached_fold_factor(self, dtype: torch.dtype) -> Tensor:
         """``fold_factor()`` in ``dtype``, reused while ``keep`` is unchanged (frozen masks):
         a training step then costs one multiply, like torch.nn.utils.prune's float mask."""
-        key = (id(self.keep), self.keep._version, self.keep.device, dtype, self.scale)
+        key = (id(self.keep), self.keep._version, self.keep.device, dtype, self.scale,
+               self._trained)
         cached = getattr(self, "_factor_cache", None)
         if cached is None or cached[0] != key:
             cached = (key, self.fold_factor().to(dtype))

@@ -7,7 +7,6 @@ run resumes bit-identically from one on CPU (data order is seeded per epoch).
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -19,10 +18,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .budget import CutResult
-from .cs_scheduler import CSScheduler, param_groups
+from .checkpoint import atomic_save as _atomic_save
+from .checkpoint import load_checkpoint
+from .cs_scheduler import param_groups
 from .errors import TrainingError
-from .mask import CSMask
 from .mask_index import hard_masks, masks, sparsity, unwrap
+from .methods import MethodSession, method_of
 
 EvalHook = Callable[[int, dict[str, float]], None]
 
@@ -97,14 +98,14 @@ def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "c
     return 100.0 * correct / max(total, 1)
 
 
-def _atomic_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 class Trainer:
-    """SGD/Adam training of a transformed model with CS scheduling.
+    """SGD/Adam training of a transformed model, driving its method's lifecycle.
+
+    The model's method (from ``transform``) supplies a
+    :class:`~sparsify_fx.methods.MethodSession` (CS: :class:`CSScheduler`; GMP,
+    L0, STE: their sessions), built with ``**method_options``, or pass one as
+    ``method=`` (a session of the model's method given in ``callbacks`` is used
+    as the method too). ``callbacks`` add other hooks (see :class:`Callback`).
 
     ``dataset`` is a map-style Dataset of (input, label); batches are drawn in
     an order seeded by ``seed`` and the epoch, so runs are reproducible.
@@ -124,7 +125,8 @@ class Trainer:
                  seed: int = 0, device: str | torch.device = "cpu",
                  checkpoint_path: str | None = None, eval_hook: EvalHook | None = None,
                  progress: bool = True, callbacks: Iterable[Any] = (),
-                 **cs_options: Any) -> None:
+                 method: MethodSession | None = None,
+                 **method_options: Any) -> None:
         self.model = model
         self.train_set = train_set
         self.val_loader = val_loader
@@ -140,25 +142,47 @@ class Trainer:
         self.checkpoint_path = checkpoint_path
         self.eval_hook = eval_hook
         self.progress = progress
-        self.cs_options = cs_options
+        self.method_options = method_options
         self.steps_per_epoch = math.ceil(len(train_set) / batch_size)  # type: ignore[arg-type]
         self.optimizer = self._make_optimizer()
-        self.scheduler: CSScheduler | None = None
-        # CS masks still learning get the scheduler; a frozen (cut) CS model is fine-tuned
-        # as a fixed mask, with no penalty, controller or second cut
-        if any(isinstance(m, CSMask) and not m._frozen for m in model.modules()):
-            self.scheduler = CSScheduler(model, epochs, steps_per_epoch=self.steps_per_epoch,
-                                         **cs_options)
         self.callbacks = list(callbacks)
+        self.method = method if method is not None else self._method_session()
+        if self.method is not None:
+            self.callbacks = [cb for cb in self.callbacks if cb is not self.method]
+            self.method.setup(self)
         for cb in self.callbacks:
             if (setup := _hook(cb, "setup")) is not None:
                 setup(self)
+
+    def _method_session(self) -> MethodSession | None:
+        """The session of the model's method: one passed in ``callbacks``, else a new one."""
+        spec = method_of(self.model)
+        if spec is None or spec.session is None:
+            if self.method_options:
+                raise TrainingError(
+                    f"options {sorted(self.method_options)} go to the pruning method, but "
+                    f"{'this model has no masks' if spec is None else f'method {spec.name!r}'}"
+                    " takes none while training; remove them")
+            return None
+        given = [cb for cb in self.callbacks if isinstance(cb, spec.session)]
+        if given:
+            return given[0]
+        return spec.session.for_trainer(self.model, self, **self.method_options)
+
+    @property
+    def scheduler(self) -> MethodSession | None:
+        """The method session (kept under its old name: the CS scheduler for CS models)."""
+        return self.method
 
     def _make_optimizer(self) -> list[torch.optim.Optimizer]:
         """One optimizer per group kind: weights, then mask scores (weight decay 0)."""
         groups = param_groups(self.model, mask_lr=self.mask_lr, lr=self.lr,
                               weight_decay=self.weight_decay)
         names = (self.optimizer_name, self.mask_optimizer_name)
+        if not any(group["params"] for group in groups):
+            raise TrainingError("nothing to train: every weight has requires_grad=False and the "
+                                "masks learn nothing; unfreeze some weights (requires_grad_()) or "
+                                "use a learned-mask method such as method='cs'")
         return [self._build(name, group) for name, group in zip(names, groups) if group["params"]]
 
     def _build(self, name: str, group: dict[str, Any]) -> torch.optim.Optimizer:
@@ -178,16 +202,27 @@ class Trainer:
     def state_dict(self, epoch: int) -> dict[str, Any]:
         return {"epoch": epoch, "round": self._round, "model": self.model.state_dict(),
                 "optimizer": [o.state_dict() for o in self.optimizer],
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "scheduler": self.method.state_dict() if self.method else None,
                 "rng": torch.get_rng_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> int:
-        """Restore model, optimizer, CS state and RNG; returns the next epoch to run."""
-        unwrap(self.model).load_state_dict(state["model"])
+        """Restore model, optimizer, method state and RNG; returns the next epoch to run.
+
+        TrainingError (model untouched) when the checkpoint belongs to another model."""
+        model = unwrap(self.model)
+        mine, theirs = model.state_dict(), state["model"]
+        wrong = sorted(set(mine) ^ set(theirs)) or [
+            k for k in mine if tuple(mine[k].shape) != tuple(theirs[k].shape)
+            and not k.endswith(".keep")]
+        if wrong:
+            raise TrainingError(f"the checkpoint was written for another model (e.g. {wrong[0]} "
+                                "differs); resume with the model and transform options that "
+                                "wrote it, or start without resume_from")
+        model.load_state_dict(theirs)
         for opt, opt_state in zip(self.optimizer, state["optimizer"]):
             opt.load_state_dict(opt_state)
-        if self.scheduler and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+        if self.method and state["scheduler"] is not None:
+            self.method.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         self._round = int(state["round"])
         return int(state["epoch"]) + 1
@@ -202,8 +237,10 @@ class Trainer:
         leaving the last checkpoint as it was.
         """
         start = 0
+        if self.method is not None:  # ticket-search rounds must not cut when they end
+            self.method.auto_finalize = finalize
         if resume_from is not None:
-            start = self.load_state_dict(torch.load(resume_from, weights_only=False))
+            start = self.load_state_dict(load_checkpoint(resume_from))
         result = RunResult()
         model = self.model.to(self.device)
         for epoch in range(start, self.epochs):
@@ -218,24 +255,25 @@ class Trainer:
                     opt.zero_grad(set_to_none=True)
                 out = model(x)
                 loss = self.loss_fn(out, y)
-                if self.scheduler is not None:
-                    loss = loss + self.scheduler.penalty()
+                if self.method is not None and (p := self.method.penalty()) is not None:
+                    loss = loss + p
                 for cb in self.callbacks:
                     if (pen := _hook(cb, "penalty")) is not None and (p := pen()) is not None:
                         loss = loss + p
                 if not torch.isfinite(loss):
-                    beta = self.scheduler.beta if self.scheduler else float("nan")
+                    state = ", ".join(f"{k} {v:.4g}" for k, v in self._log_values().items()
+                                      if isinstance(v, float))
                     raise TrainingError(
-                        f"non-finite loss ({float(loss.detach())}) at epoch {epoch}, step {step}, "
-                        f"beta {beta:.4g}; the last checkpoint "
+                        f"non-finite loss ({float(loss.detach())}) at epoch {epoch}, step {step}"
+                        f"{', ' + state if state else ''}; the last checkpoint "
                         f"({self.checkpoint_path or 'none written'}) is intact. Lower the "
                         "learning rate or beta_final, or check the inputs for NaN/inf."
                     )
                 loss.backward()
                 for opt in self.optimizer:
                     opt.step()
-                if self.scheduler is not None and self.scheduler.per_step:
-                    self.scheduler.step()
+                if self.method is not None:
+                    self.method.after_step(epoch, step)
                 if on_step is not None:
                     on_step(epoch, step)
                 for cb in self.callbacks:
@@ -250,8 +288,8 @@ class Trainer:
                                       or step == self.steps_per_epoch - 1):
                     bar.set_postfix(self._postfix(loss_sum / seen, 100 * correct / seen))
                     shown = time.monotonic()
-            if self.scheduler is not None and not self.scheduler.per_step:
-                self.scheduler.step()
+            if self.method is not None:
+                self.method.after_epoch(epoch)
             for cb in self.callbacks:
                 if (after_epoch := _hook(cb, "after_epoch")) is not None:
                     after_epoch(epoch)
@@ -262,8 +300,8 @@ class Trainer:
                 self.eval_hook(epoch, log.__dict__)
             if self.checkpoint_path:
                 _atomic_save(self.state_dict(epoch), self.checkpoint_path)
-        if finalize and self.scheduler is not None:
-            result.cut = self.scheduler.finalize()
+        if finalize and self.method is not None:
+            result.cut = self.method.finalize()
         if finalize:
             for cb in self.callbacks:
                 if (fin := _hook(cb, "finalize")) is not None and (cut := fin()) is not None:
@@ -272,18 +310,20 @@ class Trainer:
 
     def _postfix(self, loss: float, acc: float) -> dict[str, str]:
         post = {"loss": f"{loss:.3f}", "acc": f"{acc:.1f}"}
-        if self.scheduler is not None:
-            lm = self.scheduler.lmbda
-            post.update(beta=f"{self.scheduler.beta:.3g}",
-                        lmbda=f"{lm if isinstance(lm, float) else max(lm):.2e}",
-                        sparsity=f"{sparsity(self.model):.3f}")
+        if self.method is not None:
+            for key, v in self._log_values().items():
+                post[key] = f"{v if isinstance(v, float) else max(v):.3g}"
+            post["sparsity"] = f"{sparsity(self.model):.3f}"
         return post
+
+    def _log_values(self) -> dict[str, float | list[float]]:
+        return self.method.log_values() if self.method is not None else {}
 
     def _epoch_log(self, epoch: int, loss: float, acc: float) -> EpochLog:
         val = evaluate(self.model, self.val_loader, self.device) if self.val_loader else None
-        sched = self.scheduler
-        return EpochLog(epoch, loss, acc, val, sched.beta if sched else 1.0,
-                        sched.lmbda if sched else 0.0,
+        values = self._log_values()
+        return EpochLog(epoch, loss, acc, val, float(values.get("beta", 1.0)),  # type: ignore[arg-type]
+                        values.get("lmbda", 0.0),
                         float(sparsity(self.model)) if masks(self.model) else 0.0)
 
     # -- ticket search ---------------------------------------------------------------------
@@ -297,8 +337,9 @@ class Trainer:
         to their values after ``rewind_iteration`` optimizer steps of round 0.
         Returns one row per round plus the ticket: sparsity, accuracy, epochs.
         """
-        if self.scheduler is None:
-            raise TrainingError("search_ticket needs a model transformed with method='cs'")
+        if self.method is None or not hasattr(self.method, "next_round"):
+            raise TrainingError("search_ticket needs a method with rounds (transform(..., "
+                                "method='cs') whose masks are not cut yet)")
         weight_ids = {id(p) for o in self.optimizer for g in o.param_groups
                       if g.get("name") == "weights" for p in g["params"]}
         rewind: dict[str, Tensor] = {}
@@ -329,13 +370,13 @@ class Trainer:
             rows.append({"stage": f"round {r + 1}", "sparsity": float(sparsity(self.model)),
                          "accuracy": acc, "epochs": total_epochs})
             if r < rounds - 1:
-                self.scheduler.next_round(reference_clamp)
+                self.method.next_round(reference_clamp)
                 self._restore(named, rewind)
                 self.optimizer = self._make_optimizer()
-        cut = self.scheduler.finalize()
+        cut = self.method.finalize()
         if cut is None:
             for e in masks(self.model):
-                e.mask.freeze(e.mask.learned_keep())
+                e.mask.freeze(e.mask.hard_mask())
         self._restore(named, rewind)
         self.optimizer = self._make_optimizer()
         saved_epochs = self.epochs

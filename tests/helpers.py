@@ -13,6 +13,7 @@ def randomize_scores(model: nn.Module, seed: int = 0) -> None:
     with torch.no_grad():
         for e in sf.masks(model):
             e.mask.scores.copy_(torch.randn(e.mask.score_shape, generator=g))
+            e.mask.mark_trained()  # as if a scheduler had trained them (untrained keeps all)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

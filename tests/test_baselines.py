@@ -277,6 +277,7 @@ def test_ste_gradient_is_upstream_times_sign_w(granularity: str) -> None:
     with torch.no_grad():
         m.scores.copy_(torch.randn(m.score_shape))
         m.density.fill_(0.5)
+    m.mark_trained()
     w = torch.randn(6, 5, requires_grad=True)
     g = torch.randn(6, 5)
     out = m(w)

@@ -60,6 +60,7 @@ def _coupled(model: nn.Module, method: str = "cs", **kw: object) -> nn.Module:
         with torch.no_grad():
             for m in group_masks(gm).values():
                 m.scores.copy_(torch.randn(m.score_shape, generator=g))
+                m.mark_trained()
     return gm.eval()
 
 
@@ -258,6 +259,7 @@ def test_controller_tracks_the_macs_the_cut_counts() -> None:
     for m in group_masks(gm).values():
         with torch.no_grad():
             m.scores.copy_(torch.randn(m.score_shape, generator=g))
+            m.mark_trained()
     want = macs_fraction(gm, weight_costs(gm, X))
     assert cs._density(cs.entries) == pytest.approx(want, rel=1e-12)
     small, ratio = _shrunk_ratio(gm, _model("digits"))

@@ -64,6 +64,9 @@ def test_initial_mask_is_one_and_hard_mask_keeps_scale() -> None:
     assert torch.allclose(m.soft_mask(), torch.ones(m.score_shape))
     with torch.no_grad():
         m.scores.copy_(torch.linspace(-1, 1, m.scores.numel()).reshape(m.score_shape))
+    # untrained (no scheduler ran): the hard mask keeps everything, factor exactly 1
+    assert torch.equal(m.fold_factor(), torch.ones(m.score_shape))
+    m.mark_trained()
     factor = m.fold_factor()
     scale = 1.0 + math.exp(0.5)
     assert factor.unique().tolist() == pytest.approx([0.0, scale])

@@ -57,6 +57,7 @@ def test_channel_granularity_scores_broadcast() -> None:
         for e in sf.masks(gm):
             for src in getattr(e.mask, "sources", []):
                 src.scores.copy_(torch.randn(src.score_shape))
+                src.mark_trained()
     sf.set_hard(gm)
     folded = sf.fold(gm)
     w = dict(folded.named_parameters())["features.0.weight"]

@@ -47,21 +47,43 @@ def magnitudes(model: nn.Module, only_kept: bool = False) -> dict[str, Tensor]:
 
 
 def cut(model: nn.Module, target: float | Mapping[str, float], scores: Mapping[str, Tensor],
-        scope: str = "global", distribution: str | Mapping[str, float] = "uniform") -> CutResult:
+        scope: str = "global", distribution: str | Mapping[str, float] = "uniform", *,
+        budget: str = "sparsity", costs: Mapping[str, float] | None = None,
+        final: bool = True) -> CutResult:
     """Freeze masks to the top ``scores`` at ``target``; mutates the masks.
 
-    ``scope="global"`` ranks all layers together (``distribution`` ignored);
-    ``scope="layer"`` cuts each layer to its share from ``distribution``
-    (``uniform``, ``erk`` or ``{name: sparsity}``). A dict ``target`` is per layer.
+    ``budget="sparsity"``: ``scope="global"`` ranks all layers together
+    (``distribution`` ignored); ``scope="layer"`` cuts each layer to its share
+    from ``distribution`` (``uniform``, ``erk`` or ``{name: sparsity}``); a dict
+    ``target`` is per layer. ``budget="macs"``: ``target`` is the fraction of
+    dense MACs to keep, one global ranking (``costs`` default to the transform's
+    ``example_inputs``). ``final=False`` marks an intermediate cut of a schedule.
     """
     if scope not in ("global", "layer"):
         raise ConfigError(f"scope must be 'global' or 'layer', got {scope!r}")
+    if budget == "macs":
+        return apply_budget(model, target_macs=float(target), costs=costs,  # type: ignore[arg-type]
+                            scores=scores, final=final)
     if scope == "global" and not isinstance(target, Mapping) and not isinstance(distribution, Mapping):
-        return apply_budget(model, float(target), scores=scores)
-    return apply_budget(model, layer_sparsities(model, target, distribution), scores=scores)
+        return apply_budget(model, float(target), scores=scores, final=final)
+    return apply_budget(model, layer_sparsities(model, target, distribution), scores=scores,
+                        final=final)
+
+
+def config_target(config: Any) -> tuple[str, Any]:
+    """``("macs", fraction)`` or ``("sparsity", fraction or dict)`` from a transform config;
+    ``("sparsity", None)`` when it has no target."""
+    if config is not None and config.target_macs is not None:
+        return "macs", float(config.target_macs)
+    return "sparsity", None if config is None else config.target_sparsity
+
+
+def density_of(target: float, budget: str) -> float:
+    """Kept fraction a target asks for: ``target`` itself for MACs, ``1 - target`` for sparsity."""
+    return float(target) if budget == "macs" else 1.0 - float(target)
 
 
 def require_target(method: str, target: Any) -> None:
     if target is None:
-        raise ConfigError(f"method {method!r} needs target_sparsity (a fraction or a "
-                          "{weight name: fraction} dict) in transform(...)")
+        raise ConfigError(f"method {method!r} needs a target in transform(...): target_sparsity "
+                          "(a fraction or a {weight name: fraction} dict) or target_macs")

@@ -6,9 +6,13 @@ optimizer steps the masks are cut to ``s_t`` by ``|w|`` among the weights still
 kept (pruned weights never come back). Thresholds are per layer
 (``scope="layer"``, shares from ``distribution``) or global.
 
+With ``target_macs`` the same cubic schedule runs on the pruned MACs fraction
+(``1 - target_macs`` at the end), one global ``|w|`` ranking.
+
 Use: ``gm = transform(model, method="gmp", target_sparsity=0.9)`` then
-``Trainer(gm, data, epochs=E, callbacks=[GMPCallback(gm)]).fit()``; ``begin``
-and ``end`` (fractions of the run's steps) place ``t0`` and ``t0 + n * dt``.
+``Trainer(gm, data, epochs=E).fit()`` (the Trainer runs :class:`GMPSession`);
+``begin`` and ``end`` (fractions of the run's steps) place ``t0`` and
+``t0 + n * dt``. The cut at the end of the schedule is the exact final one.
 """
 from __future__ import annotations
 
@@ -16,12 +20,11 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from ..budget import CutResult
-from ..errors import ConfigError
-from ..mask_index import unwrap
-from ..methods import MethodSpec, register_method
+from ..budget import CutResult, weight_costs
 from ..config import config_of
-from ._common import OptionMask, cut, magnitudes, require_target
+from ..errors import ConfigError
+from ..methods import MethodSession, MethodSpec, register_method
+from ._common import OptionMask, config_target, cut, density_of, magnitudes, require_target
 from .erk import layer_sparsities
 
 
@@ -38,29 +41,39 @@ def gmp_sparsity(t: int, final: float, initial: float = 0.0, t0: int = 0, n: int
     return final + (initial - final) * (1.0 - frac) ** 3
 
 
-class GMPCallback:
-    """Trainer callback that prunes a ``method="gmp"`` model on the cubic schedule.
+class GMPSession(MethodSession):
+    """GMP's lifecycle: prunes a ``method="gmp"`` model on the cubic schedule.
 
-    Reads ``target_sparsity`` and options (``scope``, ``distribution``,
-    ``initial``, ``begin``, ``end``, ``every``) from the transform config.
-    Mutates the masks; ``finalize()`` makes the final cut exact.
+    Reads the target (``target_sparsity`` or ``target_macs``) and options
+    (``scope``, ``distribution``, ``initial``, ``begin``, ``end``, ``every``) from
+    the transform config. Mutates the masks; the cut at the end of the schedule,
+    or ``finalize()``, is the exact final one.
     """
 
+    method = "gmp"
+
     def __init__(self, model: nn.Module) -> None:
-        self.model = unwrap(model)
+        super().__init__(model)
         cfg = config_of(self.model)
         if cfg is None or cfg.method != "gmp":
-            raise ConfigError("GMPCallback needs a model from transform(..., method='gmp')")
-        require_target("gmp", cfg.target_sparsity)
+            raise ConfigError("GMPSession needs a model from transform(..., method='gmp')")
+        self.budget, target = config_target(cfg)
+        require_target("gmp", target)
         opts = cfg.options
-        self.scope = "layer" if (cfg.per_layer or isinstance(cfg.target_sparsity, Mapping)) \
-            else opts["scope"]
+        self.costs = (weight_costs(self.model, cfg.example_inputs)
+                      if self.budget == "macs" and cfg.example_inputs is not None else None)
+        if self.budget == "macs":  # MACs budgets are global: the schedule runs on 1 - macs
+            self.scope = "global"
+            target = 1.0 - float(target)
+        else:
+            self.scope = "layer" if (cfg.per_layer or isinstance(target, Mapping)) \
+                else opts["scope"]
         self.distribution = opts["distribution"]
         self.initial = float(opts["initial"])
         self.begin, self.end, self.every = float(opts["begin"]), float(opts["end"]), opts["every"]
         if not 0.0 <= self.begin < self.end <= 1.0:
             raise ConfigError(f"GMP needs 0 <= begin < end <= 1, got {self.begin}, {self.end}")
-        self.target = cfg.target_sparsity
+        self.target = target
         self.final: float | dict[str, float] = (
             self.target if self.scope == "global"
             else layer_sparsities(self.model, self.target, self.distribution))
@@ -80,26 +93,38 @@ class GMPCallback:
                     for k, v in self.final.items()}
         return gmp_sparsity(t, float(self.final), self.initial, self.t0, self.n, self.dt)
 
+    def _cut(self, pruned: float | dict[str, float], final: bool) -> CutResult:
+        scores = magnitudes(self.model, only_kept=True)
+        if self.budget == "macs":
+            return cut(self.model, density_of(pruned, "sparsity"), scores, budget="macs",  # type: ignore[arg-type]
+                       costs=self.costs, final=final)
+        return cut(self.model, pruned, scores, self.scope, final=final)
+
     def after_step(self, epoch: int, step: int) -> None:
         self.step += 1
         t = self.step
-        if t < self.t0 or t > self.t0 + self.n * self.dt or (t - self.t0) % self.dt:
+        end = self.t0 + self.n * self.dt
+        if t < self.t0 or t > end or (t - self.t0) % self.dt:
             return
-        cut(self.model, self.sparsity_at(t), magnitudes(self.model, only_kept=True), self.scope)
+        self._cut(self.sparsity_at(t), final=t == end)
         self.prunes += 1
 
     def finalize(self) -> CutResult:
-        return cut(self.model, self.final, magnitudes(self.model, only_kept=True), self.scope)
+        return self._cut(self.final, final=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "prunes": self.prunes}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step, self.prunes = int(state["step"]), int(state["prunes"])
 
 
-def _after_transform(model: nn.Module, config: Any) -> None:
-    if config.target_macs is not None:
-        raise ConfigError("method 'gmp' takes target_sparsity, not target_macs")
-
+#: the name earlier releases used (a Trainer callback); the session is the same object
+GMPCallback = GMPSession
 
 register_method(MethodSpec(
     "gmp", GMPMask, {"scope": "layer", "distribution": "uniform", "initial": 0.0,
                      "begin": 0.0, "end": 0.75, "every": 0},
-    after_transform=_after_transform,
-    doc="Gradual magnitude pruning, cubic schedule (train with GMPCallback).",
+    session=GMPSession,
+    doc="Gradual magnitude pruning, cubic schedule (the Trainer runs GMPSession).",
 ))

@@ -6,7 +6,8 @@ of the weights still kept, by ``|w|`` (globally by default), rewinds the
 remaining weights (and buffers) to the recorded ones and trains again.
 ``targets`` replaces the geometric levels by an explicit increasing list of
 sparsities (each level cuts exactly to the next one); the last level is
-always cut exactly to the run's target.
+always cut exactly to the run's target. With ``target_macs`` the levels are
+fractions of pruned MACs (``1 - target_macs`` last), one global ``|w|`` ranking.
 """
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from ..budget import weight_costs
+from ..config import config_of
 from ..errors import ConfigError
 from ..mask_index import masks, sparsity, unwrap
 from ..methods import MethodSpec, register_method
-from ..config import config_of
-from ._common import OptionMask, cut, magnitudes
+from ._common import OptionMask, config_target, cut, magnitudes
 
 
 class IMPMask(OptionMask):
@@ -104,18 +106,32 @@ def run_imp(model: nn.Module, train_set: Dataset, *, targets: Sequence[float] | 
     if cfg is None or cfg.method != "imp":
         raise ConfigError("run_imp needs a model from transform(..., method='imp')")
     opts = cfg.options
+    budget, target = config_target(cfg)
+    costs = None
+    if budget == "macs":
+        if cfg.example_inputs is None:
+            raise ConfigError("method 'imp' with target_macs needs example_inputs= in transform")
+        costs = weight_costs(model, cfg.example_inputs)
+        target = 1.0 - float(target)  # levels are fractions of pruned MACs
     if targets is None:
-        if cfg.target_sparsity is None or not isinstance(cfg.target_sparsity, (int, float)):
-            raise ConfigError("method 'imp' needs a global target_sparsity (or pass targets=)")
-        targets = imp_schedule(float(cfg.target_sparsity), float(opts["rate"]))
+        if target is None or not isinstance(target, (int, float)):
+            raise ConfigError("method 'imp' needs a global target_sparsity or target_macs "
+                              "(or pass targets=)")
+        targets = imp_schedule(float(target), float(opts["rate"]))
     if list(targets) != sorted(targets) or not all(0.0 < t < 1.0 for t in targets):
         raise ConfigError(f"IMP targets must increase within (0, 1), got {list(targets)}")
     rewinder = _Rewinder(model, int(opts["rewind_iteration"]))
     rows: list[dict[str, Any]] = []
     epochs = 0
-    for level, target in enumerate([0.0, *targets]):
+    for level, level_target in enumerate([0.0, *targets]):
         if level > 0:
-            cut(model, target, magnitudes(model, only_kept=True), opts["scope"])
+            final = level == len(targets)
+            if budget == "macs":
+                cut(model, 1.0 - level_target, magnitudes(model, only_kept=True),
+                    budget="macs", costs=costs, final=final)
+            else:
+                cut(model, level_target, magnitudes(model, only_kept=True), opts["scope"],
+                    final=final)
             rewinder.rewind()
         runs = []
         for i, options in enumerate(phases or [trainer_options]):
@@ -129,13 +145,7 @@ def run_imp(model: nn.Module, train_set: Dataset, *, targets: Sequence[float] | 
     return rows
 
 
-def _after_transform(model: nn.Module, config: Any) -> None:
-    if config.target_macs is not None:
-        raise ConfigError("method 'imp' takes target_sparsity, not target_macs")
-
-
 register_method(MethodSpec(
     "imp", IMPMask, {"scope": "global", "rate": 0.2, "rewind_iteration": 0},
-    after_transform=_after_transform,
     doc="Iterative magnitude pruning with rewinding (train with run_imp).",
 ))

@@ -15,11 +15,12 @@ step), so a gate that several tensors share (``granularity="channel"``: a
 conv's weight, bias and BatchNorm follow one group gate) gets the same sample
 on all of them within a step.
 
-:class:`L0Callback` adds ``lambda * E[L0] / N`` (N masked weights) to the loss.
-With a target, ``log(lambda)`` follows a controller on the gap between the
-hard density and a cubic setpoint (as the CS scheduler does), and
-``finalize()`` multiplies each kept weight by its deterministic gate, then
-cuts the masks to exactly the target by ``log_alpha``.
+:class:`L0Session` (run by the Trainer) adds ``lambda * E[L0] / N`` (N masked
+weights) to the loss. With a target, ``log(lambda)`` follows the shared
+:class:`~sparsify_fx.density_controller.DensityController` (integral only) on the
+gap between the hard density (MACs-weighted for ``target_macs``) and a cubic
+setpoint, and ``finalize()`` multiplies each kept weight by its deterministic
+gate, then cuts the masks to exactly the target by ``log_alpha``.
 """
 from __future__ import annotations
 
@@ -29,12 +30,14 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..budget import CutResult, apply_budget
+from ..budget import CutResult, apply_budget, macs_fraction, weight_costs
+from ..config import config_of
+from ..density_controller import DensityController, cubic_setpoint
 from ..errors import ConfigError
 from ..mask import Mask
-from ..mask_index import MaskEntry, masks, unwrap
-from ..methods import MethodSpec, register_method
-from ..config import config_of
+from ..mask_index import MaskEntry, masks
+from ..methods import MethodSession, MethodSpec, register_method
+from ._common import config_target, density_of
 
 GAMMA, ZETA, TEMPERATURE = -0.1, 1.1, 2.0 / 3.0
 
@@ -93,9 +96,8 @@ class L0Mask(Mask):
     def ranking_scores(self) -> Tensor:
         return self.log_alpha.detach()
 
-    def fold_factor(self) -> Tensor:
-        if self._frozen:
-            return self.keep.float()
+    def learned_factor(self) -> Tensor:
+        """Trained, unfrozen: the deterministic test gate (float, in [0, 1])."""
         return self.test_gate().detach()
 
 
@@ -132,29 +134,38 @@ def _gated_by_l0(mask: Mask) -> bool:
                                            for s in getattr(mask, "sources", ()))
 
 
-class L0Callback:
-    """Trainer callback: expected-L0 penalty, lambda controller and exact final cut.
+class L0Session(MethodSession):
+    """L0's lifecycle: expected-L0 penalty, lambda controller and exact final cut.
 
     Works on element gates and on coupled channel groups (each group slot's
-    probability counts once per weight it gates). Mutates weights and masks in
-    ``finalize``.
+    probability counts once per weight it gates). Marks the gates trained at the
+    first penalty; mutates weights and masks in ``finalize``.
     """
+
+    method = "l0"
 
     def __init__(self, model: nn.Module, lmbda: float = 0.1, controller_gain: float = 0.05,
                  target_ramp: float = 0.5, lmbda_bounds: tuple[float, float] = (1e-6, 1e3)) -> None:
-        self.model = unwrap(model)
+        super().__init__(model)
         cfg = config_of(self.model)
         self.gates = _gate_units(self.model)
         if not self.gates:
-            raise ConfigError("L0Callback needs a model from transform(..., method='l0')")
-        self.target = cfg.target_sparsity if cfg is not None else None
+            raise ConfigError("L0Session needs a model from transform(..., method='l0')")
+        self.budget, self.target = config_target(cfg)
         if isinstance(self.target, Mapping):
-            raise ConfigError("L0Callback takes a global target_sparsity (a fraction), "
+            raise ConfigError("method 'l0' takes a global target_sparsity (a fraction), "
                               "not a per-layer dict")
+        self.costs = None
+        if self.budget == "macs":
+            if cfg.example_inputs is None:
+                raise ConfigError("method 'l0' with target_macs needs example_inputs= in "
+                                  "transform to count MACs per weight")
+            self.costs = weight_costs(self.model, cfg.example_inputs)
         self.entries: list[MaskEntry] = [e for e in masks(self.model) if not e.mask.auxiliary]
         self.total = sum(e.mask.numel() for e in self.entries)
-        self.log_lmbda = math.log(lmbda)
-        self.gain, self.ramp, self.bounds = controller_gain, target_ramp, lmbda_bounds
+        self.controller = DensityController(lmbda, gain=controller_gain, kp=0.0,
+                                            bounds=lmbda_bounds, clip_gap=False)
+        self.ramp = target_ramp
         self.step, self.total_steps = 0, 1
 
     def setup(self, trainer: Any) -> None:
@@ -162,29 +173,37 @@ class L0Callback:
 
     @property
     def lmbda(self) -> float:
-        return math.exp(self.log_lmbda)
+        return self.controller.lmbda[0]
+
+    @property
+    def log_lmbda(self) -> float:
+        return float(self.controller.log[0])
+
+    def log_values(self) -> dict[str, float | list[float]]:
+        return {"lmbda": self.lmbda}
 
     def expected_l0(self) -> Tensor:
         """Expected number of non-zero weights (each gate counts the weights it covers)."""
         return sum((g.prob_nonzero() * units).sum() for g, units in self.gates)
 
     def density(self) -> float:
-        """Fraction of masked weights the current hard gates keep (``test gate > 0``)."""
+        """Fraction of masked weights (of MACs, for ``target_macs``) the current hard gates
+        keep (``test gate > 0``)."""
+        if self.costs is not None:
+            return macs_fraction(self.model, self.costs)
         return sum(e.mask.kept_weights() for e in self.entries) / self.total
 
     def penalty(self) -> Tensor:
+        self.mark_trained()
         if self.target is not None:
             self._update()
         return self.lmbda * self.expected_l0() / self.total
 
     @torch.no_grad()
     def _update(self) -> None:
-        final = 1.0 - float(self.target)
-        left = max(0.0, 1.0 - self.step / (self.ramp * self.total_steps))
-        setpoint = final + (1.0 - final) * left ** 3
-        gap = (self.density() - setpoint) / max(setpoint, 1e-3)
-        lo, hi = (math.log(b) for b in self.bounds)
-        self.log_lmbda = min(max(self.log_lmbda + self.gain * gap, lo), hi)
+        final = density_of(self.target, self.budget)
+        setpoint = cubic_setpoint(final, self.step / self.total_steps, self.ramp)
+        self.controller.update(0, self.density(), setpoint)
 
     def after_step(self, epoch: int, step: int) -> None:
         self.step += 1
@@ -205,12 +224,25 @@ class L0Callback:
         self.fold_gates()
         if self.target is None:
             for g, _ in self.gates:
-                g.freeze(g.learned_keep())
+                g.freeze(g.hard_mask())
             return None
+        if self.budget == "macs":
+            return apply_budget(self.model, target_macs=float(self.target), costs=self.costs)
         return apply_budget(self.model, float(self.target))
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, **self.controller.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.controller.load_state_dict(state)
+
+
+#: the name earlier releases used (a Trainer callback); the session is the same object
+L0Callback = L0Session
 
 register_method(MethodSpec(
     "l0", L0Mask, {"droprate_init": 0.3, "temperature": TEMPERATURE, "init_noise": 0.01},
-    doc="L0 regularisation with hard-concrete gates (train with L0Callback).",
+    session=L0Session,
+    doc="L0 regularisation with hard-concrete gates (the Trainer runs L0Session).",
 ))

@@ -13,32 +13,37 @@ from typing import Any, Mapping
 from torch import nn
 
 from ..budget import CutResult
-from ..errors import ConfigError
 from ..methods import MethodSpec, register_method
-from ._common import OptionMask, cut, magnitudes
+from ._common import OptionMask, config_target, cut, magnitudes
 
 
 class MagnitudeMask(OptionMask):
     method = "magnitude"
 
 
-def magnitude_prune(model: nn.Module, target_sparsity: float | Mapping[str, float],
+def magnitude_prune(model: nn.Module, target_sparsity: float | Mapping[str, float] | None = None,
                     scope: str = "global",
-                    distribution: str | Mapping[str, float] = "uniform") -> CutResult:
-    """Freeze every mask to the largest-magnitude weights at exactly ``target_sparsity``.
+                    distribution: str | Mapping[str, float] = "uniform", *,
+                    target_macs: float | None = None) -> CutResult:
+    """Freeze every mask to the largest-magnitude weights at exactly ``target_sparsity``
+    (or, global, at ``target_macs`` of the dense MACs: largest ``|w|`` first while they fit).
 
     Mutates the masks of ``model`` (a transformed model); returns the cut.
     """
-    return cut(model, target_sparsity, magnitudes(model), scope, distribution)
+    if target_macs is not None:
+        return cut(model, target_macs, magnitudes(model), budget="macs")
+    return cut(model, target_sparsity, magnitudes(model), scope, distribution)  # type: ignore[arg-type]
 
 
 def _after_transform(model: nn.Module, config: Any) -> None:
-    if config.target_macs is not None:
-        raise ConfigError("method 'magnitude' takes target_sparsity, not target_macs")
-    if config.target_sparsity is None:
+    budget, target = config_target(config)
+    if target is None:
         return  # masks stay all-ones; call magnitude_prune later
+    if budget == "macs":
+        magnitude_prune(model, target_macs=target)
+        return
     scope = "layer" if config.per_layer else config.options["scope"]
-    magnitude_prune(model, config.target_sparsity, scope, config.options["distribution"])
+    magnitude_prune(model, target, scope, config.options["distribution"])
 
 
 register_method(MethodSpec(

@@ -13,32 +13,36 @@ import torch
 from torch import nn
 
 from ..budget import CutResult
-from ..errors import ConfigError
 from ..mask_index import masks
 from ..methods import MethodSpec, register_method
-from ._common import OptionMask, cut
+from ._common import OptionMask, config_target, cut
 
 
 class RandomMask(OptionMask):
     method = "random"
 
 
-def random_prune(model: nn.Module, target_sparsity: float | Mapping[str, float],
-                 distribution: str | Mapping[str, float] = "erk", seed: int = 0) -> CutResult:
-    """Freeze every mask to a random subset at the layer budget; mutates the masks."""
+def random_prune(model: nn.Module, target_sparsity: float | Mapping[str, float] | None = None,
+                 distribution: str | Mapping[str, float] = "erk", seed: int = 0, *,
+                 target_macs: float | None = None) -> CutResult:
+    """Freeze every mask to a random subset at the layer budget (or, global, at
+    ``target_macs`` of the dense MACs); mutates the masks."""
     g = torch.Generator().manual_seed(int(seed))
     scores = {e.name: torch.rand(e.mask.score_shape, generator=g)
               for e in masks(model) if not e.mask.auxiliary}
-    return cut(model, target_sparsity, scores, "layer", distribution)
+    if target_macs is not None:
+        return cut(model, target_macs, scores, budget="macs")
+    return cut(model, target_sparsity, scores, "layer", distribution)  # type: ignore[arg-type]
 
 
 def _after_transform(model: nn.Module, config: Any) -> None:
-    if config.target_macs is not None:
-        raise ConfigError("method 'random' takes target_sparsity, not target_macs")
-    if config.target_sparsity is None:
+    budget, target = config_target(config)
+    if target is None:
         return
-    random_prune(model, config.target_sparsity, config.options["distribution"],
-                 config.options["seed"])
+    if budget == "macs":
+        random_prune(model, seed=config.options["seed"], target_macs=target)
+    else:
+        random_prune(model, target, config.options["distribution"], config.options["seed"])
 
 
 register_method(MethodSpec(

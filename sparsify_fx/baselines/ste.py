@@ -21,7 +21,7 @@ from ..budget import CutResult, apply_budget
 from ..errors import ConfigError
 from ..mask import Mask
 from ..mask_index import masks, unwrap
-from ..methods import MethodSpec, register_method
+from ..methods import MethodSession, MethodSpec, register_method
 from ..config import config_of
 from .erk import layer_sparsities
 
@@ -96,16 +96,20 @@ def init_ste(model: nn.Module, target: Any = None, distribution: Any = "erk") ->
         e.mask.scores.copy_(mag / mag.mean().clamp_min(1e-12))
         if e.name in shares:
             e.mask.density.fill_(1.0 - shares[e.name])
+            e.mask.mark_trained()  # the top-k decision exists from transform on
 
 
-class STECallback:
-    """Trainer callback: at the end, freeze the masks exactly at the layer budget."""
+class STESession(MethodSession):
+    """STE's lifecycle: scores learn through the sign estimator (marked trained at the
+    first step); at the end, the masks freeze exactly at the layer budget."""
+
+    method = "ste"
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = unwrap(model)
+        super().__init__(model)
         cfg = config_of(self.model)
         if cfg is None or cfg.method != "ste":
-            raise ConfigError("STECallback needs a model from transform(..., method='ste')")
+            raise ConfigError("STESession needs a model from transform(..., method='ste')")
         self.target = cfg.target_sparsity
         self.distribution = cfg.options["distribution"]
 
@@ -113,18 +117,25 @@ class STECallback:
         """Freeze the masks: exactly at the layer budget with a target, else at ``scores > 0``."""
         if self.target is None:
             for e in masks(self.model):
-                e.mask.freeze(e.mask.learned_keep())
+                e.mask.freeze(e.mask.hard_mask())
             return None
         return apply_budget(self.model, layer_sparsities(self.model, self.target, self.distribution))
 
+    def after_step(self, epoch: int, step: int) -> None:
+        self.mark_trained()
+
+
+#: the name earlier releases used (a Trainer callback); the session is the same object
+STECallback = STESession
+
 
 def _after_transform(model: nn.Module, config: Any) -> None:
-    if config.target_macs is not None:
-        raise ConfigError("method 'ste' takes target_sparsity, not target_macs")
     init_ste(model, config.target_sparsity, config.options["distribution"])
 
 
 register_method(MethodSpec(
-    "ste", STEMask, {"distribution": "erk"}, after_transform=_after_transform,
-    doc="Binary masks learned with a sign straight-through estimator (top-k per layer).",
+    "ste", STEMask, {"distribution": "erk"}, budgets=("sparsity",),
+    after_transform=_after_transform, session=STESession,
+    doc="Binary masks learned with a sign straight-through estimator (top-k per layer; "
+        "target_sparsity only: a per-layer top-k cannot meet a MACs budget exactly).",
 ))
