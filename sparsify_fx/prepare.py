@@ -14,8 +14,9 @@ from sparsify_fx.passes.insert_masks import InsertMaskNodes
 from sparsify_fx.passes.parametrize_weights import ParametrizeWeights
 
 from .capture import PartialTraceWarning, capture_model, check_capture_options
-from .config import CONFIG_ATTRIBUTE, SparsifyConfig, config_of
+from .config import SparsifyConfig, attach_config, config_of, normalize_inputs
 from .errors import ConfigError, InputError, SelectionError
+from .input_checks import check_finite_weights, resolve_layer_targets
 from .mask import GRANULARITIES, Mask
 from .methods import get_method, split_options
 
@@ -49,7 +50,10 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
     ``keep_first``/``keep_last``: leave the first/last prunable weight dense.
     ``target_sparsity`` (fraction of masked weights, or ``{name: fraction}``)
     and ``target_macs`` (fraction of dense MACs) are budgets the training and
-    one-shot methods meet exactly. Remaining keyword options go to the method
+    one-shot methods meet exactly; each method declares the budgets it honours
+    (:attr:`MethodSpec.budgets`) and any other is refused here with ConfigError.
+    ``example_inputs`` (a tensor or a tuple of them): sample inputs; MACs budgets
+    count per-weight costs on them. Remaining keyword options go to the method
     (e.g. ``s_init``, ``rescale`` for ``"cs"``).
 
     ``capture``: ``"auto"`` (symbolic_trace; if it fails and ``example_inputs``
@@ -87,10 +91,10 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
                           "dense onnxruntime latency for method='cs', granularity='channel', "
                           "global and alone; for other methods cut with apply_budget(gm, "
                           "target_latency=..., scores=...)")
-
-    inputs = (None if example_inputs is None else tuple(example_inputs)
-              if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
+    inputs = normalize_inputs(example_inputs)
     check_capture_options(capture, inputs, dynamic_shapes)
+    spec.check_budgets(target_sparsity=target_sparsity, target_macs=target_macs,
+                       granularity=granularity, per_layer=per_layer)
 
     original = model  # read-only: owner types are looked up here
     working = copy.deepcopy(model)
@@ -112,6 +116,8 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
             f"but include={include!r}, exclude={exclude!r}, keep_first={keep_first}, "
             f"keep_last={keep_last} removed them all. Loosen the globs."
         )
+    check_finite_weights({s.name: getattr(s.host, s.attr) for s in chosen})
+    target_sparsity = resolve_layer_targets(target_sparsity, [s.name for s in chosen])
 
     def make_mask(site: WeightSite) -> Mask:
         mask = spec.build(site.shape, granularity, site.name, options)
@@ -128,8 +134,8 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
     untraced = [str(f) for f in captured.failures]
     root = captured.model
     config = SparsifyConfig(method, granularity, options, target_sparsity, target_macs,
-                            per_layer, untraced)
-    setattr(root, CONFIG_ATTRIBUTE, config)
+                            per_layer, untraced, inputs)
+    attach_config(root, config)
     config.target_latency = target_latency  # read by CSScheduler (sparsify_fx.cost_model)
     root.train(model.training)
     if spec.after_transform is not None:
