@@ -53,10 +53,12 @@ def _onnx_accuracy(exported: Any, loader: DataLoader) -> float:
     return 100.0 * correct / max(total, 1)
 
 
-def write_outputs(ctx: "Context", gm: nn.Module, data: "Data", example: torch.Tensor,
-                  before: float, resumed: bool, masks_equal: bool | None,
-                  wall_s: float) -> dict[str, Any]:
-    """Fold or shrink ``gm``, then stage and publish every output; returns the summary."""
+def write_outputs(ctx: "Context", original: nn.Module, gm: nn.Module, data: "Data",
+                  example: torch.Tensor, before: float, resumed: bool,
+                  masks_equal: bool | None, wall_s: float) -> dict[str, Any]:
+    """Fold or shrink ``gm``, then stage and publish every output; returns the summary.
+
+    MACs and parameters are compared with ``original`` (the input model, untouched)."""
     from ..export.onnx_export import export_onnx
     from ..export.report import report
     from ..mask_index import sparsity
@@ -68,6 +70,7 @@ def write_outputs(ctx: "Context", gm: nn.Module, data: "Data", example: torch.Te
     # element masks: the masked model's report counts sparsity over exactly the masked
     # weights; channel: the shrunk model is what runs, so report it
     rep = report(gm if r["granularity"] == "element" else final, example, name=r["model"])
+    dense = report(original, example)
     stage = ctx.out.staging()
     (stage / "report.md").write_text(rep.to_markdown() + "\n", encoding="utf-8")
     (stage / "report.json").write_text(rep.to_json() + "\n", encoding="utf-8")
@@ -93,9 +96,12 @@ def write_outputs(ctx: "Context", gm: nn.Module, data: "Data", example: torch.Te
                      "onnx_equals_pytorch": onnx_acc == after},
         "sparsity": {"target": r["target_sparsity"], "masked": float(sparsity(gm)),
                      "weights": rep.weight_sparsity},
-        "macs": {"target_fraction": r["target_macs"], "dense": rep.total_dense_macs,
-                 "effective": rep.total_macs, "ratio": rep.macs_ratio,
+        "macs": {"target_fraction": r["target_macs"], "dense": dense.total_dense_macs,
+                 "effective": rep.total_macs,
+                 "ratio": rep.total_macs / max(dense.total_dense_macs, 1),
                  "input_shape": list(example.shape)},
+        "params": {"before": dense.total_params, "after": rep.total_params,
+                   "nonzero_after": rep.total_nonzeros},
         "bytes": {"model_onnx": onnx.bytes, "model_onnx_dense": onnx.dense_bytes,
                   "model_pt": (stage / "model.pt").stat().st_size},
         "onnx": {"max_abs_diff": onnx.max_abs_diff, "tolerance": onnx.tolerance},

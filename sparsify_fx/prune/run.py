@@ -241,5 +241,5 @@ def run(ctx: Context, overwrite: bool) -> dict[str, Any] | None:
     if not ctx.writer:
         return None
     gm.to("cpu")
-    return write_outputs(ctx, gm, data, example, before, resuming, equal,
+    return write_outputs(ctx, model, gm, data, example, before, resuming, equal,
                          time.monotonic() - started)
