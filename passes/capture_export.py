@@ -144,15 +144,22 @@ def export_both_modes(module: nn.Module, inputs: Sequence[Any],
     ``torch.export.export``; None makes dim 0 of every tensor input dynamic
     (a batch of 1 is captured at batch 2 wherever dim 0 is dynamic). Both GraphModules use ``module``'s
     own parameters and buffers (shared, not copied); ``module``'s train flags
-    are restored. Raises whatever ``torch.export`` raises.
+    are restored. Raises whatever ``torch.export`` raises, with ``capture_mode``
+    (``"eval"``/``"train"``) set on the exception.
     """
     inputs = tuple(inputs)
     names = _input_names(module, len(inputs))
     spec = default_dynamic_shapes(inputs) if dynamic_shapes is None else dynamic_shapes
     requested = _requested_dims(spec, inputs, names)
     inputs = _tile_batch(inputs, [0 in requested.get(i, ()) for i in range(len(inputs))])
-    train = _export(module, inputs, spec, True)
-    evaluation = _export(module, inputs, spec, False)
+    modes = {}
+    for training in (False, True):  # eval first: its failure is the informative one
+        try:
+            modes[training] = _export(module, inputs, spec, training)
+        except Exception as exc:
+            exc.capture_mode = "train" if training else "eval"  # read by the caller's message
+            raise
+    train, evaluation = modes[True], modes[False]
     special, static = _describe(evaluation, inputs, names, requested)
     for line in _describe(train, inputs, names, requested)[0]:
         if line not in special:

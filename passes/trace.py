@@ -78,7 +78,8 @@ class TraceFailure:
 _LIBRARY_PATHS = ("/torch/fx/", "/torch/export/", "/torch/_export/", "/torch/_dynamo/",
                   "/torch/_subclasses/", "/torch/_ops.py", "/torch/_prims", "/torch/_refs",
                   "/torch/_decomp", "/torch/_higher_order_ops/", "/torch/_functorch/",
-                  "/torch/utils/", "/torch/_library/", "/torch/_tensor.py", "/sparsify_fx/",
+                  "/torch/utils/", "/torch/_library/", "/torch/_tensor.py", "/torch/__init__.py",
+                  "/sparsify_fx/",
                   "/passes/", "<eval_with_key>")
 
 #: Reasons that come from Python control flow on a traced value (concrete_args helps).

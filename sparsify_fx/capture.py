@@ -118,6 +118,10 @@ def capture_model(working: nn.Module, *, capture: str = "auto",
             return _export(working, example_inputs, dynamic_shapes, fx_failure)
         except Exception as exc:  # noqa: BLE001 - torch.export raises many types
             export_failure = describe_failure("", exc)
+            mode = getattr(exc, "capture_mode", "")
+            if mode:
+                export_failure = TraceFailure(export_failure.path, f"{export_failure.reason} "
+                                              f"({mode}-mode capture)", export_failure.where)
             if capture == "export":
                 raise TraceError(
                     f"torch.export could not capture {type(working).__name__}: "
