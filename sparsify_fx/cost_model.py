@@ -86,8 +86,9 @@ class CostLayer:
 class ChannelCost:
     """Cost of a coupled channel model as a function of the kept group slots.
 
-    ``cost(keep) = remainder + sum of layer costs``; ``unit`` names what is counted
-    (``"MACs"`` or ``"ms"``). ``keep``: bool, ``(n_slots,)``.
+    ``cost(keep) = remainder + scale x sum of layer costs``; ``unit`` names what is
+    counted (``"MACs"`` or ``"ms"``). ``keep``: bool, ``(n_slots,)``. ``scale`` (1 for
+    MACs) carries isolated op timings over to the whole model (see ``channel_latency``).
     """
 
     layers: list[CostLayer]
@@ -95,6 +96,7 @@ class ChannelCost:
     n_slots: int
     remainder: float = 0.0
     unit: str = "MACs"
+    scale: float = 1.0
     meta: dict = field(default_factory=dict)
 
     def _kept(self, keep: Tensor) -> Tensor:
@@ -107,7 +109,7 @@ class ChannelCost:
         for lay in self.layers:
             o = ext[lay.out_slot].reshape(lay.groups, -1).sum(1).double()
             i = ext[lay.in_slot].reshape(lay.groups, -1).sum(1).double()
-            out[lay.weight] = out.get(lay.weight, 0.0) + lay.cost(o, i)
+            out[lay.weight] = out.get(lay.weight, 0.0) + self.scale * lay.cost(o, i)
         return out
 
     def cost(self, keep: Tensor) -> float:
@@ -207,31 +209,22 @@ def channel_latency(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor,
 
     Each Conv/Linear call reads its op's table, timed at several kept widths by
     ``timer(signature, kept_out, kept_in) -> ms`` (default
-    :func:`~sparsify_fx.latency_table.ort_timer`). The remainder is the dense model's
-    latency, ``model_timer(plain_model, inputs) -> ms`` (default: onnxruntime on the
-    exported model), minus the sum of its dense entries. Both are cached
+    :func:`~sparsify_fx.latency_table.ort_timer`). ``remainder`` and ``scale`` come from
+    :func:`_calibrate` (``model_timer([dense, probe], inputs) -> [ms, ms]``, default:
+    onnxruntime on the exported models). Both are cached
     (:class:`~sparsify_fx.latency_table.LatencyTable`, under ``cache_dir``): a second
-    call on the same machine measures nothing. Read-only (shape metadata on nodes aside).
+    call on the same machine measures nothing (``meta["timings"] == 0``). Read-only
+    (shape metadata on nodes aside).
     """
     from tqdm.auto import tqdm
 
-    from .latency_probe import measure_model, model_key, op_signatures, strip_masks
+    from .latency_probe import model_key, op_signatures
     from .latency_table import LatencyTable, ort_timer
     gm = _graph(model)
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     table = LatencyTable.load(threads, cache_dir)
     sigs = op_signatures(gm, inputs)
-    state: dict = {"timer": timer, "bar": None, "timings": 0, "model_timed": False}
-
-    def timed(sig, kept_out: int, kept_in: int) -> float:
-        if state["timer"] is None:
-            state["timer"] = ort_timer(threads)
-        if state["bar"] is None:
-            state["bar"] = tqdm(desc="latency table", unit="op", disable=not progress,
-                                leave=False)
-        state["bar"].update(1)
-        state["timings"] += 1
-        return state["timer"](sig, kept_out, kept_in)
+    state: dict = {"timer": timer, "timings": 0, "model_timed": False}
 
     def make(prod, out_prunable: bool, in_prunable: bool) -> LayerCost:
         sig = sigs.get(prod.node)
@@ -239,29 +232,72 @@ def channel_latency(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor,
             raise ConfigError(f"the latency table times Conv/Linear calls; {prod.weight} "
                               f"({prod.kind}) has none: budget attention heads with target_macs, "
                               "or exclude their weights (exclude=['*attn*'])")
-        return TableCost(table.measure(sig, out_prunable, in_prunable, timed), sig.groups > 1,
-                         sig)
+        return (sig, out_prunable, in_prunable)  # type: ignore[return-value]  # timed below
+
+    layers, group_list, n_slots, _ = _cost_layers(gm, make)
+    todo = {lay.cost[0].key(): table.missing(*lay.cost) for lay in layers}  # type: ignore[index]
+    bar = tqdm(total=sum(todo.values()), desc="latency table", unit="timing",
+               disable=not progress or not sum(todo.values()), leave=False)
+
+    def timed(sig, kept_out: int, kept_in: int) -> float:
+        if state["timer"] is None:
+            state["timer"] = ort_timer(threads)
+        bar.update(1)
+        state["timings"] += 1
+        return state["timer"](sig, kept_out, kept_in)
 
     try:
-        layers, group_list, n_slots, _ = _cost_layers(gm, make)
+        for lay in layers:
+            sig, out_p, in_p = lay.cost  # type: ignore[misc]
+            lay.cost = TableCost(table.measure(sig, out_p, in_p, timed), sig.groups > 1, sig)
     finally:
-        if state["bar"] is not None:
-            state["bar"].close()
-    ops_dense = ChannelCost(layers, group_list, n_slots, unit="ms").dense
+        bar.close()
+    ops = ChannelCost(layers, group_list, n_slots, unit="ms")
     key = model_key(gm, inputs)
     if key not in table.remainders:
-        plain = strip_masks(gm)
-        measured = (model_timer(plain, inputs) if model_timer is not None
-                    else measure_model(plain, inputs, threads))
-        table.remainders[key] = float(measured) - ops_dense
+        table.remainders[key] = _calibrate(gm, inputs, ops, threads, model_timer)
         state["model_timed"] = True
     if state["timings"] or state["model_timed"]:
         table.save()
-    remainder = table.remainders[key]
-    return ChannelCost(layers, group_list, n_slots, remainder=remainder, unit="ms",
-                       meta={"table": str(table.path), "env": dict(table.env),
-                             "dense_ms": ops_dense + remainder,
+    cal = table.remainders[key]
+    return ChannelCost(layers, group_list, n_slots, remainder=cal["remainder"], unit="ms",
+                       scale=cal["scale"],
+                       meta={"table": str(table.path), "env": dict(table.env), **cal,
                              "timings": state["timings"], "model_timed": state["model_timed"]})
+
+
+def _calibrate(gm: fx.GraphModule, inputs: tuple, ops: ChannelCost, threads: int,
+               model_timer: Callable | None) -> dict[str, float]:
+    """Fit ``latency = remainder + scale x sum of op entries`` from the dense model and a
+    probe with about half of every group's channels (the top half of its current
+    ranking), timed interleaved by ``model_timer([dense, probe], inputs) -> [ms, ms]``
+    (default: onnxruntime on the exported models). Interleaving makes the fit immune to
+    load changes between the two; ``scale`` absorbs a systematic ratio between ops timed
+    alone (earlier, maybe under another load) and in the model. Falls back to scale 1
+    and ``remainder = dense - ops`` when the fit is degenerate. Leaves ``gm`` unchanged."""
+    import copy as _copy
+
+    from sparsify_fx.passes.couple_channels import group_masks, select_channels
+    from sparsify_fx.passes.shrink import shrink
+
+    from .latency_probe import measure_models, strip_masks
+    probe_gm = _copy.deepcopy(gm)
+    select_channels(probe_gm, 0.5)
+    for m in probe_gm.modules():
+        if isinstance(m, Mask) and hasattr(m, "at_target"):  # a probe, not a budget
+            m.at_target.fill_(True)
+    keep = torch.cat([m.hard_mask().reshape(-1).cpu() for m in group_masks(probe_gm).values()])
+    models = [strip_masks(gm), shrink(probe_gm)]
+    dense_ms, probe_ms = (model_timer(models, inputs) if model_timer is not None
+                          else measure_models(models, inputs, threads))
+    s_dense, s_probe = ops.dense, ops.cost(keep)
+    scale = (dense_ms - probe_ms) / (s_dense - s_probe) if s_dense > s_probe else 0.0
+    remainder = dense_ms - scale * s_dense
+    if not (scale > 0 and remainder >= 0):
+        scale, remainder = 1.0, max(0.0, dense_ms - s_dense)
+    return {"remainder": float(remainder), "scale": float(scale), "dense_ms": float(dense_ms),
+            "probe_ms": float(probe_ms), "ops_dense_ms": float(s_dense),
+            "ops_probe_ms": float(s_probe)}
 
 
 def kept_widths(cost: ChannelCost, keep: Tensor) -> dict[str, tuple[int, int]]:

@@ -3,7 +3,7 @@
 ``op_signatures``: one :class:`~sparsify_fx.latency_table.OpSignature` per Conv/Linear
 call (shapes from ShapeProp on the example inputs). ``strip_masks``: a plain copy of
 the graph with every mask node bypassed (the dense function's graph, for timing only).
-``measure_model``: median onnxruntime latency of a plain model exported with
+``measure_models``: median onnxruntime latencies (interleaved) of plain models exported with
 :func:`sparsify_fx.export.onnx_export.export_onnx` (the path the benchmark verifies).
 Only ``op_signatures`` touches the input graph, and only its nodes' ``tensor_meta``.
 """
@@ -12,7 +12,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import ConfigError
-from .latency_table import OpSignature, time_session
+from .latency_table import OpSignature
 from .mask_index import hard_masks
 
 MASK_PREFIX = "sparsify_masks."
@@ -112,19 +114,36 @@ def model_key(gm: fx.GraphModule, inputs: tuple[Tensor, ...]) -> str:
     return "model|" + h.hexdigest()[:16]
 
 
+def measure_models(models: list[nn.Module], inputs: tuple[Tensor, ...], threads: int,
+                   runs: int = 30) -> list[float]:
+    """Median onnxruntime latency (ms) of each model exported to ONNX (CPU, ``threads``),
+    timed interleaved (every round runs each model once) so load changes hit all alike."""
+    from sparsify_fx.export.onnx_export import export_onnx, make_session
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = []
+        for k, model in enumerate(models):
+            path = Path(tmp) / f"model{k}.onnx"
+            try:
+                export_onnx(model.eval(), inputs if len(inputs) > 1 else inputs[0], path,
+                            sparse=False, verify=False, latency_runs=0)
+            except Exception as exc:  # ExportError and friends
+                raise ConfigError(f"measuring model latency needs an ONNX export of the "
+                                  f"model: {exc}") from exc
+            sessions.append(make_session(path, threads=threads))
+        feeds = [{i.name: t.detach().cpu().numpy() for i, t in zip(s.get_inputs(), inputs)}
+                 for s in sessions]
+        for s, feed in zip(sessions, feeds):
+            s.run(None, feed)
+        times: list[list[float]] = [[] for _ in sessions]
+        for _ in range(runs):
+            for k, (s, feed) in enumerate(zip(sessions, feeds)):
+                t = time.perf_counter()
+                s.run(None, feed)
+                times[k].append((time.perf_counter() - t) * 1e3)
+        return [statistics.median(t) for t in times]
+
+
 def measure_model(model: nn.Module, inputs: tuple[Tensor, ...], threads: int,
                   runs: int = 30) -> float:
     """Median onnxruntime latency (ms) of ``model`` exported to ONNX (CPU, ``threads``)."""
-    from sparsify_fx.export.onnx_export import export_onnx, make_session
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        try:
-            export_onnx(model.eval(), inputs if len(inputs) > 1 else inputs[0], path,
-                        sparse=False, verify=False, latency_runs=0)
-        except Exception as exc:  # ExportError and friends
-            raise ConfigError(f"measuring the dense latency needs an ONNX export of the model: "
-                              f"{exc}") from exc
-        session = make_session(path, threads=threads)
-        names = [i.name for i in session.get_inputs()]
-        feed = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
-        return time_session(session, feed, min_runs=runs)
+    return measure_models([model], inputs, threads, runs)[0]

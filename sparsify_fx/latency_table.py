@@ -4,9 +4,10 @@ One entry per op signature (kind, batch, channels, spatial size, kernel, stride,
 padding, dilation, groups): a grid of milliseconds over kept output x kept input
 channels (kept conv groups for a grouped conv), made non-decreasing along both
 axes, read by bilinear interpolation (:class:`OpTable`). The model-level
-remainder (the dense model's measured latency minus the sum of its ops' dense
-entries: activations, adds, pooling, session overhead) is stored under a model
-signature. Tables live in one JSON file per environment (onnxruntime version,
+calibration (``{"remainder", "scale"}``: the whole model's latency is ``remainder + scale
+x sum of op entries``, fitted from the dense model and a half-width probe of it timed
+interleaved; the remainder covers activations, adds, pooling, session overhead) is
+stored under a model signature. Tables live in one JSON file per environment (onnxruntime version,
 thread count, CPU model) under :func:`cache_dir`; a second build reads them and
 measures nothing. Read by :mod:`sparsify_fx.cost_model`.
 """
@@ -142,7 +143,7 @@ class LatencyTable:
 
     env: dict[str, str]
     ops: dict[str, OpTable] = field(default_factory=dict)
-    remainders: dict[str, float] = field(default_factory=dict)
+    remainders: dict[str, dict[str, float]] = field(default_factory=dict)
     path: Path | None = None
 
     @classmethod
@@ -167,7 +168,8 @@ class LatencyTable:
         for k, v in data.get("ops", {}).items():
             self.ops.setdefault(k, OpTable.from_json(v))
         for k, v in data.get("remainders", {}).items():
-            self.remainders.setdefault(k, float(v))
+            if isinstance(v, dict):
+                self.remainders.setdefault(k, {n: float(x) for n, x in v.items()})
 
     def save(self) -> None:
         """Write atomically, keeping entries another process added meanwhile."""
@@ -186,17 +188,23 @@ class LatencyTable:
             json.dump(data, f)
         os.replace(tmp, self.path)
 
+    def missing(self, sig: OpSignature, out_prunable: bool, in_prunable: bool) -> int:
+        """How many timings :meth:`measure` would make for this op (0: cached)."""
+        outs, ins = _axes(sig, out_prunable, in_prunable)
+        have = self.ops.get(sig.key())
+        if have is not None and set(outs) <= set(have.outs) and (
+                sig.groups > 1 or set(ins) <= set(have.ins)):
+            return 0
+        return len(outs) * (1 if sig.groups > 1 else len(ins))
+
     def measure(self, sig: OpSignature, out_prunable: bool, in_prunable: bool,
                 timer: Timer) -> OpTable:
         """The op's table, timed with ``timer`` unless cached (a cached table measured on a
         coarser grid is re-measured)."""
-        if sig.groups > 1:  # whole conv groups: one axis, outputs and inputs together
-            counts = [g * (sig.out_ch // sig.groups) for g in grid(sig.groups, out_prunable)]
-            outs, ins = counts, counts
-        else:
-            outs, ins = grid(sig.out_ch, out_prunable), grid(sig.in_ch, in_prunable)
+        outs, ins = _axes(sig, out_prunable, in_prunable)
         have = self.ops.get(sig.key())
-        if have is not None and set(outs) <= set(have.outs) and set(ins) <= set(have.ins):
+        if have is not None and set(outs) <= set(have.outs) and (
+                sig.groups > 1 or set(ins) <= set(have.ins)):
             return have
         if sig.groups > 1:
             per_in = sig.in_ch // sig.groups
@@ -207,6 +215,14 @@ class LatencyTable:
         table = table.monotone()
         self.ops[sig.key()] = table
         return table
+
+
+def _axes(sig: OpSignature, out_prunable: bool, in_prunable: bool) -> tuple[list[int], list[int]]:
+    """Kept output / input counts to time (a grouped conv: whole groups, one axis)."""
+    if sig.groups > 1:
+        counts = [g * (sig.out_ch // sig.groups) for g in grid(sig.groups, out_prunable)]
+        return counts, [1]
+    return grid(sig.out_ch, out_prunable), grid(sig.in_ch, in_prunable)
 
 
 # -- onnxruntime timing --------------------------------------------------------------------

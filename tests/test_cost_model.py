@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import sparsify_fx as sf
 from sparsify_fx.budget import weight_costs
@@ -52,26 +53,14 @@ def macs_timer(sig: OpSignature, kept_out: int, kept_in: int) -> float:
 REMAINDER = 0.02
 
 
-def model_timer(plain: nn.Module, inputs: tuple) -> float:
-    """Dense model: the exact MAC-proportional sum of its Conv/Linear calls, plus REMAINDER."""
-    ms = 0.0
-
-    def hook(m: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        nonlocal ms
-        del args
-        w = m.weight
-        per_out = out[0].numel() // w.shape[0] if out.dim() > 2 else 1
-        ms += MS_PER_MAC * out.shape[0] * per_out * w.numel()
-
-    del plain  # the stripped copy calls functional convs; time the equivalent module
-    net = TinyRes().eval()
-    hooks = [m.register_forward_hook(hook) for m in net.modules()
-             if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with torch.no_grad():
-        net(*inputs)
-    for h in hooks:
-        h.remove()
-    return ms + REMAINDER
+def model_timer(models: list[nn.Module], inputs: tuple) -> list[float]:
+    """Each model: its Conv/Linear MACs (FlopCounterMode / 2) at MS_PER_MAC, plus REMAINDER."""
+    out = []
+    for plain in models:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            plain(*inputs)
+        out.append(MS_PER_MAC * counter.get_total_flops() / 2 + REMAINDER)
+    return out
 
 
 @pytest.fixture
@@ -91,7 +80,8 @@ def test_latency_and_macs_share_one_bookkeeping(gm, tmp_path) -> None:
     macs = channel_macs(gm, weight_costs(gm, X))
     lat = latency(gm, tmp_path)
     assert type(macs) is type(lat) and macs.unit == "MACs" and lat.unit == "ms"
-    assert lat.remainder == pytest.approx(REMAINDER)
+    assert lat.remainder == pytest.approx(REMAINDER) and lat.scale == pytest.approx(1.0)
+    assert lat.meta["probe_ms"] < lat.meta["dense_ms"]
     assert lat.dense == pytest.approx(MS_PER_MAC * X.shape[0] * macs.dense + REMAINDER)
     g = torch.Generator().manual_seed(3)
     for _ in range(20):

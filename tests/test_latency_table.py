@@ -75,10 +75,13 @@ def test_second_build_measures_nothing(tmp_path) -> None:
     gm = sf.transform(Net().eval(), method="cs", granularity="channel")
     timer, models = Counter(), []
     first = channel_latency(gm, X, cache_dir=tmp_path, timer=timer,
-                            model_timer=lambda m, x: models.append(m) or 5.0, progress=False)
+                            model_timer=lambda ms, x: models.extend(ms) or [5.0, 3.0],
+                            progress=False)
     # c1: 4 out widths x 1 input (the image); c2: 4 x 4; fc: 1 output (classes) x 4
-    assert timer.calls == 4 + 16 + 4 and len(models) == 1
-    assert not any("sparsify" in type(m).__name__.lower() for m in models[0].modules())
+    assert timer.calls == 4 + 16 + 4 and len(models) == 2  # dense + half-width probe
+    for m in models:
+        assert not any("sparsify" in type(m).__name__.lower() for m in m.modules())
+    assert models[1].get_parameter("c2.weight").shape[0] == 8  # the probe: half of c2
     assert first.dense == pytest.approx(5.0)  # remainder completes the measured dense latency
     again_timer = Counter()
     second = channel_latency(gm, X, cache_dir=tmp_path, timer=again_timer,
@@ -94,7 +97,7 @@ def test_second_build_measures_nothing(tmp_path) -> None:
     # another thread count is another environment: measured again, in another file
     third = Counter()
     channel_latency(gm, X, threads=1, cache_dir=tmp_path, timer=third,
-                    model_timer=lambda m, x: 4.0, progress=False)
+                    model_timer=lambda ms, x: [4.0, 3.0], progress=False)
     assert third.calls == timer.calls and len(list(tmp_path.glob("latency-*.json"))) == 2
 
 
