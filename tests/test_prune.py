@@ -193,3 +193,33 @@ def test_flags_override_recipe_and_print_recipe_round_trips(tmp_path: pathlib.Pa
     assert effective["epochs"] == 7 and effective["lr"] == 0.1
     assert effective["exclude"] == ["classifier.*"] and effective["keep_last"] is False
     assert effective == load_recipe(str(recipe), {"lr": 0.1, "keep_last": False})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [
+    ["--granularity", "channel", "--target-macs", "0.5"],
+    ["--method", "magnitude", "--target-sparsity", "0.7"],
+    ["--method", "gmp", "--target-sparsity", "0.7"],
+])
+def test_other_methods_and_channel_shrink(tmp_path: pathlib.Path, extra: list[str]) -> None:
+    out = tmp_path / "run"
+    args = [a for a in _args(out) if a not in ("--target-sparsity", str(TARGET))]
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        assert prune_main(args + extra) == 0
+    finally:
+        os.chdir(cwd)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accuracy"]["onnx_equals_pytorch"] is True
+    model = load_pruned(out / "model.pt").eval()
+    assert sum(p.numel() for p in model.parameters()) == summary["params"]["after"]
+    x_val, y_val = digits_data()[1].tensors
+    with torch.no_grad():
+        acc = 100.0 * int((model(x_val).argmax(1) == y_val).sum()) / len(y_val)
+    assert acc == pytest.approx(summary["accuracy"]["after"], abs=1e-9)
+    if "--target-macs" in extra:
+        assert summary["macs"]["ratio"] <= 0.5
+        assert summary["params"]["after"] < summary["params"]["before"]  # a smaller model
+    else:
+        assert summary["sparsity"]["masked"] == pytest.approx(0.7, abs=1e-3)
