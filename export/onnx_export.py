@@ -157,8 +157,16 @@ def _check_destination(path: str | os.PathLike) -> Path:
 
 
 def _reference(model: nn.Module, inputs: tuple[Any, ...]) -> list[Tensor]:
-    with torch.no_grad(), hard_masks(model):
-        out = model(*inputs)
+    """The model's outputs on ``inputs`` (hard masks); InputError when it fails on them."""
+    try:
+        with torch.no_grad(), hard_masks(model):
+            out = model(*inputs)
+    except Exception as exc:  # noqa: BLE001 - the user's forward raises anything
+        first = (str(exc).strip().splitlines() or [""])[0]
+        shapes = [tuple(x.shape) for x in inputs if isinstance(x, Tensor)]
+        raise InputError(f"the model fails on example_inputs of shape(s) {shapes} "
+                         f"({type(exc).__name__}: {first}); pass inputs the model accepts "
+                         "(the shape and dtype it runs on)") from exc
     return _leaves(out)
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from sparsify_fx.errors import InputError, SparsifyError
+from sparsify_fx.errors import InputError
 from sparsify_fx.mask import Mask
 from sparsify_fx.mask_index import masks, unwrap
 
@@ -298,15 +298,7 @@ def report(model: nn.Module, example_inputs: Any, *, name: str = "",
     model = unwrap(model)
     inputs = _inputs(example_inputs)
     weights, mask_pairs = effective_weights(model)
-    try:
-        count = count_macs(model, inputs, weights, mask_pairs, eager=eager)
-    except SparsifyError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the user's forward raises anything
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise InputError(f"the model raised on example_inputs of shape(s) {_shapes(inputs)}: "
-                         f"{type(exc).__name__}: {first}; pass inputs the model accepts "
-                         "(the shape and dtype it runs on)") from exc
+    count = count_macs(model, inputs, weights, mask_pairs, eager=eager)  # InputError if it fails
     masked = {n for n, _ in mask_pairs}
     rows = [_row(use, weights[use.name], use.name in masked) for use in count.weights.values()]
     notes = []
