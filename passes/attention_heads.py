@@ -143,17 +143,19 @@ def visit_mha(an: Any, node: fx.Node, mod: nn.MultiheadAttention) -> Any:
     if shape is not None:
         tokens = shape[0] if len(shape) == 2 or not mod.batch_first else shape[1]
     site = AttentionSite(node.name, "mha", path, node.name, f"{node.name}.out", h, e // h, weight)
+    prunable = weight in an.masked or has_shared_mask(mod, "in_proj_weight")
     _add_site(an, node, site,
               qkv=(weight, f"{path}.in_proj_bias" if mod.in_proj_bias is not None else None),
               out=(f"{path}.out_proj.weight",
                    f"{path}.out_proj.bias" if mod.out_proj.bias is not None else None),
-              mask_node=None, prunable=weight in an.masked or has_shared_mask(mod, "in_proj_weight"),
-              in_ids=in_ids, e_in=e, e_out=e, tokens=tokens, keys=tokens)
-    return _opaque(an)
+              mask_node=None, prunable=prunable, in_ids=in_ids, e_in=e, e_out=e,
+              tokens=tokens, keys=tokens)
+    return _untracked()
 
 
-def _opaque(an: Any) -> Any:
-    from .channel_groups import OPAQUE
+def _untracked() -> Any:
+    """The attention output's channels are not tracked (its out-projection stays whole)."""
+    from .channel_groups import OPAQUE  # channel_groups imports this module
     return OPAQUE
 
 
@@ -194,7 +196,7 @@ def visit_window(an: Any, node: fx.Node) -> Any:
     _add_site(an, node, site, qkv=(qkv_w, qkv_b), out=(proj_w, proj_b), mask_node=mask_node,
               prunable=qkv_w in an.masked and mask_node is not None, in_ids=in_ids,
               e_in=e_in, e_out=e_out, tokens=tokens, keys=keys)
-    return _opaque(an)
+    return _untracked()
 
 
 def _bias_table(arg: Any) -> str | None:
