@@ -211,6 +211,7 @@ def _logical_params(model: nn.Module) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     seen: set[int] = set()
     skip: set[int] = set()
+    strip = getattr(model, "logical_name_prefix", "")  # ExportedModule: "train_graph."
     for path, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, Mask):
             skip.update(id(p) for p in module.parameters())
@@ -226,7 +227,7 @@ def _logical_params(model: nn.Module) -> dict[str, Tensor]:
                 name = f"{host}.{attr}" if host else attr
             else:
                 name = f"{path}.{pname}" if path else pname
-            out[name] = param
+            out[name.removeprefix(strip) if strip else name] = param
     return out
 
 

@@ -50,6 +50,9 @@ class ExportedModule(nn.Module):
     source model returns.
     """
 
+    #: parameters are named ``train_graph.<name in the source model>``; reports strip this
+    logical_name_prefix = "train_graph."
+
     def __init__(self, train_graph: fx.GraphModule, eval_graph: fx.GraphModule,
                  source_name: str = "") -> None:
         super().__init__()

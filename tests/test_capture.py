@@ -115,7 +115,9 @@ def _check_masked_model(source: nn.Module, gm: nn.Module, x: torch.Tensor) -> No
     assert folded_zeros == total // 2
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         source(x)
-    assert sparsify_fx.report(plain, x).total_dense_macs == counter.get_total_flops() // 2
+    rep = sparsify_fx.report(plain, x)
+    assert rep.total_dense_macs == counter.get_total_flops() // 2
+    assert sorted(r.name for r in rep.rows) == ["conv_w", "lin_w"]  # names as in the source
 
 
 def test_functional_weights_found_by_fx():
@@ -299,3 +301,20 @@ def test_tied_embedding_weight_is_not_masked():
     for capture in ("fx", "export"):
         gm = _transform(Tied(), capture=capture, example_inputs=(ids,))
         assert [e.name for e in sparsify_fx.masks(gm)] == ["mid.weight"], capture
+
+
+@pytest.mark.slow
+def test_detection_model_falls_back_to_partial_trace_naming_the_export_failure():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
+        weights=None, weights_backbone=None).eval()
+    x = torch.rand(1, 3, 320, 320)
+    with pytest.warns(PartialTraceWarning) as record:
+        gm = sparsify_fx.transform(model, example_inputs=x)
+    text = "\n".join(str(w.message) for w in record if w.category is PartialTraceWarning)
+    assert "for img in images:" in text and "torch.export" in text and "eval-mode" in text
+    assert not isinstance(gm, ExportedModule) and len(sparsify_fx.masks(gm)) > 50
+    with torch.no_grad():
+        expected, got = model(x)[0], gm(x)[0]
+    assert len(expected["boxes"]) > 0
+    torch.testing.assert_close(got["boxes"], expected["boxes"], rtol=0, atol=1e-4)
