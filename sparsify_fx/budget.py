@@ -20,6 +20,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .config import config_of
 from .errors import BudgetError, ConfigError
+from .granularity import parse_granularity
 from .channel_macs import ChannelMacs, channel_graph, channel_macs, is_coupled
 from .cost_model import ChannelCost, budget_cost
 from .mask_index import MaskEntry, hard_masks, masks, unwrap
@@ -196,10 +197,18 @@ def _cut(model: nn.Module, entries: list[MaskEntry],
         return s.reshape(-1).cpu()
 
     before = {e.name: e.mask.learned_keep().reshape(-1).cpu().clone() for e in entries}
+    # a granularity with a fixed pattern (N:M) is its own budget: each mask keeps its pattern
+    free = []
+    for e in entries:
+        gran = parse_granularity(e.mask.granularity)
+        if gran.is_pattern:
+            e.mask.freeze(gran.pattern_keep(ranking(e).reshape(e.mask.score_shape)))
+        else:
+            free.append(e)
     if isinstance(target_sparsity, Mapping) or (per_layer and target_sparsity is not None):
-        groups = [[e] for e in entries]
+        groups = [[e] for e in free]
     else:
-        groups = [entries]
+        groups = [free] if free else []
     for group in groups:
         flat = torch.cat([ranking(e) for e in group])
         per_unit = torch.cat([torch.full((e.mask.hard_mask().numel(),),

@@ -33,8 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
-
-GRANULARITIES = ("element", "channel")
+from .granularity import GRANULARITIES, parse_granularity
 
 #: fp32 sigmoid(x) is exactly 1.0 above x ~ 16.6; keep initial |beta * s| well below.
 SATURATION_LIMIT = 12.0
@@ -42,14 +41,7 @@ SATURATION_LIMIT = 12.0
 
 def score_shape_for(weight_shape: Sequence[int], granularity: str) -> tuple[int, ...]:
     """Shape of one mask's scores for a weight of ``weight_shape``."""
-    if granularity not in GRANULARITIES:
-        raise ConfigError(
-            f"unknown granularity {granularity!r}; use one of {', '.join(GRANULARITIES)}"
-        )
-    shape = tuple(int(s) for s in weight_shape)
-    if granularity == "element":
-        return shape
-    return (shape[0],) + (1,) * (len(shape) - 1)
+    return parse_granularity(granularity).score_shape(weight_shape)
 
 
 class Mask(nn.Module):

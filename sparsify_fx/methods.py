@@ -99,7 +99,7 @@ class MethodSpec:
     name: str
     mask_class: type[Mask]
     options: dict[str, Any] = field(default_factory=dict)
-    granularities: tuple[str, ...] = ("element", "channel")
+    granularities: tuple[str, ...] = ("element", "channel", "n:m")
     budgets: tuple[str, ...] = BUDGETS
     after_transform: Callable[[nn.Module, Any], None] | None = None
     session: type[MethodSession] | None = None

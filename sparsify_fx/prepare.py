@@ -17,7 +17,8 @@ from .capture import PartialTraceWarning, capture_model, check_capture_options
 from .config import SparsifyConfig, attach_config, config_of, normalize_inputs
 from .errors import ConfigError, InputError, SelectionError
 from .input_checks import check_finite_weights, resolve_layer_targets
-from .mask import GRANULARITIES, Mask
+from .granularity import GRANULARITIES, parse_granularity, pattern_target
+from .mask import Mask
 from .methods import get_method, split_options
 
 
@@ -71,11 +72,13 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
             "functions in an nn.Module whose forward calls them"
         )
     spec = get_method(method)
-    if granularity not in GRANULARITIES or granularity not in spec.granularities:
+    gran = parse_granularity(granularity)
+    if gran.kind not in spec.granularities:
         allowed = ", ".join(g for g in GRANULARITIES if g in spec.granularities)
         raise ConfigError(
             f"granularity {granularity!r} is not supported by method {method!r}; use {allowed}"
         )
+    target_sparsity = pattern_target(gran, target_sparsity, target_macs)
     options = split_options(spec, method_options)
     _check_fraction("target_sparsity", target_sparsity)
     if target_macs is not None and not (isinstance(target_macs, (int, float))

@@ -135,6 +135,7 @@ def _after_transform(model: nn.Module, config: Any) -> None:
 
 register_method(MethodSpec(
     "ste", STEMask, {"distribution": "erk"}, budgets=("sparsity",),
+    granularities=("element", "channel"),
     after_transform=_after_transform, session=STESession,
     doc="Binary masks learned with a sign straight-through estimator (top-k per layer; "
         "target_sparsity only: a per-layer top-k cannot meet a MACs budget exactly).",
