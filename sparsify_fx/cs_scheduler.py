@@ -356,5 +356,6 @@ class CSScheduler(MethodSession):
 
 register_method(MethodSpec(
     "cs", CSMask, {"s_init": 0.0, "rescale": True}, session=CSScheduler,
+    budgets=("sparsity", "macs", "latency"),
     doc="Continuous Sparsification: scale * sigmoid(beta * s), hard mask s > 0.",
 ))

@@ -33,7 +33,8 @@ from .mask_index import masks, unwrap
 if TYPE_CHECKING:
     from .budget import CutResult
 
-BUDGETS = ("sparsity", "macs")
+#: every budget a method may declare (target_<name> in transform)
+BUDGETS = ("sparsity", "macs", "latency")
 
 
 class MethodSession:
@@ -100,7 +101,7 @@ class MethodSpec:
     mask_class: type[Mask]
     options: dict[str, Any] = field(default_factory=dict)
     granularities: tuple[str, ...] = ("element", "channel", "n:m")
-    budgets: tuple[str, ...] = BUDGETS
+    budgets: tuple[str, ...] = ("sparsity", "macs")
     after_transform: Callable[[nn.Module, Any], None] | None = None
     session: type[MethodSession] | None = None
     doc: str = ""
@@ -110,10 +111,10 @@ class MethodSpec:
         return self.mask_class(weight_shape, granularity, weight_name, **options)
 
     def check_budgets(self, *, target_sparsity: Any, target_macs: Any, granularity: str,
-                      per_layer: bool) -> None:
+                      per_layer: bool, target_latency: Any = None) -> None:
         """Refuse (ConfigError) a budget this method cannot honour."""
-        asked = [b for b, v in (("sparsity", target_sparsity), ("macs", target_macs))
-                 if v is not None]
+        asked = [b for b, v in (("sparsity", target_sparsity), ("macs", target_macs),
+                                ("latency", target_latency)) if v is not None]
         for budget in asked:
             if budget not in self.budgets:
                 others = [m for m in available_methods() if budget in get_method(m).budgets]
@@ -121,9 +122,13 @@ class MethodSpec:
                     f"method {self.name!r} cannot honour target_{budget} (it supports "
                     f"{', '.join('target_' + b for b in self.budgets)}); use one of its "
                     f"budgets, or a method that takes target_{budget}: {', '.join(others)}")
-        if target_macs is not None and per_layer:
-            raise ConfigError("target_macs is a global budget (a fraction of the model's MACs); "
-                              "drop per_layer=True or use target_sparsity per layer")
+        if (target_macs is not None or target_latency is not None) and per_layer:
+            raise ConfigError("target_macs / target_latency are global budgets (a fraction of "
+                              "the whole model's); drop per_layer=True or use target_sparsity "
+                              "per layer")
+        if target_latency is not None and granularity != "channel":
+            raise ConfigError("target_latency needs granularity='channel': only removed channels "
+                              "make the model faster (zeros in a dense weight do not)")
 
 
 _METHODS: dict[str, MethodSpec] = {}

@@ -79,7 +79,7 @@ TRANSFORM_MISUSES = {
     "ste with target_macs": (dict(method="ste", target_macs=0.5), ConfigError,
                              "cannot honour target_macs"),
     "per-layer MACs": (dict(target_macs=0.5, per_layer=True), ConfigError,
-                       "global budget"),
+                       "global budgets"),
     "example input not a tensor": (dict(example_inputs="image.png"), InputError,
                                    "example_inputs=torch.randn"),
 }
