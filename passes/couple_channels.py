@@ -37,6 +37,7 @@ from sparsify_fx.errors import ShrinkError
 from sparsify_fx.mask import Mask, MaskSet, SharedChannelMask
 from sparsify_fx.mask_index import MaskEntry, masks, unwrap
 
+from .pass_base import PassResult, SparsifyPass
 from .channel_groups import ChannelGraph, analyze_channels
 
 GROUP_PREFIX = "channel_group_"
@@ -254,3 +255,17 @@ def select_channels(model: nn.Module, keep_fraction: float | Mapping[str, float]
         m.freeze(keep.reshape(m.score_shape))
         kept[key] = n
     return kept
+
+
+class CoupleChannels(SparsifyPass):
+    """``CoupleChannels(make_group_mask)(model) -> PassResult``: :func:`couple_channels`
+    as a pass; the :class:`ChannelGraph` it used is in ``.graph`` (None: not coupled)."""
+
+    def __init__(self, make_group_mask: GroupMaskFactory, strict: bool = False) -> None:
+        self.make_group_mask = make_group_mask
+        self.strict = strict
+        self.graph: ChannelGraph | None = None
+
+    def call(self, graph_module: nn.Module) -> PassResult:  # type: ignore[override]
+        self.graph = couple_channels(graph_module, self.make_group_mask, strict=self.strict)
+        return PassResult(graph_module, self.graph is not None)

@@ -14,6 +14,8 @@ from sparsify_fx.mask import MaskSet
 from sparsify_fx.mask_index import masks
 from sparsify_fx.config import detach_config, require_target_applied
 
+from .pass_base import PassResult, SparsifyPass
+
 
 def own_parametrized_classes(model: nn.Module) -> None:
     """Give every parametrized module of ``model`` its own class object (mutates ``model``).
@@ -67,3 +69,11 @@ def fold_masks_inplace(model: nn.Module) -> nn.Module:
         gm.recompile()
     detach_config(model)
     return model
+
+
+class FoldMasks(SparsifyPass):
+    """``FoldMasks()(model) -> PassResult``: :func:`fold_masks_inplace` as a pass."""
+
+    def call(self, graph_module: nn.Module) -> PassResult:  # type: ignore[override]
+        had_masks = bool(masks(graph_module))
+        return PassResult(fold_masks_inplace(graph_module), had_masks)

@@ -7,22 +7,32 @@ from __future__ import annotations
 
 from typing import Callable
 
-from torch import fx
+from torch import fx, nn
 
 from sparsify_fx.mask import Mask, MaskSet
 
 from .find_weights import WeightSite
+from .pass_base import PassResult, SparsifyPass
 
 MaskFactory = Callable[[WeightSite], Mask]
 
 
-class InsertMaskNodes:
-    """Graph pass: one mask module per graph-route site, one node per get_attr."""
+class InsertMaskNodes(SparsifyPass):
+    """Graph pass: one mask module per graph-route site, one node per get_attr.
 
-    def __init__(self, make_mask: MaskFactory) -> None:
+    ``InsertMaskNodes(sites, make_mask)(model) -> PassResult``; the masks made are
+    in ``.created`` (site order)."""
+
+    def __init__(self, sites: list[WeightSite], make_mask: MaskFactory) -> None:
+        self.sites = sites
         self.make_mask = make_mask
+        self.created: list[Mask] = []
 
-    def run(self, sites: list[WeightSite]) -> list[Mask]:
+    def call(self, graph_module: nn.Module) -> PassResult:  # type: ignore[override]
+        self.created = self._insert(self.sites)
+        return PassResult(graph_module, bool(self.created))
+
+    def _insert(self, sites: list[WeightSite]) -> list[Mask]:
         created: list[Mask] = []
         touched: dict[int, fx.GraphModule] = {}
         for site in sites:

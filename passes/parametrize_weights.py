@@ -8,27 +8,33 @@ parametrization itself, so ``state_dict`` keys read
 """
 from __future__ import annotations
 
+from torch import nn
 from torch.nn.utils import parametrize
 
 from sparsify_fx.mask import Mask
 
 from .find_weights import WeightSite
 from .insert_masks import MaskFactory
+from .pass_base import PassResult, SparsifyPass
 
 
-class ParametrizeWeights:
-    """Pass over parametrize-route sites."""
+class ParametrizeWeights(SparsifyPass):
+    """Pass over parametrize-route sites: ``ParametrizeWeights(sites, make_mask)(model)``;
+    the masks made are in ``.created``."""
 
-    def __init__(self, make_mask: MaskFactory) -> None:
+    def __init__(self, sites: list[WeightSite], make_mask: MaskFactory) -> None:
+        self.sites = sites
         self.make_mask = make_mask
+        self.created: list[Mask] = []
 
-    def run(self, sites: list[WeightSite]) -> list[Mask]:
+    def call(self, graph_module: nn.Module) -> PassResult:  # type: ignore[override]
         created = []
-        for site in sites:
+        for site in self.sites:
             if site.route != "parametrize":
                 continue
             mask = self.make_mask(site)
             mask.to(getattr(site.host, site.attr).device)
             parametrize.register_parametrization(site.host, site.attr, mask, unsafe=True)
             created.append(mask)
-        return created
+        self.created = created
+        return PassResult(graph_module, bool(created))

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from sparsify_fx.config import require_target_applied
 from sparsify_fx.errors import ShrinkError
 from sparsify_fx.mask import SharedChannelMask
 from sparsify_fx.mask_index import masks, unwrap
@@ -146,6 +147,7 @@ def _new_norm(bn: nn.Module, keep: torch.Tensor) -> nn.Module:
 
 def shrink(model: nn.Module) -> fx.GraphModule:
     """Return a smaller plain GraphModule without the pruned channels (see module doc)."""
+    require_target_applied(unwrap(model), "shrink")
     out = copy.deepcopy(unwrap(model))
     plan = plan_shrink(out)
     cg, keep_id = plan.graph, plan.keep_id

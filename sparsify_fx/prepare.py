@@ -10,8 +10,10 @@ from typing import Any, Sequence
 from torch import nn
 
 from sparsify_fx.passes.find_weights import WeightSite, find_weight_sites, select_sites
+from sparsify_fx.passes.couple_channels import CoupleChannels
 from sparsify_fx.passes.insert_masks import InsertMaskNodes
 from sparsify_fx.passes.parametrize_weights import ParametrizeWeights
+from sparsify_fx.passes.pass_base import SparsifyPass, run_passes
 
 from .capture import PartialTraceWarning, capture_model, check_capture_options
 from .config import SparsifyConfig, attach_config, config_of, normalize_inputs
@@ -123,12 +125,14 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
         mask.kind = site.kind
         return mask
 
-    InsertMaskNodes(make_mask).run(chosen)
-    ParametrizeWeights(make_mask).run(chosen)
-    captured.finish()
+    # the passes, in order (each: pass(module) -> PassResult; sparsify_fx/passes/pass_base.py)
+    pipeline: list[SparsifyPass] = [InsertMaskNodes(chosen, make_mask),
+                                    ParametrizeWeights(chosen, make_mask)]
     if granularity == "channel":  # coupled channels share one score vector (issue 7)
-        from sparsify_fx.passes.couple_channels import couple_channels
-        couple_channels(root, lambda k, name: spec.build((k,), granularity, name, options))
+        pipeline.append(CoupleChannels(
+            lambda k, name: spec.build((k,), granularity, name, options)))
+    run_passes(root, pipeline)
+    captured.finish()
 
     untraced = [str(f) for f in captured.failures]
     root = captured.model
