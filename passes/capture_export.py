@@ -108,7 +108,9 @@ def _describe(ep: torch.export.ExportedProgram, inputs: Sequence[Any], names: li
         for d, size in enumerate(val.shape):
             if isinstance(size, torch.SymInt):
                 bounds = ep.range_constraints.get(size.node.expr)
-                if bounds is not None and (int(bounds.lower) > 2 or str(bounds.upper) not in _UNBOUNDED):
+                narrowed = bounds is not None and (int(bounds.lower) > 2
+                                                   or str(bounds.upper) not in _UNBOUNDED)
+                if narrowed:
                     special.append(f"input `{name}` dim {d} is limited to [{bounds.lower}, "
                                    f"{bounds.upper}] by a guard in the model's code")
             elif d in requested.get(i, ()):
@@ -142,9 +144,9 @@ def export_both_modes(module: nn.Module, inputs: Sequence[Any],
 
     ``inputs``: positional example arguments. ``dynamic_shapes``: as for
     ``torch.export.export``; None makes dim 0 of every tensor input dynamic
-    (a batch of 1 is captured at batch 2 wherever dim 0 is dynamic). Both GraphModules use ``module``'s
-    own parameters and buffers (shared, not copied); ``module``'s train flags
-    are restored. Raises whatever ``torch.export`` raises, with ``capture_mode``
+    (a batch of 1 is captured at batch 2 wherever dim 0 is dynamic). Both
+    GraphModules use ``module``'s own parameters and buffers (shared, not
+    copied); ``module``'s train flags are restored. Raises whatever ``torch.export`` raises, with ``capture_mode``
     (``"eval"``/``"train"``) set on the exception.
     """
     inputs = tuple(inputs)

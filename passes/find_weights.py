@@ -58,7 +58,8 @@ def weight_kind(owner: nn.Module, attr: str) -> str | None:
 
 
 def conv_weight_kind(shape: Sequence[int], groups: int, transposed: bool) -> str:
-    """Kind of a conv weight from its shape and ``groups`` (depthwise: one input channel per group)."""
+    """Kind of a conv weight from its shape and ``groups`` (depthwise: one input channel
+    per group)."""
     if transposed:
         return "conv_transpose"
     if groups > 1:
@@ -70,7 +71,8 @@ def _conv_op(groups_at: int, transposed_at: int | None = None,
              transposed: bool = False) -> Callable[[fx.Node, Sequence[int]], str]:
     def kind(node: fx.Node, shape: Sequence[int]) -> str:
         groups = _operand(node, groups_at, "groups", 1)
-        flag = _operand(node, transposed_at, "transposed", transposed) if transposed_at else transposed
+        flag = (_operand(node, transposed_at, "transposed", transposed) if transposed_at
+                else transposed)
         return conv_weight_kind(shape, int(groups) if isinstance(groups, int) else 1, bool(flag))
     return kind
 

@@ -146,7 +146,8 @@ def trace_partially(module: nn.Module, prunable: tuple[type[nn.Module], ...],
     return PartialTrace(module, traced, failures)
 
 
-def raise_untraceable(failures: list[TraceFailure], export_failure: TraceFailure | str | None = None,
+def raise_untraceable(failures: list[TraceFailure],
+                      export_failure: TraceFailure | str | None = None,
                       example_inputs_given: bool = False) -> None:
     """Raise the TraceError users see when no capture worked.
 
