@@ -206,13 +206,16 @@ class LatencyTable:
         if have is not None and set(outs) <= set(have.outs) and (
                 sig.groups > 1 or set(ins) <= set(have.ins)):
             return have
-        if sig.groups > 1:
+        if sig.groups > 1:  # ins axis unused: inputs follow the groups
             per_in = sig.in_ch // sig.groups
-            ms = [[timer(sig, o, o // (sig.out_ch // sig.groups) * per_in)] for o in outs]
-            table = OpTable(outs, [1], ms)  # ins axis unused: inputs follow the groups
+            pairs = [(o, o // (sig.out_ch // sig.groups) * per_in) for o in outs]
         else:
-            table = OpTable(outs, ins, [[timer(sig, o, i) for i in ins] for o in outs])
-        table = table.monotone()
+            pairs = [(o, i) for o in outs for i in ins]
+        many = getattr(timer, "many", None)  # times the whole grid interleaved, if offered
+        flat = many(sig, pairs) if many is not None else [timer(sig, o, i) for o, i in pairs]
+        cols = 1 if sig.groups > 1 else len(ins)
+        ms = [flat[a * cols:(a + 1) * cols] for a in range(len(outs))]
+        table = OpTable(outs, [1] if sig.groups > 1 else ins, ms).monotone()
         self.ops[sig.key()] = table
         return table
 
@@ -288,4 +291,23 @@ def ort_timer(threads: int) -> Timer:
         model, x = _op_model(sig, kept_out, kept_in)
         return max(0.0, time_session(session(model), {"x": x}) - overhead)
 
+    def many(sig: OpSignature, pairs: list[tuple[int, int]], min_runs: int = 7,
+             min_ms: float = 20.0) -> list[float]:
+        """Every width of one op, timed round-robin (a load change hits all widths alike,
+        so the table's shape survives a noisy machine): median per width."""
+        runs = []
+        for o, i in pairs:
+            model, x = _op_model(sig, o, i)
+            sess = session(model)
+            sess.run(None, {"x": x})
+            runs.append((sess, {"x": x}))
+        times: list[list[float]] = [[] for _ in runs]
+        while len(times[0]) < min_runs or (sum(times[-1]) < min_ms and len(times[0]) < 200):
+            for k, (sess, feed) in enumerate(runs):
+                t = time.perf_counter()
+                sess.run(None, feed)
+                times[k].append((time.perf_counter() - t) * 1e3)
+        return [max(0.0, statistics.median(t) - overhead) for t in times]
+
+    timer.many = many  # type: ignore[attr-defined]
     return timer

@@ -123,5 +123,26 @@ def test_real_onnxruntime_timer_orders_widths() -> None:
     small, big = timer(sig, 16, 16), timer(sig, 64, 64)
     assert math.isfinite(small) and small >= 0.0
     assert big > small
+    few, wide = timer.many(sig, [(16, 16), (64, 64)])
+    assert wide > few >= 0.0
     lin = OpSignature("linear", 1, 32, 16, 1, (4,))
     assert timer(lin, 16, 32) >= 0.0
+
+
+def test_grid_timed_in_one_interleaved_call(tmp_path) -> None:
+    """A timer offering ``many`` gets the op's whole grid at once (timed round-robin)."""
+    timer, batches = Counter(), []
+
+    def many(sig: OpSignature, pairs: list[tuple[int, int]]) -> list[float]:
+        batches.append(pairs)
+        return [o * i / 1000 for o, i in pairs]
+
+    timer.many = many
+    sig = OpSignature("conv", 1, 8, 16, 1, (8, 8), (3, 3), (1, 1), (1, 1), (1, 1))
+    table = LatencyTable.load(2, tmp_path).measure(sig, True, True, timer)
+    assert timer.calls == 0 and len(batches) == 1 and len(batches[0]) == 16
+    assert table(12, 6) == pytest.approx(12 * 6 / 1000)
+    dw = OpSignature("conv", 1, 16, 16, 16, (8, 8), (3, 3), (1, 1), (1, 1), (1, 1))
+    table = LatencyTable.load(2, tmp_path).measure(dw, True, True, timer)
+    assert batches[-1] == [(4, 4), (8, 8), (12, 12), (16, 16)]  # whole depthwise groups
+    assert table(8, 1) == pytest.approx(8 * 8 / 1000)
