@@ -104,6 +104,8 @@ def test_factory_with_weights_loads_them_weights_only(tmp_path: pathlib.Path,
     (["prune", FACTORY, "--data", "digits", "-o", "{tmp}/o", "--target-sparsity", "0.5"],
      ["fails on an example input of shape (1, 1, 8, 8)", "DATA and MODEL do not fit"]),
     (["prune", FACTORY, "--data", "digits", "-o", "{tmp}/o"], ["exactly one of"]),
+    (["prune", "tests.test_prune:tiny_cnn", "--data", "digits", "-o", "{tmp}/o",
+      "--target-latency", "0.5"], ["target_latency", "granularity='channel'"]),
     (["prune", "--recipe", "{tmp}/none.toml", "-o", "{tmp}/o"], ["recipe", "not found"]),
 ])
 def test_cli_errors_are_one_line_exit_2(argv: list[str], words: list[str],

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 FORMAT = "sparsify-fx-prune/1"
 TRANSFORM_KEYS = ("method", "granularity", "include", "exclude", "keep_first", "keep_last",
-                  "target_sparsity", "target_macs")
+                  "target_sparsity", "target_macs", "target_latency")
 
 
 def outputs_present(out: OutDir) -> bool:
@@ -96,6 +96,8 @@ def write_outputs(ctx: "Context", original: nn.Module, gm: nn.Module, data: "Dat
                      "onnx_equals_pytorch": onnx_acc == after},
         "sparsity": {"target": r["target_sparsity"], "masked": float(sparsity(gm)),
                      "weights": rep.weight_sparsity},
+        "latency": {"target_fraction": r["target_latency"],
+                    "onnx_ms": onnx.latency_ms},
         "macs": {"target_fraction": r["target_macs"], "dense": dense.total_dense_macs,
                  "effective": rep.total_macs,
                  "ratio": rep.total_macs / max(dense.total_dense_macs, 1),
@@ -140,7 +142,9 @@ def load_pruned(path: str | os.PathLike, trust_pickle: bool = False) -> nn.Modul
     spec = saved["spec"]
     t = dict(spec["transform"])
     t["include"], t["exclude"] = t["include"] or None, t["exclude"] or None
-    gm = transform(load_model(spec["model"], trust_pickle=trust_pickle), **t)
+    example = torch.zeros(spec["input_shape"])
+    gm = transform(load_model(spec["model"], trust_pickle=trust_pickle), **t,
+                   example_inputs=example)
     gm.load_state_dict(saved["masked_state_dict"])
     final = _finalize_model(gm, "channel" if spec["output"] == "shrink" else "element")
     final.load_state_dict(saved["state_dict"])

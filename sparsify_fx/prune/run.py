@@ -27,6 +27,9 @@ from .datasets import Data, example_input, load_data
 from .outdir import OutDir, save_atomic
 
 
+TARGETS = ("target_sparsity", "target_macs", "target_latency")
+
+
 @dataclass
 class Context:
     """Where a run is: its recipe, folder, process group position and device."""
@@ -148,6 +151,8 @@ def _train_and_cut(ctx: Context, gm: nn.Module, data: Data, example: torch.Tenso
     if cut is None:  # one-shot methods, IMP, or no training epochs: cut here (exact)
         if r["target_macs"] is not None:
             apply_budget(gm, target_macs=r["target_macs"], costs=weight_costs(gm, example))
+        elif r["target_latency"] is not None:
+            apply_budget(gm, target_latency=r["target_latency"])
         else:
             apply_budget(gm, r["target_sparsity"])
 
@@ -181,9 +186,10 @@ def run(ctx: Context, overwrite: bool) -> dict[str, Any] | None:
     if r["model"] is None:
         raise InputError("MODEL is required: torchvision:<name> or package.module:factory "
                          "(on the command line or as `model` in the recipe)")
-    if (r["target_sparsity"] is None) == (r["target_macs"] is None):
-        raise ConfigError("give exactly one of --target-sparsity or --target-macs (flag or "
-                          "recipe key)")
+    targets = [k for k in TARGETS if r[k] is not None]
+    if len(targets) != 1:
+        raise ConfigError("give exactly one of --target-sparsity, --target-macs or "
+                          f"--target-latency (flag or recipe key); got {targets or 'none'}")
     for key in ("epochs", "finetune_epochs"):
         if r[key] < 0:
             raise ConfigError(f"{key} must be >= 0, got {r[key]}")
@@ -207,7 +213,8 @@ def run(ctx: Context, overwrite: bool) -> dict[str, Any] | None:
     gm = transform(model, method=r["method"], granularity=r["granularity"],
                    include=r["include"] or None, exclude=r["exclude"] or None,
                    keep_first=r["keep_first"], keep_last=r["keep_last"],
-                   target_sparsity=r["target_sparsity"], target_macs=r["target_macs"])
+                   target_sparsity=r["target_sparsity"], target_macs=r["target_macs"],
+                   target_latency=r["target_latency"], example_inputs=example)
     _barrier(ctx)  # every rank has read OUTDIR before rank 0 changes it
     if ctx.writer:
         ctx.out.prepare(r, overwrite, writer=True)
