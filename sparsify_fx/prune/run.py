@@ -53,17 +53,16 @@ class Context:
             print(text, flush=True)
 
 
-def method_wiring(gm: nn.Module, recipe: dict[str, Any], example: torch.Tensor) -> dict[str, Any]:
+def method_wiring(recipe: dict[str, Any], example: torch.Tensor) -> dict[str, Any]:
     """Everything that depends on the method, in one place.
 
-    Returns Trainer options for the training phase (``callbacks`` included) and
-    ``imp=True`` when IMP's own driver (:func:`sparsify_fx.baselines.run_imp`)
-    runs the training phase instead of one Trainer.
+    The Trainer runs each method's own session (CS scheduler, GMP, L0, STE);
+    this returns the Trainer options for the training phase and ``imp=True``
+    when IMP's own driver (:func:`sparsify_fx.baselines.run_imp`) runs the
+    training phase instead of one Trainer.
     """
-    from ..baselines import callbacks_for
-
     method = recipe["method"]
-    options: dict[str, Any] = {"callbacks": callbacks_for(gm)}
+    options: dict[str, Any] = {}
     if method in ("cs", "l0", "ste"):
         options["mask_lr"] = recipe["mask_lr"]
     if method == "cs":
@@ -138,7 +137,7 @@ def _train_and_cut(ctx: Context, gm: nn.Module, data: Data, example: torch.Tenso
 
     r = ctx.recipe
     torch.manual_seed(r["seed"] + 1)
-    wiring = method_wiring(gm, r, example)
+    wiring = method_wiring(r, example)
     cut = None
     if wiring["imp"]:
         ctx.notes.append("imp: an interrupted run restarts the IMP phase (no per-epoch resume)")
