@@ -6,9 +6,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a whole benchmark run in a subprocess: `make test-all` / `make bench`
 def test_compare_quick_runs_every_method_at_exact_sparsity(tmp_path: pathlib.Path) -> None:
     stem = tmp_path / "quick"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--quick",

@@ -279,7 +279,29 @@ def test_resnet18_random_90_percent(resnet_export):
         expected = gm(x).numpy()
     got = result.run(x)
     assert np.abs(got - expected).max() <= ATOL + RTOL * np.abs(expected).max()
-    assert result.latency_ms is not None and result.latency_ms > 0
+    assert result.latency_ms is not None  # its value: test_latency_is_the_median_run
+
+
+def test_latency_is_the_median_run(monkeypatch) -> None:
+    """export_onnx's latency is the median of the timed runs (after one warm-up), in ms."""
+    from sparsify_fx.export import onnx_export
+
+    class Session:
+        calls = 0
+
+        def get_inputs(self):
+            return [type("I", (), {"name": "x"})()]
+
+        def run(self, _out, _feed):
+            Session.calls += 1
+            return [np.zeros(1)]
+
+    durations = iter([0.0, 0.004, 1.0, 1.001, 2.0, 2.009, 3.0, 3.002, 4.0, 4.003])
+    monkeypatch.setattr(onnx_export.time, "perf_counter", lambda: next(durations))
+    ms = onnx_export._latency(Session(), (torch.zeros(1),), 5)
+    assert ms == pytest.approx(3.0)  # median of 4, 1, 9, 2, 3 ms
+    assert Session.calls == 6  # one warm-up run, then five timed
+    assert onnx_export._latency(Session(), (torch.zeros(1),), 0) is None
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)

@@ -87,11 +87,3 @@ def test_detection_model_partial_trace() -> None:
     for key in ("boxes", "scores"):
         assert torch.equal(hard[key], out[key])
     assert not sf.masks(folded)
-
-
-def test_zoo_list_covers_issue() -> None:
-    required = {"resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
-                "vgg11", "densenet121", "googlenet", "inception_v3", "shufflenet_v2_x1_0",
-                "squeezenet1_0", "regnet_y_400mf", "convnext_tiny", "vit_b_16", "swin_t",
-                "maxvit_t", "deeplabv3_mobilenet_v3_large"}
-    assert required <= set(ZOO)
