@@ -16,7 +16,8 @@ tensors: the two graphs share every parameter and buffer.
 Dynamic dims: dim 0 (batch) of every tensor input by default
 (``torch.export.Dim.AUTO``), or the user's ``dynamic_shapes``. What capture
 specialised (a dim asked to be dynamic that became static, a dim whose range a
-guard narrowed) is returned as text for one loud warning.
+guard narrowed) is returned as text for one loud warning. Node shape
+metadata holds the example inputs' sizes (as after ``ShapeProp``).
 """
 from __future__ import annotations
 
@@ -138,6 +139,27 @@ def sink_get_attrs(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _hint(size: Any) -> Any:
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        return int(hint) if hint is not None else size
+    return size
+
+
+def concrete_shape_meta(gm: fx.GraphModule) -> fx.GraphModule:
+    """Replace symbolic sizes in each node's ``tensor_meta`` by their example values.
+
+    torch.export records shapes with symbols for dynamic dims (``s0``); shape
+    readers such as the MACs-cost pass need numbers. Mutates node metadata only.
+    """
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape") and hasattr(meta, "_replace"):
+            node.meta["tensor_meta"] = meta._replace(
+                shape=torch.Size([_hint(d) for d in meta.shape]))
+    return gm
+
+
 def export_both_modes(module: nn.Module, inputs: Sequence[Any],
                       dynamic_shapes: Any = None) -> ExportedGraphs:
     """Capture ``module`` with ``torch.export.export(strict=False)`` in train and eval mode.
@@ -166,8 +188,8 @@ def export_both_modes(module: nn.Module, inputs: Sequence[Any],
     for line in _describe(train, inputs, names, requested)[0]:
         if line not in special:
             special.append(f"{line} (train mode)")
-    return ExportedGraphs(sink_get_attrs(train.module()), sink_get_attrs(evaluation.module()),
-                          special, static)
+    graphs = [concrete_shape_meta(sink_get_attrs(ep.module())) for ep in (train, evaluation)]
+    return ExportedGraphs(graphs[0], graphs[1], special, static)
 
 
 def _fetch(gm: nn.Module, target: str) -> Any:

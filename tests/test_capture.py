@@ -318,3 +318,19 @@ def test_detection_model_falls_back_to_partial_trace_naming_the_export_failure()
         expected, got = model(x)[0], gm(x)[0]
     assert len(expected["boxes"]) > 0
     torch.testing.assert_close(got["boxes"], expected["boxes"], rtol=0, atol=1e-4)
+
+
+def test_exported_model_macs_budget_uses_real_costs():
+    """Per-weight MAC costs read the exported graph's shapes as numbers, like the fx path."""
+    from sparsify_fx.budget import weight_costs
+
+    x = torch.randn(3, 3, 6, 6)
+    source = _trained_bn(Functional())
+    by_fx = weight_costs(sparsify_fx.transform(source), (x,))
+    by_export = weight_costs(_transform(source, capture="export", example_inputs=(x,)), (x,))
+    assert by_fx == by_export == {"conv_w": 36.0, "lin_w": 1.0}
+    gm = _transform(source, capture="export", example_inputs=(x,), method="magnitude",
+                    target_macs=0.5)
+    rep = sparsify_fx.report(sparsify_fx.fold(gm), x)
+    assert rep.total_macs <= 0.5 * rep.total_dense_macs
+    assert rep.total_macs > 0.3 * rep.total_dense_macs
