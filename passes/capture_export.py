@@ -160,6 +160,21 @@ def concrete_shape_meta(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def contiguous_as_clone(gm: fx.GraphModule) -> fx.GraphModule:
+    """Write ``aten.contiguous(x)`` as ``aten.clone(x, memory_format=contiguous_format)``.
+
+    Same values. Needed because ``torch.onnx.export`` re-exports the graph and
+    its decomposition drops a ``contiguous`` of an already-traced tensor, then
+    fails to ``view`` the transposed tensor (T5's attention). Mutates ``gm``.
+    """
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.contiguous.default:
+            node.target = torch.ops.aten.clone.default
+            node.kwargs = {"memory_format": torch.contiguous_format}
+    gm.recompile()
+    return gm
+
+
 def export_both_modes(module: nn.Module, inputs: Sequence[Any],
                       dynamic_shapes: Any = None) -> ExportedGraphs:
     """Capture ``module`` with ``torch.export.export(strict=False)`` in train and eval mode.
@@ -188,7 +203,8 @@ def export_both_modes(module: nn.Module, inputs: Sequence[Any],
     for line in _describe(train, inputs, names, requested)[0]:
         if line not in special:
             special.append(f"{line} (train mode)")
-    graphs = [concrete_shape_meta(sink_get_attrs(ep.module())) for ep in (train, evaluation)]
+    graphs = [contiguous_as_clone(concrete_shape_meta(sink_get_attrs(ep.module())))
+              for ep in (train, evaluation)]
     return ExportedGraphs(graphs[0], graphs[1], special, static)
 
 
