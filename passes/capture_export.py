@@ -163,9 +163,10 @@ def concrete_shape_meta(gm: fx.GraphModule) -> fx.GraphModule:
 def contiguous_as_clone(gm: fx.GraphModule) -> fx.GraphModule:
     """Write ``aten.contiguous(x)`` as ``aten.clone(x, memory_format=contiguous_format)``.
 
-    Same values. Needed because ``torch.onnx.export`` re-exports the graph and
-    its decomposition drops a ``contiguous`` of an already-traced tensor, then
-    fails to ``view`` the transposed tensor (T5's attention). Mutates ``gm``.
+    Same values. Without it ``torch.onnx.export`` fails on T5's attention
+    output in its decomposition step ("Cannot view a tensor ... as ..." on the
+    transposed tensor a ``contiguous`` fed to ``reshape``), as it does on the
+    source T5 model. Mutates ``gm``.
     """
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.aten.contiguous.default:
