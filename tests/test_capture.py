@@ -334,3 +334,10 @@ def test_exported_model_macs_budget_uses_real_costs():
     rep = sparsify_fx.report(sparsify_fx.fold(gm), x)
     assert rep.total_macs <= 0.5 * rep.total_dense_macs
     assert rep.total_macs > 0.3 * rep.total_dense_macs
+
+
+def test_shrink_refuses_an_exported_model_by_name():
+    gm = _transform(ShapeBranch(), example_inputs=torch.randn(2, 3, 6, 6), method="magnitude",
+                    target_sparsity=0.5)
+    with pytest.raises(sparsify_fx.ShrinkError, match="GraphModule"):
+        sparsify_fx.shrink(gm)
