@@ -38,6 +38,7 @@ from sparsify_fx.mask import Mask, MaskSet, SharedChannelMask
 from sparsify_fx.mask_index import MaskEntry, masks, unwrap
 
 from .pass_base import PassResult, SparsifyPass
+from .stored_analysis import channel_graph_of
 from .channel_groups import ChannelGraph, analyze_channels
 
 GROUP_PREFIX = "channel_group_"
@@ -171,6 +172,7 @@ def couple_channels(gm: nn.Module, make_group_mask: GroupMaskFactory, *,
             parametrize.register_parametrization(bn, attr, follower, unsafe=True)
     gm.graph.lint()
     gm.recompile()
+    channel_graph_of(gm)  # the analysis of the coupled model, stored once on the graph
     return cg
 
 

@@ -27,8 +27,9 @@ from sparsify_fx.errors import ShrinkError
 from sparsify_fx.mask import SharedChannelMask
 from sparsify_fx.mask_index import masks, unwrap
 
-from .channel_groups import ChannelGraph, analyze_channels
+from .channel_groups import ChannelGraph
 from .fold_masks import fold_masks_inplace
+from .stored_analysis import channel_graph_of, coupled_producers
 from .shrink_attention import shrink_attention
 
 
@@ -57,18 +58,13 @@ def _coupled_entries(gm: fx.GraphModule) -> dict[str, SharedChannelMask]:
     if not entries:
         raise ShrinkError(f"{type(gm).__name__} has no sparsify_fx masks; shrink needs the model "
                           "returned by transform(..., granularity='channel') (before fold)")
-    out: dict[str, SharedChannelMask] = {}
     for e in entries:
         if not isinstance(e.mask, SharedChannelMask):
             raise ShrinkError(
                 f"mask on {e.name} is a {type(e.mask).__name__} with granularity "
                 f"{e.mask.granularity!r}, not a coupled channel mask: shrink only removes whole "
                 "channels. Transform with granularity='channel' (fully traced model).")
-        if not e.mask.auxiliary and e.route == "graph" and e.node is not None:
-            out[str(e.node.args[0].target)] = e.mask
-        elif not e.mask.auxiliary and e.route == "parametrize":  # attention in-projections
-            out[e.name] = e.mask
-    return out
+    return coupled_producers(gm)  # type: ignore[return-value]
 
 
 def plan_shrink(model: nn.Module) -> ShrinkPlan:
@@ -78,7 +74,7 @@ def plan_shrink(model: nn.Module) -> ShrinkPlan:
         raise ShrinkError(f"shrink needs one fully traced GraphModule, got {type(gm).__name__}; "
                           "partially traced models keep their channels")
     coupled = _coupled_entries(gm)
-    cg = analyze_channels(gm, set(coupled))
+    cg = channel_graph_of(gm)
     keep_id = np.ones(cg.n_ids, dtype=bool)
     layers: dict[str, tuple[int, int]] = {}
     with torch.no_grad():

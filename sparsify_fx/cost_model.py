@@ -32,12 +32,13 @@ def is_coupled(entries: list[MaskEntry]) -> bool:
 
 
 def channel_graph(gm: fx.GraphModule):  # -> ChannelGraph (passes imported lazily: no cycle)
-    """The channel analysis ``shrink`` uses: coupled producer weights may lose channels."""
-    from sparsify_fx.passes.channel_groups import analyze_channels
-    coupled = {str(e.node.args[0].target) for e in masks(gm)
-               if hasattr(e.mask, "sources") and not e.mask.auxiliary and e.route == "graph"
-               and e.node is not None}
-    return analyze_channels(gm, coupled)
+    """The channel analysis ``shrink`` uses, stored on the graph at transform
+    (:func:`sparsify_fx.passes.stored_analysis.channel_graph_of`)."""
+    from sparsify_fx.passes.stored_analysis import channel_graph_of
+    coupled = frozenset(str(e.node.args[0].target) for e in masks(gm)
+                        if hasattr(e.mask, "sources") and not e.mask.auxiliary
+                        and e.route == "graph" and e.node is not None)
+    return channel_graph_of(gm, coupled)
 
 
 class LayerCost(Protocol):
