@@ -51,11 +51,14 @@ def weight_costs(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor) ->
                 ShapeProp(gm).propagate(*inputs)
     entries = masks(model)
     batch = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else 1
+    leaf: list[MaskEntry] = []
     for e in entries:
         cost = _graph_cost(e, batch) if e.route == "graph" else None
         if cost is None:
-            cost = _leaf_cost(model, e, inputs, batch)
-        costs[e.name] = cost
+            leaf.append(e)
+        else:
+            costs[e.name] = cost
+    costs.update(_leaf_costs(model, leaf, inputs, batch))
     if isinstance(model, fx.GraphModule) and is_coupled(entries):
         nodes = {n.name: n for n in model.graph.nodes}
         for prod in channel_graph(model).producers.values():
@@ -81,26 +84,35 @@ def _graph_cost(e: MaskEntry, batch: int) -> float | None:
     return None
 
 
-def _leaf_cost(model: nn.Module, e: MaskEntry, inputs: tuple, batch: int) -> float:
-    """Tokens (or spatial positions) per sample seen by a weight inside a leaf module."""
-    seen: list[tuple[int, ...]] = []
+def _leaf_costs(model: nn.Module, entries: list[MaskEntry], inputs: tuple,
+                batch: int) -> dict[str, float]:
+    """Tokens (or spatial positions) per sample seen by each weight inside a leaf module,
+    from the input shape of its host's first call in ONE forward pass of ``model``."""
+    if not entries:
+        return {}
+    seen: dict[int, tuple[int, ...]] = {}
 
-    def hook(_m: nn.Module, args: tuple, _out: object) -> None:
-        if args and isinstance(args[0], Tensor):
-            seen.append(tuple(args[0].shape))
+    def hook(module: nn.Module, args: tuple, _out: object) -> None:
+        if id(module) not in seen and args and isinstance(args[0], Tensor):
+            seen[id(module)] = tuple(args[0].shape)
 
-    handle = e.host.register_forward_hook(hook)
+    handles = [h.register_forward_hook(hook) for h in {id(e.host): e.host for e in entries}.values()]
     try:
         with torch.no_grad(), hard_masks(model, False):
             model(*inputs)
     finally:
-        handle.remove()
-    if not seen:
-        return 1.0  # never called on these inputs: costs like a single token
-    shape = seen[0]
-    if e.kind in ("conv", "depthwise_conv", "grouped_conv", "conv_transpose"):
-        return float(math.prod(shape[2:])) if len(shape) > 2 else 1.0
-    return math.prod(shape[:-1]) / batch
+        for handle in handles:
+            handle.remove()
+    costs = {}
+    for e in entries:
+        shape = seen.get(id(e.host))
+        if shape is None:
+            costs[e.name] = 1.0  # never called on these inputs: costs like a single token
+        elif e.kind in ("conv", "depthwise_conv", "grouped_conv", "conv_transpose"):
+            costs[e.name] = float(math.prod(shape[2:])) if len(shape) > 2 else 1.0
+        else:
+            costs[e.name] = math.prod(shape[:-1]) / batch
+    return costs
 
 
 @dataclass
