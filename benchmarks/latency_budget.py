@@ -95,7 +95,10 @@ def run_model(name: str, targets: list[float], runs: int, work: Path) -> dict[st
     row: dict[str, Any] = {
         "model": name, "table_build_s_cold": cold, "table_timings_cold": lat.meta["timings"],
         "table_build_s_warm": warm, "table_timings_warm": again.meta["timings"],
-        "dense_ms_estimated": lat.dense, "remainder_ms": lat.remainder, "targets": []}
+        "dense_ms_estimated": lat.dense, "remainder_ms": lat.remainder,
+        "calibration": {k: lat.meta[k] for k in ("scale", "remainder", "dense_ms", "probe_ms",
+                                                 "ops_dense_ms", "ops_probe_ms")},
+        "targets": []}
     print(f"{name}: table cold {cold:.1f} s ({lat.meta['timings']} timings), warm {warm:.2f} s "
           f"({again.meta['timings']} timings); dense {lat.dense:.2f} ms "
           f"(remainder {lat.remainder:.2f} ms)")
