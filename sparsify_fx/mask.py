@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .granularity import GRANULARITIES, parse_granularity
+from .granularity import parse_granularity
 
 #: fp32 sigmoid(x) is exactly 1.0 above x ~ 16.6; keep initial |beta * s| well below.
 SATURATION_LIMIT = 12.0

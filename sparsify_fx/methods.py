@@ -86,6 +86,16 @@ class MethodSession:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         return None
 
+    def require_config(self) -> Any:
+        """The model's :class:`~sparsify_fx.config.SparsifyConfig`; ConfigError unless the
+        model was transformed with this session's method."""
+        from .config import config_of
+        cfg = config_of(self.model)
+        if cfg is None or cfg.method != self.method:
+            raise ConfigError(f"{type(self).__name__} needs a model from transform(..., "
+                              f"method={self.method!r})")
+        return cfg
+
     def mark_trained(self) -> None:
         """Mark every learned mask of the model as trained (see :mod:`sparsify_fx.mask`)."""
         for e in masks(self.model):

@@ -21,7 +21,6 @@ from typing import Any, Mapping
 from torch import nn
 
 from ..budget import CutResult, weight_costs
-from ..config import config_of
 from ..errors import ConfigError
 from ..methods import MethodSession, MethodSpec, register_method
 from ._common import OptionMask, config_target, cut, density_of, magnitudes, require_target
@@ -54,9 +53,7 @@ class GMPSession(MethodSession):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        cfg = config_of(self.model)
-        if cfg is None or cfg.method != "gmp":
-            raise ConfigError("GMPSession needs a model from transform(..., method='gmp')")
+        cfg = self.require_config()
         self.budget, target = config_target(cfg)
         require_target("gmp", target)
         opts = cfg.options

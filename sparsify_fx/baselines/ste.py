@@ -18,11 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from ..budget import CutResult, apply_budget
-from ..errors import ConfigError
 from ..mask import Mask
 from ..mask_index import masks, unwrap
 from ..methods import MethodSession, MethodSpec, register_method
-from ..config import config_of
 from .erk import layer_sparsities
 
 
@@ -107,9 +105,7 @@ class STESession(MethodSession):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
-        cfg = config_of(self.model)
-        if cfg is None or cfg.method != "ste":
-            raise ConfigError("STESession needs a model from transform(..., method='ste')")
+        cfg = self.require_config()
         self.target = cfg.target_sparsity
         self.distribution = cfg.options["distribution"]
 
