@@ -37,6 +37,9 @@ _LAZY = {
     "apply_budget": "sparsify_fx.budget",
     "Trainer": "sparsify_fx.trainer",
     "shrink": "sparsify_fx.passes.shrink",
+    "plan_hf": "sparsify_fx.hf_heads",
+    "freeze_plan": "sparsify_fx.hf_heads",
+    "shrink_hf": "sparsify_fx.hf_shrink",
 }
 
 __all__ = sorted([*_LAZY, "SparsifyError", "InputError", "ConfigError", "TraceError",

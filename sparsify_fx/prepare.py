@@ -106,7 +106,9 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
         raise ConfigError(
             "granularity='channel' needs a torch.fx module graph (channel coupling reads "
             "Conv/BatchNorm modules), but this model was captured with torch.export; use "
-            "granularity='element', or make the model symbolically traceable (capture='fx')")
+            "granularity='element', or make the model symbolically traceable (capture='fx'); "
+            "for heads and MLP units of a Hugging Face BERT-style encoder use "
+            "sparsify_fx.plan_hf / freeze_plan / shrink_hf (docs/transformers.md)")
     root = captured.root
     sites = find_weight_sites(root, original, captured.graphs)
     chosen = select_sites(sites, include, exclude, keep_first, keep_last)
