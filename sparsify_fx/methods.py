@@ -54,10 +54,13 @@ class MethodSession:
     @classmethod
     def for_trainer(cls, model: nn.Module, trainer: Any,
                     **options: Any) -> "MethodSession | None":
-        """The session a Trainer runs for ``model`` (None: nothing to do while training)."""
-        session = cls(model, **options)
-        session.setup(trainer)
-        return session
+        """The session a Trainer runs for ``model``; None when there is nothing to do while
+        training: every mask already holds its final exact cut (``at_target``), so the
+        run fine-tunes the fixed masks (the Trainer calls :meth:`setup`)."""
+        entries = [e for e in masks(model) if not e.mask.auxiliary]
+        if entries and all(bool(e.mask.at_target) for e in entries):
+            return None
+        return cls(model, **options)
 
     def setup(self, trainer: Any) -> None:
         """Learn the run length (``trainer.epochs``, ``trainer.steps_per_epoch``)."""

@@ -159,3 +159,19 @@ def test_element_target_sparsity_is_exact_for_every_method(method: str) -> None:
     weights = [folded.get_parameter(e.name) for e in sf.masks(gm)]
     total = sum(w.numel() for w in weights)
     assert sum(int((w == 0).sum()) for w in weights) == round(0.8 * total)
+
+
+@pytest.mark.parametrize("method", ["gmp", "l0"])
+def test_fine_tuning_after_the_final_cut_keeps_the_masks(method: str) -> None:
+    """A second Trainer on a model already cut to its target fine-tunes the fixed masks:
+    the method's schedule does not start again."""
+    torch.manual_seed(0)
+    gm = sf.transform(digits_mlp(), method=method, target_sparsity=0.8)
+    train = digits(0).train
+    sf.Trainer(gm, train, epochs=1, lr=0.05, progress=False).fit()
+    keep = [e.mask.hard_mask().clone() for e in sf.masks(gm)]
+    tune = sf.Trainer(gm, train, epochs=1, lr=0.01, progress=False)
+    assert tune.method is None
+    tune.fit()
+    assert all(torch.equal(k, e.mask.hard_mask()) for k, e in zip(keep, sf.masks(gm)))
+    assert sf.sparsity(gm) == pytest.approx(0.8, abs=1e-4)
