@@ -82,16 +82,22 @@ def import_object(spec: str, what: str = "factory") -> Any:
     return obj
 
 
-def _from_factory(spec: str) -> nn.Module:
-    factory = import_object(spec, "factory")
-    if not callable(factory):
-        raise InputError(f"{spec!r} is not callable; name a function or class that returns "
-                         "an nn.Module when called with no arguments")
+def call_imported(spec: str, what: str, returns: str, label: str = "") -> Any:
+    """Import ``package.module:name`` and call it with no arguments; InputError (prefixed
+    with ``label``, e.g. "--data ") when it is not callable or raises."""
+    fn = import_object(spec, what)
+    if not callable(fn):
+        raise InputError(f"{label}{spec!r} is not callable; name a {what} that returns "
+                         f"{returns} when called with no arguments")
     try:
-        model = factory()
-    except Exception as exc:  # noqa: BLE001 - the user's factory
-        raise InputError(f"{spec}() raised {type(exc).__name__}: {exc}; the factory must "
-                         "build the model with no arguments") from exc
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - the user's code
+        raise InputError(f"{label}{spec}() raised {type(exc).__name__}: {exc}; the {what} must "
+                         f"return {returns} when called with no arguments") from exc
+
+
+def _from_factory(spec: str) -> nn.Module:
+    model = call_imported(spec, "factory", "an nn.Module")
     if not isinstance(model, nn.Module):
         raise InputError(f"{spec}() returned a {type(model).__name__}, not an nn.Module")
     return model

@@ -70,17 +70,9 @@ def _imagefolder(root: str, seed: int, val_fraction: float, size: int) -> Data:
 
 
 def _function(spec: str) -> Data:
-    from ..export.cli_models import import_object
+    from ..export.cli_models import call_imported
 
-    fn = import_object(spec, "function")
-    if not callable(fn):
-        raise InputError(f"--data {spec!r} is not callable; name a function returning "
-                         "(train_dataset, val_dataset)")
-    try:
-        out = fn()
-    except Exception as exc:  # noqa: BLE001 - the user's function
-        raise InputError(f"--data {spec}() raised {type(exc).__name__}: {exc}; fix that "
-                         "function") from exc
+    out = call_imported(spec, "function", "(train_dataset, val_dataset)", label="--data ")
     if not (isinstance(out, tuple) and len(out) == 2
             and all(hasattr(d, "__getitem__") and hasattr(d, "__len__") for d in out)):
         raise InputError(f"--data {spec}() must return (train_dataset, val_dataset), two "
