@@ -68,13 +68,18 @@ def _args(out: pathlib.Path, *extra: str) -> list[str]:
 def finished(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """One uninterrupted run (run from the repo root, as a user would)."""
     out = tmp_path_factory.mktemp("prune") / "run"
+    assert _prune_from_root(_args(out)) == 0
+    return out
+
+
+def _prune_from_root(argv: list[str]) -> int:
+    """``sparsify-fx prune argv`` run from the repo root, as a user would."""
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        assert prune_main(_args(out)) == 0
+        return prune_main(argv)
     finally:
         os.chdir(cwd)
-    return out
 
 
 def _state(out: pathlib.Path) -> dict[str, torch.Tensor]:
@@ -133,12 +138,7 @@ def test_kill_after_epoch_one_then_resume_is_bit_identical(finished: pathlib.Pat
     assert "Traceback" not in proc.stderr and "resume" in proc.stderr
     assert torch.load(out / "checkpoints" / "train.pt", weights_only=False)["epoch"] == 0
     assert not any((out / n).exists() for n in ("model.pt", "model.onnx", "summary.json"))
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        assert prune_main(_args(out)) == 0
-    finally:
-        os.chdir(cwd)
+    assert _prune_from_root(_args(out)) == 0
     resumed, straight = _state(out), _state(finished)
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
@@ -204,12 +204,7 @@ def test_flags_override_recipe_and_print_recipe_round_trips(tmp_path: pathlib.Pa
 def test_other_methods_and_channel_shrink(tmp_path: pathlib.Path, extra: list[str]) -> None:
     out = tmp_path / "run"
     args = [a for a in _args(out) if a not in ("--target-sparsity", str(TARGET))]
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        assert prune_main(args + extra) == 0
-    finally:
-        os.chdir(cwd)
+    assert _prune_from_root(args + extra) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["accuracy"]["onnx_equals_pytorch"] is True
     model = load_pruned(out / "model.pt").eval()
