@@ -1,5 +1,5 @@
 # Everything a fresh clone needs: `make demo` and `make test` create .venv,
-# install the project editable with its test extras (torch pinned through
+# install the project editable with its test and hf extras (torch pinned through
 # constraints.txt), then run the job.
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +13,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) -e '.[test]'
+	$(PIP_INSTALL) -e '.[test,hf]'
 	touch $(STAMP)
 
 # the main job: `sparsify-fx prune` on digits with the recipe kept in the repo (fresh each time)
