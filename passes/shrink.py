@@ -71,8 +71,10 @@ def plan_shrink(model: nn.Module) -> ShrinkPlan:
     """Which channels :func:`shrink` keeps, per layer (read-only)."""
     gm = unwrap(model)
     if not isinstance(gm, fx.GraphModule):
-        raise ShrinkError(f"shrink needs one fully traced GraphModule, got {type(gm).__name__}; "
-                          "partially traced models keep their channels")
+        raise ShrinkError(f"shrink needs one GraphModule from symbolic tracing with "
+                          f"granularity='channel', got {type(gm).__name__}; partially traced "
+                          "and torch.export-captured models keep their channels (prune them "
+                          "with granularity='element' and fold, or make the model traceable)")
     coupled = _coupled_entries(gm)
     cg = channel_graph_of(gm)
     keep_id = np.ones(cg.n_ids, dtype=bool)
