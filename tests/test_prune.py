@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from sparsify_fx.prune import load_pruned
 from sparsify_fx.prune.cli import main as prune_main
