@@ -116,7 +116,8 @@ def find_hf_layers(model: nn.Module) -> list[HFLayer]:
     for name, mod in model.named_modules():
         if not all(isinstance(getattr(mod, p, None), nn.Linear) for p in ("query", "key", "value")):
             continue
-        heads, d = getattr(mod, "num_attention_heads", None), getattr(mod, "attention_head_size", None)
+        heads = getattr(mod, "num_attention_heads", None)
+        d = getattr(mod, "attention_head_size", None)
         block, _, _ = name.rpartition(".")
         layer, _, _ = block.rpartition(".")
         attn_out = _linear(model, f"{block}.output.dense")
@@ -171,8 +172,9 @@ def plan_hf(model: nn.Module, *, target_macs: float, seq_len: int, selection: st
     per layer, the largest that fits the budget. ``"global"``: one ranking of all
     heads and units by mean |w|, the lowest removed one at a time until the budget
     holds (each layer keeps >= 1 head and >= 1 unit), then the best removed slots
-    that still fit are put back (a removed head can overshoot by its MACs). ``structure``: ``"both"``,
-    ``"heads"`` (units kept) or ``"units"`` (heads kept). Read-only; raises
+    that still fit are put back (a removed head can overshoot by its MACs).
+    ``structure``: ``"both"``, ``"heads"`` (units kept; uniform: the largest
+    equal head count that fits) or ``"units"`` (heads kept). Read-only; raises
     :class:`ConfigError` for bad options or a budget the structure cannot reach."""
     if selection not in SELECTIONS or structure not in STRUCTURES:
         raise ConfigError(f"selection must be one of {SELECTIONS} and structure one of "
