@@ -143,3 +143,25 @@ def test_shrink_parity_bert_base_config() -> None:
     """BERT-base sized (hidden 768, 12 layers, 12 heads, 3072), sequence 128, 0.5 MACs."""
     source = transformers.BertModel(transformers.BertConfig()).eval()
     _check_parity(source, 0.5, "uniform", seq=128)
+
+
+def test_public_names() -> None:
+    assert sparsify_fx.plan_hf is plan_hf and sparsify_fx.freeze_plan is freeze_plan
+    assert sparsify_fx.shrink_hf is shrink_hf
+
+
+def test_shrunk_bert_exports_to_onnx(tmp_path) -> None:
+    """The shrunk model (captured again) exports and matches in onnxruntime, and the
+    ONNX output equals the hard-masked model's."""
+    from sparsify_fx.export.onnx_export import export_onnx, run_onnx
+    source = _bert()
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(3))
+    plan = plan_hf(source, target_macs=0.5, seq_len=16)
+    done = export_onnx(_capture(shrink_hf(source, plan), ids), (ids,), tmp_path / "small.onnx",
+                       sparse=False, latency_runs=0)
+    assert done.max_abs_diff is not None and done.max_abs_diff <= 1e-4
+    masked = _capture(source, ids)
+    freeze_plan(masked, plan)
+    with torch.no_grad():
+        ref = _hidden(masked(ids)).numpy()
+    assert abs(run_onnx(tmp_path / "small.onnx", (ids,)) - ref).max() <= 1e-4
