@@ -38,7 +38,7 @@ from torch import Tensor, nn
 import sparsify_fx as sf
 from bench_io import command_line, machine, write_results
 from sparsify_fx.budget import macs_fraction, weight_costs
-from sparsify_fx.channel_macs import channel_macs
+from sparsify_fx.cost_model import channel_macs
 from sparsify_fx.data import Splits, digits, mnist
 from sparsify_fx.models import DigitsCNN
 from sparsify_fx.passes.couple_channels import channel_l1_scores, select_channels

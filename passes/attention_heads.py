@@ -1,6 +1,6 @@
 """Attention heads as channel groups (part of the channel analysis; read-only).
 
-Called by :mod:`sparsify_fx.passes.channel_groups` for two self-attention forms:
+Called by :mod:`sparsify_fx.passes.channel_analysis` for two self-attention forms:
 
 * an ``nn.MultiheadAttention`` leaf call (vit_b_16 and other torchvision models):
   packed ``in_proj_weight`` (q, k, v rows), ``out_proj``;
@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize
 
 from sparsify_fx.mask import SharedChannelMask
 
-from .channel_graph import AttentionSite, Layout, Producer
+from .channel_types import AttentionSite, Layout, Producer
 
 #: names of the windowed attention functions handled (torchvision swin v1)
 WINDOW_FUNCTIONS = ("shifted_window_attention", "pruned_window_attention")
@@ -155,13 +155,13 @@ def visit_mha(an: Any, node: fx.Node, mod: nn.MultiheadAttention) -> Any:
 
 def _untracked() -> Any:
     """The attention output's channels are not tracked (its out-projection stays whole)."""
-    from .channel_groups import OPAQUE  # channel_groups imports this module
+    from .channel_analysis import OPAQUE  # channel_analysis imports this module
     return OPAQUE
 
 
 def visit_window(an: Any, node: fx.Node) -> Any:
     """torchvision ``shifted_window_attention``: heads of ``qkv`` / ``proj`` and the bias table."""
-    from .channel_groups import weight_source
+    from .channel_analysis import weight_source
     args = _bind(node.target, node)
     if args is None:
         return an.reject(node, "windowed attention arguments not understood")

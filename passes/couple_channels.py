@@ -3,7 +3,7 @@
 Run after ``transform(..., granularity="channel")`` has put one channel mask on
 every Conv/Linear weight. Mutates the GraphModule it is given:
 
-* one *group mask* per :class:`~sparsify_fx.passes.channel_groups.ChannelGroup`
+* one *group mask* per :class:`~sparsify_fx.passes.channel_analysis.ChannelGroup`
   (built by ``make_group_mask(K, name)``, score shape ``(K,)``) is stored as
   ``sparsify_masks.channel_group_<i>``;
 * every producer weight mask is replaced by a :class:`SharedChannelMask` that
@@ -39,7 +39,7 @@ from sparsify_fx.mask_index import MaskEntry, masks, unwrap
 
 from .pass_base import PassResult, SparsifyPass
 from .stored_analysis import channel_graph_of
-from .channel_groups import ChannelGraph, analyze_channels
+from .channel_analysis import ChannelGraph, analyze_channels
 
 GROUP_PREFIX = "channel_group_"
 PRODUCER_KINDS = ("conv", "linear", "depthwise_conv", "grouped_conv")

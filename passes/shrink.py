@@ -27,7 +27,7 @@ from sparsify_fx.errors import ShrinkError
 from sparsify_fx.mask import SharedChannelMask
 from sparsify_fx.mask_index import masks, unwrap
 
-from .channel_groups import ChannelGraph
+from .channel_analysis import ChannelGraph
 from .fold_masks import fold_masks_inplace
 from .stored_analysis import channel_graph_of, coupled_producers
 from .shrink_attention import shrink_attention

@@ -1,6 +1,6 @@
 """Remove pruned attention heads from a folded copy (called by ``shrink``; mutates it).
 
-For every :class:`~sparsify_fx.passes.channel_graph.AttentionSite` that loses a
+For every :class:`~sparsify_fx.passes.channel_types.AttentionSite` that loses a
 head (or an input channel), the kept q/k/v rows, out-projection columns and
 (Swin) bias-table columns are sliced out:
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
-from .channel_graph import AttentionSite, ChannelGraph, Producer
+from .channel_types import AttentionSite, ChannelGraph, Producer
 from .pruned_attention import PrunedSelfAttention, pruned_window_attention
 
 

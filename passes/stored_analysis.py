@@ -15,7 +15,7 @@ from torch import fx
 from sparsify_fx.mask import Mask
 from sparsify_fx.mask_index import masks
 
-from .channel_graph import ChannelGraph
+from .channel_types import ChannelGraph
 
 #: ``gm.meta`` key of the stored ``{(coupled weights, input shapes): ChannelGraph}``
 CHANNEL_GRAPH_META = "sparsify_channel_graph"
@@ -44,7 +44,7 @@ def channel_graph_of(gm: fx.GraphModule, coupled: frozenset[str] | None = None) 
     The MACs cost model analyses the graph-route weights alone (attention heads add
     their own MAC units there), shrink every coupled weight: each set is stored once.
     """
-    from .channel_groups import analyze_channels  # channel_groups is the analysis itself
+    from .channel_analysis import analyze_channels  # channel_analysis imports this package lazily
 
     if coupled is None:
         coupled = frozenset(coupled_producers(gm))

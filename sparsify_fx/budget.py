@@ -21,7 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .config import config_of
 from .errors import BudgetError, ConfigError
 from .granularity import parse_granularity
-from .channel_macs import ChannelMacs, channel_graph, channel_macs, is_coupled
+from .cost_model import ChannelMacs, channel_graph, channel_macs, is_coupled
 from .cost_model import ChannelCost, budget_cost
 from .mask_index import MaskEntry, hard_masks, masks, unwrap
 

@@ -24,7 +24,7 @@ from torch import Tensor, fx, nn
 
 from .errors import BudgetError, ConfigError
 from .mask import Mask
-from .mask_index import MaskEntry, hard_masks, masks, unwrap
+from .mask_index import MaskEntry, masks, unwrap
 
 
 def is_coupled(entries: list[MaskEntry]) -> bool:

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .budget import CutResult, apply_budget, kept_fraction, weight_costs
-from .channel_macs import ChannelMacs, channel_macs, is_coupled
+from .cost_model import ChannelMacs, channel_macs, is_coupled
 from .cost_model import ChannelCost, budget_cost
 from .config import config_of
 from .density_controller import DensityController, cubic_setpoint

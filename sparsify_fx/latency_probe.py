@@ -40,7 +40,7 @@ def _shape(node: Any) -> tuple[int, ...] | None:
 
 def op_signatures(gm: fx.GraphModule, inputs: tuple[Tensor, ...]) -> dict[str, OpSignature]:
     """``{node name: OpSignature}`` for every conv/linear call_function node of ``gm``."""
-    from sparsify_fx.passes.channel_groups import CONV_FUNCS, LINEAR_FUNCS
+    from sparsify_fx.passes.channel_analysis import CONV_FUNCS, LINEAR_FUNCS
     with torch.no_grad(), hard_masks(gm, False):
         ShapeProp(gm).propagate(*inputs)
     out: dict[str, OpSignature] = {}

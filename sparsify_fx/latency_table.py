@@ -230,7 +230,6 @@ def _axes(sig: OpSignature, out_prunable: bool, in_prunable: bool) -> tuple[list
 
 # -- onnxruntime timing --------------------------------------------------------------------
 def _op_model(sig: OpSignature, kept_out: int, kept_in: int):  # -> onnx.ModelProto
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
     rng = np.random.default_rng(0)
     if sig.kind == "linear":

@@ -16,7 +16,7 @@ from sparsify_fx.errors import ShrinkError
 from sparsify_fx.mask import SharedChannelMask
 from sparsify_fx.passes.couple_channels import ChannelCouplingWarning
 from sparsify_fx.passes.shrink import plan_shrink, shrink
-from tests.test_channel_groups import (RandomNet, hard_output, liven_batchnorm,
+from tests.test_channel_analysis import (RandomNet, hard_output, liven_batchnorm,
                                        random_channel_masks)
 
 TOL = 1e-4

@@ -15,7 +15,7 @@ from torch import nn
 import sparsify_fx
 from sparsify_fx.errors import ShrinkError
 from sparsify_fx.mask import SharedChannelMask
-from sparsify_fx.passes.channel_groups import analyze_channels
+from sparsify_fx.passes.channel_analysis import analyze_channels
 from sparsify_fx.passes.couple_channels import (ChannelCouplingWarning, channel_l1_scores,
                                                 group_masks, select_channels)
 

@@ -36,7 +36,7 @@ from torch import fx, nn
 from sparsify_fx.mask import MaskSet
 
 from . import attention_heads
-from .channel_graph import AttentionSite, ChannelGraph, ChannelGroup, Layout, NormSite, Producer
+from .channel_types import AttentionSite, ChannelGraph, ChannelGroup, Layout, NormSite, Producer
 
 CONV_FUNCS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3,
               F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
