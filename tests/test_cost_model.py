@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -16,27 +15,10 @@ from sparsify_fx.config import config_of
 from sparsify_fx.cost_model import ChannelCost, channel_latency, channel_macs, kept_widths
 from sparsify_fx.latency_table import OpSignature
 from sparsify_fx.passes.couple_channels import group_masks
+from tests.test_channel_budget import TinyRes
 
 X = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
 MS_PER_MAC = 1e-6
-
-
-class TinyRes(nn.Module):
-    """Stem + residual conv (tied channels), strided conv, depthwise conv, head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.bn0 = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.c1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.c2, self.bn2 = nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.BatchNorm2d(16)
-        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn0(self.stem(x)))
-        x = x + F.relu(self.bn1(self.c1(x)))
-        x = self.dw(F.relu(self.bn2(self.c2(x))))
-        return self.fc(x.mean((2, 3)))
 
 
 def macs_timer(sig: OpSignature, kept_out: int, kept_in: int) -> float:
