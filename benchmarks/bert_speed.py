@@ -19,6 +19,7 @@ Writes ``<out>.json`` and ``<out>.md``. Target (issue 14): latency ratio <= 1.15
 from __future__ import annotations
 
 import argparse
+import os
 import collections
 import json
 import statistics
@@ -129,12 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         "shrink_max_abs_diff_logits": parity, "logits_variation": varies,
         "onnx_max_abs_diff": {k: e.max_abs_diff for k, e in export.items()},
         "op_profile_ms": profile, "capture_s": capture_s, "runs": args.runs,
-        "threads": args.threads,
+        "threads": args.threads, "load_average_1min_after": os.getloadavg()[0],
     }
     md = "\n".join([
         f"# BERT-base encoder (seq {args.seq}): heads + MLP units at {args.macs} MACs, "
         "onnxruntime CPU",
-        "", f"`{result['command']}`  ", f"{result['machine']} (loaded by other jobs)", "",
+        "", f"`{result['command']}`  ", f"{result['machine']}; 1-minute load average after the timing "
+        f"{result['load_average_1min_after']:.2f} (2 cores)", "",
         "| | dense | shrunk | ratio |", "|---|---|---|---|",
         f"| GMACs (`report`, batch 1) | {dense_rep.total_dense_macs / 1e9:.3f} | "
         f"{small_rep.total_dense_macs / 1e9:.3f} | {mac_ratio:.3f} |",
