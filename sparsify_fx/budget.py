@@ -214,7 +214,8 @@ def _cut(model: nn.Module, entries: list[MaskEntry],
     for e in entries:
         gran = parse_granularity(e.mask.granularity)
         if gran.is_pattern:
-            e.mask.freeze(gran.pattern_keep(ranking(e).reshape(e.mask.score_shape)))
+            e.mask.freeze(gran.pattern_keep(ranking(e).reshape(e.mask.score_shape),
+                                            input_dim=0 if e.kind == "matmul" else 1))
         else:
             free.append(e)
     if isinstance(target_sparsity, Mapping) or (per_layer and target_sparsity is not None):

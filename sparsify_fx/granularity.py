@@ -4,8 +4,9 @@
 * ``"channel"``: one score per output channel (shape ``(C_out, 1, ...)``);
 * ``"n:m"`` such as ``"2:4"``: one score per weight, and every cut keeps exactly
   the ``n`` best of each ``m`` consecutive weights along the input dimension
-  (dim 1: input features / channels, at every output row and kernel position),
-  the layout NVIDIA ASP and cuSPARSELt expect. A trailing group shorter than
+  (dim 1: input features / channels, at every output row and kernel position;
+  dim 0 for a ``x @ W`` matmul weight such as GPT-2's ``(in, out)`` Conv1D), the
+  layout NVIDIA ASP and cuSPARSELt expect. A trailing group shorter than
   ``m`` (input size not a multiple of ``m``) keeps ``ceil(n * len / m)`` (a
   single input channel stays dense).
   The pattern *is* the budget: its sparsity is ``1 - n/m``.
@@ -50,15 +51,16 @@ class Granularity:
             return (shape[0],) + (1,) * (len(shape) - 1)
         return shape
 
-    def pattern_keep(self, scores: Tensor) -> Tensor:
+    def pattern_keep(self, scores: Tensor, input_dim: int = 1) -> Tensor:
         """Bool keep mask (``scores``' shape): the ``n`` highest scores of every ``m``
-        consecutive entries along dim 1 (ties: the earlier entry). Read-only."""
+        consecutive entries along ``input_dim`` (1 for Linear/Conv weights ``(out, in,
+        ...)``; 0 for a ``x @ W`` matmul weight ``(in, out)``). Read-only."""
         if not self.is_pattern:
             raise ConfigError(f"granularity {self.kind!r} has no fixed pattern")
         if scores.dim() < 2:
             raise ConfigError(f"an {self.n}:{self.m} pattern needs a weight with an input "
-                              f"dimension (dim 1), got shape {tuple(scores.shape)}")
-        moved = scores.detach().float().movedim(1, -1)  # (..., in)
+                              f"dimension, got shape {tuple(scores.shape)}")
+        moved = scores.detach().float().movedim(input_dim, -1)  # (..., in)
         width = moved.shape[-1]
         keep = torch.zeros_like(moved, dtype=torch.bool)
         full = (width // self.m) * self.m
@@ -74,7 +76,7 @@ class Granularity:
                 top = torch.topk(moved[..., full:], k, dim=-1, sorted=False).indices
                 keep[..., full:] = torch.zeros_like(moved[..., full:], dtype=torch.bool
                                                     ).scatter_(-1, top, True)
-        return keep.movedim(-1, 1)
+        return keep.movedim(-1, input_dim)
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.is_pattern else self.kind

@@ -46,6 +46,15 @@ def test_pattern_keeps_exactly_n_of_every_m(shape: tuple[int, ...]) -> None:
         assert torch.all(tail.sum(-1) == 1)
 
 
+def test_pattern_along_dim_0_for_matmul_weights() -> None:
+    """``x @ W`` weights are (in, out): the groups run along dim 0."""
+    gran = parse_granularity("2:4")
+    scores = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    keep = gran.pattern_keep(scores, input_dim=0)
+    assert torch.equal(keep.T, gran.pattern_keep(scores.T.contiguous()))
+    assert torch.all(keep.reshape(2, 4, 6).sum(1) == 2)
+
+
 def test_granularity_parsing_and_target_checks() -> None:
     assert parse_granularity("2:4").density == 0.5
     with pytest.raises(sf.ConfigError, match="N:M pattern"):
@@ -138,3 +147,26 @@ def test_export_keeps_the_pattern(tmp_path: pathlib.Path) -> None:
         assert torch.all(groups_zeros(w, 4) >= 2)
         checked += 1
     assert checked == 2
+
+
+class MatmulNet(nn.Module):
+    """A weight used as ``x @ W`` (stored ``(in, out)``, like GPT-2's Conv1D)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(16, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.W
+
+
+def test_2_4_on_a_matmul_weight_groups_its_input_dim() -> None:
+    torch.manual_seed(0)
+    gm = sf.transform(MatmulNet(), method="magnitude", granularity="2:4")
+    assert [e.kind for e in sf.masks(gm)] == ["matmul"]
+    folded = sf.fold(gm)
+    w = folded.get_parameter("W")
+    assert torch.all((w.reshape(4, 4, 8) == 0).sum(1) == 2)  # groups of 4 input rows
+    x = torch.randn(3, 16)
+    with torch.no_grad(), sf.hard_masks(gm):
+        assert torch.allclose(folded(x), gm(x))
