@@ -87,16 +87,30 @@ def _graph_cost(e: MaskEntry, batch: int) -> float | None:
 def _leaf_costs(model: nn.Module, entries: list[MaskEntry], inputs: tuple,
                 batch: int) -> dict[str, float]:
     """Tokens (or spatial positions) per sample seen by each weight inside a leaf module,
-    from the input shape of its host's first call in ONE forward pass of ``model``."""
+    from the input shape of its host's first call in ONE forward pass of ``model``. A host
+    the forward never calls as a module (``nn.MultiheadAttention.out_proj``: its weight is
+    passed to a functional kernel) takes the input of its nearest called ancestor."""
     if not entries:
         return {}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    path_of = {id(m): p for p, m in modules.items()}
+
+    def chain(host: nn.Module) -> list[nn.Module]:
+        """``host`` and its ancestors, nearest first (root last)."""
+        path, out = path_of.get(id(host)), [host]
+        while path:
+            path = path.rpartition(".")[0]
+            out.append(modules[path])
+        return out
+
     seen: dict[int, tuple[int, ...]] = {}
 
     def hook(module: nn.Module, args: tuple, _out: object) -> None:
         if id(module) not in seen and args and isinstance(args[0], Tensor):
             seen[id(module)] = tuple(args[0].shape)
 
-    handles = [h.register_forward_hook(hook) for h in {id(e.host): e.host for e in entries}.values()]
+    watched = {id(m): m for e in entries for m in chain(e.host)}
+    handles = [m.register_forward_hook(hook) for m in watched.values()]
     try:
         with torch.no_grad(), hard_masks(model, False):
             model(*inputs)
@@ -105,7 +119,7 @@ def _leaf_costs(model: nn.Module, entries: list[MaskEntry], inputs: tuple,
             handle.remove()
     costs = {}
     for e in entries:
-        shape = seen.get(id(e.host))
+        shape = next((seen[id(m)] for m in chain(e.host) if id(m) in seen), None)
         if shape is None:
             costs[e.name] = 1.0  # never called on these inputs: costs like a single token
         elif e.kind in ("conv", "depthwise_conv", "grouped_conv", "conv_transpose"):

@@ -91,3 +91,19 @@ def test_budget_errors() -> None:
         apply_budget(gm, target_macs=0.5)
     with pytest.raises(sf.ConfigError, match="example_inputs"):
         sf.CSScheduler(sf.transform(DigitsCNN(), target_macs=0.5), epochs=2)
+
+
+def test_weight_costs_agree_with_report_inside_attention() -> None:
+    """Every masked weight's MACs cost times its size equals what report counts for it,
+    including nn.MultiheadAttention.out_proj, whose module the forward never calls."""
+    import math
+
+    from sparsify_fx.budget import weight_costs
+    from tests.test_heads import small_vit
+
+    gm = sf.transform(small_vit().eval())
+    x = torch.randn(2, 3, 32, 32)
+    costs = weight_costs(gm, x)
+    counted = {r.name: r.dense_macs for r in sf.report(gm, x).rows}
+    for e in sf.masks(gm):
+        assert costs[e.name] * math.prod(e.mask.weight_shape) * 2 == counted[e.name], e.name
