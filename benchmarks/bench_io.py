@@ -29,3 +29,19 @@ def write_results(out: str, result: dict[str, Any], markdown: str) -> None:
         json.dump(result, f, indent=2)
     with open(out + ".md", "w") as f:
         f.write(markdown)
+
+
+@torch.no_grad()
+def shrink_checked(gm: torch.nn.Module, x: torch.Tensor, tol: float = 1e-4) -> tuple[Any, float]:
+    """``sparsify_fx.shrink(gm)`` in eval mode, checked against the hard-masked ``gm`` on
+    ``x``: returns ``(shrunk, max abs diff)``; AssertionError past ``tol``."""
+    import sparsify_fx as sf
+    small = sf.shrink(gm)
+    gm.eval()
+    small.eval()
+    with sf.hard_masks(gm):
+        diff = float((gm(x) - small(x)).abs().max())
+    if diff > tol:
+        raise AssertionError(f"shrunk output differs from the masked output by {diff:.2e}")
+    return small, diff
+

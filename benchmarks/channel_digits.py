@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 import sparsify_fx as sf
-from bench_io import command_line, machine, write_results
+from bench_io import command_line, machine, shrink_checked, write_results
 from sparsify_fx.budget import macs_fraction, weight_costs
 from sparsify_fx.cost_model import channel_macs
 from sparsify_fx.data import Splits, digits, mnist
@@ -62,11 +62,11 @@ def train_dense(data: Splits, seed: int, epochs: int, side: int) -> nn.Module:
     return model
 
 
-def finetune(model: nn.Module, data: Splits, seed: int, epochs: int, x: Tensor) -> None:
+def finetune(model: nn.Module, data: Splits, seed: int, epochs: int) -> None:
     """``epochs`` at lr 0.01 with the masks (if any) fixed; mutates ``model``."""
     if epochs:
-        sf.Trainer(model, data.train, epochs=epochs, lr=FT_LR, seed=seed + 1, progress=False,
-                   example_inputs=x).fit(finalize=False)
+        sf.Trainer(model, data.train, epochs=epochs, lr=FT_LR, seed=seed + 1,
+                   progress=False).fit(finalize=False)
 
 
 def train_cs(data: Splits, seed: int, epochs: int, target: float, side: int,
@@ -113,14 +113,7 @@ def l1_uniform(dense: nn.Module, target: float, x: Tensor) -> nn.Module:
 @torch.no_grad()
 def measure(gm: nn.Module, dense: nn.Module, data: Splits, x1: Tensor) -> dict[str, Any]:
     """Shrink ``gm``, check it against the hard-masked model, report accuracy and MACs."""
-    small = sf.shrink(gm)
-    gm.eval()
-    small.eval()
-    xt = data.test.tensors[0]
-    with sf.hard_masks(gm):
-        diff = float((gm(xt) - small(xt)).abs().max())
-    if diff > 1e-4:
-        raise AssertionError(f"shrunk output differs from the masked output by {diff:.2e}")
+    small, diff = shrink_checked(gm, data.test.tensors[0])
     before, after = sf.report(dense, x1), sf.report(small, x1)
     cmp = before.compare(after).to_dict()
     layers = {row["name"]: {"out": [row["after"]["out_channels_kept"],
@@ -143,7 +136,7 @@ def run_seed(data: Splits, seed: int, args: argparse.Namespace, side: int) -> li
     t0 = time.perf_counter()
     dense = train_dense(data, seed, args.epochs, side)
     dense_cont = copy.deepcopy(dense)
-    finetune(dense_cont, data, seed, args.finetune, x)
+    finetune(dense_cont, data, seed, args.finetune)
     rep = sf.report(dense_cont, x1)
     rows.append({"method": "dense", "test_acc": evaluate(dense_cont, data.loader("test")),
                  "macs": rep.total_macs, "dense_macs": rep.total_macs, "macs_fraction": 1.0,
@@ -151,14 +144,14 @@ def run_seed(data: Splits, seed: int, args: argparse.Namespace, side: int) -> li
                  "seconds": time.perf_counter() - t0})
     t0 = time.perf_counter()
     gm, extra = train_cs(data, seed, args.epochs, args.target_macs, side, x)
-    finetune(gm, data, seed, args.finetune, x)
+    finetune(gm, data, seed, args.finetune)
     rows.append({"method": "cs", **measure(gm, dense, data, x1), **extra,
                  "seconds": time.perf_counter() - t0})
     for name, prune in (("l1", l1_global), ("l1_uniform", l1_uniform)):
         t0 = time.perf_counter()
         gm = prune(dense, args.target_macs, x)
         pruned_acc = evaluate(gm, data.loader("test"))
-        finetune(gm, data, seed, args.finetune, x)
+        finetune(gm, data, seed, args.finetune)
         rows.append({"method": name, **measure(gm, dense, data, x1),
                      "acc_before_finetune": pruned_acc,
                      "seconds": time.perf_counter() - t0 + rows[0]["seconds"]})

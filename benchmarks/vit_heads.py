@@ -39,7 +39,7 @@ from torch.utils.data import TensorDataset
 from torchvision.models.vision_transformer import VisionTransformer
 
 import sparsify_fx as sf
-from bench_io import command_line, machine, write_results
+from bench_io import command_line, machine, shrink_checked, write_results
 from sparsify_fx.budget import apply_budget, macs_fraction, weight_costs
 from sparsify_fx.data import Splits, digits, mnist
 from sparsify_fx.passes.couple_channels import channel_l1_scores
@@ -79,14 +79,7 @@ def l1_pruned(dense: nn.Module, target: float, x: Tensor, per_weight: bool) -> n
 @torch.no_grad()
 def measure(gm: nn.Module, dense: nn.Module, data: Splits, x1: Tensor) -> dict[str, Any]:
     plan = plan_shrink(gm)
-    small = sf.shrink(gm)
-    gm.eval()
-    small.eval()
-    xt = data.test.tensors[0]
-    with sf.hard_masks(gm):
-        diff = float((gm(xt) - small(xt)).abs().max())
-    if diff > 1e-4:
-        raise AssertionError(f"shrunk output differs from the masked output by {diff:.2e}")
+    small, diff = shrink_checked(gm, data.test.tensors[0])
     before, after = sf.report(dense, x1), sf.report(small, x1)
     units = [v for k, v in plan.layers.items() if k.endswith("mlp.0.weight")]
     return {"test_acc": evaluate(small, data.loader("test")), "max_abs_diff": diff,
