@@ -35,6 +35,7 @@ from compare_report import write_outputs
 import sparsify_fx as sf
 from sparsify_fx.budget import macs_fraction, weight_costs
 from sparsify_fx.data import Splits, digits, mnist
+from sparsify_fx.models import Conv2
 from sparsify_fx.trainer import evaluate
 
 METHODS = ("dense", "cs", "imp", "gmp", "gmp_cs_alloc", "l0", "ste", "magnitude", "random")
@@ -50,25 +51,6 @@ class LeNet300100(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-class Conv2(nn.Module):
-    """Conv-2 style: two 3x3 convs (16, 32 ch) each with ReLU + 2x2 max-pool, FC 256, FC 10.
-
-    Narrower than Frankle et al.'s Conv-2 (64, 64, 256, 256) so a full sweep fits on 2 CPU cores.
-    """
-
-    def __init__(self, side: int) -> None:
-        super().__init__()
-        pooled = side // 4
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * pooled * pooled, 256),
-                                        nn.ReLU(), nn.Linear(256, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
 
 
 def model_factory(name: str, data: Splits) -> Callable[[], nn.Module]:

@@ -20,3 +20,22 @@ class DigitsCNN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
+
+
+class Conv2(nn.Module):
+    """Conv-2 style for ``1 x side x side`` inputs: two 3x3 convs (16, 32 ch), each ReLU +
+    2x2 max-pool, FC 256, FC 10. Narrower than Frankle et al.'s Conv-2 (64, 64, 256, 256)
+    so a full method sweep fits on 2 CPU cores."""
+
+    def __init__(self, side: int = 28) -> None:
+        super().__init__()
+        pooled = side // 4
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * pooled * pooled, 256),
+                                        nn.ReLU(), nn.Linear(256, 10))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
