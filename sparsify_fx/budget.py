@@ -21,8 +21,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .config import config_of
 from .errors import BudgetError, ConfigError
 from .granularity import parse_granularity
-from .cost_model import ChannelMacs, channel_graph, channel_macs, is_coupled
-from .cost_model import ChannelCost, budget_cost
+from .cost_model import (ChannelCost, ChannelMacs, budget_cost, channel_graph, channel_macs,
+                         is_coupled)
 from .mask_index import MaskEntry, hard_masks, masks, unwrap
 
 
@@ -89,19 +89,16 @@ def _leaf_costs(model: nn.Module, entries: list[MaskEntry], inputs: tuple,
     """Tokens (or spatial positions) per sample seen by each weight inside a leaf module,
     from the input shape of its host's first call in ONE forward pass of ``model``. A host
     the forward never calls as a module (``nn.MultiheadAttention.out_proj``: its weight is
-    passed to a functional kernel) takes the input of its nearest called ancestor."""
+    passed to a functional kernel) takes the input of its parent module, if that is called."""
     if not entries:
         return {}
     modules = dict(model.named_modules(remove_duplicate=False))
     path_of = {id(m): p for p, m in modules.items()}
 
     def chain(host: nn.Module) -> list[nn.Module]:
-        """``host`` and its ancestors, nearest first (root last)."""
-        path, out = path_of.get(id(host)), [host]
-        while path:
-            path = path.rpartition(".")[0]
-            out.append(modules[path])
-        return out
+        """``host`` and its parent module (none for the root)."""
+        path = path_of.get(id(host))
+        return [host] if not path else [host, modules[path.rpartition(".")[0]]]
 
     seen: dict[int, tuple[int, ...]] = {}
 

@@ -29,8 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .budget import CutResult, apply_budget, kept_fraction, weight_costs
-from .cost_model import ChannelMacs, channel_macs, is_coupled
-from .cost_model import ChannelCost, budget_cost
+from .cost_model import ChannelCost, ChannelMacs, budget_cost, channel_macs, is_coupled
 from .config import config_of
 from .density_controller import DensityController, cubic_setpoint
 from .errors import ConfigError
@@ -146,7 +145,7 @@ class CSScheduler(MethodSession):
         #: and the final cut both read (sparsify_fx.cost_model)
         self.cost_model: ChannelCost | None = None
         if target_latency is None and not self.has_target and cfg is not None:
-            target_latency = getattr(cfg, "target_latency", None)
+            target_latency = cfg.target_latency
         if target_latency is not None or cost is not None:
             self.target_macs, self.cost_model = budget_cost(
                 self.model, self.entries, self.target_sparsity, self.target_macs,
@@ -187,10 +186,6 @@ class CSScheduler(MethodSession):
     def log_lmbda(self) -> Tensor:
         """log(lambda) in use per controller group (float64)."""
         return self.controller.log
-
-    @property
-    def log_lmbda_i(self) -> Tensor:
-        return self.controller.log_i
 
     # -- schedule --------------------------------------------------------------
     @property

@@ -76,9 +76,7 @@ class Mask(nn.Module):
 
     # -- what subclasses define -------------------------------------------------
     def _keep_or_ones(self) -> Tensor:
-        if self.keep.numel():
-            return self.keep
-        return torch.ones(self.score_shape, dtype=torch.bool, device=self.frozen.device)
+        return self.keep if self.keep.numel() else self._all_kept()
 
     def soft_mask(self) -> Tensor:
         """Differentiable mask values in ``score_shape`` (float32)."""

@@ -191,16 +191,12 @@ def method_of(model: nn.Module) -> MethodSpec | None:
     cfg = config_of(model)
     if cfg is not None:
         return get_method(cfg.method)
+    _load_builtin_methods()
     for e in masks(model):
         for m in (e.mask, *getattr(e.mask, "sources", ())):
-            if m.method in _loaded_names():
-                return get_method(m.method)
+            if m.method in _METHODS:
+                return _METHODS[m.method]
     return None
-
-
-def _loaded_names() -> set[str]:
-    _load_builtin_methods()
-    return set(_METHODS)
 
 
 register_method(MethodSpec(

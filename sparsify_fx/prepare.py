@@ -139,9 +139,8 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
     untraced = [str(f) for f in captured.failures]
     root = captured.model
     config = SparsifyConfig(method, granularity, options, target_sparsity, target_macs,
-                            per_layer, untraced, inputs)
+                            per_layer, untraced, inputs, target_latency)
     attach_config(root, config)
-    config.target_latency = target_latency  # read by CSScheduler (sparsify_fx.cost_model)
     root.train(model.training)
     if spec.after_transform is not None:
         spec.after_transform(root, config)
