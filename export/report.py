@@ -30,8 +30,8 @@ from torch.nn.utils import parametrize
 from sparsify_fx.errors import InputError
 from sparsify_fx.mask import Mask
 from sparsify_fx.mask_index import masks, unwrap
+from sparsify_fx.passes.count_macs import OtherOp, WeightUse, count_macs
 
-from .macs import OtherOp, WeightUse, count_macs
 from .report_heads import heads_kept
 
 Shape = tuple[int, ...]

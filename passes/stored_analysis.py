@@ -7,15 +7,24 @@ and ``shrink`` read it from there. ``copy.deepcopy`` of a GraphModule keeps
 ``meta``, so a copy reads the same analysis. It is recomputed only when the set
 of coupled weights or the input shapes it was made for have changed (masks edited
 after transform, or shape propagation run with other inputs).
+
+The dense MACs of every node (the one counter, :mod:`~sparsify_fx.passes.count_macs`)
+are kept the same way: ``transform(..., example_inputs=x)`` counts once
+(:class:`CountWeightMacs`), and :func:`weight_macs_of` on inputs of the same shapes reads
+the nodes' ``node.meta["sparsify_macs"]`` without running the model.
 """
 from __future__ import annotations
 
-from torch import fx
+from typing import Any, Sequence
+
+from torch import fx, nn
 
 from sparsify_fx.mask import Mask
-from sparsify_fx.mask_index import masks
+from sparsify_fx.mask_index import masks, unwrap
 
 from .channel_types import ChannelGraph
+from .count_macs import COUNTED_META, MACS_META, count_macs, counted_key, dense_weights, input_shapes
+from .pass_base import PassResult, SparsifyPass
 
 #: ``gm.meta`` key of the stored ``{(coupled weights, input shapes): ChannelGraph}``
 CHANNEL_GRAPH_META = "sparsify_channel_graph"
@@ -67,4 +76,50 @@ def _input_shapes(gm: fx.GraphModule) -> tuple:
     return tuple(out)
 
 
-__all__ = ["CHANNEL_GRAPH_META", "coupled_producers", "channel_graph_of"]
+def weight_macs_of(model: nn.Module, inputs: Sequence[Any]) -> dict[str, int]:
+    """Dense MACs charged to each weight by one run of ``model(*inputs)``, every mask seen
+    as identity (names as in :func:`~sparsify_fx.passes.count_macs.dense_weights`; weights
+    the run never multiplies with are absent).
+
+    On a GraphModule whose nodes were counted for these input shapes and this graph
+    (e.g. by ``transform(..., example_inputs=...)``), reads the stored per-node MACs
+    and runs nothing; otherwise runs the counter once (it stores them: ``node.meta``,
+    ``gm.meta``). Other models (partial traces, torch.export captures) are counted at
+    each call. InputError if the model fails on ``inputs``.
+    """
+    model = unwrap(model)
+    inputs = tuple(inputs)
+    weights, pairs = dense_weights(model)
+    if not isinstance(model, fx.GraphModule):
+        return {n: u.dense_macs for n, u in count_macs(model, inputs, weights, pairs).weights.items()}
+    shapes = input_shapes(inputs)
+    stored = (model.meta.get(COUNTED_META) == counted_key(model, inputs, weights)
+              and _input_shapes(model)[:len(shapes)] == shapes)  # ShapeProp may have run since
+    if not stored:
+        count_macs(model, inputs, weights, pairs)
+    out: dict[str, int] = {}
+    for node in model.graph.nodes:
+        record = node.meta.get(MACS_META)
+        for name, macs in (record.weights.items() if record is not None else ()):
+            out[name] = out.get(name, 0) + macs
+    return out
+
+
+class CountWeightMacs(SparsifyPass):
+    """``CountWeightMacs(inputs)(gm)``: count ``gm``'s dense MACs on ``inputs`` once and store
+    them on its nodes (see :func:`weight_macs_of`); ``.macs`` holds the per-weight result.
+    A module that is not a GraphModule is left alone (nothing to store on). Writes only
+    ``node.meta`` and ``gm.meta``; ``modified`` is False."""
+
+    def __init__(self, inputs: Sequence[Any]) -> None:
+        self.inputs = tuple(inputs)
+        self.macs: dict[str, int] = {}
+
+    def call(self, graph_module: nn.Module) -> PassResult:  # type: ignore[override]
+        if isinstance(graph_module, fx.GraphModule):
+            self.macs = weight_macs_of(graph_module, self.inputs)
+        return PassResult(graph_module, False)
+
+
+__all__ = ["CHANNEL_GRAPH_META", "coupled_producers", "channel_graph_of", "weight_macs_of",
+           "CountWeightMacs"]

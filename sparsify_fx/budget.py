@@ -1,7 +1,8 @@
 """Exact budgets: cut masks to a target sparsity or MACs fraction, and weight costs.
 
 ``weight_costs`` gives, per masked weight, the MACs one weight takes part in for
-one input sample (shape propagation over the graph with ``example_inputs``).
+one input sample, read from the one MAC counter
+(:mod:`sparsify_fx.passes.count_macs`, stored per node at transform).
 ``apply_budget`` freezes every mask to exactly the top-scored weights that fit.
 For coupled channel masks the MACs budget is counted as :func:`channel_macs`
 does: the MACs of every Conv/Linear call after shrink (a removed channel also
@@ -16,113 +17,55 @@ from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+
+from sparsify_fx.passes.stored_analysis import weight_macs_of
 
 from .config import config_of
 from .errors import BudgetError, ConfigError
 from .granularity import parse_granularity
 from .cost_model import (ChannelCost, ChannelMacs, budget_cost, channel_graph, channel_macs,
                          is_coupled)
-from .mask_index import MaskEntry, hard_masks, masks, unwrap
-
-
-def _out_meta(node: fx.Node) -> Tensor | None:
-    meta = node.meta.get("tensor_meta")
-    return meta if meta is not None and hasattr(meta, "shape") else None
+from .mask_index import MaskEntry, masks, unwrap
 
 
 def weight_costs(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor) -> dict[str, float]:
     """MACs per weight per sample for every masked weight (name -> float).
 
-    Conv/Linear: output elements per output channel (``out.numel() / (N * out_ch)``);
-    ConvTranspose: input elements per input channel; weights inside leaf modules
-    (attention projections): the leaf's input tokens per sample. A coupled channel
-    model also gets the cost of every unmasked Conv/Linear weight of its graph
-    (their input channels shrink too; see :func:`channel_macs`). Mutates the
-    graph nodes' ``tensor_meta`` only.
+    A weight's cost is the dense MACs the one counter charges to it on
+    ``example_inputs`` (masks seen as identity, every call summed), divided by the
+    batch size (dim 0 of the first input) and the weight's element count:
+    Conv/Linear: output positions (tokens) per sample; ConvTranspose: input
+    positions; attention projections: the tokens they project. A weight the forward
+    never multiplies with costs 1 (like one token); auxiliary masks (biases,
+    BatchNorm affine of coupled channels) cost 0: they take part in no MACs. A
+    coupled channel model also gets the cost of every unmasked Conv/Linear weight
+    of its graph (their input channels shrink too; see :func:`channel_macs`).
+
+    Runs the model at most once: on a model transformed with ``example_inputs`` of
+    these shapes it reads the per-node MACs stored there and runs nothing. Writes
+    graph nodes' ``meta`` only (``tensor_meta`` and MACs, as ShapeProp would).
     """
     model = unwrap(model)
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-    costs: dict[str, float] = {}
-    graphs = [m for m in model.modules() if isinstance(m, fx.GraphModule)]
-    with torch.no_grad(), hard_masks(model, False):
-        for gm in graphs:
-            if gm is model:
-                ShapeProp(gm).propagate(*inputs)
-    entries = masks(model)
     batch = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else 1
-    leaf: list[MaskEntry] = []
+    dense = weight_macs_of(model, inputs)
+
+    def per_sample(name: str, shape: Sequence[int]) -> float | None:
+        macs = dense.get(name, 0)
+        return macs / (batch * math.prod(shape)) if macs else None
+
+    entries = masks(model)
+    costs: dict[str, float] = {}
     for e in entries:
-        cost = _graph_cost(e, batch) if e.route == "graph" else None
-        if cost is None:
-            leaf.append(e)
-        else:
-            costs[e.name] = cost
-    costs.update(_leaf_costs(model, leaf, inputs, batch))
+        cost = 0.0 if e.mask.auxiliary else per_sample(e.name, e.mask.weight_shape)
+        costs[e.name] = 1.0 if cost is None else cost  # None: never used on these inputs
     if isinstance(model, fx.GraphModule) and is_coupled(entries):
-        nodes = {n.name: n for n in model.graph.nodes}
         for prod in channel_graph(model).producers.values():
-            out = _out_meta(nodes[prod.node])
-            if prod.weight not in costs and out is not None:
-                costs[prod.weight] = math.prod(out.shape) / (batch * len(prod.out_ids))
-    return costs
-
-
-def _graph_cost(e: MaskEntry, batch: int) -> float | None:
-    assert e.node is not None
-    for user in e.node.users:
-        out = _out_meta(user)
-        if out is None:
-            continue
-        if e.kind == "conv_transpose":
-            x = _out_meta(user.args[0]) if isinstance(user.args[0], fx.Node) else None
-            if x is None:
-                return None
-            return math.prod(x.shape) / (batch * x.shape[1])
-        channels = e.mask.weight_shape[0]
-        return math.prod(out.shape) / (batch * channels)
-    return None
-
-
-def _leaf_costs(model: nn.Module, entries: list[MaskEntry], inputs: tuple,
-                batch: int) -> dict[str, float]:
-    """Tokens (or spatial positions) per sample seen by each weight inside a leaf module,
-    from the input shape of its host's first call in ONE forward pass of ``model``. A host
-    the forward never calls as a module (``nn.MultiheadAttention.out_proj``: its weight is
-    passed to a functional kernel) takes the input of its parent module, if that is called."""
-    if not entries:
-        return {}
-    modules = dict(model.named_modules(remove_duplicate=False))
-    path_of = {id(m): p for p, m in modules.items()}
-
-    def chain(host: nn.Module) -> list[nn.Module]:
-        """``host`` and its parent module (none for the root)."""
-        path = path_of.get(id(host))
-        return [host] if not path else [host, modules[path.rpartition(".")[0]]]
-
-    seen: dict[int, tuple[int, ...]] = {}
-
-    def hook(module: nn.Module, args: tuple, _out: object) -> None:
-        if id(module) not in seen and args and isinstance(args[0], Tensor):
-            seen[id(module)] = tuple(args[0].shape)
-
-    watched = {id(m): m for e in entries for m in chain(e.host)}
-    handles = [m.register_forward_hook(hook) for m in watched.values()]
-    try:
-        with torch.no_grad(), hard_masks(model, False):
-            model(*inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    costs = {}
-    for e in entries:
-        shape = next((seen[id(m)] for m in chain(e.host) if id(m) in seen), None)
-        if shape is None:
-            costs[e.name] = 1.0  # never called on these inputs: costs like a single token
-        elif e.kind in ("conv", "depthwise_conv", "grouped_conv", "conv_transpose"):
-            costs[e.name] = float(math.prod(shape[2:])) if len(shape) > 2 else 1.0
-        else:
-            costs[e.name] = math.prod(shape[:-1]) / batch
+            if prod.weight in costs or prod.macs_unit is not None:  # attention: own MACs unit
+                continue
+            cost = per_sample(prod.weight, prod.shape)
+            if cost is not None:
+                costs[prod.weight] = cost
     return costs
 
 

@@ -14,6 +14,7 @@ from sparsify_fx.passes.couple_channels import CoupleChannels
 from sparsify_fx.passes.insert_masks import InsertMaskNodes
 from sparsify_fx.passes.parametrize_weights import ParametrizeWeights
 from sparsify_fx.passes.pass_base import SparsifyPass, run_passes
+from sparsify_fx.passes.stored_analysis import CountWeightMacs
 
 from .capture import PartialTraceWarning, capture_model, check_capture_options
 from .config import SparsifyConfig, attach_config, config_of, normalize_inputs
@@ -56,8 +57,9 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
     one-shot methods meet exactly; each method declares the budgets it honours
     (:attr:`MethodSpec.budgets`) and any other is refused here with ConfigError.
     ``example_inputs`` (a tensor or a tuple of them): sample inputs; MACs budgets
-    count per-weight costs on them. Remaining keyword options go to the method
-    (e.g. ``s_init``, ``rescale`` for ``"cs"``).
+    count per-weight costs on them (a traced GraphModule is counted once here, its
+    per-node MACs kept in ``node.meta``; InputError if the model fails on them).
+    Remaining keyword options go to the method (e.g. ``s_init``, ``rescale`` for ``"cs"``).
 
     ``capture``: ``"auto"`` (symbolic_trace; if it fails and ``example_inputs``
     are given, torch.export; else the partial trace), ``"fx"`` (symbolic_trace,
@@ -142,6 +144,8 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
                             per_layer, untraced, inputs, target_latency)
     attach_config(root, config)
     root.train(model.training)
+    if inputs is not None:  # MACs counted once, stored on the nodes: weight_costs reads them
+        CountWeightMacs(inputs)(root)
     if spec.after_transform is not None:
         spec.after_transform(root, config)
     return root
