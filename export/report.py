@@ -16,7 +16,9 @@ folded model, or any plain ``nn.Module``. Definitions (see docs/report.md):
   they are counted dense in both totals.
 
 Nothing is mutated: the model runs once in eval mode under no_grad, with
-temporary hooks that are removed; training flags are restored.
+temporary hooks that are removed; training flags are restored. On a GraphModule
+the one MAC counter (:mod:`sparsify_fx.passes.count_macs`) leaves each node's shapes
+and MACs in ``node.meta``, as ShapeProp leaves shapes.
 """
 from __future__ import annotations
 
