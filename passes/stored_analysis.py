@@ -94,7 +94,8 @@ def weight_macs_of(model: nn.Module, inputs: Sequence[Any]) -> dict[str, int]:
         return {n: u.dense_macs for n, u in count_macs(model, inputs, weights, pairs).weights.items()}
     shapes = input_shapes(inputs)
     stored = (model.meta.get(COUNTED_META) == counted_key(model, inputs, weights)
-              and _input_shapes(model)[:len(shapes)] == shapes)  # ShapeProp may have run since
+              and _input_shapes(model)[:len(shapes)] == shapes  # ShapeProp may have run since
+              and all(MACS_META in n.meta for n in model.graph.nodes))  # lost when pickled
     if not stored:
         count_macs(model, inputs, weights, pairs)
     out: dict[str, int] = {}

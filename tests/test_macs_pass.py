@@ -191,6 +191,9 @@ def test_stored_macs_recounted_after_shape_prop_with_other_inputs(monkeypatch) -
     assert len(runs) == 2 and costs["features.0.weight"] == 64.0
     weight_costs(gm, x)
     assert len(runs) == 2
+    for node in gm.graph.nodes:  # node meta lost (as in a pickled GraphModule): counted again
+        node.meta.pop(MACS_META)
+    assert weight_costs(gm, x) == costs and len(runs) == 3
 
 
 def test_transform_without_inputs_counts_nothing(monkeypatch) -> None:
