@@ -7,8 +7,9 @@ same call again, which must measure nothing), rank channels by L1 norm
 each T. For comparison, the same ranking cut by MACs: ``target_macs=T`` (what a MACs
 proxy gives for the same number) and ``target_macs=`` the latency cut's own MACs
 fraction ("same MACs"). Every pruned model is shrunk and exported with ``export_onnx``;
-dense and pruned sessions are timed interleaved in one process, median of ``--runs``
-(>= 30). The machine's load average (``os.getloadavg``) is recorded before and after:
+dense and pruned sessions are timed interleaved in one process (no thread spinning),
+at least ``--runs`` (>= 30) rounds and 3 s; a fraction is the median over rounds of
+pruned / dense ms. The machine's load average (``os.getloadavg``) is recorded before and after:
 the 2-core machine is shared, so numbers are noisy.
 
 Accuracy part (``--digits``): DigitsCNN on scikit-learn digits, CS trained to
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+from dataclasses import replace
 import statistics
 import tempfile
 import time
@@ -45,6 +47,7 @@ from sparsify_fx.budget import weight_costs
 from sparsify_fx.cost_model import channel_latency, channel_macs
 from sparsify_fx.errors import BudgetError
 from sparsify_fx.export.onnx_export import export_onnx, make_session
+from sparsify_fx.latency_probe import interleaved_times, median_ratio
 from sparsify_fx.passes.couple_channels import channel_l1_scores
 
 THREADS = 2
@@ -54,20 +57,15 @@ def load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def time_interleaved(paths: dict[str, Path], x: np.ndarray, runs: int) -> dict[str, float]:
-    """Median ms per session; every round runs each session once (same machine state)."""
-    sessions = {k: make_session(p, threads=THREADS) for k, p in paths.items()}
-    feed = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
-    for k, s in sessions.items():
-        for _ in range(3):
-            s.run(None, feed[k])
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(runs):
-        for k, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, feed[k])
-            times[k].append((time.perf_counter() - t) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+def time_interleaved(paths: dict[str, Path], x: np.ndarray, runs: int
+                     ) -> tuple[dict[str, float], dict[str, float]]:
+    """(median ms, median per-round fraction of "dense") per ONNX file; every round runs
+    each session once (same machine state), at least ``runs`` rounds and 3 s (the
+    library's timer: no thread spinning)."""
+    sessions = [make_session(p, threads=THREADS) for p in paths.values()]
+    times = dict(zip(paths, interleaved_times(sessions, (x,), runs=runs, min_seconds=3.0)))
+    return ({k: statistics.median(v) for k, v in times.items()},
+            {k: median_ratio(v, times["dense"]) for k, v in times.items()})
 
 
 def export(model: nn.Module, x: torch.Tensor, path: Path) -> Path:
@@ -107,10 +105,16 @@ def run_model(name: str, targets: list[float], runs: int, work: Path) -> dict[st
     for t in targets:
         cuts: dict[str, Any] = {}
         variants = [("latency", dict(target_latency=t, cost=lat)),
+                    ("table_only", dict(target_latency=t, cost=replace(lat, measure=None))),
                     ("macs_same_target", dict(target_macs=t, costs=weight_costs(gm, x)))]
+        rounds: list[dict[str, float]] = []
         for key, kwargs in variants:
             g = copy.deepcopy(gm)
-            sf.apply_budget(g, scores=scores, **kwargs)
+            t0 = time.perf_counter()
+            res = sf.apply_budget(g, scores=scores, **kwargs)
+            if key == "latency":
+                rounds = [c.to_dict() for c in res.latency]
+                verify_s = time.perf_counter() - t0
             cuts[key] = g
         frac_macs_lat = _macs_frac(macs, cuts["latency"])
         g = copy.deepcopy(gm)
@@ -128,11 +132,11 @@ def run_model(name: str, targets: list[float], runs: int, work: Path) -> dict[st
                 warnings.simplefilter("ignore")
                 paths_t[key] = export(sf.shrink(g), x, work / f"{name}_{t}_{key}.onnx")
         before = load()
-        ms = time_interleaved(paths_t, x.numpy(), runs)
+        ms, frac = time_interleaved(paths_t, x.numpy(), runs)
         entry = {"target": t, "runs": runs, "load_before": before, "load_after": load(),
-                 "dense_ms": ms["dense"]}
+                 "dense_ms": ms["dense"], "verify_rounds": rounds, "verify_s": verify_s}
         for key in cuts:
-            entry[key] = {**est[key], "ms": ms[key], "latency_measured": ms[key] / ms["dense"]}
+            entry[key] = {**est[key], "ms": ms[key], "latency_measured": frac[key]}
         entry["within_10pct"] = abs(entry["latency"]["latency_measured"] / t - 1) <= 0.10
         # same ranking, same MACs: a prefix cut keeps the same slots, so this is the same
         # model exported twice, a control for the timing noise
@@ -140,7 +144,9 @@ def run_model(name: str, targets: list[float], runs: int, work: Path) -> dict[st
                                                             keeps["macs_same_macs"]))
         row["targets"].append(entry)
         print(f"  target {t}: latency cut measured {entry['latency']['latency_measured']:.3f} "
-              f"(est {est['latency']['latency_estimated']:.3f}, MACs "
+              f"(verify rounds {[round(r['measured'], 3) for r in rounds]}, {verify_s:.0f} s; "
+              f"table only {entry['table_only']['latency_measured']:.3f}; "
+              f"est {est['latency']['latency_estimated']:.3f}, MACs "
               f"{est['latency']['macs_fraction']:.3f}); target_macs={t}: measured "
               f"{entry['macs_same_target']['latency_measured']:.3f}; same MACs: measured "
               f"{entry['macs_same_macs']['latency_measured']:.3f}; dense {ms['dense']:.2f} ms; "
@@ -204,9 +210,9 @@ def _digits_seed(data, seed: int, epochs: int, ft: int, target: float, xl: torch
         out[key] = {"test_acc": evaluate(small, data.loader("test")),
                     "latency_estimated": est}
     out["dense_acc"] = evaluate(dense.eval(), data.loader("test"))
-    ms = time_interleaved(paths, xl.numpy(), runs)
+    ms, frac = time_interleaved(paths, xl.numpy(), runs)
     for key in ("cs", "l1"):
-        out[key]["latency_measured"] = ms[key] / ms["dense"]
+        out[key]["latency_measured"] = frac[key]
     out["dense_ms"], out["load"] = ms["dense"], load()
     print(f"digits seed {seed}: dense {out['dense_acc']:.4f}; CS {out['cs']['test_acc']:.4f} "
           f"(latency {out['cs']['latency_measured']:.3f}); L1 {out['l1']['test_acc']:.4f} "
@@ -219,16 +225,20 @@ def to_markdown(result: dict[str, Any]) -> str:
              f"{result['machine']}; onnxruntime threads {THREADS}; load average before/after "
              "each timing in the JSON (shared 2-core machine: noisy).", "",
              "| model | table cold s (timings) | warm s (timings) | target | latency cut: "
-             "measured | est. | MACs | target_macs=T: measured | same MACs: measured "
-             "(same model?) | within 10 % | load (1 min) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "measured | verify rounds: measured (s) | table only: measured (est.) | MACs | "
+             "target_macs=T: measured | same MACs: measured (same model?) | within 10 % | "
+             "load (1 min) |",
+             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|---:|"]
     for r in result["speed"]:
         for e in r["targets"]:
+            rounds = ", ".join(f"{v['measured']:.3f}" for v in e["verify_rounds"])
             lines.append(
                 f"| {r['model']} | {r['table_build_s_cold']:.1f} ({r['table_timings_cold']}) | "
                 f"{r['table_build_s_warm']:.2f} ({r['table_timings_warm']}) | {e['target']} | "
-                f"{e['latency']['latency_measured']:.3f} | "
-                f"{e['latency']['latency_estimated']:.3f} | {e['latency']['macs_fraction']:.3f} | "
+                f"**{e['latency']['latency_measured']:.3f}** | "
+                f"{rounds} ({e['verify_s']:.0f}) | {e['table_only']['latency_measured']:.3f} "
+                f"({e['table_only']['latency_estimated']:.3f}) | "
+                f"{e['latency']['macs_fraction']:.3f} | "
                 f"{e['macs_same_target']['latency_measured']:.3f} | "
                 f"{e['macs_same_macs']['latency_measured']:.3f} "
                 f"({'yes' if e.get('same_macs_is_same_model') else 'no'}) | "

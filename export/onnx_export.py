@@ -95,13 +95,11 @@ class OnnxExport:
 
 
 def make_session(path: str | os.PathLike, threads: int | None = None) -> Any:
-    """An onnxruntime CPU ``InferenceSession`` on ``path``."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """An onnxruntime CPU ``InferenceSession`` on ``path``
+    (:func:`sparsify_fx.latency_table.ort_session`: no thread spinning, so sessions timed
+    interleaved do not slow each other)."""
+    from sparsify_fx.latency_table import ort_session
+    return ort_session(path, threads)
 
 
 def run_onnx(path: str | os.PathLike, inputs: InputsLike) -> np.ndarray:

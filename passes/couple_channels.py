@@ -238,8 +238,10 @@ def channel_l1_scores(model: nn.Module, per_weight: bool = False) -> dict[str, T
 
 
 def select_channels(model: nn.Module, keep_fraction: float | Mapping[str, float],
-                    scores: Mapping[str, Tensor] | None = None) -> dict[str, int]:
-    """Freeze every group to its top ``keep_fraction`` of slots (at least one).
+                    scores: Mapping[str, Tensor] | None = None,
+                    round_to: int = 1) -> dict[str, int]:
+    """Freeze every group to its top ``keep_fraction`` of slots (at least one), the count
+    rounded to a multiple of ``round_to`` (at least ``round_to``, at most all slots).
 
     Ranked by ``scores[key]`` if given (e.g. :func:`channel_l1_scores`), else by
     each group mask's ``ranking_scores()``. Returns ``{key: slots kept}``.
@@ -251,7 +253,8 @@ def select_channels(model: nn.Module, keep_fraction: float | Mapping[str, float]
         if not 0.0 < float(frac) <= 1.0:
             raise ShrinkError(f"keep fraction for {key} must be in (0, 1], got {frac!r}")
         s = (scores[key] if scores is not None else m.ranking_scores()).detach().reshape(-1)
-        n = max(1, int(round(float(frac) * s.numel())))
+        step = max(1, int(round_to))
+        n = min(s.numel(), max(step, int(round(float(frac) * s.numel() / step)) * step))
         keep = torch.zeros(s.numel(), dtype=torch.bool)
         keep[torch.sort(s.cpu().float(), descending=True, stable=True).indices[:n]] = True
         m.freeze(keep.reshape(m.score_shape))

@@ -12,7 +12,7 @@ removes the next layer's input channel). Both only read the model, except
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
@@ -77,6 +77,8 @@ class CutResult:
     total: int
     changed_bits: int
     per_layer: dict[str, float]
+    #: a verified latency cut's rounds (aimed, estimated, measured fractions), else empty
+    latency: list = field(default_factory=list)
 
     @property
     def sparsity(self) -> float:
@@ -102,7 +104,7 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
                  *, target_macs: float | None = None, costs: Mapping[str, float] | None = None,
                  target_latency: float | None = None, cost: ChannelCost | None = None,
                  per_layer: bool = False, scores: Mapping[str, Tensor] | None = None,
-                 final: bool = True) -> CutResult:
+                 final: bool = True, round_to: int | None = None) -> CutResult:
     """Freeze every mask to the top-scored weights that fit the budget; mutates masks.
 
     ``target_sparsity``: fraction of masked weights to zero, global (default),
@@ -123,21 +125,51 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
     ``transform`` was given a target); schedules pass ``final=False`` for their
     intermediate cuts. Without ``costs``, a MACs budget counts them on the
     ``example_inputs`` given to ``transform``.
+    ``round_to`` (coupled channel masks): every channel group keeps a multiple of
+    ``round_to`` channels (or all of them), taken in whole blocks of its ranking; onnxruntime
+    runs ragged widths much slower (see docs/latency.md). Default: the cost model's
+    ``round_to`` (8 for latency costs), else 1.
+    A final cut against a latency cost that can measure (``channel_latency(...,
+    verify=True)``, the default) is verified in onnxruntime: the shrunk model is timed
+    against the dense one and the cut corrected until they agree within 5 %
+    (:func:`~sparsify_fx.latency_verify.verified_cut`; rounds in ``CutResult.latency``).
     """
     entries = [e for e in masks(model) if not e.mask.auxiliary]
     if target_latency is not None or cost is not None:  # one ChannelCost carries the budget
         target_macs, costs = budget_cost(model, entries, target_sparsity, target_macs,
                                          target_latency, cost)
-    result = _cut(model, entries, target_sparsity, target_macs, costs, per_layer, scores)
-    for e in entries:
-        e.mask.at_target.fill_(bool(final))
+    if round_to is None:
+        round_to = getattr(costs, "round_to", 1)
+    if int(round_to) < 1:
+        raise ConfigError(f"round_to must be a positive channel count, got {round_to!r}")
+    verify = (final and isinstance(costs, ChannelCost) and costs.unit == "ms"
+              and costs.measure is not None)
+    if verify and scores is None:  # every round ranks as the first did (a cut freezes masks)
+        from sparsify_fx.passes.couple_channels import group_masks
+        scores = {k: m.ranking_scores().detach().clone() for k, m in group_masks(model).items()}
+
+    def cut(fraction: float | None) -> CutResult:
+        result = _cut(model, entries, target_sparsity, fraction, costs, per_layer, scores,
+                      int(round_to))
+        for e in entries:
+            e.mask.at_target.fill_(bool(final))
+        return result
+
+    if not verify:
+        return cut(target_macs)
+    from .latency_verify import verified_cut
+    assert isinstance(costs, ChannelCost) and costs.measure is not None
+    result, checks = verified_cut(float(target_macs), cut, lambda: costs.fraction_of(model),
+                                  lambda: costs.measure(model))
+    result.latency = checks
+    costs.meta["verified"] = [c.to_dict() for c in checks]
     return result
 
 
 def _cut(model: nn.Module, entries: list[MaskEntry],
          target_sparsity: float | Mapping[str, float] | None, target_macs: float | None,
          costs: Mapping[str, float] | None, per_layer: bool,
-         scores: Mapping[str, Tensor] | None) -> CutResult:
+         scores: Mapping[str, Tensor] | None, round_to: int = 1) -> CutResult:
     if not entries:
         raise BudgetError("model has no masks to cut; call sparsify_fx.transform first")
     if (target_sparsity is None) == (target_macs is None):
@@ -153,7 +185,11 @@ def _cut(model: nn.Module, entries: list[MaskEntry],
         if isinstance(target_sparsity, Mapping) or per_layer:
             raise ConfigError("coupled channel masks take one global target (sparsity or "
                               "MACs); per-layer targets would split coupled channels")
-        return _coupled_cut(model, entries, target_sparsity, target_macs, costs, scores)
+        return _coupled_cut(model, entries, target_sparsity, target_macs, costs, scores,
+                            round_to)
+    if round_to > 1:
+        raise ConfigError("round_to applies to coupled channel masks (transform(..., "
+                          "granularity='channel') on a fully traced model)")
 
     def ranking(e: MaskEntry) -> Tensor:
         s = scores[e.name] if scores is not None and e.name in scores else e.mask.ranking_scores()
@@ -213,9 +249,10 @@ def _cut_result(entries: list[MaskEntry], changed_bits: int) -> CutResult:
 
 def _coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: float | None,
                  target_macs: float | None, costs: Mapping[str, float] | None,
-                 scores: Mapping[str, Tensor] | None) -> CutResult:
+                 scores: Mapping[str, Tensor] | None, round_to: int = 1) -> CutResult:
     """Cut shared channel groups: keep the highest-ranked group slots (one score each)
-    while the budget holds; every group keeps at least its best slot. Sparsity: a slot
+    while the budget holds; every group keeps at least its best slot (its best block of
+    ``round_to`` slots: see :func:`_blocks`). Sparsity: a slot
     costs the weights of every channel it gates, summed over its follower masks (channels
     kept whole are fixed). MACs: the MACs
     :func:`shrink` would leave, counted by :func:`channel_macs` (a removed channel also
@@ -253,20 +290,35 @@ def _coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: fl
         first = start[id(m)]
         floor[first + int(torch.argmax(ranking[first:first + math.prod(m.score_shape)]))] = True
     ranking = torch.where(floor, torch.tensor(float("inf")), ranking)
+    spans = [(start[id(groups[k])], math.prod(groups[k].score_shape)) for k in order]
+    order_slots, ends, block_scores = _blocks(ranking, spans, round_to)
+    n_floor = int(torch.isinf(block_scores).sum())
+    floor_slots = int(ends[n_floor - 1]) if n_floor else 0
     if target_macs is not None:
         assert costs is not None
         keep = _macs_prefix(costs if isinstance(costs, ChannelCost) else
-                            channel_macs(model, costs), ranking, float(target_macs),
-                            int(floor.sum()))
+                            channel_macs(model, costs), order_slots, ends, float(target_macs),
+                            n_floor)
     else:
         fraction = 1.0 - float(target_sparsity)  # type: ignore[arg-type]
         budget = fraction * dense - fixed
-        if budget < float(slot_units[floor].sum()):
+        floor_units = float(slot_units[order_slots[:floor_slots]].sum())
+        if budget < floor_units:
             raise BudgetError(f"the budget keeps {fraction:.3f} of the masked weights, but "
                               "channels that must stay whole and one channel per group already "
-                              f"take {(fixed + float(slot_units[floor].sum())) / dense:.3f}; "
-                              "raise the budget")
-        keep = _keep_top(ranking, slot_units, budget)
+                              f"take {(fixed + floor_units) / dense:.3f}; raise the budget")
+        if round_to == 1:
+            keep = _keep_top(ranking, slot_units, budget)
+        else:  # whole blocks, best first, while their weights fit
+            block_units = torch.zeros(len(ends), dtype=torch.float64).index_add_(
+                0, torch.repeat_interleave(torch.arange(len(ends)),
+                                           torch.diff(ends, prepend=torch.zeros(1, dtype=torch.long))),
+                slot_units[order_slots])
+            cum = torch.cumsum(block_units, 0)
+            n = int(torch.searchsorted(cum, torch.tensor(budget + 1e-6, dtype=torch.float64),
+                                       right=True))
+            keep = torch.zeros(offset, dtype=torch.bool)
+            keep[order_slots[:int(ends[n - 1]) if n else 0]] = True
     changed = int(slot_units[before != keep].sum())
     for key in order:
         m = groups[key]
@@ -291,22 +343,48 @@ def _slot_scores(entries: list[MaskEntry], scores: Mapping[str, Tensor],
     return out.float()
 
 
-def _macs_prefix(cm: ChannelMacs, ranking: Tensor, fraction: float, floor: int) -> Tensor:
-    """Keep the longest prefix (at least ``floor`` slots) of slots by descending score whose
-    MACs fit ``fraction`` of the dense MACs (MACs grow with the prefix: binary search)."""
-    order = torch.sort(ranking, descending=True, stable=True).indices
+def _blocks(ranking: Tensor, spans: Sequence[tuple[int, int]], round_to: int
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    """Slots in cut order, taken in blocks: ``(slot order, block ends, block scores)``.
+
+    Each group (``(first slot, n slots)`` in ``spans``) is split, in its own descending
+    ranking, into blocks of ``round_to`` slots (the last one smaller when ``n`` is not a
+    multiple); a block scores as its weakest slot (inf if it holds a floor slot), blocks are sorted by descending score
+    (stable: a group's blocks stay in order). ``ends[b]``: slots in the first ``b + 1``
+    blocks. With ``round_to == 1`` this is every slot by descending score."""
+    if round_to == 1:
+        order = torch.sort(ranking, descending=True, stable=True).indices
+        return order, torch.arange(1, len(order) + 1), ranking[order]
+    blocks: list[Tensor] = []
+    for first, n in spans:
+        local = torch.sort(ranking[first:first + n], descending=True, stable=True).indices + first
+        blocks += list(torch.split(local, round_to))
+    # a block holding a floor slot (score inf) is a floor block: kept whole
+    scores = torch.stack([ranking[b].max() if torch.isinf(ranking[b]).any() else
+                          ranking[b].min() for b in blocks])
+    by_score = torch.sort(scores, descending=True, stable=True).indices.tolist()
+    order = torch.cat([blocks[b] for b in by_score])
+    ends = torch.cumsum(torch.tensor([len(blocks[b]) for b in by_score]), 0)
+    return order, ends, scores[by_score]
+
+
+def _macs_prefix(cm: ChannelMacs, order: Tensor, ends: Tensor, fraction: float,
+                 floor: int) -> Tensor:
+    """Keep the longest prefix of whole blocks (at least ``floor`` blocks; ``order`` and
+    ``ends`` from :func:`_blocks`) whose cost fits ``fraction`` of the dense cost (cost
+    grows with the prefix: binary search)."""
     budget = fraction * cm.dense * (1.0 + 1e-12)  # float64 rounding only
 
     def top(n: int) -> Tensor:
         keep = torch.zeros(cm.n_slots, dtype=torch.bool)
-        keep[order[:n]] = True
+        keep[order[:int(ends[n - 1]) if n else 0]] = True
         return keep
 
     if cm.macs(top(floor)) > budget:
         raise BudgetError(f"the MACs budget keeps {fraction:.3f} of the dense MACs, but channels "
                           "that must stay whole and one channel per group already take "
                           f"{cm.macs(top(floor)) / cm.dense:.3f}; raise the budget")
-    lo, hi = floor, cm.n_slots  # macs(top(lo)) fits; find the largest n that fits
+    lo, hi = floor, len(ends)  # macs(top(lo)) fits; find the largest n that fits
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if cm.macs(top(mid)) <= budget:

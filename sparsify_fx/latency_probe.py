@@ -3,8 +3,9 @@
 ``op_signatures``: one :class:`~sparsify_fx.latency_table.OpSignature` per Conv/Linear
 call (shapes from ShapeProp on the example inputs). ``strip_masks``: a plain copy of
 the graph with every mask node bypassed (the dense function's graph, for timing only).
-``measure_models``: median onnxruntime latencies (interleaved) of plain models exported with
-:func:`sparsify_fx.export.onnx_export.export_onnx` (the path the benchmark verifies).
+``measure_models``: median onnxruntime latencies (``time_interleaved``) of plain models
+exported with :func:`sparsify_fx.export.onnx_export.export_onnx` (the path the benchmark
+verifies; ``onnx_session``).
 Only ``op_signatures`` touches the input graph, and only its nodes' ``tensor_meta``.
 """
 from __future__ import annotations
@@ -114,33 +115,64 @@ def model_key(gm: fx.GraphModule, inputs: tuple[Tensor, ...]) -> str:
     return "model|" + h.hexdigest()[:16]
 
 
+def onnx_session(model: nn.Module, inputs: tuple[Tensor, ...], threads: int, path: Path):
+    """Export the plain ``model`` with :func:`sparsify_fx.export.onnx_export.export_onnx`
+    (the path users take) to ``path`` and open an onnxruntime session on it (no spinning)."""
+    from sparsify_fx.export.onnx_export import export_onnx
+
+    from .latency_table import ort_session
+    try:
+        export_onnx(model.eval(), inputs if len(inputs) > 1 else inputs[0], path,
+                    sparse=False, verify=False, latency_runs=0)
+    except Exception as exc:  # ExportError and friends
+        raise ConfigError(f"measuring model latency needs an ONNX export of the "
+                          f"model: {exc}") from exc
+    return ort_session(path, threads)
+
+
+def interleaved_times(sessions: list, inputs: tuple[Tensor, ...] | list, runs: int = 30,
+                      min_seconds: float = 1.0, warmup: int = 3) -> list[list[float]]:
+    """Milliseconds of every run of each onnxruntime session, timed interleaved: every
+    round runs each session once, so a load change hits all alike. At least ``runs``
+    rounds and ``min_seconds`` of timing (a short model would otherwise be timed within
+    one burst of load), after ``warmup`` runs each. ``inputs``: one tuple for all
+    sessions, or one per session (numpy arrays or tensors, positional)."""
+    per = inputs if isinstance(inputs, list) else [inputs] * len(sessions)
+    feeds = [{i.name: (t.detach().cpu().numpy() if isinstance(t, Tensor) else t)
+              for i, t in zip(s.get_inputs(), x)} for s, x in zip(sessions, per)]
+    for s, feed in zip(sessions, feeds):
+        for _ in range(warmup):
+            s.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
+    start = time.perf_counter()
+    while len(times[0]) < runs or time.perf_counter() - start < min_seconds:
+        for k, (s, feed) in enumerate(zip(sessions, feeds)):
+            t = time.perf_counter()
+            s.run(None, feed)
+            times[k].append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def time_interleaved(sessions: list, inputs: tuple[Tensor, ...] | list, runs: int = 30,
+                     min_seconds: float = 1.0) -> list[float]:
+    """Median milliseconds of each session (:func:`interleaved_times`)."""
+    return [statistics.median(t) for t in interleaved_times(sessions, inputs, runs, min_seconds)]
+
+
+def median_ratio(times: list[float], reference: list[float]) -> float:
+    """Median over rounds of ``times[r] / reference[r]`` (runs of one round share the
+    machine's state: steadier than a ratio of medians when load comes and goes)."""
+    return statistics.median(t / r for t, r in zip(times, reference))
+
+
 def measure_models(models: list[nn.Module], inputs: tuple[Tensor, ...], threads: int,
                    runs: int = 30) -> list[float]:
     """Median onnxruntime latency (ms) of each model exported to ONNX (CPU, ``threads``),
-    timed interleaved (every round runs each model once) so load changes hit all alike."""
-    from sparsify_fx.export.onnx_export import export_onnx, make_session
+    timed interleaved (:func:`time_interleaved`)."""
     with tempfile.TemporaryDirectory() as tmp:
-        sessions = []
-        for k, model in enumerate(models):
-            path = Path(tmp) / f"model{k}.onnx"
-            try:
-                export_onnx(model.eval(), inputs if len(inputs) > 1 else inputs[0], path,
-                            sparse=False, verify=False, latency_runs=0)
-            except Exception as exc:  # ExportError and friends
-                raise ConfigError(f"measuring model latency needs an ONNX export of the "
-                                  f"model: {exc}") from exc
-            sessions.append(make_session(path, threads=threads))
-        feeds = [{i.name: t.detach().cpu().numpy() for i, t in zip(s.get_inputs(), inputs)}
-                 for s in sessions]
-        for s, feed in zip(sessions, feeds):
-            s.run(None, feed)
-        times: list[list[float]] = [[] for _ in sessions]
-        for _ in range(runs):
-            for k, (s, feed) in enumerate(zip(sessions, feeds)):
-                t = time.perf_counter()
-                s.run(None, feed)
-                times[k].append((time.perf_counter() - t) * 1e3)
-        return [statistics.median(t) for t in times]
+        sessions = [onnx_session(m, inputs, threads, Path(tmp) / f"model{k}.onnx")
+                    for k, m in enumerate(models)]
+        return time_interleaved(sessions, inputs, runs)
 
 
 def measure_model(model: nn.Module, inputs: tuple[Tensor, ...], threads: int,

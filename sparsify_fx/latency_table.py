@@ -103,12 +103,16 @@ def _interp(x: float, xs: Sequence[int], ys: np.ndarray) -> float:
     return float(np.interp(x, xs, ys))
 
 
-def grid(total: int, prunable: bool) -> list[int]:
-    """Kept counts to time: every :data:`WIDTHS` fraction of ``total`` (at least 1),
-    or just ``total`` when this side never loses channels."""
+def grid(total: int, prunable: bool, round_to: int = 1) -> list[int]:
+    """Kept counts to time: every :data:`WIDTHS` fraction of ``total`` rounded to a
+    multiple of ``round_to`` (at least ``round_to``; ``total`` itself always), or just
+    ``total`` when this side never loses channels. ``round_to`` is the cut's channel
+    rounding: the table is timed at the widths the cut can produce."""
     if not prunable:
         return [total]
-    return sorted({max(1, round(f * total)) for f in WIDTHS})
+    step = max(1, int(round_to))
+    return sorted({min(total, max(step, round(f * total / step) * step)) for f in WIDTHS}
+                  | {total})
 
 
 def environment(threads: int) -> dict[str, str]:
@@ -188,9 +192,10 @@ class LatencyTable:
             json.dump(data, f)
         os.replace(tmp, self.path)
 
-    def missing(self, sig: OpSignature, out_prunable: bool, in_prunable: bool) -> int:
+    def missing(self, sig: OpSignature, out_prunable: bool, in_prunable: bool,
+                round_to: int = 1) -> int:
         """How many timings :meth:`measure` would make for this op (0: cached)."""
-        outs, ins = _axes(sig, out_prunable, in_prunable)
+        outs, ins = _axes(sig, out_prunable, in_prunable, round_to)
         have = self.ops.get(sig.key())
         if have is not None and set(outs) <= set(have.outs) and (
                 sig.groups > 1 or set(ins) <= set(have.ins)):
@@ -198,10 +203,10 @@ class LatencyTable:
         return len(outs) * (1 if sig.groups > 1 else len(ins))
 
     def measure(self, sig: OpSignature, out_prunable: bool, in_prunable: bool,
-                timer: Timer) -> OpTable:
+                timer: Timer, round_to: int = 1) -> OpTable:
         """The op's table, timed with ``timer`` unless cached (a cached table measured on a
-        coarser grid is re-measured)."""
-        outs, ins = _axes(sig, out_prunable, in_prunable)
+        grid without these widths is re-measured). ``round_to``: see :func:`grid`."""
+        outs, ins = _axes(sig, out_prunable, in_prunable, round_to)
         have = self.ops.get(sig.key())
         if have is not None and set(outs) <= set(have.outs) and (
                 sig.groups > 1 or set(ins) <= set(have.ins)):
@@ -220,15 +225,33 @@ class LatencyTable:
         return table
 
 
-def _axes(sig: OpSignature, out_prunable: bool, in_prunable: bool) -> tuple[list[int], list[int]]:
+def _axes(sig: OpSignature, out_prunable: bool, in_prunable: bool,
+          round_to: int = 1) -> tuple[list[int], list[int]]:
     """Kept output / input counts to time (a grouped conv: whole groups, one axis)."""
     if sig.groups > 1:
-        counts = [g * (sig.out_ch // sig.groups) for g in grid(sig.groups, out_prunable)]
+        per_group = sig.out_ch // sig.groups
+        counts = [g * per_group for g in grid(sig.groups, out_prunable,
+                                              max(1, round_to // per_group))]
         return counts, [1]
-    return grid(sig.out_ch, out_prunable), grid(sig.in_ch, in_prunable)
+    return grid(sig.out_ch, out_prunable, round_to), grid(sig.in_ch, in_prunable, round_to)
 
 
 # -- onnxruntime timing --------------------------------------------------------------------
+def ort_session(model: "str | os.PathLike | bytes", threads: int | None = None):
+    """An onnxruntime CPU ``InferenceSession`` (``model``: a path or serialized bytes) with
+    ``threads`` intra-op threads and **no thread spinning**. Every timing in this project
+    interleaves several sessions; a spinning thread pool keeps burning a core after its
+    run and slows the next session's run (measured: dense mobilenet_v2 27 ms interleaved
+    with spinning vs 7.3 ms without, and ratios of one model to itself off by 13 %)."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
 def _op_model(sig: OpSignature, kept_out: int, kept_in: int):  # -> onnx.ModelProto
     from onnx import TensorProto, helper, numpy_helper
     rng = np.random.default_rng(0)
@@ -271,17 +294,13 @@ def time_session(session, feed: dict, min_runs: int = 7, min_ms: float = 20.0,
 
 
 def ort_timer(threads: int) -> Timer:
-    """A :data:`Timer` that builds a one-op ONNX model and times it in onnxruntime (CPU,
-    ``threads`` intra-op threads, default graph optimisations): the fastest of at least 7
+    """A :data:`Timer` that builds a one-op ONNX model and times it in onnxruntime
+    (:func:`ort_session`: CPU, ``threads`` intra-op threads, no spinning, default graph
+    optimisations): the fastest of at least 7
     runs (and 20 ms), minus the fastest empty ``session.run`` (Python and dispatch
     overhead, counted in the remainder)."""
-    import onnxruntime as ort
-
     def session(model):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        return ort.InferenceSession(model.SerializeToString(), options,
-                                    providers=["CPUExecutionProvider"])
+        return ort_session(model.SerializeToString(), threads)
 
     base_sig = OpSignature("linear", 1, 1, 1, 1, (1,))
     base_model, base_x = _op_model(base_sig, 1, 1)

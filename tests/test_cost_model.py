@@ -52,7 +52,7 @@ def gm() -> nn.Module:
 
 
 def latency(gm: nn.Module, tmp_path) -> ChannelCost:
-    return channel_latency(gm, X, cache_dir=tmp_path, timer=macs_timer,
+    return channel_latency(gm, X, cache_dir=tmp_path, timer=macs_timer, round_to=1,
                            model_timer=model_timer, progress=False)
 
 

@@ -74,7 +74,7 @@ def test_cache_dir_override(tmp_path, monkeypatch) -> None:
 def test_second_build_measures_nothing(tmp_path) -> None:
     gm = sf.transform(Net().eval(), method="cs", granularity="channel")
     timer, models = Counter(), []
-    first = channel_latency(gm, X, cache_dir=tmp_path, timer=timer,
+    first = channel_latency(gm, X, cache_dir=tmp_path, timer=timer, round_to=1,
                             model_timer=lambda ms, x: models.extend(ms) or [5.0, 3.0],
                             progress=False)
     # c1: 4 out widths x 1 input (the image); c2: 4 x 4; fc: 1 output (classes) x 4
@@ -84,7 +84,7 @@ def test_second_build_measures_nothing(tmp_path) -> None:
     assert models[1].get_parameter("c2.weight").shape[0] == 8  # the probe: half of c2
     assert first.dense == pytest.approx(5.0)  # remainder completes the measured dense latency
     again_timer = Counter()
-    second = channel_latency(gm, X, cache_dir=tmp_path, timer=again_timer,
+    second = channel_latency(gm, X, cache_dir=tmp_path, timer=again_timer, round_to=1,
                              model_timer=lambda m, x: pytest.fail("remainder re-measured"),
                              progress=False)
     assert again_timer.calls == 0 and second.meta["timings"] == 0
@@ -96,7 +96,7 @@ def test_second_build_measures_nothing(tmp_path) -> None:
     assert data["env"]["threads"] == "2" and "onnxruntime" in data["env"] and "cpu" in data["env"]
     # another thread count is another environment: measured again, in another file
     third = Counter()
-    channel_latency(gm, X, threads=1, cache_dir=tmp_path, timer=third,
+    channel_latency(gm, X, threads=1, cache_dir=tmp_path, timer=third, round_to=1,
                     model_timer=lambda ms, x: [4.0, 3.0], progress=False)
     assert third.calls == timer.calls and len(list(tmp_path.glob("latency-*.json"))) == 2
 

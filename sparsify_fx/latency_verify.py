@@ -1,0 +1,70 @@
+"""Close the loop on a latency cut: measure the shrunk model in onnxruntime, correct, re-cut.
+
+The latency table predicts a cut's latency from ops timed alone; the model they add
+up to can still run faster or slower (layouts shared between ops, elementwise ops
+that shrink with the channels, kernels picked per width). :func:`verified_cut` turns
+the prediction into a measurement, as NetAdapt does (Yang et al. 2018): cut, export
+and time the shrunk model interleaved with the dense one, and when the measured
+fraction misses the target by more than ``tol`` (relative), cut again aiming at
+``aim x target / measured`` (a multiplicative secant step on the measured curve).
+The round whose measurement is closest to the target is kept. Mutates the masks
+(through ``cut``) only.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from .errors import BudgetError
+
+#: relative miss accepted without another round (the issue's goal is 10 %)
+TOLERANCE = 0.05
+#: cuts (the first included) a verified cut may make
+MAX_ROUNDS = 4
+
+
+@dataclass(frozen=True)
+class LatencyCheck:
+    """One round: the fraction the cut aimed at (in the table's estimate), the estimate
+    of what it kept, and the measured fraction of the dense onnxruntime latency."""
+
+    aimed: float
+    estimated: float
+    measured: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def verified_cut(target: float, cut: Callable[[float], object], estimate: Callable[[], float],
+                 measure: Callable[[], float], tol: float = TOLERANCE,
+                 max_rounds: int = MAX_ROUNDS) -> tuple[object, list[LatencyCheck]]:
+    """Cut to ``target`` (a fraction of the dense latency) until a measurement agrees.
+
+    ``cut(aim)`` freezes the masks to the table's cut at fraction ``aim`` and returns its
+    result; ``estimate()`` is the table's fraction for the current masks; ``measure()``
+    times the current masks' shrunk model against the dense one (fraction). Stops when
+    ``|measured / target - 1| <= tol`` or after ``max_rounds`` cuts, then leaves the masks
+    at the round measured closest to the target. Returns (its cut result, every round).
+    """
+    checks: list[LatencyCheck] = []
+    results: list[object] = []
+    aim = target
+    for _ in range(max(1, max_rounds)):
+        try:
+            results.append(cut(aim))
+        except BudgetError:
+            if not checks:
+                raise
+            break  # a correction below the table's floor: keep the rounds so far
+        checks.append(LatencyCheck(aim, estimate(), measure()))
+        if abs(checks[-1].measured / target - 1.0) <= tol:
+            return results[-1], checks
+        nxt = min(1.0, aim * target / max(checks[-1].measured, 1e-9))
+        if any(abs(nxt - c.aimed) < 1e-6 for c in checks):
+            break  # the correction repeats an earlier round (e.g. clamped at 1.0)
+        aim = nxt
+    best = min(range(len(checks)), key=lambda i: abs(checks[i].measured / target - 1.0))
+    if best != len(checks) - 1:
+        results[best] = cut(checks[best].aimed)
+    return results[best], checks
