@@ -46,26 +46,30 @@ from bench_io import command_line, machine, write_results
 from sparsify_fx.budget import weight_costs
 from sparsify_fx.cost_model import channel_latency, channel_macs
 from sparsify_fx.errors import BudgetError
-from sparsify_fx.export.onnx_export import export_onnx, make_session
-from sparsify_fx.latency_probe import interleaved_times, median_ratio
+from sparsify_fx.export.onnx_export import export_onnx
+from sparsify_fx.latency_probe import windowed_fractions
 from sparsify_fx.passes.couple_channels import channel_l1_scores
 
 THREADS = 2
+WINDOWS = 5
 
 
 def load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def time_interleaved(paths: dict[str, Path], x: np.ndarray, runs: int
-                     ) -> tuple[dict[str, float], dict[str, float]]:
-    """(median ms, median per-round fraction of "dense") per ONNX file; every round runs
-    each session once (same machine state), at least ``runs`` rounds and 3 s (the
-    library's timer: no thread spinning)."""
-    sessions = [make_session(p, threads=THREADS) for p in paths.values()]
-    times = dict(zip(paths, interleaved_times(sessions, (x,), runs=runs, min_seconds=3.0)))
-    return ({k: statistics.median(v) for k, v in times.items()},
-            {k: median_ratio(v, times["dense"]) for k, v in times.items()})
+def time_interleaved(paths: dict[str, Path], x: np.ndarray, runs: int, windows: int = WINDOWS
+                     ) -> tuple[dict[str, float], dict[str, float], dict[str, list[float]]]:
+    """(median ms, fraction of "dense", the fraction in each window) per ONNX file: the
+    library's measurement (``latency_probe.windowed_fractions``: ``windows`` windows of
+    fresh sessions without thread spinning, each at least ``runs`` interleaved rounds and
+    1 s; a window's fraction is the median over its rounds of pruned / dense ms), and the
+    median over windows."""
+    assert next(iter(paths)) == "dense"
+    ms, per = windowed_fractions([str(p) for p in paths.values()], (x,), THREADS,
+                                 windows=windows, runs=runs)
+    return (dict(zip(paths, ms)), {k: statistics.median(v) for k, v in zip(paths, per)},
+            dict(zip(paths, per)))
 
 
 def export(model: nn.Module, x: torch.Tensor, path: Path) -> Path:
@@ -132,11 +136,12 @@ def run_model(name: str, targets: list[float], runs: int, work: Path) -> dict[st
                 warnings.simplefilter("ignore")
                 paths_t[key] = export(sf.shrink(g), x, work / f"{name}_{t}_{key}.onnx")
         before = load()
-        ms, frac = time_interleaved(paths_t, x.numpy(), runs)
+        ms, frac, windows = time_interleaved(paths_t, x.numpy(), runs)
         entry = {"target": t, "runs": runs, "load_before": before, "load_after": load(),
                  "dense_ms": ms["dense"], "verify_rounds": rounds, "verify_s": verify_s}
         for key in cuts:
-            entry[key] = {**est[key], "ms": ms[key], "latency_measured": frac[key]}
+            entry[key] = {**est[key], "ms": ms[key], "latency_measured": frac[key],
+                          "latency_windows": windows[key]}
         entry["within_10pct"] = abs(entry["latency"]["latency_measured"] / t - 1) <= 0.10
         # same ranking, same MACs: a prefix cut keeps the same slots, so this is the same
         # model exported twice, a control for the timing noise
@@ -210,7 +215,7 @@ def _digits_seed(data, seed: int, epochs: int, ft: int, target: float, xl: torch
         out[key] = {"test_acc": evaluate(small, data.loader("test")),
                     "latency_estimated": est}
     out["dense_acc"] = evaluate(dense.eval(), data.loader("test"))
-    ms, frac = time_interleaved(paths, xl.numpy(), runs)
+    ms, frac, _ = time_interleaved(paths, xl.numpy(), runs)
     for key in ("cs", "l1"):
         out[key]["latency_measured"] = frac[key]
     out["dense_ms"], out["load"] = ms["dense"], load()
@@ -220,12 +225,18 @@ def _digits_seed(data, seed: int, epochs: int, ft: int, target: float, xl: torch
     return out
 
 
+def spread(cut: dict[str, Any]) -> str:
+    """``min-max`` of a cut's per-window fractions."""
+    w = cut.get("latency_windows") or [cut["latency_measured"]]
+    return f"{min(w):.3f}-{max(w):.3f}"
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     lines = ["# Latency budgets in onnxruntime (issue 15)", "", f"`{result['command']}`", "",
              f"{result['machine']}; onnxruntime threads {THREADS}; load average before/after "
              "each timing in the JSON (shared 2-core machine: noisy).", "",
              "| model | table cold s (timings) | warm s (timings) | target | latency cut: "
-             "measured | verify rounds: measured (s) | table only: measured (est.) | MACs | "
+             "measured (windows min-max) | verify rounds: measured (s) | table only: measured (est.) | MACs | "
              "target_macs=T: measured | same MACs: measured (same model?) | within 10 % | "
              "load (1 min) |",
              "|---|---|---|---:|---:|---|---:|---:|---:|---:|---|---:|"]
@@ -235,7 +246,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['model']} | {r['table_build_s_cold']:.1f} ({r['table_timings_cold']}) | "
                 f"{r['table_build_s_warm']:.2f} ({r['table_timings_warm']}) | {e['target']} | "
-                f"**{e['latency']['latency_measured']:.3f}** | "
+                f"**{e['latency']['latency_measured']:.3f}** ({spread(e['latency'])}) | "
                 f"{rounds} ({e['verify_s']:.0f}) | {e['table_only']['latency_measured']:.3f} "
                 f"({e['table_only']['latency_estimated']:.3f}) | "
                 f"{e['latency']['macs_fraction']:.3f} | "
@@ -265,7 +276,7 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="*", default=["resnet18", "mobilenet_v2"])
+    ap.add_argument("--models", nargs="*", default=["resnet18", "mobilenet_v2", "vit_b_16"])
     ap.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.7])
     ap.add_argument("--runs", type=int, default=40)
     ap.add_argument("--digits", action="store_true")

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,7 @@ import torchvision.models as tvm
 
 import sparsify_fx
 from sparsify_fx.export.onnx_export import make_session
+from sparsify_fx.latency_probe import time_interleaved
 from sparsify_fx.export.sparse_initializers import coo_lower_bound
 
 
@@ -47,16 +46,7 @@ def prune_global(model: torch.nn.Module, sparsity: float, how: str, seed: int) -
 def latencies(paths: list[Path], x: np.ndarray, runs: int, threads: int) -> list[float]:
     """Median ms per file, runs interleaved so that both see the same machine load."""
     sessions = [make_session(p, threads) for p in paths]
-    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
-    for s, f in zip(sessions, feeds):
-        s.run(None, f)
-    times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(runs):
-        for i, (s, f) in enumerate(zip(sessions, feeds)):
-            start = time.perf_counter()
-            s.run(None, f)
-            times[i].append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(t) for t in times]
+    return time_interleaved(sessions, (x,), runs=runs, min_seconds=0.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import sparsify_fx
 from sparsify_fx.export.onnx_export import export_onnx, make_session
+from sparsify_fx.latency_probe import interleaved_times
 from sparsify_fx.passes.couple_channels import group_masks, select_channels
 from sparsify_fx.passes.shrink import plan_shrink, shrink
 
@@ -42,18 +42,10 @@ def macs(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 
 def time_pair(paths: dict[str, Path], x: np.ndarray, runs: int, threads: int) -> dict[str, float]:
-    sessions = {k: make_session(p, threads=threads) for k, p in paths.items()}
-    names = {k: s.get_inputs()[0].name for k, s in sessions.items()}
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for k, s in sessions.items():  # warm up
-        for _ in range(5):
-            s.run(None, {names[k]: x})
-    for _ in range(runs):
-        for k, s in sessions.items():  # interleaved: both see the same machine state
-            t = time.perf_counter()
-            s.run(None, {names[k]: x})
-            times[k].append((time.perf_counter() - t) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median ms per file, interleaved (the library's timer: no thread spinning)."""
+    sessions = [make_session(p, threads=threads) for p in paths.values()]
+    times = interleaved_times(sessions, (x,), runs=runs, min_seconds=0.0, warmup=5)
+    return {k: statistics.median(v) for k, v in zip(paths, times)}
 
 
 def run_model(name: str, runs: int, threads: int, keep: float, workdir: Path) -> dict:

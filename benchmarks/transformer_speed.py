@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from bench_io import command_line, machine, write_results
 import sparsify_fx
 from sparsify_fx.budget import apply_budget, macs_fraction, weight_costs
 from sparsify_fx.export.onnx_export import export_onnx, make_session
+from sparsify_fx.latency_probe import interleaved_times
 from sparsify_fx.export.report import report
 from sparsify_fx.cost_model import channel_macs
 from sparsify_fx.passes.couple_channels import channel_l1_scores, select_channels
@@ -44,20 +44,10 @@ TARGET = 1.15
 
 
 def time_pair(paths: dict[str, Path], x: np.ndarray, runs: int, threads: int) -> dict[str, list]:
-    """Per-run onnxruntime latencies (ms), dense and pruned interleaved."""
-    sessions = {k: make_session(p, threads=threads) for k, p in paths.items()}
-    names = {k: s.get_inputs()[0].name for k, s in sessions.items()}
-    for k, s in sessions.items():  # warm up
-        for _ in range(3):
-            s.run(None, {names[k]: x})
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for i in range(runs):
-        order = list(sessions) if i % 2 == 0 else list(reversed(sessions))
-        for k in order:
-            t = time.perf_counter()
-            sessions[k].run(None, {names[k]: x})
-            times[k].append((time.perf_counter() - t) * 1e3)
-    return times
+    """Per-run onnxruntime latencies (ms), dense and pruned interleaved (the library's
+    timer: no thread spinning, order reversed every other round)."""
+    sessions = [make_session(p, threads=threads) for p in paths.values()]
+    return dict(zip(paths, interleaved_times(sessions, (x,), runs=runs, min_seconds=0.0)))
 
 
 def uniform_cut(gm: torch.nn.Module, costs: dict, scores: dict, target: float) -> float:

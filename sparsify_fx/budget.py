@@ -290,7 +290,12 @@ def _coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: fl
         first = start[id(m)]
         floor[first + int(torch.argmax(ranking[first:first + math.prod(m.score_shape)]))] = True
     ranking = torch.where(floor, torch.tensor(float("inf")), ranking)
-    spans = [(start[id(groups[k])], math.prod(groups[k].score_shape)) for k in order]
+    spans = [(start[id(groups[k])], math.prod(groups[k].score_shape), 1) for k in order]
+    if round_to > 1:  # blocks of round_to channels: a head (head_dim channels) is one block
+        from .cost_model import slot_widths
+        widths = slot_widths(model)
+        spans = [(first, n, max(1, round_to // int(widths[first:first + n].min())))
+                 for first, n, _ in spans]
     order_slots, ends, block_scores = _blocks(ranking, spans, round_to)
     n_floor = int(torch.isinf(block_scores).sum())
     floor_slots = int(ends[n_floor - 1]) if n_floor else 0
@@ -343,22 +348,22 @@ def _slot_scores(entries: list[MaskEntry], scores: Mapping[str, Tensor],
     return out.float()
 
 
-def _blocks(ranking: Tensor, spans: Sequence[tuple[int, int]], round_to: int
+def _blocks(ranking: Tensor, spans: Sequence[tuple[int, int, int]], round_to: int
             ) -> tuple[Tensor, Tensor, Tensor]:
     """Slots in cut order, taken in blocks: ``(slot order, block ends, block scores)``.
 
-    Each group (``(first slot, n slots)`` in ``spans``) is split, in its own descending
-    ranking, into blocks of ``round_to`` slots (the last one smaller when ``n`` is not a
-    multiple); a block scores as its weakest slot (inf if it holds a floor slot), blocks are sorted by descending score
+    Each group (``(first slot, n slots, block size)`` in ``spans``) is split, in its own
+    descending ranking, into blocks of that many slots (the last one smaller when ``n``
+    is not a multiple); a block scores as its weakest slot (inf if it holds a floor slot), blocks are sorted by descending score
     (stable: a group's blocks stay in order). ``ends[b]``: slots in the first ``b + 1``
     blocks. With ``round_to == 1`` this is every slot by descending score."""
     if round_to == 1:
         order = torch.sort(ranking, descending=True, stable=True).indices
         return order, torch.arange(1, len(order) + 1), ranking[order]
     blocks: list[Tensor] = []
-    for first, n in spans:
+    for first, n, size in spans:
         local = torch.sort(ranking[first:first + n], descending=True, stable=True).indices + first
-        blocks += list(torch.split(local, round_to))
+        blocks += list(torch.split(local, size))
     # a block holding a floor slot (score inf) is a floor block: kept whole
     scores = torch.stack([ranking[b].max() if torch.isinf(ranking[b]).any() else
                           ranking[b].min() for b in blocks])

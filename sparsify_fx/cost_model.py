@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
+import statistics
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable, Mapping, Protocol, Sequence
@@ -190,6 +190,19 @@ def _cost_layers(gm: fx.GraphModule, make: Callable[[object, bool, bool], LayerC
     return layers, [groups[k] for k in ordered], n_slots, cg
 
 
+def slot_widths(model: nn.Module) -> Tensor:
+    """Channels one slot takes from the narrowest layer it gates (int64, ``(n_slots,)``, in
+    ``group_masks`` order): 1 for a channel, ``head_dim`` for an attention head. Channel
+    rounding (``round_to``) counts channels, so a head group rounds in whole heads."""
+    layers, _, n_slots, _ = _cost_layers(_graph(model), lambda *_: None)  # type: ignore[arg-type]
+    big = torch.iinfo(torch.long).max
+    width = torch.full((n_slots,), big, dtype=torch.long)
+    for lay in layers:
+        counts = torch.bincount(lay.out_slot, minlength=n_slots + 1)[:n_slots]
+        width = torch.where(counts > 0, torch.minimum(width, counts), width)
+    return torch.where(width == big, torch.ones_like(width), width)
+
+
 def _graph(model: nn.Module) -> fx.GraphModule:
     gm = unwrap(model)
     if not isinstance(gm, fx.GraphModule):
@@ -248,27 +261,34 @@ def channel_latency(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor,
     """
     from tqdm.auto import tqdm
 
-    from .latency_probe import model_key, op_signatures
+    from .latency_probe import attention_signature, model_key, op_signatures
     from .latency_table import LatencyTable, ort_timer
     gm = _graph(model)
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     table = LatencyTable.load(threads, cache_dir)
     sigs = op_signatures(gm, inputs)
+    attention = channel_graph(gm).attention
     state: dict = {"timer": timer, "timings": 0, "model_timed": False}
 
     def make(prod, out_prunable: bool, in_prunable: bool) -> LayerCost:
-        sig = sigs.get(prod.node)
+        if prod.kind.startswith("attention"):
+            sig = attention_signature(gm, prod, attention[prod.node].num_heads)
+            if sig is None and prod.kind == "attention_matmul":
+                return MacsCost(0.0)  # attn v: timed with q k^T as one attention op
+        else:
+            sig = sigs.get(prod.node)
         if sig is None:
-            raise ConfigError(f"the latency table times Conv/Linear calls; {prod.weight} "
-                              f"({prod.kind}) has none: budget attention heads with target_macs, "
-                              "or exclude their weights (exclude=['*attn*'])")
+            raise ConfigError(f"the latency table times Conv/Linear/attention calls with known "
+                              f"shapes; {prod.weight} ({prod.kind}) has none: budget it with "
+                              "target_macs, or exclude its weights")
         return (sig, out_prunable, in_prunable)  # type: ignore[return-value]  # timed below
 
     layers, group_list, n_slots, _ = _cost_layers(gm, make)
+    timed_layers = [lay for lay in layers if isinstance(lay.cost, tuple)]
     if int(round_to) < 1:
         raise ConfigError(f"round_to must be a positive channel count, got {round_to!r}")
     todo = {lay.cost[0].key(): table.missing(*lay.cost, round_to)  # type: ignore[index]
-            for lay in layers}
+            for lay in timed_layers}
     bar = tqdm(total=sum(todo.values()), desc="latency table", unit="timing",
                disable=not progress or not sum(todo.values()), leave=False)
 
@@ -292,7 +312,7 @@ def channel_latency(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor,
     timed.many = timed_many  # type: ignore[attr-defined]
 
     try:
-        for lay in layers:
+        for lay in timed_layers:
             sig, out_p, in_p = lay.cost  # type: ignore[misc]
             lay.cost = TableCost(table.measure(sig, out_p, in_p, timed, round_to),
                                  sig.groups > 1, sig)
@@ -317,13 +337,13 @@ def channel_latency(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor,
 def _measurer(gm: fx.GraphModule, inputs: tuple, threads: int,
               model_timer: Callable | None) -> Callable[[nn.Module], float]:
     """``measure(model) -> fraction``: ``model``'s shrunk copy timed against ``gm``'s dense
-    graph, interleaved (``model_timer([dense, pruned], inputs)``, default onnxruntime)."""
-    import tempfile
-
+    graph (``model_timer([dense, pruned], inputs)``; default: both exported to ONNX, the
+    median over 3 windows of fresh interleaved onnxruntime sessions,
+    :func:`~sparsify_fx.latency_probe.windowed_fractions`)."""
     from sparsify_fx.passes.shrink import shrink
 
-    from .latency_probe import interleaved_times, median_ratio, onnx_session, strip_masks
-    dense: list = []  # the dense model (model_timer) or its session, made once
+    from .latency_probe import onnx_bytes, strip_masks, windowed_fractions
+    dense: list = []  # the dense model (model_timer) or its ONNX bytes, made once
 
     def measure(model: nn.Module) -> float:
         if model_timer is not None:
@@ -331,13 +351,11 @@ def _measurer(gm: fx.GraphModule, inputs: tuple, threads: int,
                 dense.append(strip_masks(gm))
             dense_ms, pruned_ms = model_timer([dense[0], shrink(model)], inputs)
             return pruned_ms / dense_ms
-        with tempfile.TemporaryDirectory() as tmp:
-            if not dense:
-                dense.append(onnx_session(strip_masks(gm), inputs, threads,
-                                          Path(tmp) / "dense.onnx"))
-            pruned = onnx_session(shrink(model), inputs, threads, Path(tmp) / "pruned.onnx")
-            dense_ms, pruned_ms = interleaved_times([dense[0], pruned], inputs, min_seconds=2.0)
-        return median_ratio(pruned_ms, dense_ms)
+        if not dense:
+            dense.append(onnx_bytes(strip_masks(gm), inputs))
+        _, fractions = windowed_fractions([dense[0], onnx_bytes(shrink(model), inputs)],
+                                          inputs, threads)
+        return statistics.median(fractions[1])
 
     return measure
 
@@ -396,6 +414,9 @@ def measure_layers(cost: ChannelCost, keep: Tensor | None = None,
     out: dict[str, float] = {}
     for lay in cost.layers:
         sig = getattr(lay.cost, "signature", None)
+        if isinstance(lay.cost, MacsCost) and lay.cost.unit == 0.0:
+            out[lay.weight] = out.get(lay.weight, 0.0)  # attn v: timed with q k^T
+            continue
         if sig is None:
             raise ConfigError("measure_layers needs a latency cost from channel_latency(...)")
         o, i = widths[lay.weight]

@@ -76,6 +76,37 @@ def op_signatures(gm: fx.GraphModule, inputs: tuple[Tensor, ...]) -> dict[str, O
     return out
 
 
+def attention_signature(gm: fx.GraphModule, prod: Any, heads: int) -> OpSignature | None:
+    """The op an attention producer of the channel analysis runs (shapes from the
+    ``tensor_meta`` :func:`op_signatures` left): its in/out projections are Linear ops;
+    its ``q k^T`` producer stands for the whole attention core (``q k^T``, softmax,
+    ``attn v``: one ``"attention"`` op, ``groups`` = heads, timed per kept head); its
+    ``attn v`` producer has no op of its own (None, costs 0). ``nn.MultiheadAttention``
+    only: raises :class:`ConfigError` for windowed attention."""
+    node = next((n for n in gm.graph.nodes if n.name == prod.node), None)
+    mod = gm.get_submodule(str(node.target)) if node is not None and node.op == "call_module" \
+        else None
+    if not isinstance(mod, nn.MultiheadAttention):
+        raise ConfigError(f"the latency table times nn.MultiheadAttention heads only; "
+                          f"{prod.weight} ({prod.kind}) is another attention: budget it with "
+                          "target_macs, or exclude its weights (exclude=['*attn*'])")
+    x = node.args[0] if node.args else node.kwargs.get("query")
+    shape = _shape(x)
+    if shape is None:
+        return None
+    if len(shape) == 2:
+        batch, tokens = 1, shape[0]
+    else:
+        batch, tokens = (shape[0], shape[1]) if mod.batch_first else (shape[1], shape[0])
+    if prod.kind in ("attention_qkv", "attention_out"):
+        return OpSignature("linear", int(batch), int(prod.shape[1]), int(prod.shape[0]), 1,
+                           (int(tokens),))
+    if str(prod.weight).endswith("attention_scores"):
+        e = int(prod.shape[0])
+        return OpSignature("attention", int(batch), e, e, int(heads), (int(tokens), int(tokens)))
+    return None
+
+
 def strip_masks(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` with every mask node replaced by its raw weight and no masks left
     (the dense model's graph: only its latency is meaningful, not its outputs)."""
@@ -133,7 +164,8 @@ def onnx_session(model: nn.Module, inputs: tuple[Tensor, ...], threads: int, pat
 def interleaved_times(sessions: list, inputs: tuple[Tensor, ...] | list, runs: int = 30,
                       min_seconds: float = 1.0, warmup: int = 3) -> list[list[float]]:
     """Milliseconds of every run of each onnxruntime session, timed interleaved: every
-    round runs each session once, so a load change hits all alike. At least ``runs``
+    round runs each session once (in reversed order every other round), so a load
+    change hits all alike. At least ``runs``
     rounds and ``min_seconds`` of timing (a short model would otherwise be timed within
     one burst of load), after ``warmup`` runs each. ``inputs``: one tuple for all
     sessions, or one per session (numpy arrays or tensors, positional)."""
@@ -144,12 +176,14 @@ def interleaved_times(sessions: list, inputs: tuple[Tensor, ...] | list, runs: i
         for _ in range(warmup):
             s.run(None, feed)
     times: list[list[float]] = [[] for _ in sessions]
+    order = list(range(len(sessions)))
     start = time.perf_counter()
     while len(times[0]) < runs or time.perf_counter() - start < min_seconds:
-        for k, (s, feed) in enumerate(zip(sessions, feeds)):
+        for k in order:
             t = time.perf_counter()
-            s.run(None, feed)
+            sessions[k].run(None, feeds[k])
             times[k].append((time.perf_counter() - t) * 1e3)
+        order.reverse()  # A B, B A, ...: no session always runs right after another
     return times
 
 
@@ -163,6 +197,35 @@ def median_ratio(times: list[float], reference: list[float]) -> float:
     """Median over rounds of ``times[r] / reference[r]`` (runs of one round share the
     machine's state: steadier than a ratio of medians when load comes and goes)."""
     return statistics.median(t / r for t, r in zip(times, reference))
+
+
+def onnx_bytes(model: nn.Module, inputs: tuple[Tensor, ...]) -> bytes:
+    """The plain ``model`` exported as :func:`onnx_session` does, as serialized bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx_session(model, inputs, 1, path)
+        return path.read_bytes()
+
+
+def windowed_fractions(models: list, inputs: tuple[Tensor, ...] | tuple, threads: int,
+                       windows: int = 3, runs: int = 30, min_seconds: float = 1.0
+                       ) -> tuple[list[float], list[list[float]]]:
+    """Latency of each ONNX model (bytes or path) relative to ``models[0]``, measured in
+    ``windows`` windows, each with fresh sessions (:func:`ort_session`) timed interleaved
+    (:func:`interleaved_times`). Returns (median ms of each model over all windows, the
+    fraction of each model in each window: the median over the window's rounds of
+    ``ms / ms of models[0]``). This VM's fractions move by several per cent between
+    windows even when idle (docs/latency.md); the median over windows is the estimate."""
+    from .latency_table import ort_session
+    ms: list[list[float]] = [[] for _ in models]
+    fractions: list[list[float]] = [[] for _ in models]
+    for _ in range(max(1, windows)):
+        sessions = [ort_session(m, threads) for m in models]
+        times = interleaved_times(sessions, inputs, runs=runs, min_seconds=min_seconds)
+        for k, t in enumerate(times):
+            ms[k].append(statistics.median(t))
+            fractions[k].append(median_ratio(t, times[0]))
+    return [statistics.median(v) for v in ms], fractions
 
 
 def measure_models(models: list[nn.Module], inputs: tuple[Tensor, ...], threads: int,

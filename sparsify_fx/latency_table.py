@@ -39,7 +39,7 @@ class OpSignature:
     ``(tokens per sample,)`` (linear); ``kernel``/``stride``/``padding``/``dilation``:
     per spatial dim (empty for linear)."""
 
-    kind: str  # "conv" | "linear"
+    kind: str  # "conv" | "linear" | "attention" (q k^T, softmax, attn v; groups = heads)
     batch: int
     in_ch: int
     out_ch: int
@@ -255,6 +255,19 @@ def ort_session(model: "str | os.PathLike | bytes", threads: int | None = None):
 def _op_model(sig: OpSignature, kept_out: int, kept_in: int):  # -> onnx.ModelProto
     from onnx import TensorProto, helper, numpy_helper
     rng = np.random.default_rng(0)
+    if sig.kind == "attention":  # kept heads x head_dim channels; spatial = (tokens, keys)
+        d = sig.out_ch // sig.groups
+        x_shape = [sig.batch, max(1, kept_out // d), sig.spatial[0], d]
+        nodes = [helper.make_node("Transpose", ["x"], ["kt"], perm=[0, 1, 3, 2]),
+                 helper.make_node("MatMul", ["x", "kt"], ["s"]),
+                 helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+                 helper.make_node("MatMul", ["p", "x"], ["y"])]
+        graph = helper.make_graph(
+            nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, x_shape)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        return model, np.asarray(rng.standard_normal(x_shape), dtype=np.float32)
     if sig.kind == "linear":
         tokens = sig.batch * (sig.spatial[0] if sig.spatial else 1)
         x_shape, y_shape = [tokens, kept_in], [tokens, kept_out]
