@@ -353,8 +353,9 @@ def _measurer(gm: fx.GraphModule, inputs: tuple, threads: int,
             return pruned_ms / dense_ms
         if not dense:
             dense.append(onnx_bytes(strip_masks(gm), inputs))
-        _, fractions = windowed_fractions([dense[0], onnx_bytes(shrink(model), inputs)],
-                                          inputs, threads)
+        pruned = onnx_bytes(shrink(model), inputs)  # shrink copies: the model stays put
+        cpu = tuple(t.detach().cpu() for t in inputs)
+        _, fractions = windowed_fractions([dense[0], pruned], cpu, threads)
         return statistics.median(fractions[1])
 
     return measure

@@ -148,10 +148,14 @@ def model_key(gm: fx.GraphModule, inputs: tuple[Tensor, ...]) -> str:
 
 def onnx_session(model: nn.Module, inputs: tuple[Tensor, ...], threads: int, path: Path):
     """Export the plain ``model`` with :func:`sparsify_fx.export.onnx_export.export_onnx`
-    (the path users take) to ``path`` and open an onnxruntime session on it (no spinning)."""
+    (the path users take; a CPU copy if the model is elsewhere) to ``path`` and open an
+    onnxruntime session on it (no spinning). Sets ``model`` to eval mode."""
     from sparsify_fx.export.onnx_export import export_onnx
 
     from .latency_table import ort_session
+    if any(t.device.type != "cpu" for t in [*model.parameters(), *model.buffers()]):
+        model = copy.deepcopy(model).cpu()  # onnxruntime runs on the CPU; the model stays put
+    inputs = tuple(t.detach().cpu() for t in inputs)
     try:
         export_onnx(model.eval(), inputs if len(inputs) > 1 else inputs[0], path,
                     sparse=False, verify=False, latency_runs=0)
