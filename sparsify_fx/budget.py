@@ -4,9 +4,11 @@
 one input sample, read from the one MAC counter
 (:mod:`sparsify_fx.passes.count_macs`, stored per node at transform).
 ``apply_budget`` freezes every mask to exactly the top-scored weights that fit.
-For coupled channel masks the MACs budget is counted as :func:`channel_macs`
-does: the MACs of every Conv/Linear call after shrink (a removed channel also
-removes the next layer's input channel). Both only read the model, except
+For coupled channel masks (the cut itself: :mod:`sparsify_fx.channel_cut`) a MACs
+or latency budget is counted by the one :class:`~sparsify_fx.cost_model.ChannelCost`:
+what ``shrink`` leaves (a removed channel also removes the next layer's input
+channel); a latency cut is then measured in onnxruntime and corrected
+(:mod:`sparsify_fx.latency_verify`). Both only read the model, except
 ``apply_budget`` which freezes the masks.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from sparsify_fx.passes.stored_analysis import weight_macs_of
 from .config import config_of
 from .errors import BudgetError, ConfigError
 from .granularity import parse_granularity
-from .cost_model import (ChannelCost, ChannelMacs, budget_cost, channel_graph, channel_macs,
+from .cost_model import (ChannelCost, budget_cost, channel_graph, channel_macs,
                          is_coupled)
 from .mask_index import MaskEntry, masks, unwrap
 
@@ -157,10 +159,12 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
 
     if not verify:
         return cut(target_macs)
-    from .latency_verify import verified_cut
+    from .latency_verify import closest, on_rank_zero, verified_cut
     assert isinstance(costs, ChannelCost) and costs.measure is not None
-    result, checks = verified_cut(float(target_macs), cut, lambda: costs.fraction_of(model),
-                                  lambda: costs.measure(model))
+    checks = on_rank_zero(lambda: verified_cut(
+        float(target_macs), cut, lambda: costs.fraction_of(model),
+        lambda: costs.measure(model))[1])
+    result = cut(closest(checks, float(target_macs)).aimed)  # every rank: the same masks
     result.latency = checks
     costs.meta["verified"] = [c.to_dict() for c in checks]
     return result
@@ -185,8 +189,9 @@ def _cut(model: nn.Module, entries: list[MaskEntry],
         if isinstance(target_sparsity, Mapping) or per_layer:
             raise ConfigError("coupled channel masks take one global target (sparsity or "
                               "MACs); per-layer targets would split coupled channels")
-        return _coupled_cut(model, entries, target_sparsity, target_macs, costs, scores,
-                            round_to)
+        from .channel_cut import coupled_cut  # imports this module: loaded on first use
+        return coupled_cut(model, entries, target_sparsity, target_macs, costs, scores,
+                           round_to)
     if round_to > 1:
         raise ConfigError("round_to applies to coupled channel masks (transform(..., "
                           "granularity='channel') on a fully traced model)")
@@ -245,158 +250,6 @@ def _cut_result(entries: list[MaskEntry], changed_bits: int) -> CutResult:
     total = sum(e.mask.numel() for e in entries)
     per = {e.name: 1.0 - e.mask.kept_weights() / e.mask.numel() for e in entries}
     return CutResult(kept, total, changed_bits, per)
-
-
-def _coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: float | None,
-                 target_macs: float | None, costs: Mapping[str, float] | None,
-                 scores: Mapping[str, Tensor] | None, round_to: int = 1) -> CutResult:
-    """Cut shared channel groups: keep the highest-ranked group slots (one score each)
-    while the budget holds; every group keeps at least its best slot (its best block of
-    ``round_to`` slots: see :func:`_blocks`). Sparsity: a slot
-    costs the weights of every channel it gates, summed over its follower masks (channels
-    kept whole are fixed). MACs: the MACs
-    :func:`shrink` would leave, counted by :func:`channel_macs` (a removed channel also
-    removes the next layer's input channel), so the shrunk model meets the budget."""
-    from sparsify_fx.passes.couple_channels import group_masks
-    groups = group_masks(model)
-    order = list(groups)
-    start, offset = {}, 0
-    for key in order:
-        start[id(groups[key])] = offset
-        offset += math.prod(groups[key].score_shape)
-    slot_units = torch.zeros(offset, dtype=torch.float64)  # weights gated per slot
-    fixed = dense = 0.0
-    slots_of: dict[str, Tensor] = {}
-    for e in entries:
-        unit = float(e.mask.weights_per_score)
-        dense += unit * e.mask.score_shape[0]
-        glob = torch.full((e.mask.index.numel(),), -1, dtype=torch.long)
-        for src, sel, slot in e.mask.source_slots():
-            glob[sel.cpu()] = slot.cpu() + start[id(src)]
-        fixed += unit * int((glob < 0).sum())
-        slots_of[e.name] = glob
-        slot_units.index_add_(0, glob[glob >= 0], torch.full((int((glob >= 0).sum()),), unit,
-                                                              dtype=torch.float64))
-    if scores is not None and not any(k in scores for k in order) and any(
-            e.name in scores for e in entries):
-        ranking = _slot_scores(entries, scores, slots_of, offset)
-    else:
-        ranking = torch.cat([
-            (scores[k] if scores is not None and k in scores else groups[k].ranking_scores())
-            .detach().float().reshape(-1).cpu() for k in order])
-    before = torch.cat([groups[k].learned_keep().reshape(-1).cpu() for k in order])
-    floor = torch.zeros(offset, dtype=torch.bool)  # each group keeps its best slot
-    for m in groups.values():
-        first = start[id(m)]
-        floor[first + int(torch.argmax(ranking[first:first + math.prod(m.score_shape)]))] = True
-    ranking = torch.where(floor, torch.tensor(float("inf")), ranking)
-    spans = [(start[id(groups[k])], math.prod(groups[k].score_shape), 1) for k in order]
-    if round_to > 1:  # blocks of round_to channels: a head (head_dim channels) is one block
-        from .cost_model import slot_widths
-        widths = slot_widths(model)
-        spans = [(first, n, max(1, round_to // int(widths[first:first + n].min())))
-                 for first, n, _ in spans]
-    order_slots, ends, block_scores = _blocks(ranking, spans, round_to)
-    n_floor = int(torch.isinf(block_scores).sum())
-    floor_slots = int(ends[n_floor - 1]) if n_floor else 0
-    if target_macs is not None:
-        assert costs is not None
-        keep = _macs_prefix(costs if isinstance(costs, ChannelCost) else
-                            channel_macs(model, costs), order_slots, ends, float(target_macs),
-                            n_floor)
-    else:
-        fraction = 1.0 - float(target_sparsity)  # type: ignore[arg-type]
-        budget = fraction * dense - fixed
-        floor_units = float(slot_units[order_slots[:floor_slots]].sum())
-        if budget < floor_units:
-            raise BudgetError(f"the budget keeps {fraction:.3f} of the masked weights, but "
-                              "channels that must stay whole and one channel per group already "
-                              f"take {(fixed + floor_units) / dense:.3f}; raise the budget")
-        if round_to == 1:
-            keep = _keep_top(ranking, slot_units, budget)
-        else:  # whole blocks, best first, while their weights fit
-            block_units = torch.zeros(len(ends), dtype=torch.float64).index_add_(
-                0, torch.repeat_interleave(torch.arange(len(ends)),
-                                           torch.diff(ends, prepend=torch.zeros(1, dtype=torch.long))),
-                slot_units[order_slots])
-            cum = torch.cumsum(block_units, 0)
-            n = int(torch.searchsorted(cum, torch.tensor(budget + 1e-6, dtype=torch.float64),
-                                       right=True))
-            keep = torch.zeros(offset, dtype=torch.bool)
-            keep[order_slots[:int(ends[n - 1]) if n else 0]] = True
-    changed = int(slot_units[before != keep].sum())
-    for key in order:
-        m = groups[key]
-        n = math.prod(m.score_shape)
-        m.freeze(keep[start[id(m)]:start[id(m)] + n].reshape(m.score_shape))
-    return _cut_result(entries, changed)
-
-
-def _slot_scores(entries: list[MaskEntry], scores: Mapping[str, Tensor],
-                 slots_of: Mapping[str, Tensor], n_slots: int) -> Tensor:
-    """Per-weight scores (``{weight name: |w| or (C, ...) scores}``) summed into group
-    slots: a channel's score is the sum of ``|scores|`` over its row, and a slot's the sum
-    over every producer channel it gates (the L1 norm for ``|w|``)."""
-    out = torch.zeros(n_slots, dtype=torch.float64)
-    for e in entries:
-        if e.name not in scores:
-            continue
-        s = scores[e.name].detach().double().cpu()
-        per_channel = s.reshape(e.mask.score_shape[0], -1).abs().sum(1)
-        glob = slots_of[e.name]
-        out.index_add_(0, glob[glob >= 0], per_channel[glob >= 0])
-    return out.float()
-
-
-def _blocks(ranking: Tensor, spans: Sequence[tuple[int, int, int]], round_to: int
-            ) -> tuple[Tensor, Tensor, Tensor]:
-    """Slots in cut order, taken in blocks: ``(slot order, block ends, block scores)``.
-
-    Each group (``(first slot, n slots, block size)`` in ``spans``) is split, in its own
-    descending ranking, into blocks of that many slots (the last one smaller when ``n``
-    is not a multiple); a block scores as its weakest slot (inf if it holds a floor slot), blocks are sorted by descending score
-    (stable: a group's blocks stay in order). ``ends[b]``: slots in the first ``b + 1``
-    blocks. With ``round_to == 1`` this is every slot by descending score."""
-    if round_to == 1:
-        order = torch.sort(ranking, descending=True, stable=True).indices
-        return order, torch.arange(1, len(order) + 1), ranking[order]
-    blocks: list[Tensor] = []
-    for first, n, size in spans:
-        local = torch.sort(ranking[first:first + n], descending=True, stable=True).indices + first
-        blocks += list(torch.split(local, size))
-    # a block holding a floor slot (score inf) is a floor block: kept whole
-    scores = torch.stack([ranking[b].max() if torch.isinf(ranking[b]).any() else
-                          ranking[b].min() for b in blocks])
-    by_score = torch.sort(scores, descending=True, stable=True).indices.tolist()
-    order = torch.cat([blocks[b] for b in by_score])
-    ends = torch.cumsum(torch.tensor([len(blocks[b]) for b in by_score]), 0)
-    return order, ends, scores[by_score]
-
-
-def _macs_prefix(cm: ChannelMacs, order: Tensor, ends: Tensor, fraction: float,
-                 floor: int) -> Tensor:
-    """Keep the longest prefix of whole blocks (at least ``floor`` blocks; ``order`` and
-    ``ends`` from :func:`_blocks`) whose cost fits ``fraction`` of the dense cost (cost
-    grows with the prefix: binary search)."""
-    budget = fraction * cm.dense * (1.0 + 1e-12)  # float64 rounding only
-
-    def top(n: int) -> Tensor:
-        keep = torch.zeros(cm.n_slots, dtype=torch.bool)
-        keep[order[:int(ends[n - 1]) if n else 0]] = True
-        return keep
-
-    if cm.macs(top(floor)) > budget:
-        raise BudgetError(f"the MACs budget keeps {fraction:.3f} of the dense MACs, but channels "
-                          "that must stay whole and one channel per group already take "
-                          f"{cm.macs(top(floor)) / cm.dense:.3f}; raise the budget")
-    lo, hi = floor, len(ends)  # macs(top(lo)) fits; find the largest n that fits
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if cm.macs(top(mid)) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return top(lo)
 
 
 def macs_fraction(model: nn.Module, costs: Mapping[str, float]) -> float:

@@ -64,7 +64,24 @@ def verified_cut(target: float, cut: Callable[[float], object], estimate: Callab
         if any(abs(nxt - c.aimed) < 1e-6 for c in checks):
             break  # the correction repeats an earlier round (e.g. clamped at 1.0)
         aim = nxt
-    best = min(range(len(checks)), key=lambda i: abs(checks[i].measured / target - 1.0))
+    best = checks.index(closest(checks, target))
     if best != len(checks) - 1:
         results[best] = cut(checks[best].aimed)
     return results[best], checks
+
+
+def closest(checks: list[LatencyCheck], target: float) -> LatencyCheck:
+    """The round measured closest to ``target`` (relative); the first of equals."""
+    return min(checks, key=lambda c: abs(c.measured / target - 1.0))
+
+
+def on_rank_zero(run: Callable[[], list[LatencyCheck]]) -> list[LatencyCheck]:
+    """``run()`` on rank 0 of a torch.distributed job, its rounds shared with every rank
+    (each rank's own timings would differ, and so would its masks); just ``run()``
+    outside one. The caller then cuts at the agreed aim on every rank."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return run()
+    box = [run() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]  # type: ignore[return-value]

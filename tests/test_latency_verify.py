@@ -124,3 +124,28 @@ def test_apply_budget_corrects_a_table_that_mispredicts(tmp_path) -> None:
     assert measured_now == pytest.approx(last.measured)  # the masks are at the kept round
     assert abs(measured_now / 0.4 - 1) < abs(first.measured / 0.4 - 1)
     assert kept_counts(table_only) != kept_counts(gm)
+
+
+def _rank_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from sparsify_fx.latency_verify import LatencyCheck, on_rank_zero
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:  # each rank "measures" something else; every rank must end with rank 0's rounds
+        got = on_rank_zero(lambda: [LatencyCheck(0.5, 0.5, 0.4 + 0.1 * rank)])
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(repr(got[0].measured))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_on_rank_zero_shares_rank_zeros_measurement(tmp_path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_worker, args=(port, str(tmp_path / "m")), nprocs=2, join=True)
+    assert [float((tmp_path / f"m.{r}").read_text()) for r in (0, 1)] == [0.4, 0.4]
