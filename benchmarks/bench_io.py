@@ -45,3 +45,20 @@ def shrink_checked(gm: torch.nn.Module, x: torch.Tensor, tol: float = 1e-4) -> t
         raise AssertionError(f"shrunk output differs from the masked output by {diff:.2e}")
     return small, diff
 
+
+def torchvision_channel_cs(name: str) -> tuple[torch.nn.Module, torch.Tensor, torch.nn.Module]:
+    """(torchvision ``name`` with random weights in eval mode (seed 0), a ``1x3x224x224``
+    input, its ``transform(method="cs", granularity="channel")``): the starting point of
+    the channel speed benchmarks. Transform warnings (residual streams) are silenced."""
+    import warnings
+
+    import torchvision.models as tvm
+
+    import sparsify_fx
+    torch.manual_seed(0)
+    model = getattr(tvm, name)().eval()
+    x = torch.randn(1, 3, 224, 224)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = sparsify_fx.transform(model, method="cs", granularity="channel")
+    return model, x, gm

@@ -38,11 +38,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision.models as tvm
 from torch import nn
 
 import sparsify_fx as sf
-from bench_io import command_line, machine, write_results
+from bench_io import command_line, machine, torchvision_channel_cs, write_results
 from sparsify_fx.budget import weight_costs
 from sparsify_fx.cost_model import channel_latency, channel_macs
 from sparsify_fx.errors import BudgetError
@@ -80,12 +79,7 @@ def export(model: nn.Module, x: torch.Tensor, path: Path) -> Path:
 
 
 def run_model(name: str, targets: list[float], runs: int, work: Path) -> dict[str, Any]:
-    torch.manual_seed(0)
-    model = getattr(tvm, name)().eval()
-    x = torch.randn(1, 3, 224, 224)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = sf.transform(model, method="cs", granularity="channel")
+    model, x, gm = torchvision_channel_cs(name)
     cache = work / f"cache_{name}"
     t0 = time.perf_counter()
     lat = channel_latency(gm, x, threads=THREADS, cache_dir=cache)

@@ -18,15 +18,14 @@ import argparse
 import json
 import statistics
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.models as tvm
 from torch.utils.flop_counter import FlopCounterMode
 
 import sparsify_fx
+from bench_io import torchvision_channel_cs
 from sparsify_fx.export.onnx_export import export_onnx, make_session
 from sparsify_fx.latency_probe import interleaved_times
 from sparsify_fx.passes.couple_channels import group_masks, select_channels
@@ -49,12 +48,7 @@ def time_pair(paths: dict[str, Path], x: np.ndarray, runs: int, threads: int) ->
 
 
 def run_model(name: str, runs: int, threads: int, keep: float, workdir: Path) -> dict:
-    torch.manual_seed(0)
-    model = getattr(tvm, name)().eval()
-    x = torch.randn(1, 3, 224, 224)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = sparsify_fx.transform(model, method="cs", granularity="channel")
+    model, x, gm = torchvision_channel_cs(name)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in group_masks(gm).values():
