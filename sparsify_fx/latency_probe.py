@@ -146,13 +146,11 @@ def model_key(gm: fx.GraphModule, inputs: tuple[Tensor, ...]) -> str:
     return "model|" + h.hexdigest()[:16]
 
 
-def onnx_session(model: nn.Module, inputs: tuple[Tensor, ...], threads: int, path: Path):
+def export_plain(model: nn.Module, inputs: tuple[Tensor, ...], path: Path) -> None:
     """Export the plain ``model`` with :func:`sparsify_fx.export.onnx_export.export_onnx`
-    (the path users take; a CPU copy if the model is elsewhere) to ``path`` and open an
-    onnxruntime session on it (no spinning). Sets ``model`` to eval mode."""
+    (the path users take; a CPU copy if the model is elsewhere) to ``path``, for timing
+    (dense initializers, not verified). Sets ``model`` to eval mode."""
     from sparsify_fx.export.onnx_export import export_onnx
-
-    from .latency_table import ort_session
     if any(t.device.type != "cpu" for t in [*model.parameters(), *model.buffers()]):
         model = copy.deepcopy(model).cpu()  # onnxruntime runs on the CPU; the model stays put
     inputs = tuple(t.detach().cpu() for t in inputs)
@@ -162,6 +160,12 @@ def onnx_session(model: nn.Module, inputs: tuple[Tensor, ...], threads: int, pat
     except Exception as exc:  # ExportError and friends
         raise ConfigError(f"measuring model latency needs an ONNX export of the "
                           f"model: {exc}") from exc
+
+
+def onnx_session(model: nn.Module, inputs: tuple[Tensor, ...], threads: int, path: Path):
+    """:func:`export_plain` to ``path``, then an onnxruntime session on it (no spinning)."""
+    from .latency_table import ort_session
+    export_plain(model, inputs, path)
     return ort_session(path, threads)
 
 
@@ -204,10 +208,10 @@ def median_ratio(times: list[float], reference: list[float]) -> float:
 
 
 def onnx_bytes(model: nn.Module, inputs: tuple[Tensor, ...]) -> bytes:
-    """The plain ``model`` exported as :func:`onnx_session` does, as serialized bytes."""
+    """The plain ``model`` exported by :func:`export_plain`, as serialized bytes."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        onnx_session(model, inputs, 1, path)
+        export_plain(model, inputs, path)
         return path.read_bytes()
 
 

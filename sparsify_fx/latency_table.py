@@ -196,20 +196,25 @@ class LatencyTable:
                 round_to: int = 1) -> int:
         """How many timings :meth:`measure` would make for this op (0: cached)."""
         outs, ins = _axes(sig, out_prunable, in_prunable, round_to)
+        if self._cached(sig, outs, ins) is not None:
+            return 0
+        return len(outs) * (1 if sig.groups > 1 else len(ins))
+
+    def _cached(self, sig: OpSignature, outs: list[int], ins: list[int]) -> OpTable | None:
+        """The stored table of ``sig`` if it was timed at every one of these widths."""
         have = self.ops.get(sig.key())
         if have is not None and set(outs) <= set(have.outs) and (
                 sig.groups > 1 or set(ins) <= set(have.ins)):
-            return 0
-        return len(outs) * (1 if sig.groups > 1 else len(ins))
+            return have
+        return None
 
     def measure(self, sig: OpSignature, out_prunable: bool, in_prunable: bool,
                 timer: Timer, round_to: int = 1) -> OpTable:
         """The op's table, timed with ``timer`` unless cached (a cached table measured on a
         grid without these widths is re-measured). ``round_to``: see :func:`grid`."""
         outs, ins = _axes(sig, out_prunable, in_prunable, round_to)
-        have = self.ops.get(sig.key())
-        if have is not None and set(outs) <= set(have.outs) and (
-                sig.groups > 1 or set(ins) <= set(have.ins)):
+        have = self._cached(sig, outs, ins)
+        if have is not None:
             return have
         if sig.groups > 1:  # ins axis unused: inputs follow the groups
             per_in = sig.in_ch // sig.groups
