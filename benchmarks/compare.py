@@ -33,10 +33,10 @@ import compare_methods as cm  # benchmarks/ is on sys.path when run as a script
 from compare_report import write_outputs
 
 import sparsify_fx as sf
-from sparsify_fx.budget import macs_fraction, weight_costs
+from sparsify_fx.budgets.exact_cut import macs_fraction, weight_costs
 from sparsify_fx.data import Splits, digits, mnist
 from sparsify_fx.models import Conv2
-from sparsify_fx.trainer import evaluate
+from sparsify_fx.training.trainer import evaluate
 
 METHODS = ("dense", "cs", "imp", "gmp", "gmp_cs_alloc", "l0", "ste", "magnitude", "random")
 

@@ -18,7 +18,7 @@ from torch import nn
 import sparsify_fx as sf
 from sparsify_fx.baselines import GMPCallback, L0Callback, STECallback, run_imp
 from sparsify_fx.data import Splits
-from sparsify_fx.trainer import Trainer
+from sparsify_fx.training.trainer import Trainer
 
 LR, FT_LR, MASK_LR, L0_MASK_LR = 0.05, 0.01, 0.01, 0.05
 

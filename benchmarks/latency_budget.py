@@ -42,11 +42,11 @@ from torch import nn
 
 import sparsify_fx as sf
 from bench_io import command_line, machine, torchvision_channel_cs, write_results
-from sparsify_fx.budget import weight_costs
-from sparsify_fx.cost_model import channel_latency, channel_macs
+from sparsify_fx.budgets.exact_cut import weight_costs
+from sparsify_fx.budgets.cost_model import channel_latency, channel_macs
 from sparsify_fx.errors import BudgetError
 from sparsify_fx.export.onnx_export import export_onnx
-from sparsify_fx.latency_probe import windowed_fractions
+from sparsify_fx.latency.probe import windowed_fractions
 from sparsify_fx.passes.couple_channels import channel_l1_scores
 
 THREADS = 2
@@ -182,7 +182,7 @@ def run_digits(seeds: list[int], epochs: int, ft: int, target: float, batch: int
 def _digits_seed(data, seed: int, epochs: int, ft: int, target: float, xl: torch.Tensor,
                  runs: int, work: Path) -> dict[str, Any]:
     from sparsify_fx.models import DigitsCNN
-    from sparsify_fx.trainer import evaluate
+    from sparsify_fx.training.trainer import evaluate
     torch.manual_seed(seed)
     dense = DigitsCNN()
     sf.Trainer(dense, data.train, epochs=epochs, lr=0.05, seed=seed, progress=False).fit()

@@ -19,9 +19,9 @@ import torch
 import sparsify_fx as sf
 from bench_io import command_line, machine, write_results
 from sparsify_fx.data import digits
-from sparsify_fx.demo import train_dense
+from sparsify_fx.cli.demo import train_dense
 from sparsify_fx.models import DigitsCNN
-from sparsify_fx.trainer import evaluate
+from sparsify_fx.training.trainer import evaluate
 
 PATTERN = "2:4"
 

@@ -26,7 +26,7 @@ import torchvision.models as tvm
 
 import sparsify_fx
 from sparsify_fx.export.onnx_export import make_session
-from sparsify_fx.latency_probe import time_interleaved
+from sparsify_fx.latency.probe import time_interleaved
 from sparsify_fx.export.sparse_initializers import coo_lower_bound
 
 

@@ -32,11 +32,11 @@ import torchvision.models as tvm
 from bench_io import command_line, machine, write_results
 
 import sparsify_fx
-from sparsify_fx.budget import apply_budget, macs_fraction, weight_costs
+from sparsify_fx.budgets.exact_cut import apply_budget, macs_fraction, weight_costs
 from sparsify_fx.export.onnx_export import export_onnx, make_session
-from sparsify_fx.latency_probe import interleaved_times
+from sparsify_fx.latency.probe import interleaved_times
 from sparsify_fx.export.report import report
-from sparsify_fx.cost_model import channel_macs
+from sparsify_fx.budgets.cost_model import channel_macs
 from sparsify_fx.passes.couple_channels import channel_l1_scores, select_channels
 from sparsify_fx.passes.shrink import plan_shrink, shrink
 

@@ -33,8 +33,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 from sparsify_fx.errors import ConfigError, ExportError, InputError
 from sparsify_fx.mask_index import hard_masks, masks, unwrap
 
-from .fold import fold
-from .sparse_initializers import InitializerStorage, sparsify_initializers
+from sparsify_fx.export.fold import fold
+from sparsify_fx.export.sparse_initializers import InitializerStorage, sparsify_initializers
 
 #: protobuf cannot serialise a message of 2 GiB or more; keep a margin.
 PROTO_LIMIT = 2**31 - 64 * 2**20
@@ -96,9 +96,9 @@ class OnnxExport:
 
 def make_session(path: str | os.PathLike, threads: int | None = None) -> Any:
     """An onnxruntime CPU ``InferenceSession`` on ``path``
-    (:func:`sparsify_fx.latency_table.ort_session`: no thread spinning, so sessions timed
+    (:func:`sparsify_fx.latency.table.ort_session`: no thread spinning, so sessions timed
     interleaved do not slow each other)."""
-    from sparsify_fx.latency_table import ort_session
+    from sparsify_fx.latency.table import ort_session
     return ort_session(path, threads)
 
 

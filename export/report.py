@@ -22,7 +22,7 @@ and MACs in ``node.meta``, as ShapeProp leaves shapes.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -34,7 +34,7 @@ from sparsify_fx.mask import Mask
 from sparsify_fx.mask_index import masks, unwrap
 from sparsify_fx.passes.count_macs import OtherOp, WeightUse, count_macs
 
-from .report_heads import heads_kept
+from sparsify_fx.export.report_heads import heads_kept
 
 Shape = tuple[int, ...]
 
@@ -150,24 +150,24 @@ class Report:
 
     # -- renderings (export/report_render.py) ---------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        from .report_render import report_dict
+        from sparsify_fx.export.report_render import report_dict
         return report_dict(self)
 
     def to_json(self, indent: int | None = 2) -> str:
-        from .report_render import to_json
+        from sparsify_fx.export.report_render import to_json
         return to_json(self, indent)
 
     def to_markdown(self) -> str:
-        from .report_render import to_markdown
+        from sparsify_fx.export.report_render import to_markdown
         return to_markdown(self)
 
     def to_csv(self) -> str:
-        from .report_render import to_csv
+        from sparsify_fx.export.report_render import to_csv
         return to_csv(self)
 
     def plot(self, path: str, dpi: int = 100) -> str:
         """Write a PNG (sparsity bars + share of parameters per layer); returns ``path``."""
-        from .report_plot import plot
+        from sparsify_fx.export.report_plot import plot
         return plot(self, path, dpi)
 
     def compare(self, after: "Report") -> "Comparison":
@@ -175,7 +175,7 @@ class Report:
         return Comparison(self, after)
 
     def __str__(self) -> str:
-        from .report_render import to_table
+        from sparsify_fx.export.report_render import to_table
         return to_table(self)
 
 
@@ -187,11 +187,11 @@ class Comparison:
     after: Report
 
     def to_markdown(self) -> str:
-        from .report_render import compare_markdown
+        from sparsify_fx.export.report_render import compare_markdown
         return compare_markdown(self)
 
     def to_dict(self) -> dict[str, Any]:
-        from .report_render import compare_dict
+        from sparsify_fx.export.report_render import compare_dict
         return compare_dict(self)
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -199,11 +199,11 @@ class Comparison:
         return json.dumps(self.to_dict(), indent=indent)
 
     def to_csv(self) -> str:
-        from .report_render import compare_csv
+        from sparsify_fx.export.report_render import compare_csv
         return compare_csv(self)
 
     def __str__(self) -> str:
-        from .report_render import compare_table
+        from sparsify_fx.export.report_render import compare_table
         return compare_table(self)
 
 
@@ -293,7 +293,7 @@ def report(model: nn.Module, example_inputs: Any, *, name: str = "",
     not mutated. ``example_inputs``: a tensor or tuple of positional inputs; MACs
     scale with its batch size. ``eager=True`` skips the FX graph and counts aten ops
     (also the automatic fallback when the model does not trace). ``latency``: the
-    :class:`~sparsify_fx.cost_model.ChannelCost` from ``channel_latency`` on the
+    :class:`~sparsify_fx.budgets.cost_model.ChannelCost` from ``channel_latency`` on the
     transformed model (the one the cut used): adds each layer's estimated ms under
     its masks' hard decisions; ``measure_latency`` also times each layer alone and the
     whole ``model`` (shrunk first if it still has masks) in onnxruntime.
@@ -320,9 +320,9 @@ def report(model: nn.Module, example_inputs: Any, *, name: str = "",
 
 def _add_latency(rep: Report, model: nn.Module, inputs: tuple, cost: Any, measure: bool) -> None:
     """Estimated (and measured) latency per layer and in total, from the cost model."""
-    from sparsify_fx.cost_model import measure_layers
+    from sparsify_fx.budgets.cost_model import measure_layers
     if getattr(cost, "unit", None) != "ms":
-        raise InputError("report(latency=...) takes the cost from sparsify_fx.cost_model."
+        raise InputError("report(latency=...) takes the cost from sparsify_fx.budgets.cost_model."
                          "channel_latency(model, example_inputs), not a MACs cost")
     keep = cost.hard_keep()
     est = cost.layer_costs(keep)
@@ -333,7 +333,7 @@ def _add_latency(rep: Report, model: nn.Module, inputs: tuple, cost: Any, measur
     rep.latency = {"estimated_ms": cost.cost(keep), "dense_estimated_ms": cost.dense,
                    "fraction": cost.cost(keep) / cost.dense, "remainder_ms": cost.remainder}
     if measure:
-        from sparsify_fx.latency_probe import measure_model
+        from sparsify_fx.latency.probe import measure_model
         from sparsify_fx.passes.shrink import shrink
         plain = shrink(model) if masks(model) else model
         threads = int(cost.meta.get("env", {}).get("threads", 2))
@@ -348,13 +348,6 @@ def _row(use: WeightUse, w: Tensor, masked: bool) -> LayerRow:
     return LayerRow(use.name, use.kind, tuple(int(s) for s in w.shape), n, nnz,
                     1.0 - nnz / n if n else 0.0, use.dense_macs, float(use.macs),
                     use.output_shape, out_c, out_k, in_c, in_k, masked, use.calls)
-
-
-def row_dict(row: LayerRow) -> dict[str, Any]:
-    d = asdict(row)
-    d["weight_shape"] = list(row.weight_shape)
-    d["output_shape"] = list(row.output_shape) if row.output_shape else None
-    return d
 
 
 __all__ = ["report", "Report", "LayerRow", "Comparison", "effective_weights", "channel_counts"]

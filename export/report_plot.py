@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .report import Report
+    from sparsify_fx.export.report import Report
 
 WIDTH_IN = 10.0
 KIND_COLORS = {"conv": "#4c72b0", "depthwise_conv": "#55a868", "grouped_conv": "#8172b2",

@@ -8,12 +8,13 @@ import csv
 import io
 import json
 from collections import OrderedDict
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from .report_heads import heads_line
+from sparsify_fx.export.report_heads import heads_line
 
 if TYPE_CHECKING:
-    from .report import Comparison, LayerRow, Report
+    from sparsify_fx.export.report import Comparison, LayerRow, Report
 
 SCHEMA = "sparsify_fx.report/v1"
 UNITS = {"macs": "multiply-accumulates (one multiply + one add)",
@@ -23,6 +24,14 @@ FLOPS_NOTE = ("FLOPs = 2 x MACs. torchvision's `_ops` metadata is GMACs although
 CSV_FIELDS = ["name", "kind", "weight_shape", "params", "nonzeros", "sparsity",
               "out_channels", "out_channels_kept", "in_channels", "in_channels_kept",
               "dense_macs", "macs", "output_shape", "masked", "calls"]
+
+
+def row_dict(row: LayerRow) -> dict[str, Any]:
+    """One layer row as a JSON-ready dict (tuples as lists)."""
+    d = asdict(row)
+    d["weight_shape"] = list(row.weight_shape)
+    d["output_shape"] = list(row.output_shape) if row.output_shape else None
+    return d
 
 
 def _dims(shape: Any) -> str:
@@ -145,7 +154,6 @@ def to_markdown(report: "Report") -> str:
 
 
 def report_dict(report: "Report") -> dict[str, Any]:
-    from .report import row_dict
     return {
         "schema": SCHEMA, "model": report.model_name,
         "input_shapes": [list(s) for s in report.input_shapes],
@@ -191,7 +199,6 @@ def _pairs(c: "Comparison") -> list[tuple[str, "LayerRow | None", "LayerRow | No
 
 
 def compare_dict(c: "Comparison") -> dict[str, Any]:
-    from .report import row_dict
     return {"schema": SCHEMA + "/compare", "before": c.before.model_name,
             "after": c.after.model_name,
             "totals": {"before": c.before.totals(), "after": c.after.totals()},

@@ -33,7 +33,8 @@ from torch.nn.utils import parametrize
 
 from sparsify_fx.mask import SharedChannelMask
 
-from .channel_types import AttentionSite, Layout, Producer
+from sparsify_fx.passes.channel_layout_rules import OPAQUE, weight_source
+from sparsify_fx.passes.channel_types import AttentionSite, Layout, Producer
 
 #: names of the windowed attention functions handled (torchvision swin v1)
 WINDOW_FUNCTIONS = ("shifted_window_attention", "pruned_window_attention")
@@ -155,13 +156,11 @@ def visit_mha(an: Any, node: fx.Node, mod: nn.MultiheadAttention) -> Any:
 
 def _untracked() -> Any:
     """The attention output's channels are not tracked (its out-projection stays whole)."""
-    from .channel_analysis import OPAQUE  # channel_analysis imports this module
     return OPAQUE
 
 
 def visit_window(an: Any, node: fx.Node) -> Any:
     """torchvision ``shifted_window_attention``: heads of ``qkv`` / ``proj`` and the bias table."""
-    from .channel_analysis import weight_source
     args = _bind(node.target, node)
     if args is None:
         return an.reject(node, "windowed attention arguments not understood")

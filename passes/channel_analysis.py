@@ -38,14 +38,14 @@ from torch import fx, nn
 
 from sparsify_fx.mask import MaskSet
 
-from . import attention_heads
-from .channel_layout_rules import (ADD_OPS, BINARY_METHODS, CONV_FUNCS, DIV_OPS, LINEAR_FUNCS,
+from sparsify_fx.passes import attention_heads
+from sparsify_fx.passes.channel_layout_rules import (ADD_OPS, BINARY_METHODS, CONV_FUNCS, DIV_OPS, LINEAR_FUNCS,
                                    MUL_OPS, NONTENSOR, NONZERO_FUNCS, NONZERO_METHODS,
                                    NONZERO_MODULES, NORM_TYPES, OPAQUE, REDUCE_FUNCS,
                                    REDUCE_METHODS, SHAPE_METHODS, ZERO_KEEPING_FUNCS,
                                    ZERO_KEEPING_METHODS, ZERO_KEEPING_MODULES, LayoutRules,
-                                   _Opaque, weight_source)
-from .channel_types import AttentionSite, ChannelGraph, ChannelGroup, Layout, NormSite, Producer
+                                   Opaque, weight_source)
+from sparsify_fx.passes.channel_types import AttentionSite, ChannelGraph, ChannelGroup, Layout, NormSite, Producer
 
 
 class _Analyzer(LayoutRules):
@@ -95,7 +95,7 @@ class _Analyzer(LayoutRules):
         for lay in self.layouts_in(obj):
             self.whole_ids.update(int(i) for i in lay.ids)
 
-    def reject(self, node: fx.Node, why: str) -> _Opaque:
+    def reject(self, node: fx.Node, why: str) -> Opaque:
         """Unsupported pattern: every tracked input channel stays whole."""
         values = [self.val(a) for a in (*node.args, *node.kwargs.values())]
         if self.layouts_in(values):
@@ -138,7 +138,7 @@ class _Analyzer(LayoutRules):
                 return x.with_(zero=zero)
             return OPAQUE
         if isinstance(mod, ZERO_KEEPING_MODULES) or type(mod).__name__ == "StochasticDepth":
-            return x if isinstance(x, (Layout, _Opaque)) else OPAQUE
+            return x if isinstance(x, (Layout, Opaque)) else OPAQUE
         if isinstance(mod, NONZERO_MODULES):
             return x.with_(zero=np.zeros_like(x.zero)) if isinstance(x, Layout) else OPAQUE
         if isinstance(mod, nn.Flatten):
@@ -179,7 +179,7 @@ class _Analyzer(LayoutRules):
             return self.linear(node)
         if t in ZERO_KEEPING_FUNCS or getattr(t, "__name__", "") == "stochastic_depth":
             x = self.val(args[0])
-            return x if isinstance(x, (Layout, _Opaque)) else OPAQUE
+            return x if isinstance(x, (Layout, Opaque)) else OPAQUE
         if t in NONZERO_FUNCS:
             x = self.val(args[0])
             return x.with_(zero=np.zeros_like(x.zero)) if isinstance(x, Layout) else OPAQUE

@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from sparsify_fx.mask import MaskSet
 
-from .channel_types import Layout, Producer
+from sparsify_fx.passes.channel_types import Layout, Producer
 
 CONV_FUNCS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3,
               F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -52,22 +52,22 @@ REDUCE_METHODS = {"mean", "sum", "amax"}
 SHAPE_METHODS = {"size", "dim", "numel"}
 
 
-class _Opaque:
+class Opaque:
     """A tensor whose channels are not tracked (model input, constants, unknown ops)."""
 
     def __repr__(self) -> str:
         return "OPAQUE"
 
 
-class _NonTensor:
+class NonTensor:
     """A python value (sizes, shapes, dims) that carries no channels."""
 
     def __repr__(self) -> str:
         return "NONTENSOR"
 
 
-OPAQUE = _Opaque()
-NONTENSOR = _NonTensor()
+OPAQUE = Opaque()
+NONTENSOR = NonTensor()
 
 
 def weight_source(gm: fx.GraphModule, arg: Any) -> tuple[str | None, str | None]:

@@ -49,8 +49,8 @@ from sparsify_fx.errors import InputError
 from sparsify_fx.mask import Mask
 from sparsify_fx.mask_index import masks as mask_entries
 
-from .macs_tally import MacCount, NodeMacs, OtherOp, Tally, WeightUse, conv_kind
-from .trace import SparsifyTracer
+from sparsify_fx.passes.macs_tally import MacCount, NodeMacs, OtherOp, Tally, WeightUse, conv_kind
+from sparsify_fx.passes.trace import SparsifyTracer
 
 aten = torch.ops.aten
 #: ``node.meta`` key of the :class:`NodeMacs` a node computed

@@ -37,9 +37,9 @@ from sparsify_fx.errors import ShrinkError
 from sparsify_fx.mask import Mask, MaskSet, SharedChannelMask
 from sparsify_fx.mask_index import MaskEntry, masks, unwrap
 
-from .pass_base import PassResult, SparsifyPass
-from .stored_analysis import channel_graph_of
-from .channel_analysis import ChannelGraph, analyze_channels
+from sparsify_fx.passes.pass_base import PassResult, SparsifyPass
+from sparsify_fx.passes.stored_analysis import channel_graph_of
+from sparsify_fx.passes.channel_analysis import ChannelGraph, analyze_channels
 
 GROUP_PREFIX = "channel_group_"
 PRODUCER_KINDS = ("conv", "linear", "depthwise_conv", "grouped_conv")

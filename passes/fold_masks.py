@@ -14,7 +14,7 @@ from sparsify_fx.mask import MaskSet
 from sparsify_fx.mask_index import masks
 from sparsify_fx.config import detach_config, require_target_applied
 
-from .pass_base import PassResult, SparsifyPass
+from sparsify_fx.passes.pass_base import PassResult, SparsifyPass
 
 
 def own_parametrized_classes(model: nn.Module) -> None:

@@ -11,8 +11,8 @@ from torch import fx, nn
 
 from sparsify_fx.mask import Mask, MaskSet
 
-from .find_weights import WeightSite
-from .pass_base import PassResult, SparsifyPass
+from sparsify_fx.passes.find_weights import WeightSite
+from sparsify_fx.passes.pass_base import PassResult, SparsifyPass
 
 MaskFactory = Callable[[WeightSite], Mask]
 

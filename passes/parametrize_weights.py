@@ -13,9 +13,9 @@ from torch.nn.utils import parametrize
 
 from sparsify_fx.mask import Mask
 
-from .find_weights import WeightSite
-from .insert_masks import MaskFactory
-from .pass_base import PassResult, SparsifyPass
+from sparsify_fx.passes.find_weights import WeightSite
+from sparsify_fx.passes.insert_masks import MaskFactory
+from sparsify_fx.passes.pass_base import PassResult, SparsifyPass
 
 
 class ParametrizeWeights(SparsifyPass):

@@ -27,10 +27,10 @@ from sparsify_fx.errors import ShrinkError
 from sparsify_fx.mask import SharedChannelMask
 from sparsify_fx.mask_index import masks, unwrap
 
-from .channel_analysis import ChannelGraph
-from .fold_masks import fold_masks_inplace
-from .stored_analysis import channel_graph_of, coupled_producers
-from .shrink_attention import shrink_attention
+from sparsify_fx.passes.channel_analysis import ChannelGraph
+from sparsify_fx.passes.fold_masks import fold_masks_inplace
+from sparsify_fx.passes.stored_analysis import channel_graph_of, coupled_producers
+from sparsify_fx.passes.shrink_attention import shrink_attention
 
 
 @dataclass

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
-from .channel_types import AttentionSite, ChannelGraph, Producer
-from .pruned_attention import PrunedSelfAttention, pruned_window_attention
+from sparsify_fx.passes.channel_types import AttentionSite, ChannelGraph, Producer
+from sparsify_fx.passes.pruned_attention import PrunedSelfAttention, pruned_window_attention
 
 
 def _param(gm: fx.GraphModule, name: str | None) -> Tensor | None:

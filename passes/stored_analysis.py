@@ -22,9 +22,9 @@ from torch import fx, nn
 from sparsify_fx.mask import Mask
 from sparsify_fx.mask_index import masks, unwrap
 
-from .channel_types import ChannelGraph
-from .count_macs import COUNTED_META, MACS_META, count_macs, counted_key, dense_weights, input_shapes
-from .pass_base import PassResult, SparsifyPass
+from sparsify_fx.passes.channel_types import ChannelGraph
+from sparsify_fx.passes.count_macs import COUNTED_META, MACS_META, count_macs, counted_key, dense_weights, input_shapes
+from sparsify_fx.passes.pass_base import PassResult, SparsifyPass
 
 #: ``gm.meta`` key of the stored ``{(coupled weights, input shapes): ChannelGraph}``
 CHANNEL_GRAPH_META = "sparsify_channel_graph"
@@ -53,7 +53,7 @@ def channel_graph_of(gm: fx.GraphModule, coupled: frozenset[str] | None = None) 
     The MACs cost model analyses the graph-route weights alone (attention heads add
     their own MAC units there), shrink every coupled weight: each set is stored once.
     """
-    from .channel_analysis import analyze_channels  # channel_analysis imports this package lazily
+    from sparsify_fx.passes.channel_analysis import analyze_channels  # channel_analysis imports this package lazily
 
     if coupled is None:
         coupled = frozenset(coupled_producers(gm))

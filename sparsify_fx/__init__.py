@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import (BudgetError, ConfigError, ExportError, FoldError, InputError,
+from sparsify_fx.errors import (BudgetError, ConfigError, ExportError, FoldError, InputError,
                      SelectionError, ShrinkError, SparsifyError, TargetNotAppliedError,
                      TraceError, TrainingError)
 
@@ -29,17 +29,18 @@ _LAZY = {
     "CSMask": "sparsify_fx.mask",
     "FixedMask": "sparsify_fx.mask",
     "available_methods": "sparsify_fx.methods",
+    "calibrate": "sparsify_fx.baselines.calibration",
     "fold": "sparsify_fx.export.fold",
     "report": "sparsify_fx.export.report",
     "export_onnx": "sparsify_fx.export.onnx_export",
-    "param_groups": "sparsify_fx.cs_scheduler",
-    "CSScheduler": "sparsify_fx.cs_scheduler",
-    "apply_budget": "sparsify_fx.budget",
-    "Trainer": "sparsify_fx.trainer",
+    "param_groups": "sparsify_fx.training.cs_scheduler",
+    "CSScheduler": "sparsify_fx.training.cs_scheduler",
+    "apply_budget": "sparsify_fx.budgets.exact_cut",
+    "Trainer": "sparsify_fx.training.trainer",
     "shrink": "sparsify_fx.passes.shrink",
-    "plan_hf": "sparsify_fx.hf_heads",
-    "freeze_plan": "sparsify_fx.hf_heads",
-    "shrink_hf": "sparsify_fx.hf_shrink",
+    "plan_hf": "sparsify_fx.hf.heads",
+    "freeze_plan": "sparsify_fx.hf.heads",
+    "shrink_hf": "sparsify_fx.hf.shrink",
 }
 
 __all__ = sorted([*_LAZY, "SparsifyError", "InputError", "ConfigError", "TraceError",

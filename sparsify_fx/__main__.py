@@ -1,4 +1,4 @@
 """``python -m sparsify_fx ...`` (what ``torchrun -m sparsify_fx prune ...`` runs)."""
-from .cli import main
+from sparsify_fx.cli import main
 
 raise SystemExit(main())

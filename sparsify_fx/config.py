@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .errors import InputError, TargetNotAppliedError
+from sparsify_fx.errors import InputError, TargetNotAppliedError
 
 CONFIG_ATTRIBUTE = "sparsify_config"
 
@@ -31,7 +31,7 @@ class SparsifyConfig:
     per_layer: bool = False
     untraced: list[str] = field(default_factory=list)
     example_inputs: tuple[Any, ...] | None = None
-    #: fraction of the dense onnxruntime latency (channel CS; sparsify_fx.cost_model)
+    #: fraction of the dense onnxruntime latency (channel CS; sparsify_fx.budgets.cost_model)
     target_latency: float | None = None
 
     @property
@@ -91,7 +91,7 @@ def detach_config(model: nn.Module) -> None:
 def require_target_applied(model: nn.Module, action: str) -> None:
     """Raise :class:`TargetNotAppliedError` when ``transform`` was given a target and
     the model's masks were never cut to it (``action``: "fold", "shrink", ...). Read-only."""
-    from .mask_index import masks  # mask_index never imports config: no cycle
+    from sparsify_fx.mask_index import masks  # mask_index never imports config: no cycle
     cfg = config_of(model)
     if cfg is None or not cfg.has_target:
         return
@@ -99,7 +99,7 @@ def require_target_applied(model: nn.Module, action: str) -> None:
     missing = [e.name for e in entries if not bool(e.mask.at_target)]
     if not missing:
         return
-    from .mask_index import sparsity
+    from sparsify_fx.mask_index import sparsity
     now = float(sparsity(model)) if entries else float("nan")
     raise TargetNotAppliedError(
         f"cannot {action}: transform was asked for {cfg.describe_target()} but the masks were "

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .errors import InputError
+from sparsify_fx.errors import InputError
 
 
 @dataclass

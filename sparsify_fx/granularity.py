@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
+from sparsify_fx.errors import ConfigError
 
 #: the kinds of granularity; an N:M granularity is written "n:m", e.g. "2:4"
 GRANULARITIES = ("element", "channel", "n:m")

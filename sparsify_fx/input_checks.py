@@ -6,7 +6,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .errors import ConfigError, InputError
+from sparsify_fx.errors import ConfigError, InputError
 
 
 def resolve_layer_targets(target: Any, names: Sequence[str]) -> Any:

@@ -11,8 +11,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, fx, nn
 
-from .errors import InputError
-from .mask import Mask, MaskSet
+from sparsify_fx.errors import InputError
+from sparsify_fx.mask import Mask, MaskSet
 
 
 @dataclass(frozen=True)

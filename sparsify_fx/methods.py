@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from torch import Tensor, nn
 
-from .errors import ConfigError
-from .mask import FixedMask, Mask
-from .mask_index import masks, unwrap
+from sparsify_fx.errors import ConfigError
+from sparsify_fx.mask import FixedMask, Mask
+from sparsify_fx.mask_index import masks, unwrap
 
 if TYPE_CHECKING:
-    from .budget import CutResult
+    from sparsify_fx.budgets.cut_result import CutResult
 
 #: every budget a method may declare (target_<name> in transform)
 BUDGETS = ("sparsity", "macs", "latency")
@@ -92,7 +92,7 @@ class MethodSession:
     def require_config(self) -> Any:
         """The model's :class:`~sparsify_fx.config.SparsifyConfig`; ConfigError unless the
         model was transformed with this session's method."""
-        from .config import config_of
+        from sparsify_fx.config import config_of
         cfg = config_of(self.model)
         if cfg is None or cfg.method != self.method:
             raise ConfigError(f"{type(self).__name__} needs a model from transform(..., "
@@ -186,7 +186,7 @@ def split_options(spec: MethodSpec, options: dict[str, Any]) -> dict[str, Any]:
 def method_of(model: nn.Module) -> MethodSpec | None:
     """The registered method a transformed model was built with (from its config, or
     from its masks for a model without one); None for a model with no masks."""
-    from .config import config_of
+    from sparsify_fx.config import config_of
     model = unwrap(model)
     cfg = config_of(model)
     if cfg is not None:
@@ -206,7 +206,7 @@ register_method(MethodSpec(
 
 #: modules that register the built-in methods (CS and the baselines), imported on first use
 _BUILTIN_MODULES: tuple[str, ...] = (
-    "sparsify_fx.cs_scheduler",
+    "sparsify_fx.training.cs_scheduler",
     "sparsify_fx.baselines.magnitude", "sparsify_fx.baselines.gmp", "sparsify_fx.baselines.imp",
     "sparsify_fx.baselines.l0", "sparsify_fx.baselines.ste", "sparsify_fx.baselines.random_mask",
 )

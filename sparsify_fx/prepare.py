@@ -16,13 +16,13 @@ from sparsify_fx.passes.parametrize_weights import ParametrizeWeights
 from sparsify_fx.passes.pass_base import SparsifyPass, run_passes
 from sparsify_fx.passes.stored_analysis import CountWeightMacs
 
-from .capture import PartialTraceWarning, capture_model, check_capture_options
-from .config import SparsifyConfig, attach_config, config_of, normalize_inputs
-from .errors import ConfigError, InputError, SelectionError
-from .input_checks import check_finite_weights, resolve_layer_targets
-from .granularity import GRANULARITIES, parse_granularity, pattern_target
-from .mask import Mask
-from .methods import get_method, split_options
+from sparsify_fx.capture.capture_model import PartialTraceWarning, capture_model, check_capture_options
+from sparsify_fx.config import SparsifyConfig, attach_config, config_of, normalize_inputs
+from sparsify_fx.errors import ConfigError, InputError, SelectionError
+from sparsify_fx.input_checks import check_finite_weights, resolve_layer_targets
+from sparsify_fx.granularity import GRANULARITIES, parse_granularity, pattern_target
+from sparsify_fx.mask import Mask
+from sparsify_fx.methods import get_method, split_options
 
 
 def _check_fraction(name: str, value: Any) -> None:
@@ -64,7 +64,7 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
     ``capture``: ``"auto"`` (symbolic_trace; if it fails and ``example_inputs``
     are given, torch.export; else the partial trace), ``"fx"`` (symbolic_trace,
     whole or partial) or ``"export"`` (torch.export only; returns an
-    :class:`~sparsify_fx.exported_module.ExportedModule` that switches graphs
+    :class:`~sparsify_fx.capture.exported_module.ExportedModule` that switches graphs
     with ``.train()``/``.eval()``). ``dynamic_shapes``: as for
     ``torch.export.export``; default: dim 0 of every input is dynamic. A
     :class:`~sparsify_fx.passes.capture_export.SpecializationWarning` names

@@ -261,7 +261,7 @@ def test_resume_with_another_model(tmp_path: pathlib.Path) -> None:
 
 def test_checkpoint_on_a_full_disk(tmp_path: pathlib.Path,
                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import sparsify_fx.checkpoint as ck
+    import sparsify_fx.training.checkpoint as ck
 
     def no_space(_obj: Any, f: Any) -> None:
         pathlib.Path(f).write_bytes(b"partial")  # a write that dies half way

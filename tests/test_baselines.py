@@ -18,7 +18,7 @@ from sparsify_fx.baselines.ste import STEMask, top_fraction
 from sparsify_fx.data import digits
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.models import DigitsCNN
-from sparsify_fx.trainer import Trainer
+from sparsify_fx.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import sparsify_fx as sf
-from sparsify_fx.budget import apply_budget, macs_fraction, weight_costs
+from sparsify_fx.budgets.exact_cut import apply_budget, macs_fraction, weight_costs
 from sparsify_fx.models import DigitsCNN
 from tests.helpers import randomize_scores
 
@@ -98,7 +98,7 @@ def test_weight_costs_agree_with_report_inside_attention() -> None:
     including nn.MultiheadAttention.out_proj, whose module the forward never calls."""
     import math
 
-    from sparsify_fx.budget import weight_costs
+    from sparsify_fx.budgets.exact_cut import weight_costs
     from tests.test_heads import small_vit
 
     gm = sf.transform(small_vit().eval())

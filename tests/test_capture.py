@@ -16,9 +16,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import sparsify_fx
-from sparsify_fx.capture import PartialTraceWarning
+from sparsify_fx.capture.capture_model import PartialTraceWarning
 from sparsify_fx.errors import ConfigError, TraceError
-from sparsify_fx.exported_module import ExportedModule
+from sparsify_fx.capture.exported_module import ExportedModule
 from sparsify_fx.mask_index import hard_masks
 from sparsify_fx.passes.capture_export import SpecializationWarning
 
@@ -322,7 +322,7 @@ def test_detection_model_falls_back_to_partial_trace_naming_the_export_failure()
 
 def test_exported_model_macs_budget_uses_real_costs():
     """Per-weight MAC costs read the exported graph's shapes as numbers, like the fx path."""
-    from sparsify_fx.budget import weight_costs
+    from sparsify_fx.budgets.exact_cut import weight_costs
 
     x = torch.randn(3, 3, 6, 6)
     source = _trained_bn(Functional())

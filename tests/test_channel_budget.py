@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import sparsify_fx as sf
-from sparsify_fx.budget import apply_budget, macs_fraction, weight_costs
+from sparsify_fx.budgets.exact_cut import apply_budget, macs_fraction, weight_costs
 from sparsify_fx.models import DigitsCNN
 from sparsify_fx.passes.couple_channels import channel_l1_scores, group_masks
 from sparsify_fx.passes.shrink import plan_shrink

@@ -13,7 +13,7 @@ from torch import nn
 
 from sparsify_fx.cli import main as cli_main
 from sparsify_fx.errors import InputError
-from sparsify_fx.export.cli_models import load_model
+from sparsify_fx.cli.model_inputs import load_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FACTORY = "tests.test_cli:small_mlp"

@@ -10,10 +10,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import sparsify_fx as sf
-from sparsify_fx.budget import weight_costs
+from sparsify_fx.budgets.exact_cut import weight_costs
 from sparsify_fx.config import config_of
-from sparsify_fx.cost_model import ChannelCost, channel_latency, channel_macs, kept_widths
-from sparsify_fx.latency_table import OpSignature
+from sparsify_fx.budgets.cost_model import ChannelCost, channel_latency, channel_macs, kept_widths
+from sparsify_fx.latency.table import OpSignature
 from sparsify_fx.passes.couple_channels import group_masks
 from tests.test_channel_budget import TinyRes
 

@@ -9,7 +9,7 @@ import torch
 import sparsify_fx as sf
 from sparsify_fx.data import digits
 from sparsify_fx.models import DigitsCNN
-from sparsify_fx.trainer import Trainer
+from sparsify_fx.training.trainer import Trainer
 from tests.helpers import max_diff
 
 
@@ -148,3 +148,25 @@ def test_transform_keeps_the_function_and_rescale_false_halves_it(granularity: s
         halved = sf.transform(model, granularity=granularity, rescale=False)
         assert all(m.scale == 1.0 for m in halved.modules() if isinstance(m, sf.CSMask))
         assert max_diff(halved(x), model(x)) > 1e-3
+
+
+@pytest.mark.parametrize("s_init, beta, rescale", [(0.0, 1.0, True), (0.4, 7.5, True),
+                                                   (-0.2, 0.3, False)])
+def test_cs_element_mask_step_equals_the_plain_expression_bit_for_bit(s_init: float, beta: float,
+                                                                      rescale: bool) -> None:
+    """The element CSMask's fused forward/backward gives exactly autograd's values of
+    ``weight * (sigmoid(beta * s) * scale)``, for the weight and for the scores."""
+    torch.manual_seed(0)
+    mask = sf.CSMask((64, 32, 3, 3), s_init=s_init, beta=beta, rescale=rescale)
+    with torch.no_grad():
+        mask.scores.add_(torch.randn_like(mask.scores))
+    weight = torch.randn(64, 32, 3, 3, requires_grad=True)
+    grad = torch.randn(64, 32, 3, 3)
+    mask(weight).backward(grad)
+    fused = (mask(weight).detach(), weight.grad.clone(), mask.scores.grad.clone())
+    weight.grad, mask.scores.grad = None, None
+    plain = weight * (torch.sigmoid(mask.beta * mask.scores) * mask.scale)
+    plain.backward(grad)
+    assert fused[1].abs().max() > 0 and fused[2].abs().max() > 0
+    assert torch.equal(fused[0], plain.detach())
+    assert torch.equal(fused[1], weight.grad) and torch.equal(fused[2], mask.scores.grad)

@@ -12,8 +12,8 @@ from torchvision.models.swin_transformer import SwinTransformer
 from torchvision.models.vision_transformer import VisionTransformer
 
 import sparsify_fx
-from sparsify_fx.budget import apply_budget, macs_fraction, weight_costs
-from sparsify_fx.cost_model import channel_macs
+from sparsify_fx.budgets.exact_cut import apply_budget, macs_fraction, weight_costs
+from sparsify_fx.budgets.cost_model import channel_macs
 from sparsify_fx.export.report import report
 from sparsify_fx.passes.couple_channels import channel_l1_scores, group_masks, select_channels
 from sparsify_fx.passes.pruned_attention import PrunedSelfAttention, pruned_window_attention

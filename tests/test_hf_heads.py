@@ -15,8 +15,8 @@ from torch import nn
 
 import sparsify_fx
 from sparsify_fx.errors import ConfigError, SelectionError, ShrinkError
-from sparsify_fx.hf_heads import find_hf_layers, freeze_plan, plan_hf
-from sparsify_fx.hf_shrink import shrink_hf
+from sparsify_fx.hf.heads import find_hf_layers, freeze_plan, plan_hf
+from sparsify_fx.hf.shrink import shrink_hf
 
 transformers = pytest.importorskip("transformers")
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import sparsify_fx
-from sparsify_fx.exported_module import ExportedModule
+from sparsify_fx.capture.exported_module import ExportedModule
 from sparsify_fx.mask_index import hard_masks
 from sparsify_fx.passes.capture_export import SpecializationWarning
 

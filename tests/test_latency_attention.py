@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import sparsify_fx as sf
-from sparsify_fx.cost_model import channel_latency, slot_widths
-from sparsify_fx.latency_table import OpSignature, _op_model, ort_session, ort_timer
+from sparsify_fx.budgets.cost_model import channel_latency, slot_widths
+from sparsify_fx.latency.table import OpSignature, _op_model, ort_session, ort_timer
 from sparsify_fx.passes.couple_channels import channel_l1_scores, group_masks
 from tests.test_heads import small_swin, small_vit
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparsify_fx as sf
-from sparsify_fx.cost_model import channel_latency
-from sparsify_fx.latency_table import (CACHE_ENV, LatencyTable, OpSignature, OpTable, cache_dir,
+from sparsify_fx.budgets.cost_model import channel_latency
+from sparsify_fx.latency.table import (CACHE_ENV, LatencyTable, OpSignature, OpTable, cache_dir,
                                        grid, ort_timer)
 
 X = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))

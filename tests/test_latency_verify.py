@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 import sparsify_fx as sf
-from sparsify_fx.budget import weight_costs
-from sparsify_fx.cost_model import channel_latency
+from sparsify_fx.budgets.exact_cut import macs_fraction, weight_costs
+from sparsify_fx.budgets.cost_model import channel_latency
 from sparsify_fx.errors import BudgetError
-from sparsify_fx.latency_probe import median_ratio
-from sparsify_fx.latency_table import grid
-from sparsify_fx.latency_verify import verified_cut
+from sparsify_fx.latency.probe import median_ratio
+from sparsify_fx.latency.table import grid
+from sparsify_fx.latency.verify import verified_cut
 from sparsify_fx.models import DigitsCNN
 from sparsify_fx.passes.couple_channels import channel_l1_scores, group_masks
 from tests.test_cost_model import X, macs_timer, model_timer
@@ -56,7 +56,7 @@ def test_round_to_keeps_whole_blocks(budget) -> None:
     if "target_sparsity" in budget:
         assert sf.sparsity(rounded) >= 0.6 - 1e-9
     else:
-        assert sf.budget.macs_fraction(rounded, kw["costs"]) <= 0.45 + 1e-9
+        assert macs_fraction(rounded, kw["costs"]) <= 0.45 + 1e-9
     with pytest.raises(sf.SparsifyError, match="round_to"):
         sf.apply_budget(copy.deepcopy(gm), target_sparsity=0.5, round_to=0)
 
@@ -129,7 +129,7 @@ def test_apply_budget_corrects_a_table_that_mispredicts(tmp_path) -> None:
 def _rank_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from sparsify_fx.latency_verify import LatencyCheck, on_rank_zero
+    from sparsify_fx.latency.verify import LatencyCheck, on_rank_zero
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2)
     try:  # each rank "measures" something else; every rank must end with rank 0's rounds

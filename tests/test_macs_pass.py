@@ -13,8 +13,8 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 import sparsify_fx as sf
-from sparsify_fx.budget import weight_costs
-from sparsify_fx.cost_model import channel_macs
+from sparsify_fx.budgets.exact_cut import weight_costs
+from sparsify_fx.budgets.cost_model import channel_macs
 from sparsify_fx.models import Conv2, DigitsCNN
 from sparsify_fx.passes.count_macs import MACS_META, GraphCounter
 from tests.test_heads import small_swin, small_vit
@@ -237,10 +237,3 @@ def test_partial_trace_counts_real_macs() -> None:
         gm = sf.transform(Partial())
     assert weight_costs(gm, torch.randn(2, 3, 10, 10)) == {"body.0.weight": 16.0, "fc.weight": 1.0}
 
-
-def test_export_macs_reexports_the_one_counter() -> None:
-    from sparsify_fx.export import macs, macs_tally
-    from sparsify_fx.passes import count_macs, macs_tally as tally
-
-    assert macs.count_macs is count_macs.count_macs and macs.GraphCounter is GraphCounter
-    assert macs_tally.Tally is tally.Tally and macs_tally.MacCount is tally.MacCount

@@ -16,7 +16,7 @@ from torch import nn
 
 import sparsify_fx
 from sparsify_fx.errors import ExportError, InputError
-from sparsify_fx.export.onnx_cli import main as cli_main
+from sparsify_fx.cli.export import main as cli_main
 from sparsify_fx.export.onnx_export import OnnxExport, run_onnx
 from sparsify_fx.export.sparse_initializers import coo_lower_bound, sparsify_initializers
 from sparsify_fx.models import DigitsCNN

@@ -13,7 +13,7 @@ import torchvision.models as tvm
 from torch import nn
 
 import sparsify_fx
-from sparsify_fx.export.report_cli import main as report_main
+from sparsify_fx.cli.report import main as report_main
 
 B = 1
 X = torch.randn(B, 3, 64, 64)

@@ -9,7 +9,7 @@ import torch
 import sparsify_fx as sf
 from sparsify_fx.data import digits
 from sparsify_fx.models import DigitsCNN
-from sparsify_fx.trainer import Trainer, evaluate
+from sparsify_fx.training.trainer import Trainer, evaluate
 
 
 def make(target: float | None = 0.9) -> torch.nn.Module:

@@ -7,6 +7,10 @@ Training-time methods register a :class:`~sparsify_fx.methods.MethodSession`
 (``GMPSession``, ``L0Session``, ``STESession``; the old ``*Callback`` names are
 aliases) that :class:`sparsify_fx.Trainer` runs by itself, or a driver
 (``run_imp``).
+
+May import: the core modules (``mask``, ``mask_index``, ``methods``, ``granularity``,
+``errors``), ``budgets``, ``training`` (IMP drives a Trainer) and
+``sparsify_fx.passes``; never ``export`` or ``cli``.
 """
 from __future__ import annotations
 
@@ -14,13 +18,13 @@ from typing import Any
 
 from torch import nn
 
-from .erk import erk_densities, layer_sparsities
-from .gmp import GMPCallback, GMPSession, gmp_sparsity
-from .imp import imp_schedule, prune_remaining, run_imp
-from .l0 import L0Callback, L0Session
-from .magnitude import magnitude_prune
-from .random_mask import random_prune
-from .ste import STECallback, STESession
+from sparsify_fx.baselines.erk import erk_densities, layer_sparsities
+from sparsify_fx.baselines.gmp import GMPCallback, GMPSession, gmp_sparsity
+from sparsify_fx.baselines.imp import imp_schedule, prune_remaining, run_imp
+from sparsify_fx.baselines.l0 import L0Callback, L0Session
+from sparsify_fx.baselines.magnitude import magnitude_prune
+from sparsify_fx.baselines.random_mask import random_prune
+from sparsify_fx.baselines.ste import STECallback, STESession
 
 
 def callbacks_for(model: nn.Module, **options: Any) -> list[Any]:

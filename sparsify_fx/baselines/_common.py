@@ -6,11 +6,12 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..budget import CutResult, apply_budget
-from ..errors import ConfigError
-from ..mask import FixedMask
-from ..mask_index import masks
-from .erk import layer_sparsities
+from sparsify_fx.budgets.cut_result import CutResult
+from sparsify_fx.budgets.exact_cut import apply_budget
+from sparsify_fx.errors import ConfigError
+from sparsify_fx.mask import FixedMask
+from sparsify_fx.mask_index import masks
+from sparsify_fx.baselines.erk import layer_sparsities
 
 
 class OptionMask(FixedMask):

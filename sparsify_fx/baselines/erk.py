@@ -12,8 +12,8 @@ from typing import Mapping, Sequence
 
 from torch import nn
 
-from ..errors import ConfigError
-from ..mask_index import masks
+from sparsify_fx.errors import ConfigError
+from sparsify_fx.mask_index import masks
 
 DISTRIBUTIONS = ("uniform", "erk")
 

@@ -20,11 +20,12 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from ..budget import CutResult, weight_costs
-from ..errors import ConfigError
-from ..methods import MethodSession, MethodSpec, register_method
-from ._common import OptionMask, config_target, cut, density_of, magnitudes, require_target
-from .erk import layer_sparsities
+from sparsify_fx.budgets.cut_result import CutResult
+from sparsify_fx.budgets.exact_cut import weight_costs
+from sparsify_fx.errors import ConfigError
+from sparsify_fx.methods import MethodSession, MethodSpec, register_method
+from sparsify_fx.baselines._common import OptionMask, config_target, cut, density_of, magnitudes, require_target
+from sparsify_fx.baselines.erk import layer_sparsities
 
 
 class GMPMask(OptionMask):

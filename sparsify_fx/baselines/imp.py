@@ -18,12 +18,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..budget import weight_costs
-from ..config import config_of
-from ..errors import ConfigError
-from ..mask_index import masks, sparsity, unwrap
-from ..methods import MethodSpec, register_method
-from ._common import OptionMask, config_target, cut, magnitudes
+from sparsify_fx.budgets.exact_cut import weight_costs
+from sparsify_fx.config import config_of
+from sparsify_fx.errors import ConfigError
+from sparsify_fx.mask_index import masks, sparsity, unwrap
+from sparsify_fx.methods import MethodSpec, register_method
+from sparsify_fx.baselines._common import OptionMask, config_target, cut, magnitudes
 
 
 class IMPMask(OptionMask):
@@ -100,7 +100,7 @@ def run_imp(model: nn.Module, train_set: Dataset, *, targets: Sequence[float] | 
     ``phases`` (a list of such option dicts, e.g. a main phase then a low-lr
     phase) replaces them with several Trainers run one after another per level.
     """
-    from ..trainer import Trainer
+    from sparsify_fx.training.trainer import Trainer
     model = unwrap(model)
     cfg = config_of(model)
     if cfg is None or cfg.method != "imp":

@@ -17,7 +17,7 @@ on all of them within a step.
 
 :class:`L0Session` (run by the Trainer) adds ``lambda * E[L0] / N`` (N masked
 weights) to the loss. With a target, ``log(lambda)`` follows the shared
-:class:`~sparsify_fx.density_controller.DensityController` (integral only) on the
+:class:`~sparsify_fx.training.density_controller.DensityController` (integral only) on the
 gap between the hard density (MACs-weighted for ``target_macs``) and a cubic
 setpoint, and ``finalize()`` multiplies each kept weight by its deterministic
 gate, then cuts the masks to exactly the target by ``log_alpha``.
@@ -30,14 +30,15 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..budget import CutResult, apply_budget, macs_fraction, weight_costs
-from ..config import config_of
-from ..density_controller import DensityController, cubic_setpoint
-from ..errors import ConfigError
-from ..mask import Mask
-from ..mask_index import MaskEntry, masks
-from ..methods import MethodSession, MethodSpec, register_method
-from ._common import config_target, density_of
+from sparsify_fx.budgets.cut_result import CutResult
+from sparsify_fx.budgets.exact_cut import apply_budget, macs_fraction, weight_costs
+from sparsify_fx.config import config_of
+from sparsify_fx.training.density_controller import DensityController, cubic_setpoint
+from sparsify_fx.errors import ConfigError
+from sparsify_fx.mask import Mask
+from sparsify_fx.mask_index import MaskEntry, masks
+from sparsify_fx.methods import MethodSession, MethodSpec, register_method
+from sparsify_fx.baselines._common import config_target, density_of
 
 GAMMA, ZETA, TEMPERATURE = -0.1, 1.1, 2.0 / 3.0
 

@@ -12,9 +12,9 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from ..budget import CutResult
-from ..methods import MethodSpec, register_method
-from ._common import OptionMask, config_target, cut, magnitudes
+from sparsify_fx.budgets.cut_result import CutResult
+from sparsify_fx.methods import MethodSpec, register_method
+from sparsify_fx.baselines._common import OptionMask, config_target, cut, magnitudes
 
 
 class MagnitudeMask(OptionMask):

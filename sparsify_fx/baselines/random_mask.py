@@ -12,10 +12,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..budget import CutResult
-from ..mask_index import masks
-from ..methods import MethodSpec, register_method
-from ._common import OptionMask, config_target, cut
+from sparsify_fx.budgets.cut_result import CutResult
+from sparsify_fx.mask_index import masks
+from sparsify_fx.methods import MethodSpec, register_method
+from sparsify_fx.baselines._common import OptionMask, config_target, cut
 
 
 class RandomMask(OptionMask):

@@ -17,11 +17,12 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..budget import CutResult, apply_budget
-from ..mask import Mask
-from ..mask_index import masks, unwrap
-from ..methods import MethodSession, MethodSpec, register_method
-from .erk import layer_sparsities
+from sparsify_fx.budgets.cut_result import CutResult
+from sparsify_fx.budgets.exact_cut import apply_budget
+from sparsify_fx.mask import Mask
+from sparsify_fx.mask_index import masks, unwrap
+from sparsify_fx.methods import MethodSession, MethodSpec, register_method
+from sparsify_fx.baselines.erk import layer_sparsities
 
 
 def top_fraction(scores: Tensor, density: float) -> Tensor:

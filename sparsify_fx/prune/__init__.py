@@ -3,8 +3,10 @@
 Modules: :mod:`.recipe` (keys, types, TOML), :mod:`.datasets` (DATA kinds),
 :mod:`.outdir` (OUTDIR layout, recipe guard, atomic writes), :mod:`.run`
 (phases, resume, torchrun), :mod:`.outputs` (model.pt, reports, ONNX, summary;
-:func:`load_pruned`), :mod:`.cli` (argument parsing). Imported lazily by
-``sparsify_fx.cli``.
+:func:`load_pruned`). Its arguments are parsed by ``sparsify_fx.cli.prune``.
+
+May import: anything in the package but ``sparsify_fx.cli`` other than
+``sparsify_fx.cli.model_inputs`` (how MODEL is loaded).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 
 def load_pruned(path: Any, trust_pickle: bool = False) -> Any:
     """Rebuild OUTDIR/model.pt as a plain model (see :func:`.outputs.load_pruned`)."""
-    from .outputs import load_pruned as _load
+    from sparsify_fx.prune.outputs import load_pruned as _load
     return _load(path, trust_pickle)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset, Subset
 
-from ..errors import InputError
+from sparsify_fx.errors import InputError
 
 DATA_HELP = "digits, mnist:DIR, imagefolder:DIR or package.module:function"
 _MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -70,7 +70,7 @@ def _imagefolder(root: str, seed: int, val_fraction: float, size: int) -> Data:
 
 
 def _function(spec: str) -> Data:
-    from ..export.cli_models import call_imported
+    from sparsify_fx.cli.model_inputs import call_imported
 
     out = call_imported(spec, "function", "(train_dataset, val_dataset)", label="--data ")
     if not (isinstance(out, tuple) and len(out) == 2
@@ -85,7 +85,7 @@ def _function(spec: str) -> Data:
 def load_data(spec: str | None, seed: int, val_fraction: float = 0.1,
               image_size: int = 224) -> Data:
     """Parse ``--data`` (see module doc) into train and validation datasets."""
-    from .. import data as bundled
+    from sparsify_fx import data as bundled
 
     if not spec:
         raise InputError(f"--data is required: {DATA_HELP}")

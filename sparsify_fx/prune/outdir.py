@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import InputError
-from .recipe import identity, normalise, read_toml, to_toml
+from sparsify_fx.errors import InputError
+from sparsify_fx.prune.recipe import identity, normalise, read_toml, to_toml
 
 OUTPUTS = ("model.pt", "report.md", "report.json", "sparsity.png", "model.onnx", "summary.json")
 RECIPE, CHECKPOINTS, STAGING = "recipe.toml", "checkpoints", ".staging"

@@ -19,12 +19,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..errors import ExportError, InputError
-from .outdir import OUTPUTS, OutDir
+from sparsify_fx.errors import ExportError, InputError
+from sparsify_fx.prune.outdir import OUTPUTS, OutDir
 
 if TYPE_CHECKING:
-    from .datasets import Data
-    from .run import Context
+    from sparsify_fx.prune.datasets import Data
+    from sparsify_fx.prune.run import Context
 
 FORMAT = "sparsify-fx-prune/1"
 TRANSFORM_KEYS = ("method", "granularity", "include", "exclude", "keep_first", "keep_last",
@@ -37,9 +37,9 @@ def outputs_present(out: OutDir) -> bool:
 
 def _finalize_model(gm: nn.Module, granularity: str) -> nn.Module:
     if granularity == "channel":
-        from ..passes.shrink import shrink
+        from sparsify_fx.passes.shrink import shrink
         return shrink(gm).eval()
-    from ..export.fold import fold
+    from sparsify_fx.export.fold import fold
     return fold(gm).eval()
 
 
@@ -59,10 +59,10 @@ def write_outputs(ctx: "Context", original: nn.Module, gm: nn.Module, data: "Dat
     """Fold or shrink ``gm``, then stage and publish every output; returns the summary.
 
     MACs and parameters are compared with ``original`` (the input model, untouched)."""
-    from ..export.onnx_export import export_onnx
-    from ..export.report import report
-    from ..mask_index import sparsity
-    from ..trainer import evaluate
+    from sparsify_fx.export.onnx_export import export_onnx
+    from sparsify_fx.export.report import report
+    from sparsify_fx.mask_index import sparsity
+    from sparsify_fx.training.trainer import evaluate
 
     t0 = time.monotonic()
     r = ctx.recipe
@@ -128,8 +128,8 @@ def load_pruned(path: str | os.PathLike, trust_pickle: bool = False) -> nn.Modul
     masks and weights, folds or shrinks, then loads ``state_dict`` (strict). The
     file is read with ``weights_only=True``; MODEL must be importable here.
     """
-    from ..export.cli_models import load_model
-    from ..prepare import transform
+    from sparsify_fx.cli.model_inputs import load_model
+    from sparsify_fx.prepare import transform
 
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ..errors import ConfigError, InputError
+from sparsify_fx.errors import ConfigError, InputError
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ..errors import ConfigError, InputError, TrainingError
-from .datasets import Data, example_input, load_data
-from .outdir import OutDir, save_atomic
+from sparsify_fx.errors import ConfigError, InputError, TrainingError
+from sparsify_fx.prune.datasets import Data, example_input, load_data
+from sparsify_fx.prune.outdir import OutDir, save_atomic
 
 
 TARGETS = ("target_sparsity", "target_macs", "target_latency")
@@ -105,8 +105,8 @@ def _wrap(ctx: Context, gm: nn.Module) -> nn.Module:
 def _fit(ctx: Context, gm: nn.Module, train: Any, ckpt: Path, epochs: int, lr: float,
          seed: int, **options: Any) -> Any:
     """One Trainer phase, checkpointed every epoch at ``ckpt`` (rank 0) and resumed from it."""
-    from ..mask_index import unwrap
-    from ..trainer import Trainer
+    from sparsify_fx.mask_index import unwrap
+    from sparsify_fx.training.trainer import Trainer
 
     holder: dict[str, Any] = {}
 
@@ -132,8 +132,8 @@ def _fit(ctx: Context, gm: nn.Module, train: Any, ckpt: Path, epochs: int, lr: f
 
 def _train_and_cut(ctx: Context, gm: nn.Module, data: Data, example: torch.Tensor) -> None:
     """Training phase (masks learned or scheduled), then the exact cut to the target."""
-    from ..baselines import run_imp
-    from ..budget import apply_budget, weight_costs
+    from sparsify_fx.baselines import run_imp
+    from sparsify_fx.budgets.exact_cut import apply_budget, weight_costs
 
     r = ctx.recipe
     torch.manual_seed(r["seed"] + 1)
@@ -165,7 +165,7 @@ def _masks_equal_across_ranks(ctx: Context, gm: nn.Module) -> bool | None:
     """Rank 0's hard masks equal every rank's (None outside torchrun)."""
     if ctx.world == 1:
         return None
-    from ..mask_index import masks
+    from sparsify_fx.mask_index import masks
     mine = [e.mask.hard_mask().detach().cpu() for e in masks(gm)]
     gathered: list[Any] = [None] * ctx.world
     dist.all_gather_object(gathered, mine)
@@ -175,10 +175,10 @@ def _masks_equal_across_ranks(ctx: Context, gm: nn.Module) -> bool | None:
 
 def run(ctx: Context, overwrite: bool) -> dict[str, Any] | None:
     """Run (or resume) the pipeline; rank 0 returns the summary, other ranks None."""
-    from ..export.cli_models import check_runs, load_model
-    from ..prepare import transform
-    from ..trainer import evaluate
-    from .outputs import outputs_present, write_outputs
+    from sparsify_fx.cli.model_inputs import check_runs, load_model
+    from sparsify_fx.prepare import transform
+    from sparsify_fx.training.trainer import evaluate
+    from sparsify_fx.prune.outputs import outputs_present, write_outputs
 
     started = time.monotonic()
     r = ctx.recipe

@@ -9,7 +9,7 @@ x sum of op entries``, fitted from the dense model and a half-width probe of it 
 interleaved; the remainder covers activations, adds, pooling, session overhead) is
 stored under a model signature. Tables live in one JSON file per environment (onnxruntime version,
 thread count, CPU model) under :func:`cache_dir`; a second build reads them and
-measures nothing. Read by :mod:`sparsify_fx.cost_model`.
+measures nothing. Read by :mod:`sparsify_fx.budgets.cost_model`.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import ConfigError
+from sparsify_fx.errors import ConfigError
 
 #: kept-width grid, as fractions of the layer's channels (plus one channel)
 WIDTHS = (0.25, 0.5, 0.75, 1.0)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .errors import TrainingError
+from sparsify_fx.errors import TrainingError
 
 
 def atomic_save(obj: Any, path: str) -> None:

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .errors import ConfigError
+from sparsify_fx.errors import ConfigError
 
 
 def cubic_setpoint(final_density: float, progress: float, ramp: float) -> float:

@@ -1,10 +1,10 @@
 """The coupled channel cut: shared channel groups cut whole, in blocks, against a budget.
 
-Called by :func:`sparsify_fx.budget.apply_budget` for coupled channel masks
+Called by :func:`sparsify_fx.budgets.exact_cut.apply_budget` for coupled channel masks
 (``transform(..., granularity="channel")``). Every group keeps at least its best slot
 (its best block); slots are taken in blocks of ``round_to`` channels of a group's own
 ranking (:func:`_blocks`); a sparsity budget counts the weights a slot gates, a cost
-budget (MACs or latency) the :class:`~sparsify_fx.cost_model.ChannelCost` of what
+budget (MACs or latency) the :class:`~sparsify_fx.budgets.cost_model.ChannelCost` of what
 ``shrink`` leaves (:func:`_macs_prefix`). Mutates the group masks (``freeze``).
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .budget import CutResult, _cut_result, _keep_top
-from .cost_model import ChannelCost, ChannelMacs, channel_macs
-from .errors import BudgetError
-from .mask_index import MaskEntry
+from sparsify_fx.budgets.cut_result import CutResult, cut_result, keep_top
+from sparsify_fx.budgets.cost_model import ChannelCost, ChannelMacs, channel_macs
+from sparsify_fx.errors import BudgetError
+from sparsify_fx.mask_index import MaskEntry
 
 
 def coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: float | None,
@@ -66,7 +66,7 @@ def coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: flo
     ranking = torch.where(floor, torch.tensor(float("inf")), ranking)
     spans = [(start[id(groups[k])], math.prod(groups[k].score_shape), 1) for k in order]
     if round_to > 1:  # blocks of round_to channels: a head (head_dim channels) is one block
-        from .cost_model import slot_widths
+        from sparsify_fx.budgets.cost_model import slot_widths
         widths = slot_widths(model)
         spans = [(first, n, max(1, round_to // int(widths[first:first + n].min())))
                  for first, n, _ in spans]
@@ -87,7 +87,7 @@ def coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: flo
                               "channels that must stay whole and one channel per group already "
                               f"take {(fixed + floor_units) / dense:.3f}; raise the budget")
         if round_to == 1:
-            keep = _keep_top(ranking, slot_units, budget)
+            keep = keep_top(ranking, slot_units, budget)
         else:  # whole blocks, best first, while their weights fit
             block_units = torch.zeros(len(ends), dtype=torch.float64).index_add_(
                 0, torch.repeat_interleave(torch.arange(len(ends)),
@@ -103,7 +103,7 @@ def coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: flo
         m = groups[key]
         n = math.prod(m.score_shape)
         m.freeze(keep[start[id(m)]:start[id(m)] + n].reshape(m.score_shape))
-    return _cut_result(entries, changed)
+    return cut_result(entries, changed)
 
 
 def _slot_scores(entries: list[MaskEntry], scores: Mapping[str, Tensor],

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from .errors import BudgetError
+from sparsify_fx.errors import BudgetError
 
 #: relative miss accepted without another round (the issue's goal is 10 %)
 TOLERANCE = 0.05

@@ -13,7 +13,7 @@ import signal
 import sys
 from typing import Callable
 
-from .errors import SparsifyError
+from sparsify_fx.errors import SparsifyError
 
 EXIT_OK, EXIT_BUG, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 

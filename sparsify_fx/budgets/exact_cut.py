@@ -4,17 +4,16 @@
 one input sample, read from the one MAC counter
 (:mod:`sparsify_fx.passes.count_macs`, stored per node at transform).
 ``apply_budget`` freezes every mask to exactly the top-scored weights that fit.
-For coupled channel masks (the cut itself: :mod:`sparsify_fx.channel_cut`) a MACs
-or latency budget is counted by the one :class:`~sparsify_fx.cost_model.ChannelCost`:
+For coupled channel masks (the cut itself: :mod:`sparsify_fx.budgets.channel_cut`) a MACs
+or latency budget is counted by the one :class:`~sparsify_fx.budgets.cost_model.ChannelCost`:
 what ``shrink`` leaves (a removed channel also removes the next layer's input
 channel); a latency cut is then measured in onnxruntime and corrected
-(:mod:`sparsify_fx.latency_verify`). Both only read the model, except
+(:mod:`sparsify_fx.latency.verify`). Both only read the model, except
 ``apply_budget`` which freezes the masks.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
@@ -22,12 +21,14 @@ from torch import Tensor, fx, nn
 
 from sparsify_fx.passes.stored_analysis import weight_macs_of
 
-from .config import config_of
-from .errors import BudgetError, ConfigError
-from .granularity import parse_granularity
-from .cost_model import (ChannelCost, budget_cost, channel_graph, channel_macs,
+from sparsify_fx.config import config_of
+from sparsify_fx.errors import BudgetError, ConfigError
+from sparsify_fx.granularity import parse_granularity
+from sparsify_fx.budgets.cost_model import (ChannelCost, budget_cost, channel_graph, channel_macs,
                          is_coupled)
-from .mask_index import MaskEntry, masks, unwrap
+from sparsify_fx.budgets.channel_cut import coupled_cut
+from sparsify_fx.budgets.cut_result import CutResult, cut_result, keep_top
+from sparsify_fx.mask_index import MaskEntry, masks, unwrap
 
 
 def weight_costs(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor) -> dict[str, float]:
@@ -71,37 +72,6 @@ def weight_costs(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor) ->
     return costs
 
 
-@dataclass
-class CutResult:
-    """Outcome of an exact cut: weights kept, total, and bits changed vs the learned rule."""
-
-    kept: int
-    total: int
-    changed_bits: int
-    per_layer: dict[str, float]
-    #: a verified latency cut's rounds (aimed, estimated, measured fractions), else empty
-    latency: list = field(default_factory=list)
-
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.kept / self.total
-
-
-def _keep_top(scores: Tensor, units: Tensor, budget: float) -> Tensor:
-    """Keep highest scores first while the sum of ``units`` stays within ``budget``.
-
-    With unit costs this keeps exactly ``round(budget)`` entries. Ties are broken
-    by position (stable sort), so the cut is deterministic.
-    """
-    order = torch.sort(scores, descending=True, stable=True).indices
-    cum = torch.cumsum(units[order].double(), 0)
-    n_keep = int(torch.searchsorted(cum, torch.tensor(budget + 1e-6, dtype=torch.float64),
-                                    right=True))
-    keep = torch.zeros_like(scores, dtype=torch.bool)
-    keep[order[:n_keep]] = True
-    return keep
-
-
 def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] | None = None,
                  *, target_macs: float | None = None, costs: Mapping[str, float] | None = None,
                  target_latency: float | None = None, cost: ChannelCost | None = None,
@@ -134,7 +104,7 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
     A final cut against a latency cost that can measure (``channel_latency(...,
     verify=True)``, the default) is verified in onnxruntime: the shrunk model is timed
     against the dense one and the cut corrected until they agree within 5 %
-    (:func:`~sparsify_fx.latency_verify.verified_cut`; rounds in ``CutResult.latency``).
+    (:func:`~sparsify_fx.latency.verify.verified_cut`; rounds in ``CutResult.latency``).
     """
     entries = [e for e in masks(model) if not e.mask.auxiliary]
     if target_latency is not None or cost is not None:  # one ChannelCost carries the budget
@@ -159,7 +129,7 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
 
     if not verify:
         return cut(target_macs)
-    from .latency_verify import closest, on_rank_zero, verified_cut
+    from sparsify_fx.latency.verify import closest, on_rank_zero, verified_cut
     assert isinstance(costs, ChannelCost) and costs.measure is not None
     checks = on_rank_zero(lambda: verified_cut(
         float(target_macs), cut, lambda: costs.fraction_of(model),
@@ -182,14 +152,13 @@ def _cut(model: nn.Module, entries: list[MaskEntry],
         cfg = config_of(unwrap(model))
         if cfg is None or cfg.example_inputs is None:
             raise ConfigError("target_macs needs per-weight costs: pass example_inputs= to "
-                              "transform, or costs=sparsify_fx.budget.weight_costs(model, "
+                              "transform, or costs=sparsify_fx.budgets.exact_cut.weight_costs(model, "
                               "example_inputs)")
         costs = weight_costs(model, cfg.example_inputs)
     if is_coupled(entries):
         if isinstance(target_sparsity, Mapping) or per_layer:
             raise ConfigError("coupled channel masks take one global target (sparsity or "
                               "MACs); per-layer targets would split coupled channels")
-        from .channel_cut import coupled_cut  # imports this module: loaded on first use
         return coupled_cut(model, entries, target_sparsity, target_macs, costs, scores,
                            round_to)
     if round_to > 1:
@@ -232,7 +201,7 @@ def _cut(model: nn.Module, entries: list[MaskEntry],
                 continue
             units = per_unit
             budget = float(round((1.0 - float(t)) * float(per_unit.sum())))
-        keep = _keep_top(flat, units, budget)
+        keep = keep_top(flat, units, budget)
         offset = 0
         for e in group:
             n = e.mask.hard_mask().numel()
@@ -241,15 +210,7 @@ def _cut(model: nn.Module, entries: list[MaskEntry],
     changed = sum(int((before[e.name] != e.mask.hard_mask().reshape(-1).cpu()).sum())
                   * e.mask.weights_per_score
                   for e in entries)
-    return _cut_result(entries, changed)
-
-
-def _cut_result(entries: list[MaskEntry], changed_bits: int) -> CutResult:
-    """Kept/total weights and per-layer sparsity of the (just frozen) masks."""
-    kept = sum(e.mask.kept_weights() for e in entries)
-    total = sum(e.mask.numel() for e in entries)
-    per = {e.name: 1.0 - e.mask.kept_weights() / e.mask.numel() for e in entries}
-    return CutResult(kept, total, changed_bits, per)
+    return cut_result(entries, changed)
 
 
 def macs_fraction(model: nn.Module, costs: Mapping[str, float]) -> float:

@@ -7,8 +7,8 @@ outputs, kept inputs)`` (per conv group), a function of the kept channel-group
 slots (the group masks' slots concatenated in ``group_masks`` order).
 :class:`ChannelCost` is that function; :func:`channel_macs` fills it with MACs
 (``unit x kept outputs x kept inputs``, remainder 0) and :func:`channel_latency`
-with milliseconds from the onnxruntime table of :mod:`sparsify_fx.latency_table`.
-The exact cut (:mod:`sparsify_fx.budget`), the CS controller and ``report`` all
+with milliseconds from the onnxruntime table of :mod:`sparsify_fx.latency.table`.
+The exact cut (:mod:`sparsify_fx.budgets.exact_cut`), the CS controller and ``report`` all
 read a :class:`ChannelCost`, so they agree by construction. Read-only.
 """
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Callable, Mapping, Protocol, Sequence
 import torch
 from torch import Tensor, fx, nn
 
-from .errors import BudgetError, ConfigError
-from .mask import Mask
-from .mask_index import MaskEntry, masks, unwrap
+from sparsify_fx.errors import BudgetError, ConfigError
+from sparsify_fx.mask import Mask
+from sparsify_fx.mask_index import MaskEntry, masks, unwrap
 
 
 def is_coupled(entries: list[MaskEntry]) -> bool:
@@ -60,7 +60,7 @@ class MacsCost:
 
 @dataclass(frozen=True)
 class TableCost:
-    """Milliseconds from an interpolated :class:`~sparsify_fx.latency_table.OpTable`
+    """Milliseconds from an interpolated :class:`~sparsify_fx.latency.table.OpTable`
     (a grouped conv's table is indexed by kept output channels, inputs follow)."""
 
     table: Callable[[float, float], float]
@@ -92,7 +92,7 @@ class ChannelCost:
     counted (``"MACs"`` or ``"ms"``). ``keep``: bool, ``(n_slots,)``. ``scale`` (1 for
     MACs) carries isolated op timings over to the whole model (see ``channel_latency``).
     ``round_to``: the channel rounding a cut against this cost uses (every group keeps a
-    multiple of it; :func:`~sparsify_fx.budget.apply_budget`), 1 for MACs.
+    multiple of it; :func:`~sparsify_fx.budgets.exact_cut.apply_budget`), 1 for MACs.
     """
 
     layers: list[CostLayer]
@@ -215,7 +215,7 @@ def channel_macs(model: nn.Module, costs: Mapping[str, float]) -> ChannelCost:
 
     Covers every Conv/Linear call of the traced graph, masked or not (an unmasked
     layer loses input channels when its producer is pruned). ``costs``: from
-    :func:`~sparsify_fx.budget.weight_costs` on this model (it includes the unmasked layers).
+    :func:`~sparsify_fx.budgets.exact_cut.weight_costs` on this model (it includes the unmasked layers).
     """
     gm = _graph(model)
 
@@ -224,7 +224,7 @@ def channel_macs(model: nn.Module, costs: Mapping[str, float]) -> ChannelCost:
             return MacsCost(prod.macs_unit)
         if prod.weight not in costs:
             raise ConfigError(f"no MACs cost for {prod.weight}; compute the costs with "
-                              "sparsify_fx.budget.weight_costs(model, example_inputs) on this "
+                              "sparsify_fx.budgets.exact_cut.weight_costs(model, example_inputs) on this "
                               "coupled model")
         return MacsCost(float(costs[prod.weight]) * math.prod(prod.shape[2:]))
 
@@ -242,10 +242,10 @@ def channel_latency(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor,
 
     Each Conv/Linear call reads its op's table, timed at several kept widths by
     ``timer(signature, kept_out, kept_in) -> ms`` (default
-    :func:`~sparsify_fx.latency_table.ort_timer`). ``remainder`` and ``scale`` come from
+    :func:`~sparsify_fx.latency.table.ort_timer`). ``remainder`` and ``scale`` come from
     :func:`_calibrate` (``model_timer([dense, probe], inputs) -> [ms, ms]``, default:
     onnxruntime on the exported models). Both are cached
-    (:class:`~sparsify_fx.latency_table.LatencyTable`, under ``cache_dir``): a second
+    (:class:`~sparsify_fx.latency.table.LatencyTable`, under ``cache_dir``): a second
     call on the same machine measures nothing (``meta["timings"] == 0``). Read-only
     (shape metadata on nodes aside).
 
@@ -256,13 +256,13 @@ def channel_latency(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor,
     (more channels) measured 0.72 (docs/latency.md). ``round_to=1`` turns it off.
 
     ``verify`` (default): the cost can measure (``ChannelCost.measure``, with
-    ``model_timer``), and a final :func:`~sparsify_fx.budget.apply_budget` against it
+    ``model_timer``), and a final :func:`~sparsify_fx.budgets.exact_cut.apply_budget` against it
     checks its cut in onnxruntime and corrects it.
     """
     from tqdm.auto import tqdm
 
-    from .latency_probe import attention_signature, model_key, op_signatures
-    from .latency_table import LatencyTable, ort_timer
+    from sparsify_fx.latency.probe import attention_signature, model_key, op_signatures
+    from sparsify_fx.latency.table import LatencyTable, ort_timer
     gm = _graph(model)
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     table = LatencyTable.load(threads, cache_dir)
@@ -339,10 +339,10 @@ def _measurer(gm: fx.GraphModule, inputs: tuple, threads: int,
     """``measure(model) -> fraction``: ``model``'s shrunk copy timed against ``gm``'s dense
     graph (``model_timer([dense, pruned], inputs)``; default: both exported to ONNX, the
     median over 3 windows of fresh interleaved onnxruntime sessions,
-    :func:`~sparsify_fx.latency_probe.windowed_fractions`)."""
+    :func:`~sparsify_fx.latency.probe.windowed_fractions`)."""
     from sparsify_fx.passes.shrink import shrink
 
-    from .latency_probe import onnx_bytes, strip_masks, windowed_fractions
+    from sparsify_fx.latency.probe import onnx_bytes, strip_masks, windowed_fractions
     dense: list = []  # the dense model (model_timer) or its ONNX bytes, made once
 
     def measure(model: nn.Module) -> float:
@@ -376,7 +376,7 @@ def _calibrate(gm: fx.GraphModule, inputs: tuple, ops: ChannelCost, threads: int
     from sparsify_fx.passes.couple_channels import group_masks, select_channels
     from sparsify_fx.passes.shrink import shrink
 
-    from .latency_probe import measure_models, strip_masks
+    from sparsify_fx.latency.probe import measure_models, strip_masks
     probe_gm = _copy.deepcopy(gm)
     select_channels(probe_gm, 0.5, round_to=ops.round_to)
     for m in probe_gm.modules():
@@ -407,7 +407,7 @@ def measure_layers(cost: ChannelCost, keep: Tensor | None = None,
                    timer: Callable | None = None) -> dict[str, float]:
     """Each layer of a latency cost timed alone in onnxruntime at its exact kept widths
     (``keep`` defaults to the masks' hard decisions): the table's estimate, checked."""
-    from .latency_table import ort_timer
+    from sparsify_fx.latency.table import ort_timer
     keep = cost.hard_keep() if keep is None else keep
     threads = int(cost.meta.get("env", {}).get("threads", 2))
     timer = timer or ort_timer(threads)
@@ -434,7 +434,7 @@ def budget_cost(model: nn.Module, entries: list[MaskEntry], target_sparsity: obj
     :class:`ChannelCost`: ``target_latency`` (a fraction of the dense onnxruntime latency;
     the latency table is built from ``example_inputs`` or those given to ``transform``
     unless ``cost`` is passed), or ``target_macs`` with an explicit ``cost``. Read-only."""
-    from .config import config_of
+    from sparsify_fx.config import config_of
     given = [n for n, v in (("target_sparsity", target_sparsity), ("target_macs", target_macs),
                             ("target_latency", target_latency)) if v is not None]
     if len(given) != 1 or given[0] == "target_sparsity":
@@ -452,7 +452,7 @@ def budget_cost(model: nn.Module, entries: list[MaskEntry], target_sparsity: obj
             cfg, "example_inputs", None)
         if inputs is None:
             raise ConfigError("target_latency needs example inputs to build the latency table: "
-                              "pass example_inputs= to transform, or cost=sparsify_fx.cost_model."
+                              "pass example_inputs= to transform, or cost=sparsify_fx.budgets.cost_model."
                               "channel_latency(model, example_inputs)")
         cost = channel_latency(model, inputs)
     if target_latency is not None and cost.unit != "ms":

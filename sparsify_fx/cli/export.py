@@ -18,9 +18,9 @@ from dataclasses import asdict
 
 import torch
 
-from sparsify_fx.cli_common import run_guarded
+from sparsify_fx.cli.guarded import run_guarded
 
-from .cli_models import MODEL_HELP, TRUST_PICKLE_HELP, check_runs, load_model, parse_shape
+from sparsify_fx.cli.model_inputs import MODEL_HELP, TRUST_PICKLE_HELP, check_runs, load_model, parse_shape
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from .onnx_export import export_onnx
+    from sparsify_fx.export.onnx_export import export_onnx
 
     args = _parser().parse_args(argv)
     shape = parse_shape(args.input_shape)

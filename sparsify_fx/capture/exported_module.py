@@ -28,7 +28,7 @@ from typing import Any, Callable
 from torch import fx, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from .errors import TraceError
+from sparsify_fx.errors import TraceError
 
 EVAL_PREFIX = "eval_graph."
 

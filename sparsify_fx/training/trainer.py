@@ -17,13 +17,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .budget import CutResult
-from .checkpoint import atomic_save as _atomic_save
-from .checkpoint import load_checkpoint
-from .cs_scheduler import param_groups
-from .errors import TrainingError
-from .mask_index import hard_masks, masks, sparsity, unwrap
-from .methods import MethodSession, method_of
+from sparsify_fx.budgets.cut_result import CutResult
+from sparsify_fx.training.checkpoint import atomic_save as _atomic_save
+from sparsify_fx.training.checkpoint import load_checkpoint
+from sparsify_fx.training.cs_scheduler import param_groups
+from sparsify_fx.errors import TrainingError
+from sparsify_fx.mask_index import hard_masks, masks, sparsity, unwrap
+from sparsify_fx.methods import MethodSession, method_of
 
 EvalHook = Callable[[int, dict[str, float]], None]
 

@@ -6,7 +6,7 @@ Three paths, tried in this order by ``capture="auto"``:
    modules stay modules, BatchNorm/Dropout are leaves).
 2. ``"export"``: when symbolic tracing fails and ``example_inputs`` are given,
    ``torch.export.export(strict=False)`` in train and eval mode; the result is
-   an :class:`~sparsify_fx.exported_module.ExportedModule`.
+   an :class:`~sparsify_fx.capture.exported_module.ExportedModule`.
 3. partial: the largest submodules that symbolic_trace can trace, the rest
    masked by parametrization (:class:`PartialTraceWarning` names what did not
    trace, and why export did not apply).
@@ -30,8 +30,8 @@ from sparsify_fx.passes.capture_export import (SpecializationWarning, export_bot
 from sparsify_fx.passes.trace import (TRACED_THROUGH, TraceFailure, describe_failure,
                                       raise_untraceable, trace, trace_partially)
 
-from .errors import ConfigError, TraceError
-from .exported_module import ExportedModule, wrap_exported
+from sparsify_fx.errors import ConfigError, TraceError
+from sparsify_fx.capture.exported_module import ExportedModule, wrap_exported
 
 CAPTURES = ("auto", "fx", "export")
 

@@ -2,7 +2,7 @@
 
 ``make demo`` now runs ``sparsify-fx prune`` with ``examples/digits_cs90.toml``;
 this module is the same job written against the API (``python -m
-sparsify_fx.demo``), and ``benchmarks/cs_digits.py`` reuses its functions.
+sparsify_fx.cli.demo``), and ``benchmarks/cs_digits.py`` reuses its functions.
 
 Steps: train a dense DigitsCNN; transform a fresh one with CS and
 ``target_sparsity``; train with the CS scheduler (beta annealing, lambda
@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .data import Splits, digits
-from .mask_index import sparsity
-from .models import DigitsCNN
-from .prepare import transform
-from .trainer import Trainer, evaluate
+from sparsify_fx.data import Splits, digits
+from sparsify_fx.mask_index import sparsity
+from sparsify_fx.models import DigitsCNN
+from sparsify_fx.prepare import transform
+from sparsify_fx.training.trainer import Trainer, evaluate
 
 
 @dataclass
@@ -50,7 +50,7 @@ def train_dense(data: Splits, seed: int, epochs: int = 20, progress: bool = Fals
 def train_cs(data: Splits, seed: int, target: float, epochs: int = 20, finetune: int = 10,
              progress: bool = False, **cs_options: object) -> CSRun:
     """CS from scratch to exactly ``target`` sparsity, then ``finetune`` epochs with the mask fixed."""
-    from .export.fold import fold
+    from sparsify_fx.export.fold import fold
     torch.manual_seed(seed)
     gm = transform(DigitsCNN(), method="cs", target_sparsity=target)
     trainer = Trainer(gm, data.train, epochs=epochs, lr=0.05, mask_lr=0.01, seed=seed,
@@ -94,7 +94,7 @@ def _report_and_export(model: nn.Module, data: Splits, out: str | None) -> None:
     """Report table and verified ONNX export of the folded model."""
     import numpy as np
 
-    from . import export_onnx, report
+    from sparsify_fx import export_onnx, report
     x_test, y_test = data.test.tensors
     print(report(model, x_test[:1]))
     folder = out or tempfile.mkdtemp(prefix="sparsify_fx_demo_")

@@ -8,16 +8,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..cli_common import run_guarded
-from ..errors import InputError
-from .recipe import KEYS, load_recipe, to_toml
+from sparsify_fx.cli.guarded import run_guarded
+from sparsify_fx.errors import InputError
+from sparsify_fx.prune.recipe import KEYS, load_recipe, to_toml
 
 _SPECIAL = {"model", "data"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..export.cli_models import MODEL_HELP, TRUST_PICKLE_HELP
-    from .datasets import DATA_HELP
+    from sparsify_fx.cli.model_inputs import MODEL_HELP, TRUST_PICKLE_HELP
+    from sparsify_fx.prune.datasets import DATA_HELP
 
     p = argparse.ArgumentParser(
         prog="sparsify-fx prune",
@@ -74,9 +74,9 @@ def _print_summary(summary: dict[str, Any], outdir: str) -> None:
 
 
 def _main(argv: list[str]) -> int:
-    from .outdir import OutDir
-    from .outputs import command_line
-    from .run import Context, run
+    from sparsify_fx.prune.outdir import OutDir
+    from sparsify_fx.prune.outputs import command_line
+    from sparsify_fx.prune.run import Context, run
 
     args = build_parser().parse_args(argv)
     flags = {k.name: getattr(args, k.name) for k in KEYS}

@@ -1,8 +1,15 @@
-"""Command line: ``sparsify-fx {prune,report,export} ...`` (also ``python -m sparsify_fx``).
+"""Command line: ``sparsify-fx {prune,report,export} ...`` (also ``python -m sparsify_fx``
+and ``python -m sparsify_fx.cli``).
 
-Each subcommand lives next to the code it drives; this module only dispatches.
-Every subcommand follows :mod:`sparsify_fx.cli_common`: errors are one line on
-stderr with exit status 2, and ``--debug`` shows tracebacks.
+Holds every subcommand, one module each: :mod:`.prune` (arguments of the prune
+job, which lives in ``sparsify_fx.prune``), :mod:`.report`, :mod:`.export`;
+:mod:`.model_inputs` (``MODEL`` / ``--weights`` loading shared by all of them),
+:mod:`.guarded` (one-line errors with exit status 2, ``--debug`` tracebacks,
+SIGTERM as an interrupt) and :mod:`.demo` (the demo job written against the
+Python API). This module only dispatches, importing a subcommand when it runs.
+
+May import: anything in the package (it is the top of the data path); nothing
+imports it but ``sparsify_fx.__main__`` and the prune job (for ``model_inputs``).
 """
 from __future__ import annotations
 
@@ -10,10 +17,10 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "prune": ("sparsify_fx.prune.cli", "Prune a model on a dataset end to end (recipe, resume, "
+    "prune": ("sparsify_fx.cli.prune", "Prune a model on a dataset end to end (recipe, resume, "
                                        "torchrun), writing model, reports and verified ONNX."),
-    "report": ("sparsify_fx.export.report_cli", "Print the per-layer sparsity/params/MACs table."),
-    "export": ("sparsify_fx.export.onnx_cli", "Fold and write a verified sparse ONNX file."),
+    "report": ("sparsify_fx.cli.report", "Print the per-layer sparsity/params/MACs table."),
+    "export": ("sparsify_fx.cli.export", "Fold and write a verified sparse ONNX file."),
 }
 
 

@@ -26,8 +26,8 @@ import copy
 import torch
 from torch import nn
 
-from .errors import ShrinkError
-from .hf_heads import HFPlan, find_hf_layers
+from sparsify_fx.errors import ShrinkError
+from sparsify_fx.hf.heads import HFPlan, find_hf_layers
 
 
 def _sliced(linear: nn.Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> nn.Linear:

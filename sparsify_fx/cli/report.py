@@ -14,10 +14,10 @@ import sys
 
 import torch
 
-from sparsify_fx.cli_common import run_guarded
+from sparsify_fx.cli.guarded import run_guarded
 from sparsify_fx.errors import InputError
 
-from .cli_models import MODEL_HELP, TRUST_PICKLE_HELP, check_runs, load_model, parse_shape
+from sparsify_fx.cli.model_inputs import MODEL_HELP, TRUST_PICKLE_HELP, check_runs, load_model, parse_shape
 
 FORMATS = ("table", "markdown", "json", "csv")
 

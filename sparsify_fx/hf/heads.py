@@ -16,7 +16,7 @@ directly on the source ``nn.Module``, without a graph analysis:
   magnitude and cuts them to a MACs budget: an :class:`HFPlan`.
 * :func:`freeze_plan` writes a plan into the element masks of a model that
   ``transform`` captured (torch.export or fx): the *hard-masked* model.
-  ``sparsify_fx.hf_shrink.shrink_hf`` builds the smaller source model; the two
+  ``sparsify_fx.hf.shrink.shrink_hf`` builds the smaller source model; the two
   compute the same function (tested to 1e-5).
 
 MACs (one sample, ``seq_len`` tokens ``L``, hidden ``H``, head size ``d``) of
@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import ConfigError, SelectionError
-from .mask_index import masks
+from sparsify_fx.errors import ConfigError, SelectionError
+from sparsify_fx.mask_index import masks
 
 SELECTIONS = ("uniform", "global")
 STRUCTURES = ("both", "heads", "units")

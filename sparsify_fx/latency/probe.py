@@ -1,6 +1,6 @@
 """What the latency table times, read from a transformed graph, and the dense model's latency.
 
-``op_signatures``: one :class:`~sparsify_fx.latency_table.OpSignature` per Conv/Linear
+``op_signatures``: one :class:`~sparsify_fx.latency.table.OpSignature` per Conv/Linear
 call (shapes from ShapeProp on the example inputs). ``strip_masks``: a plain copy of
 the graph with every mask node bypassed (the dense function's graph, for timing only).
 ``measure_models``: median onnxruntime latencies (``time_interleaved``) of plain models
@@ -23,9 +23,9 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import ConfigError
-from .latency_table import OpSignature
-from .mask_index import hard_masks
+from sparsify_fx.errors import ConfigError
+from sparsify_fx.latency.table import OpSignature
+from sparsify_fx.mask_index import hard_masks
 
 MASK_PREFIX = "sparsify_masks."
 
@@ -164,7 +164,7 @@ def export_plain(model: nn.Module, inputs: tuple[Tensor, ...], path: Path) -> No
 
 def onnx_session(model: nn.Module, inputs: tuple[Tensor, ...], threads: int, path: Path):
     """:func:`export_plain` to ``path``, then an onnxruntime session on it (no spinning)."""
-    from .latency_table import ort_session
+    from sparsify_fx.latency.table import ort_session
     export_plain(model, inputs, path)
     return ort_session(path, threads)
 
@@ -224,7 +224,7 @@ def windowed_fractions(models: list, inputs: tuple[Tensor, ...] | tuple, threads
     fraction of each model in each window: the median over the window's rounds of
     ``ms / ms of models[0]``). This VM's fractions move by several per cent between
     windows even when idle (docs/latency.md); the median over windows is the estimate."""
-    from .latency_table import ort_session
+    from sparsify_fx.latency.table import ort_session
     ms: list[list[float]] = [[] for _ in models]
     fractions: list[list[float]] = [[] for _ in models]
     for _ in range(max(1, windows)):

@@ -15,7 +15,7 @@ Beyond the reference: with a target (``target_sparsity`` or ``target_macs``,
 taken from ``transform`` by default) a PI controller sets ``log(lambda)`` from
 the gap between the current hard density (``s > 0``) and a setpoint ramping to
 the target, per layer when the target is per layer; ``finalize()`` then cuts the
-masks to exactly the target (see :mod:`sparsify_fx.budget`). The ``step()`` that
+masks to exactly the target (see :mod:`sparsify_fx.budgets.exact_cut`). The ``step()`` that
 completes the scheduled epochs (or steps) makes that cut itself, so the
 three-line loop ends exactly at the target; ``finalize()`` after it returns the
 same cut. ``CSScheduler`` is CS's :class:`~sparsify_fx.methods.MethodSession`:
@@ -28,14 +28,15 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .budget import CutResult, apply_budget, kept_fraction, weight_costs
-from .cost_model import ChannelCost, ChannelMacs, budget_cost, channel_macs, is_coupled
-from .config import config_of
-from .density_controller import DensityController, cubic_setpoint
-from .errors import ConfigError
-from .mask import CSMask
-from .mask_index import MaskEntry, masks, unwrap
-from .methods import MethodSession, MethodSpec, register_method
+from sparsify_fx.budgets.cut_result import CutResult
+from sparsify_fx.budgets.exact_cut import apply_budget, kept_fraction, weight_costs
+from sparsify_fx.budgets.cost_model import ChannelCost, ChannelMacs, budget_cost, channel_macs, is_coupled
+from sparsify_fx.config import config_of
+from sparsify_fx.training.density_controller import DensityController, cubic_setpoint
+from sparsify_fx.errors import ConfigError
+from sparsify_fx.mask import CSMask
+from sparsify_fx.mask_index import MaskEntry, masks, unwrap
+from sparsify_fx.methods import MethodSession, MethodSpec, register_method
 
 
 def mask_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -142,7 +143,7 @@ class CSScheduler(MethodSession):
         if self.costs is not None and not self.per_layer and is_coupled(self.entries):
             self.channel_macs = channel_macs(self.model, self.costs)
         #: with target_latency (or an explicit cost=): the ChannelCost the controller
-        #: and the final cut both read (sparsify_fx.cost_model)
+        #: and the final cut both read (sparsify_fx.budgets.cost_model)
         self.cost_model: ChannelCost | None = None
         if target_latency is None and not self.has_target and cfg is not None:
             target_latency = cfg.target_latency

@@ -1,0 +1,12 @@
+"""Latency: what onnxruntime says a model, or one op at a kept width, costs.
+
+Holds :mod:`.table` (per-op timings at kept widths, interpolation, the cache;
+``ort_session``, the one way to open a timing session), :mod:`.probe` (which
+ops of a graph the table times; interleaved timing of whole models) and
+:mod:`.verify` (a latency cut checked by measuring the shrunk model, corrected
+and re-cut).
+
+May import: the core modules, ``sparsify_fx.passes``, ``sparsify_fx.export``
+(to write the ONNX it times) and ``budgets`` (``verify`` re-cuts); never
+``training`` or ``cli``.
+"""
