@@ -21,14 +21,18 @@ metadata holds the example inputs' sizes (as after ``ShapeProp``).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, fx, nn
 
 from sparsify_fx.mask import MaskSet
+from sparsify_fx.passes.rng_guard import refuse_random_draws
 
 Dim = torch.export.Dim
 _UNBOUNDED = ("int_oo", "oo")
@@ -176,6 +180,27 @@ def contiguous_as_clone(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+#: loggers that torch.export writes whole graphs to when a capture fails
+EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch.export",
+                  "torch._export", "torch._functorch", "torch._subclasses")
+
+
+@contextlib.contextmanager
+def quiet_export() -> Iterator[None]:
+    """Keep torch.export's failure chatter (graphs printed on a data-dependent guard)
+    off stdout and stderr; its exception still says what failed."""
+    loggers = [logging.getLogger(name) for name in EXPORT_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def export_both_modes(module: nn.Module, inputs: Sequence[Any],
                       dynamic_shapes: Any = None) -> ExportedGraphs:
     """Capture ``module`` with ``torch.export.export(strict=False)`` in train and eval mode.
@@ -195,7 +220,8 @@ def export_both_modes(module: nn.Module, inputs: Sequence[Any],
     modes = {}
     for training in (False, True):  # eval first: its failure is the informative one
         try:
-            modes[training] = _export(module, inputs, spec, training)
+            with quiet_export(), refuse_random_draws("torch.export"):
+                modes[training] = _export(module, inputs, spec, training)
         except Exception as exc:
             exc.capture_mode = "train" if training else "eval"  # read by the caller's message
             raise

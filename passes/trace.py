@@ -18,12 +18,17 @@ from typing import Any, Iterable, Sequence
 from torch import fx, nn
 
 from sparsify_fx.errors import TraceError
+from sparsify_fx.passes.rng_guard import refuse_random_draws
 
 #: Module types whose forward is traced through so the weight is a get_attr node.
 TRACED_THROUGH: tuple[type[nn.Module], ...] = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
     nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
 )
+
+
+#: torch.nn containers a partial trace looks into (fx counts them as leaves)
+CONTAINERS: tuple[type[nn.Module], ...] = (nn.ModuleList, nn.ModuleDict)
 
 
 class SparsifyTracer(fx.Tracer):
@@ -56,7 +61,8 @@ def trace(module: nn.Module, leaf_modules: Sequence[type[nn.Module] | str] = (),
     The returned GraphModule shares parameters with ``module`` (no copy).
     """
     tracer = SparsifyTracer(leaf_modules)
-    graph = tracer.trace(module, concrete_args=concrete_args)
+    with refuse_random_draws("torch.fx"):
+        graph = tracer.trace(module, concrete_args=concrete_args)
     name = type(module).__name__
     return fx.GraphModule(tracer.root, graph, name)
 
@@ -126,17 +132,20 @@ def trace_partially(module: nn.Module, prunable: tuple[type[nn.Module], ...],
     modules and leaf modules (e.g. nn.MultiheadAttention) under an untraceable
     parent are left for parametrization.
     """
-    try:
-        gm = trace(module, leaf_modules, concrete_args if not path else None)
-        return PartialTrace(gm, {path: gm}, [])
-    except Exception as exc:  # noqa: BLE001 - any trace failure triggers the fallback
-        failures = [describe_failure(path, exc)]
+    failures: list[TraceFailure] = []
+    if not isinstance(module, CONTAINERS):  # no forward of their own: only children trace
+        try:
+            gm = trace(module, leaf_modules, concrete_args if not path else None)
+            return PartialTrace(gm, {path: gm}, [])
+        except Exception as exc:  # noqa: BLE001 - any trace failure triggers the fallback
+            failures = [describe_failure(path, exc)]
     traced: dict[str, fx.GraphModule] = {}
     leaf_check = SparsifyTracer(leaf_modules)
     for name, child in list(module.named_children()):
         child_path = f"{path}.{name}" if path else name
         if (isinstance(child, TRACED_THROUGH) or not _holds(child, prunable)
-                or leaf_check.is_leaf_module(child, child_path)):
+                or (leaf_check.is_leaf_module(child, child_path)
+                    and not (isinstance(child, CONTAINERS) and child_path not in leaf_check.leaf_names))):
             continue  # bare prunable modules and leaves are parametrized instead
         sub = trace_partially(child, prunable, leaf_modules, None, child_path)
         if sub.root is not child:

@@ -82,10 +82,11 @@ def masks(model: nn.Module) -> list[MaskEntry]:
             entries.extend(e for e in _graph_entries(module)
                            if id(e.mask) not in seen and not seen.add(id(e.mask)))
         plists = getattr(module, "parametrizations", None)
-        if plists is None:
+        if not isinstance(plists, nn.Module):
             continue
-        for attr, plist in plists.items():
-            for p in plist:
+        # a traced copy keeps `parametrizations` as a plain Module holding the lists
+        for attr, plist in plists.named_children():
+            for p in plist.children() if isinstance(plist, nn.Module) else ():
                 if isinstance(p, Mask):
                     entries.append(MaskEntry(p.weight_name, p, module, attr, "parametrize"))
     return entries
