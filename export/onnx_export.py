@@ -10,6 +10,11 @@ reference. Everything is written into a temporary directory next to ``path``
 and renamed into place only once verification passed, so a failure never
 leaves a half-written or unverified file at ``path``.
 
+With ``quantize="int8"|"dynamic"`` the verified fp32 file is quantized to int8
+(:mod:`sparsify_fx.export.quantize`) and the int8 file, verified against PyTorch
+within :class:`~sparsify_fx.export.int8_verify.Int8Tolerance`, is what lands at
+``path`` (the fp32 file too, at ``fp32_path``, when asked).
+
 The user's model is not mutated (its train/eval flags and mask modes are
 restored; folding works on a copy).
 """
@@ -22,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -35,6 +40,10 @@ from sparsify_fx.mask_index import hard_masks, masks, unwrap
 
 from sparsify_fx.export.fold import fold
 from sparsify_fx.export.sparse_initializers import InitializerStorage, sparsify_initializers
+
+if TYPE_CHECKING:
+    from sparsify_fx.export.int8_verify import Int8Tolerance
+    from sparsify_fx.export.quantize import QuantizedExport
 
 #: protobuf cannot serialise a message of 2 GiB or more; keep a margin.
 PROTO_LIMIT = 2**31 - 64 * 2**20
@@ -52,6 +61,9 @@ class OnnxExport:
     sparsity. ``max_abs_diff``: largest |onnxruntime - PyTorch| over all outputs
     (``None`` when ``verify=False``); ``tolerance``: the bound it was held to.
     ``latency_ms``: median onnxruntime CPU latency on the example inputs.
+    With ``quantize=``, every field describes the int8 file at ``path`` and
+    ``quantized`` (:class:`~sparsify_fx.export.quantize.QuantizedExport`) holds the
+    int8 measurements beside the fp32 ones; otherwise ``quantized`` is ``None``.
     """
 
     path: Path
@@ -63,6 +75,7 @@ class OnnxExport:
     latency_ms: float | None
     external_data: Path | None = None
     exporter: str = "dynamo"
+    quantized: QuantizedExport | None = None
     _session: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -89,9 +102,10 @@ class OnnxExport:
         diff = "not verified" if self.max_abs_diff is None else (
             f"max abs diff {self.max_abs_diff:.3g} (tolerance {self.tolerance:.3g})")
         latency = "" if self.latency_ms is None else f", onnxruntime {self.latency_ms:.2f} ms"
+        int8 = "" if self.quantized is None else f"\n  {self.quantized.summary()}"
         return (f"{self.path}: {self.bytes:,} bytes ({self.ratio:.3f} of dense "
                 f"{self.dense_bytes:,}); {sparse}/{len(self.initializers)} initializers "
-                f"sparse; {diff}{latency}")
+                f"sparse; {diff}{latency}{int8}")
 
 
 def make_session(path: str | os.PathLike, threads: int | None = None) -> Any:
@@ -292,7 +306,11 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
                 reference_outputs: Any = None, rtol: float = 1e-4, atol: float = 1e-5,
                 dynamic_batch: bool = True, external_data: bool | None = None,
                 opset: int | None = None, dynamo: bool = True,
-                latency_runs: int = 5) -> OnnxExport:
+                latency_runs: int = 5, quantize: str | None = None,
+                calibration: Iterable[Any] | None = None,
+                int8_tolerance: Int8Tolerance | None = None,
+                metric: Callable[[Callable[..., np.ndarray]], float] | None = None,
+                fp32_path: str | os.PathLike | None = None) -> OnnxExport:
     """Export ``model`` to a verified ONNX file at ``path`` with pruned weights sparse.
 
     ``model``: a transformed (masked) or folded model, or any plain module;
@@ -310,6 +328,17 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
     writes one self-contained file unless it would pass 2 GB; ``True`` always
     writes ``<path>.data``. ``dynamo=False`` uses the deprecated TorchScript
     exporter. Raises :class:`ExportError`; nothing is left at ``path`` then.
+
+    ``quantize="int8"``: static int8 (QDQ, per-channel int8 weights, activations
+    calibrated on ``calibration=``, required: an iterable of example-input tuples
+    or tensors; a DataLoader's trailing labels are dropped). ``quantize="dynamic"``:
+    int8 MatMul/Gemm weights, no calibration needed (Linear-heavy models). The int8
+    file is verified on every calibration item (without calibration, or with
+    ``reference_outputs``, also on the example inputs) against ``int8_tolerance``
+    (default ``Int8Tolerance()``), and, with ``metric``
+    (``metric(predict) -> float``, higher is better, ``predict(*inputs)`` returns
+    the first output as numpy), by the metric's drop. ``fp32_path``: also write
+    the verified fp32 file there. See docs/export.md, "int8 quantization".
     """
     model = unwrap(model)
     inputs = _as_tuple(example_inputs)
@@ -317,6 +346,16 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
         raise ConfigError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
     target = _check_destination(path)
     batched = _batched(inputs, dynamic_batch)
+    q_request = None
+    if quantize is not None or any(v is not None for v in (calibration, int8_tolerance,
+                                                           metric, fp32_path)):
+        from sparsify_fx.export.quantize import quantize_request
+        fp32_target = None if fp32_path is None else _check_destination(fp32_path)
+        if fp32_target == target:
+            raise ConfigError(f"fp32_path= and path are both {target}; pass another fp32_path")
+        q_request = quantize_request(quantize, calibration, inputs, batched=batched,
+                                     tolerance=int8_tolerance, metric=metric,
+                                     fp32_path=fp32_target)
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -338,6 +377,11 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
                     f"{type(model).__name__}: {type(exc).__name__}: {exc}".rstrip()[:2000]
                     + ("; try dynamo=False" if dynamo else "")) from exc
             dense_bytes = _dense_size(proto)
+            if q_request is not None:  # the quantizer reads dense initializers
+                dense_file = work / "dense_fp32.onnx"
+                _save(proto, dense_file, True if big else None)
+                if big:  # saving with external data emptied proto's tensors
+                    proto = onnx.load(str(dense_file), load_external_data=True)
             storage = (sparsify_initializers(proto, float(min_sparsity),
                                              only_if_smaller=only_if_smaller) if sparse
                        else sparsify_initializers(proto, 2.0))
@@ -359,11 +403,30 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
                 diff, bound = _verify(session, inputs, reference, rtol, atol, batched)
                 latency = _latency(session, inputs, latency_runs)
             written = staged.stat().st_size + (data.stat().st_size if data else 0)
-            final_data = None
-            if data is not None:
-                final_data = target.with_name(data.name)
-                os.replace(data, final_data)
-            os.replace(staged, target)
+            quantized = None
+            if q_request is not None:
+                from sparsify_fx.export.quantize import quantized_result, stage_int8
+                q = stage_int8(q_request, dense_file, work, "int8_" + target.name,
+                               model=plain, example_inputs=inputs,
+                               example_reference=reference,
+                               reference_given=reference_outputs is not None, verify=verify,
+                               sparse=sparse, min_sparsity=min_sparsity,
+                               only_if_smaller=only_if_smaller, external_data=external_data,
+                               save=_save, open_session=make_session)
+                q_latency = None if q.session is None else _latency(q.session, inputs,
+                                                                    latency_runs)
+                q_written = q.file.stat().st_size + (q.data.stat().st_size if q.data else 0)
+                if q_request.fp32_path is not None:
+                    _place(staged, data, q_request.fp32_path)
+                quantized = quantized_result(
+                    q_request, q, q_written, fp32_bytes=written, fp32_dense_bytes=dense_bytes,
+                    fp32_diff=diff, fp32_latency=latency, latency=q_latency,
+                    fp32_path=q_request.fp32_path)
+                staged, data, storage, dense_bytes = q.file, q.data, q.storage, q.dense_bytes
+                written, session, latency = q_written, q.session, q_latency
+                if q.check is not None:
+                    diff, bound = q.check.max_abs_diff, q.check.bound
+            final_data = _place(staged, data, target)
         except OSError as exc:
             raise ExportError(f"writing {target} failed: {exc}") from exc
         finally:
@@ -372,7 +435,26 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
         for module, mode in flags:
             module.training = mode
     return OnnxExport(target, written, dense_bytes, storage, diff, bound, latency,
-                      final_data, "dynamo" if dynamo else "torchscript", session)
+                      final_data, "dynamo" if dynamo else "torchscript", quantized,
+                      _session=session)
+
+
+def _place(staged: Path, data: Path | None, target: Path) -> Path | None:
+    """Move a staged file (and its ``.data``, renaming the file's references to it) to
+    ``target``; returns the final ``.data`` path."""
+    final_data = None
+    if data is not None:
+        final_data = target.with_name(target.name + ".data")
+        if final_data.name != data.name:
+            head = onnx.load(str(staged), load_external_data=False)
+            for tensor in head.graph.initializer:
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        entry.value = final_data.name
+            onnx.save_model(head, str(staged))
+        os.replace(data, final_data)
+    os.replace(staged, target)
+    return final_data
 
 
 def _dense_size(proto: onnx.ModelProto) -> int:

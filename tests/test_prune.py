@@ -227,3 +227,21 @@ def test_other_methods_and_channel_shrink(tmp_path: pathlib.Path, extra: list[st
         assert summary["params"]["after"] < summary["params"]["before"]  # a smaller model
     else:
         assert summary["sparsity"]["masked"] == pytest.approx(0.7, abs=1e-3)
+
+
+def test_quantize_int8_writes_a_verified_int8_file_beside_fp32(tmp_path: pathlib.Path) -> None:
+    import onnx
+
+    from sparsify_fx.export.quantize import count_int8_weights
+
+    out = tmp_path / "q"
+    assert _prune_from_root(_args(out, "--quantize", "int8", "--target-sparsity", "0.5")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    q = summary["int8"]
+    assert q["mode"] == "int8" and q["calibration_batches"] > 0
+    assert (out / "model_int8.onnx").stat().st_size == q["bytes"] < q["fp32_bytes"]
+    n_int8, _ = count_int8_weights(onnx.load(str(out / "model_int8.onnx")))
+    assert n_int8 >= 3  # conv and both linear weights
+    assert abs(q["accuracy_onnx"] - summary["accuracy"]["onnx"]) <= 2.0
+    assert summary["accuracy"]["onnx"] > 50.0  # a trained model, not a constant output
+    assert "model_int8.onnx (pruned int8)" in (out / "report.md").read_text()

@@ -20,6 +20,8 @@ from sparsify_fx.errors import InputError
 from sparsify_fx.prune.recipe import identity, normalise, read_toml, to_toml
 
 OUTPUTS = ("model.pt", "report.md", "report.json", "sparsity.png", "model.onnx", "summary.json")
+#: written only when the recipe asks for it (``quantize``)
+INT8_FILE = "model_int8.onnx"
 RECIPE, CHECKPOINTS, STAGING = "recipe.toml", "checkpoints", ".staging"
 
 
@@ -40,7 +42,7 @@ class OutDir:
         return self.file("summary.json").is_file()
 
     def _ours(self) -> set[str]:
-        return {RECIPE, CHECKPOINTS, STAGING, *OUTPUTS}
+        return {RECIPE, CHECKPOINTS, STAGING, INT8_FILE, *OUTPUTS}
 
     def prepare(self, recipe: dict[str, Any], overwrite: bool, writer: bool) -> bool:
         """Check OUTDIR against ``recipe``; returns True when resuming an existing run.

@@ -41,6 +41,9 @@ KEYS: tuple[Key, ...] = (
     Key("target_macs", float, None, "fraction of the masked layers' dense MACs to keep, in (0, 1]"),
     Key("target_latency", float, None, "fraction of the dense onnxruntime latency to keep, in "
         "(0, 1] (cs with granularity channel)"),
+    Key("quantize", str, None, "also write model_int8.onnx, verified: int8 (static QDQ, "
+        "activations calibrated on 8 training batches) or dynamic (weights only)",
+        ("int8", "dynamic")),
     Key("epochs", int, 10, "training epochs (masks learned or scheduled)"),
     Key("finetune_epochs", int, 5, "epochs with the mask fixed after the exact cut"),
     Key("lr", float, 0.05, "learning rate of the weights (SGD, momentum 0.9)"),
