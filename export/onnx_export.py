@@ -269,16 +269,20 @@ def _compare(outputs: list[np.ndarray], expected: list[np.ndarray], rtol: float,
 
 
 def _verify(session: Any, inputs: tuple[Any, ...], reference: list[Tensor],
-            rtol: float, atol: float, batched: bool) -> tuple[float, float]:
-    """Compare onnxruntime with ``reference``; then at twice the batch if it is dynamic."""
+            rtol: float, atol: float, batched: bool,
+            doubled_reference: list[Tensor] | None = None) -> tuple[float, float]:
+    """Compare onnxruntime with ``reference``; then at twice the batch if it is dynamic,
+    against ``doubled_reference`` (PyTorch on the doubled inputs: right for outputs whose
+    dims follow several inputs' batches) or, without it, the reference tiled along dim 0."""
     arrays = [t.numpy() for t in tree_leaves(inputs)]
     expected = [t.numpy() for t in reference]
     diff, bound = _compare(_run(session, arrays), expected, rtol, atol, "the example inputs")
     if batched:
         batch = inputs[0].shape[0]
         doubled = [np.concatenate([a, a]) for a in arrays]
-        tiled = [np.concatenate([e, e]) if e.ndim and e.shape[0] == batch else e
-                 for e in expected]
+        tiled = ([t.numpy() for t in doubled_reference] if doubled_reference is not None
+                 else [np.concatenate([e, e]) if e.ndim and e.shape[0] == batch else e
+                       for e in expected])
         diff2, _ = _compare(_run(session, doubled), tiled, rtol, atol,
                             f"batch {2 * batch} (dynamic batch check; pass "
                             "dynamic_batch=False if the model fixes its batch size)")
@@ -361,6 +365,8 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
     try:
         reference = (_reference(model, inputs) if reference_outputs is None
                      else _leaves(reference_outputs))
+        doubled_reference = (_reference(model, tuple(torch.cat([t, t]) for t in inputs))
+                             if batched and reference_outputs is None else None)
         plain = fold(model) if masks(model) else model
         big = external_data is True or _param_bytes(plain) > PROTO_LIMIT
         try:
@@ -400,7 +406,8 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
                 except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types
                     raise ExportError(f"onnxruntime could not load the exported model: "
                                       f"{exc}") from exc
-                diff, bound = _verify(session, inputs, reference, rtol, atol, batched)
+                diff, bound = _verify(session, inputs, reference, rtol, atol, batched,
+                                      doubled_reference)
                 latency = _latency(session, inputs, latency_runs)
             written = staged.stat().st_size + (data.stat().st_size if data else 0)
             quantized = None

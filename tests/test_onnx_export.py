@@ -371,3 +371,31 @@ def test_parametrized_masks_export_and_model_survives(tmp_path):
     with torch.no_grad(), sparsify_fx.hard_masks(gm):  # the input model still works
         torch.testing.assert_close(gm(x), before)
     assert any(e.route == "parametrize" for e in sparsify_fx.masks(gm))  # masks still there
+
+
+class _Similarity(nn.Module):
+    """Output (N, M): a similarity matrix between two batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fa, self.fb = nn.Linear(6, 8), nn.Linear(5, 8)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.fa(a) @ self.fb(b).T
+
+
+def test_output_following_two_inputs_batches_verifies_at_a_new_batch(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _Similarity().eval()
+    a, b = torch.randn(3, 6), torch.randn(3, 5)
+    assert model(a, b).std() > 0.1
+    result = sparsify_fx.export_onnx(model, (a, b), tmp_path / "sim.onnx")
+    assert result.max_abs_diff < 1e-4
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "sim.onnx"))
+    a5, b5 = torch.randn(5, 6), torch.randn(5, 5)
+    names = [i.name for i in session.get_inputs()]
+    got = session.run(None, {names[0]: a5.numpy(), names[1]: b5.numpy()})[0]
+    assert got.shape == (5, 5)
+    assert np.abs(got - model(a5, b5).detach().numpy()).max() < 1e-4
