@@ -39,6 +39,7 @@ from sparsify_fx.errors import ConfigError, ExportError, InputError
 from sparsify_fx.mask_index import hard_masks, masks, unwrap
 
 from sparsify_fx.export.fold import fold
+from sparsify_fx.export.onnx_check import checked_session
 from sparsify_fx.export.sparse_initializers import InitializerStorage, sparsify_initializers
 
 if TYPE_CHECKING:
@@ -397,15 +398,7 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
             diff = bound = latency = None
             session = None
             if verify:
-                try:
-                    onnx.checker.check_model(str(staged))
-                except onnx.checker.ValidationError as exc:
-                    raise ExportError(f"onnx.checker rejected the exported model: {exc}") from exc
-                try:
-                    session = make_session(staged)
-                except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types
-                    raise ExportError(f"onnxruntime could not load the exported model: "
-                                      f"{exc}") from exc
+                session = checked_session(staged, "the exported model", make_session)
                 diff, bound = _verify(session, inputs, reference, rtol, atol, batched,
                                       doubled_reference)
                 latency = _latency(session, inputs, latency_runs)

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_unflatten
 
 from sparsify_fx.errors import ExportError, InputError
+from sparsify_fx.export.onnx_check import checked_session
 from sparsify_fx.export.int8_verify import (ARGMAX_MIN_ROWS, Int8Check, Int8Tolerance, Metric,
                                             Predict, verify_int8)
 from sparsify_fx.export.quantize_request import MODES, QuantizeRequest, quantize_request
@@ -259,14 +260,7 @@ def stage_int8(request: QuantizeRequest, dense_fp32: Path, work: Path, name: str
     if not verify:
         return StagedInt8(staged, data, storage, dense_bytes, weights, sparse_weights, None,
                           None, how)
-    try:
-        onnx.checker.check_model(str(staged))
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"onnx.checker rejected the int8 model: {exc}") from exc
-    try:
-        session = open_session(staged)
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types
-        raise ExportError(f"onnxruntime could not load the int8 model: {exc}") from exc
+    session = checked_session(staged, "the int8 model", open_session)
     leaves, spec = tree_flatten(example_inputs)
     predict_fp32 = _torch_predict(model, spec)
     # real data: the calibration items; the example inputs (often random) only without
