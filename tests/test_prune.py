@@ -244,4 +244,7 @@ def test_quantize_int8_writes_a_verified_int8_file_beside_fp32(tmp_path: pathlib
     assert n_int8 >= 3  # conv and both linear weights
     assert abs(q["accuracy_onnx"] - summary["accuracy"]["onnx"]) <= 2.0
     assert summary["accuracy"]["onnx"] > 50.0  # a trained model, not a constant output
-    assert "model_int8.onnx (pruned int8)" in (out / "report.md").read_text()
+    table = (out / "report.md").read_text()
+    assert "model_int8.onnx (pruned int8)" in table and "input model, dense fp32" in table
+    assert q["bytes"] < summary["dense_onnx"]["bytes"]
+    assert not (out / "dense_reference").exists()
