@@ -25,6 +25,7 @@ from sparsify_fx.baselines.l0 import L0Callback, L0Session
 from sparsify_fx.baselines.magnitude import magnitude_prune
 from sparsify_fx.baselines.random_mask import random_prune
 from sparsify_fx.baselines.ste import STECallback, STESession
+from sparsify_fx.baselines import sparsegpt, wanda  # noqa: F401  (register the methods)
 
 
 def callbacks_for(model: nn.Module, **options: Any) -> list[Any]:

@@ -1,0 +1,313 @@
+"""``sparsify_fx.calibrate(gm, batches)``: the one-shot cut of a calibration-based method.
+
+``gm = transform(model, method="wanda" | "sparsegpt", target_sparsity=0.5)`` (or
+``granularity="2:4"``) leaves every mask all-ones; ``calibrate(gm, batches)`` runs the
+captured model (eval mode, no grad) on the batches, collects what the method needs from
+each masked weight's *input* (:mod:`sparsify_fx.baselines.layer_inputs`) and freezes the
+masks to the exact target (``sparsity(gm)`` is then ``round(target * n) / n`` over the
+masked weights, or the N:M pattern's ``1 - n/m``); methods that reconstruct (SparseGPT)
+also write their updated weights into the model. **Mutates** ``gm``: its masks, and its
+weights for SparseGPT; the user's source model is untouched.
+
+Layers are processed in execution order (``sequential=True``, the published methods'
+setting): the weights that read one input tensor (q/k/v, gate/up) form a group; each
+group's statistic is collected with every earlier group already pruned, so later layers
+calibrate on the pruned model's activations. Memory: one group's statistic (SparseGPT:
+one ``in x in`` Hessian) at a time; each group runs the batches up to that layer.
+
+Methods plug in with :func:`register_pruner` (see ``wanda.py``, ``sparsegpt.py``).
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Protocol, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from sparsify_fx.baselines.layer_inputs import (Group, StopForward, check_kinds,
+                                                 discover_groups, rows_of, watch_inputs)
+from sparsify_fx.config import config_of
+from sparsify_fx.errors import ConfigError, InputError, SparsifyError
+from sparsify_fx.granularity import Granularity, parse_granularity
+from sparsify_fx.mask_index import MaskEntry, masks, sparsity, unwrap
+from sparsify_fx.methods import available_methods, get_method
+
+Batch = tuple[Tensor, ...] | dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class LayerTarget:
+    """What one weight is cut to: ``prune`` weights (element granularity) or ``pattern``."""
+
+    prune: int = 0
+    pattern: Granularity | None = None
+
+
+class Pruner(Protocol):
+    """A calibration-based method: which statistic of the layer input it needs, and the cut.
+
+    ``statistic``: ``"norms"`` (per input feature, ``sum_t x_tj^2``, shape ``(in,)``) or
+    ``"hessian"`` (``sum_t x_t x_t^T``, shape ``(in, in)``), float64, with ``tokens`` rows.
+    ``prune(weight, stat, tokens, target, options)`` gets the weight as float64
+    ``(out, in)`` (a copy) and returns ``(new weight or None, keep)`` (bool ``(out, in)``).
+    """
+
+    statistic: str
+
+    def prune(self, weight: Tensor, stat: Tensor, tokens: int, target: LayerTarget,
+              options: Mapping[str, Any]) -> tuple[Tensor | None, Tensor]: ...
+
+
+_PRUNERS: dict[str, Pruner] = {}
+
+
+def register_pruner(method: str, pruner: Pruner) -> None:
+    """Make ``calibrate`` cut ``method``'s models with ``pruner`` (replaces an earlier one)."""
+    if pruner.statistic not in ("norms", "hessian"):
+        raise ConfigError(f"pruner statistic must be 'norms' or 'hessian', got "
+                          f"{pruner.statistic!r}")
+    _PRUNERS[method] = pruner
+
+
+def calibrated_methods() -> list[str]:
+    available_methods()  # imports the built-in methods, which register their pruners
+    return sorted(_PRUNERS)
+
+
+@dataclass
+class CalibrationResult:
+    """What ``calibrate`` did: sparsity counted from the masks, per layer too, the groups
+    in the order processed, the calibration tokens per layer and the wall time."""
+
+    method: str
+    sparsity: float
+    layers: dict[str, float]
+    groups: list[list[str]] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def split_counts(total: int, sizes: Sequence[int]) -> list[int]:
+    """``total`` split over parts of ``sizes`` in proportion (largest remainder, ties to the
+    first part); the parts sum to ``total`` exactly and none exceeds its size."""
+    whole = sum(sizes)
+    if whole == 0:
+        return [0] * len(sizes)
+    base = [total * s // whole for s in sizes]
+    rest = total - sum(base)
+    order = sorted(range(len(sizes)), key=lambda i: (-(total * sizes[i] % whole), i))
+    for i in order[:rest]:
+        base[i] += 1
+    return base
+
+
+def layer_targets(entries: Sequence[MaskEntry], cfg: Any) -> dict[str, LayerTarget]:
+    """Per masked weight, its cut: the N:M pattern, or a count of weights to zero so that
+    a global ``target_sparsity`` is met to one weight over all masked weights (each layer
+    at that fraction) and a ``{name: fraction}`` target per layer (others stay dense)."""
+    gran = parse_granularity(cfg.granularity)
+    if gran.is_pattern:
+        return {e.name: LayerTarget(pattern=gran) for e in entries}
+    target = cfg.target_sparsity
+    if target is None:
+        raise ConfigError(f"method {cfg.method!r} needs a target: transform(model, "
+                          f"method={cfg.method!r}, target_sparsity=0.5) or granularity='2:4'")
+    sizes = [e.mask.numel() for e in entries]
+    if isinstance(target, Mapping):
+        counts = [round(float(target.get(e.name, 0.0)) * n) for e, n in zip(entries, sizes)]
+    else:
+        counts = split_counts(round(float(target) * sum(sizes)), sizes)
+    return {e.name: LayerTarget(prune=c) for e, c in zip(entries, counts)}
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, Mapping):
+        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, Tensor):
+        return f"{str(batch.dtype).replace('torch.', '')}{list(batch.shape)}"
+    if isinstance(batch, (tuple, list)):
+        return "(" + ", ".join(_describe(b) for b in batch) + ")"
+    return type(batch).__name__
+
+
+def normalize_batches(model: nn.Module, cfg: Any, batches: Any) -> list[Batch]:
+    """The calibration batches as a list of tuples of tensors (or dicts of keyword tensors);
+    InputError for an empty or non-iterable ``batches`` or a batch that does not match the
+    capture (count, rank and dtype of ``transform``'s example inputs; keyword names)."""
+    if isinstance(batches, (Tensor, Mapping)) or not isinstance(batches, Iterable):
+        raise InputError(
+            f"calibrate expects an iterable of batches (each a tuple of input tensors, or a "
+            f"dict of keyword tensors), got {type(batches).__name__}; wrap a single batch "
+            "in a list: calibrate(gm, [(input_ids,)])")
+    items = list(batches)
+    if not items:
+        raise InputError("calibrate got an empty iterable of batches: it needs inputs to "
+                         "measure the layers on, e.g. 128 training sequences as "
+                         "[(ids[i:i + 8],) for i in range(0, 128, 8)]")
+    example = cfg.example_inputs
+    sig = inspect.signature(model.forward)
+    free = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    out: list[Batch] = []
+    for i, b in enumerate(items):
+        b = (b,) if isinstance(b, Tensor) else b
+        if isinstance(b, Mapping):
+            bad = [k for k, v in b.items() if not isinstance(v, Tensor)
+                   or (not free and k not in sig.parameters)]
+            if bad:
+                raise InputError(
+                    f"calibration batch {i} {_describe(b)}: keyword {bad[0]!r} is not a tensor "
+                    f"input of the captured model; it takes {', '.join(sig.parameters)}")
+            bound = sig.bind_partial(**b)
+            if bound.kwargs:  # keywords a positional call cannot express: pass them as such
+                out.append(dict(b))
+                continue
+            b = bound.args  # exported graphs take their inputs in the captured (positional) form
+        if not isinstance(b, (tuple, list)) or not all(isinstance(t, Tensor) for t in b):
+            raise InputError(f"calibration batch {i} is {_describe(b)}; each batch must be a "
+                             "tuple of tensors (as transform's example_inputs) or a dict of "
+                             "keyword tensors")
+        b = tuple(b)
+        if example is not None:
+            want = _describe(tuple(example))
+            if len(b) != len(example) or any(
+                    t.dim() != e.dim() or t.dtype != e.dtype for t, e in zip(b, example)):
+                raise InputError(
+                    f"calibration batch {i} {_describe(b)} does not match the capture: "
+                    f"transform was given example_inputs {want} (same count, rank and dtype "
+                    "needed; batch and dynamic dims may differ)")
+        out.append(b)
+    return out
+
+
+def _run(model: nn.Module, batch: Batch, index: int) -> None:
+    try:
+        if isinstance(batch, dict):
+            model(**batch)
+        else:
+            model(*batch)
+    except (StopForward, SparsifyError):
+        raise
+    except Exception as err:  # the captured graph refused these inputs
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise InputError(
+            f"calibration batch {index} {_describe(batch)} does not run through the captured "
+            f"model ({type(err).__name__}: {first}); pass batches shaped like transform's "
+            "example_inputs (static dims as captured, e.g. the same sequence length)") from err
+
+
+class _Stats:
+    """Running sums of one group's input statistic (float64)."""
+
+    def __init__(self, group: Group, statistic: str) -> None:
+        self.group, self.statistic = group, statistic
+        w = group.width
+        self.sum = torch.zeros((w, w) if statistic == "hessian" else (w,), dtype=torch.float64)
+        self.tokens = 0
+
+    def add(self, name: str, x: Tensor) -> None:
+        if name != self.group.names[0]:
+            return  # the group's weights read the same tensor: count it once
+        rows = rows_of(x, self.group.width, name)
+        if self.statistic == "hessian":
+            self.sum.addmm_(rows.t(), rows)
+        else:
+            self.sum.add_(rows.pow(2).sum(0))
+        self.tokens += rows.shape[0]
+
+
+def _collect(model: nn.Module, entries: Sequence[MaskEntry], groups: Sequence[Group],
+             batches: Sequence[Batch], statistic: str) -> list[_Stats]:
+    stats = [_Stats(g, statistic) for g in groups]
+    by_name = {n: s for s in stats for n in s.group.names}
+    watched = [e for e in entries if e.name in by_name]
+    needed = sum(s.group.uses for s in stats)
+    for i, batch in enumerate(batches):
+        seen = [0]
+
+        def on_input(name: str, x: Tensor) -> None:
+            stat = by_name.get(name)
+            if stat is None:
+                return
+            stat.add(name, x)
+            if name == stat.group.names[0]:
+                seen[0] += 1
+                if seen[0] >= needed:
+                    raise StopForward
+
+        with watch_inputs(watched, on_input):
+            try:
+                _run(model, batch, i)
+            except StopForward:
+                pass
+    return stats
+
+
+@torch.no_grad()
+def _cut(entry: MaskEntry, stat: _Stats, target: LayerTarget, pruner: Pruner,
+         options: Mapping[str, Any]) -> None:
+    weight = entry.weight
+    matmul = entry.kind == "matmul"
+    canon = (weight.t() if matmul else weight).detach().to(torch.float64).contiguous()
+    new, keep = pruner.prune(canon, stat.sum, stat.tokens, target, options)
+    if new is not None:
+        new = torch.where(keep, new, torch.zeros_like(new))
+        weight.copy_((new.t() if matmul else new).to(weight.dtype))
+    entry.mask.freeze(keep.t() if matmul else keep)
+    entry.mask.at_target.fill_(True)
+
+
+def calibrate(model: nn.Module, batches: Iterable[Any]) -> CalibrationResult:
+    """Cut the masks of a ``method="wanda" | "sparsegpt"`` model on calibration ``batches``.
+
+    ``batches``: an iterable of example-input tuples (or single tensors, or dicts of keyword
+    tensors) matching ``transform``'s capture. Mutates ``model`` (masks frozen at the exact
+    target, ``at_target`` set; SparseGPT also updates the kept weights); runs it in eval
+    mode and restores its mode. Raises ConfigError for a method that needs no calibration
+    or a weight it cannot calibrate, InputError for empty or mismatched batches.
+    """
+    root = unwrap(model)
+    cfg = config_of(root)
+    if cfg is None:
+        raise InputError("calibrate needs a model returned by sparsify_fx.transform(model, "
+                         "method='wanda' or 'sparsegpt', ...); this one has no sparsify config")
+    get_method(cfg.method)  # registers the built-in methods and their pruners
+    pruner = _PRUNERS.get(cfg.method)
+    if pruner is None:
+        raise ConfigError(
+            f"method {cfg.method!r} needs no calibration (its masks are cut at transform or "
+            f"while training); calibrate applies to {', '.join(calibrated_methods())}: "
+            "transform(model, method='sparsegpt', target_sparsity=0.5, ...) then "
+            "calibrate(gm, batches)")
+    entries = [e for e in masks(root) if not e.mask.auxiliary]
+    check_kinds(entries, cfg.method)
+    targets = layer_targets(entries, cfg)
+    items = normalize_batches(root, cfg, batches)
+    start = time.perf_counter()
+    was_training = root.training
+    root.eval()
+    try:
+        with torch.no_grad():
+            groups = discover_groups(entries, lambda: _run(root, items[0], 0))
+            for i, batch in enumerate(items[1:], 1):  # every batch runs before any cut
+                _run(root, batch, i)
+            by_name = {e.name: e for e in entries}
+            steps = [[g] for g in groups] if cfg.options.get("sequential", True) else [groups]
+            tokens = 0
+            for step in steps:
+                for stat in _collect(root, entries, step, items, pruner.statistic):
+                    tokens = max(tokens, stat.tokens)
+                    for name in stat.group.names:
+                        _cut(by_name[name], stat, targets[name], pruner, cfg.options)
+    finally:
+        root.train(was_training)
+    per_layer = sparsity(root, per_layer=True)
+    assert isinstance(per_layer, dict)
+    return CalibrationResult(cfg.method, float(sparsity(root)), per_layer,
+                             [g.names for g in groups], tokens, time.perf_counter() - start)
+
+
+__all__ = ["calibrate", "CalibrationResult", "LayerTarget", "Pruner", "register_pruner",
+           "calibrated_methods", "split_counts", "layer_targets", "normalize_batches"]
