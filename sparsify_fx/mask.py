@@ -45,26 +45,30 @@ def score_shape_for(weight_shape: Sequence[int], granularity: str) -> tuple[int,
 
 
 class _SoftMaskedWeight(torch.autograd.Function):
-    """``weight * (sigmoid(beta * scores) * scale)`` for element masks, bit for bit as
-    autograd computes the plain expression, with fewer weight-sized temporaries.
+    """``weight * sigmoid(beta * scores) * scale`` for element masks, with the fewest
+    weight-sized temporaries: the sigmoid, the output and the two gradients (autograd's
+    chain of the plain expression makes 9). The rest runs in place.
 
-    Autograd's chain allocates one per op (9 per step); this allocates 5 (the sigmoid,
-    the factor, the output, the two gradients) and does the rest in place, in the same
-    order. float tensors of one shape; no double backward."""
+    Equal to autograd's ``weight * (sigmoid(beta * scores) * scale)`` bit for bit when
+    ``scale`` is a power of two (the default ``s_init=0`` gives 2), else within one
+    rounding of float32. float tensors of one shape; no double backward."""
 
     @staticmethod
     def forward(ctx, weight: Tensor, scores: Tensor, beta: Tensor, scale: float) -> Tensor:
         sig = torch.mul(beta, scores).sigmoid_()
-        factor = torch.mul(sig, scale)
-        ctx.save_for_backward(weight, sig, factor, beta)
+        ctx.save_for_backward(weight, sig, beta)
         ctx.scale = scale
-        return torch.mul(weight, factor)
+        out = torch.mul(weight, sig)
+        return out.mul_(scale) if scale != 1.0 else out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
-        weight, sig, factor, beta = ctx.saved_tensors
-        grad_w = torch.mul(grad, factor) if ctx.needs_input_grad[0] else None
-        grad_s = None
+        weight, sig, beta = ctx.saved_tensors
+        grad_w = grad_s = None
+        if ctx.needs_input_grad[0]:
+            grad_w = torch.mul(grad, sig)
+            if ctx.scale != 1.0:
+                grad_w.mul_(ctx.scale)
         if ctx.needs_input_grad[1]:
             grad_s = torch.mul(grad, weight).mul_(ctx.scale)
             torch.ops.aten.sigmoid_backward.grad_input(grad_s, sig, grad_input=grad_s)
