@@ -39,11 +39,16 @@ def restore_rng_states(states: RngStates) -> None:
 
 @contextlib.contextmanager
 def refuse_random_draws(capture: str) -> Iterator[None]:
-    """Run a capture; TraceError (RNG states restored) if it drew random numbers."""
+    """Run a capture; TraceError if it drew random numbers. The RNG states are put back
+    whenever they moved, also when the capture itself raises."""
     before = rng_states()
-    yield
-    if not same_rng_states(before, rng_states()):
-        restore_rng_states(before)
+    try:
+        yield
+    finally:
+        drew = not same_rng_states(before, rng_states())
+        if drew:
+            restore_rng_states(before)
+    if drew:
         raise TraceError(
             f"random numbers were drawn in Python while {capture} ran the model (stochastic "
             "layer skipping such as LayerDrop: `if self.training and torch.rand(()) < p`): "

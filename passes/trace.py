@@ -49,7 +49,7 @@ class SparsifyTracer(fx.Tracer):
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
-        if isinstance(m, TRACED_THROUGH):
+        if isinstance(m, TRACED_THROUGH + CONTAINERS):  # containers: their children count
             return False
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -144,8 +144,7 @@ def trace_partially(module: nn.Module, prunable: tuple[type[nn.Module], ...],
     for name, child in list(module.named_children()):
         child_path = f"{path}.{name}" if path else name
         if (isinstance(child, TRACED_THROUGH) or not _holds(child, prunable)
-                or (leaf_check.is_leaf_module(child, child_path)
-                    and not (isinstance(child, CONTAINERS) and child_path not in leaf_check.leaf_names))):
+                or leaf_check.is_leaf_module(child, child_path)):
             continue  # bare prunable modules and leaves are parametrized instead
         sub = trace_partially(child, prunable, leaf_modules, None, child_path)
         if sub.root is not child:

@@ -70,10 +70,13 @@ class _SoftMaskedWeight(torch.autograd.Function):
             if ctx.scale != 1.0:
                 grad_w.mul_(ctx.scale)
         if ctx.needs_input_grad[1]:
-            grad_s = torch.mul(grad, weight).mul_(ctx.scale)
+            grad_s = torch.mul(grad, weight)
+            if ctx.scale != 1.0:
+                grad_s.mul_(ctx.scale)
             torch.ops.aten.sigmoid_backward.grad_input(grad_s, sig, grad_input=grad_s)
             grad_s.mul_(beta)
         return grad_w, grad_s, None, None
+
 
 class Mask(nn.Module):
     """Base class: a (possibly learned) mask over one weight tensor.

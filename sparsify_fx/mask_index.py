@@ -86,7 +86,7 @@ def masks(model: nn.Module) -> list[MaskEntry]:
             continue
         # a traced copy keeps `parametrizations` as a plain Module holding the lists
         for attr, plist in plists.named_children():
-            for p in plist.children() if isinstance(plist, nn.Module) else ():
+            for p in plist.children():
                 if isinstance(p, Mask):
                     entries.append(MaskEntry(p.weight_name, p, module, attr, "parametrize"))
     return entries

@@ -12,7 +12,9 @@ import itertools
 import json
 import os
 import shlex
+import tempfile
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,14 +51,18 @@ def _finalize_model(gm: nn.Module, granularity: str) -> nn.Module:
     return fold(gm).eval()
 
 
-def _onnx_accuracy(exported: Any, loader: DataLoader) -> float:
-    """Top-1 accuracy (percent) of the exported file in onnxruntime."""
+def _top1(predict: Any, loader: DataLoader) -> float:
+    """Top-1 accuracy (a fraction) of ``predict(x: ndarray) -> logits`` over ``loader``."""
     correct = total = 0
     for x, y in loader:
-        logits = exported.run(x)
-        correct += int((np.argmax(logits, 1) == y.numpy()).sum())
+        correct += int((np.argmax(predict(x.numpy()), 1) == y.numpy()).sum())
         total += int(y.numel())
-    return 100.0 * correct / max(total, 1)
+    return correct / max(total, 1)
+
+
+def _onnx_accuracy(exported: Any, loader: DataLoader) -> float:
+    """Top-1 accuracy (percent) of the exported file in onnxruntime."""
+    return 100.0 * _top1(exported.run, loader)
 
 
 def write_outputs(ctx: "Context", original: nn.Module, gm: nn.Module, data: "Data",
@@ -132,14 +138,8 @@ def _dense_onnx(original: nn.Module, batch: torch.Tensor, stage: Any) -> Any:
     """The input model exported as fp32 ONNX (verified) into a scratch file that is not
     kept: the reference row of the Artefacts table."""
     from sparsify_fx.export.onnx_export import export_onnx
-    scratch = stage / "dense_reference"
-    scratch.mkdir(exist_ok=True)
-    try:
-        return export_onnx(original, (batch,), scratch / "dense.onnx")
-    finally:
-        for f in scratch.iterdir():
-            f.unlink()
-        scratch.rmdir()
+    with tempfile.TemporaryDirectory(dir=stage) as scratch:
+        return export_onnx(original, (batch,), Path(scratch) / "dense.onnx")
 
 
 def _artefacts(dense: Any, onnx: Any, int8: dict[str, Any] | None) -> str:
@@ -164,20 +164,13 @@ def _quantized(final: nn.Module, batch: torch.Tensor, data: "Data", r: dict[str,
     from sparsify_fx.export.onnx_export import export_onnx
     from sparsify_fx.export.quantize import Int8Tolerance
 
-    def accuracy(predict: Any) -> float:
-        correct = total = 0
-        for x, y in loader:
-            correct += int((np.argmax(predict(x.numpy()), 1) == y.numpy()).sum())
-            total += int(y.numel())
-        return correct / max(total, 1)
-
     calibration = None
     if r["quantize"] == "int8":  # a few training batches: onnxruntime keeps their activations
         train = DataLoader(data.train, batch_size=r["batch_size"], shuffle=False)
         calibration = [x for x, _ in itertools.islice(train, CALIBRATION_BATCHES)]
     try:
         res = export_onnx(final, (batch,), stage / INT8_FILE, quantize=r["quantize"],
-                          calibration=calibration, metric=accuracy,
+                          calibration=calibration, metric=lambda predict: _top1(predict, loader),
                           int8_tolerance=Int8Tolerance(max_metric_drop=INT8_MAX_ACCURACY_DROP))
     except ExportError as exc:
         raise ExportError(f"--quantize {r['quantize']}: {exc}") from exc
