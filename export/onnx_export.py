@@ -3,10 +3,10 @@
 Pipeline: reference outputs from the model (eval mode, binary masks) ->
 ``sparsify_fx.fold`` (masks never reach the graph, so BatchNorm folds into the
 convolutions) -> ``torch.onnx.export`` (torch.export-based by default, dynamic
-batch) -> dense initializers at ``>= min_sparsity`` zeros move to
+batch and sequence dims: :func:`dynamic_spec`) -> dense initializers at ``>= min_sparsity`` zeros move to
 ``graph.sparse_initializer`` (:mod:`sparsify_fx.export.sparse_initializers`) ->
 ``onnx.checker.check_model`` -> an onnxruntime CPU session compared with the
-reference. Everything is written into a temporary directory next to ``path``
+reference at every shape the file takes (:mod:`sparsify_fx.export.onnx_verify`). Everything is written into a temporary directory next to ``path``
 and renamed into place only once verification passed, so a failure never
 leaves a half-written or unverified file at ``path``.
 
@@ -20,6 +20,7 @@ restored; folding works on a copy).
 """
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import statistics
@@ -27,19 +28,24 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_leaves
 
+from sparsify_fx.capture.inputs import ModelInputs
 from sparsify_fx.errors import ConfigError, ExportError, InputError
 from sparsify_fx.mask_index import hard_masks, masks, unwrap
 
 from sparsify_fx.export.fold import fold
 from sparsify_fx.export.onnx_check import checked_session
+from sparsify_fx.export.onnx_dims import (dynamic_dims, export_inputs, export_with_dims,
+                                          onnx_input_names)
+from sparsify_fx.export.onnx_verify import (ShapeCheck, feeds, shape_variants,
+                                            verify as verify_shapes)
 from sparsify_fx.export.sparse_initializers import InitializerStorage, sparsify_initializers
 
 if TYPE_CHECKING:
@@ -49,7 +55,7 @@ if TYPE_CHECKING:
 #: protobuf cannot serialise a message of 2 GiB or more; keep a margin.
 PROTO_LIMIT = 2**31 - 64 * 2**20
 
-InputsLike = Tensor | np.ndarray | Sequence[Tensor | np.ndarray]
+InputsLike = Tensor | np.ndarray | Sequence[Tensor | np.ndarray] | Mapping[str, Any]
 
 
 @dataclass
@@ -65,6 +71,9 @@ class OnnxExport:
     With ``quantize=``, every field describes the int8 file at ``path`` and
     ``quantized`` (:class:`~sparsify_fx.export.quantize.QuantizedExport`) holds the
     int8 measurements beside the fp32 ones; otherwise ``quantized`` is ``None``.
+    ``input_names``: the ONNX graph inputs (keywords for keyword inputs);
+    ``dynamic_dims``: input name -> {dim: ONNX dim name} the file holds dynamic
+    (``batch``, ``sequence``); ``verified``: each shape onnxruntime was checked at.
     """
 
     path: Path
@@ -77,6 +86,9 @@ class OnnxExport:
     external_data: Path | None = None
     exporter: str = "dynamo"
     quantized: QuantizedExport | None = None
+    input_names: list[str] = field(default_factory=list)
+    dynamic_dims: dict[str, dict[int, str]] = field(default_factory=dict)
+    verified: list[ShapeCheck] = field(default_factory=list)
     _session: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -92,11 +104,12 @@ class OnnxExport:
         """A fresh ``onnxruntime.InferenceSession`` (CPU) on the exported file."""
         return make_session(self.path)
 
-    def run(self, *inputs: Tensor | np.ndarray) -> np.ndarray:
-        """First output of the exported model on ``inputs`` (any batch size), as numpy."""
+    def run(self, *inputs: Tensor | np.ndarray, **named: Tensor | np.ndarray) -> np.ndarray:
+        """First output of the exported model on ``inputs`` (positional, in graph input
+        order) or ``named`` (by input name, e.g. ``input_ids=``), at any dynamic size."""
         if self._session is None:
             self._session = self.session()
-        return _run(self._session, _as_numpy(inputs))[0]
+        return _run(self._session, named if named else _as_numpy(inputs))[0]
 
     def summary(self) -> str:
         sparse = len(self.sparse_names)
@@ -118,23 +131,13 @@ def make_session(path: str | os.PathLike, threads: int | None = None) -> Any:
 
 
 def run_onnx(path: str | os.PathLike, inputs: InputsLike) -> np.ndarray:
-    """Run the ONNX file at ``path`` on ``inputs`` in onnxruntime; first output as numpy."""
-    return _run(make_session(path), _as_numpy(inputs))[0]
+    """Run the ONNX file at ``path`` on ``inputs`` (positional, or a mapping by input name)
+    in onnxruntime; first output as numpy."""
+    return _run(make_session(path), inputs if isinstance(inputs, Mapping)
+                else _as_numpy(inputs))[0]
 
 
 # -- helpers -------------------------------------------------------------------------
-def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
-    """The positional arguments: Tensors, or nested lists/tuples/dicts of Tensors."""
-    items = (example_inputs,) if isinstance(example_inputs, Tensor) else example_inputs
-    leaves = tree_leaves(items) if isinstance(items, (tuple, list)) else []
-    if not leaves or not all(isinstance(t, Tensor) for t in leaves):
-        raise InputError(
-            f"example_inputs must be a Tensor or a non-empty tuple of Tensors (nested lists "
-            f"of Tensors allowed), got {type(example_inputs).__name__}; pass e.g. "
-            "torch.randn(1, 3, 224, 224)")
-    return tuple(tree_map(lambda t: t.detach().cpu(), tuple(items)))
-
-
 def _as_numpy(inputs: Any) -> list[np.ndarray]:
     if isinstance(inputs, (Tensor, np.ndarray)):
         inputs = (inputs,)
@@ -144,12 +147,8 @@ def _as_numpy(inputs: Any) -> list[np.ndarray]:
             for t in inputs]
 
 
-def _run(session: Any, arrays: list[np.ndarray]) -> list[np.ndarray]:
-    names = [i.name for i in session.get_inputs()]
-    if len(names) != len(arrays):
-        raise InputError(f"the ONNX model takes {len(names)} inputs ({', '.join(names)}), "
-                         f"got {len(arrays)}")
-    return session.run(None, dict(zip(names, arrays)))
+def _run(session: Any, arrays: list[np.ndarray] | Mapping[str, Any]) -> list[np.ndarray]:
+    return session.run(None, feeds(session, arrays))
 
 
 def _check_destination(path: str | os.PathLike) -> Path:
@@ -169,15 +168,15 @@ def _check_destination(path: str | os.PathLike) -> Path:
     return target
 
 
-def _reference(model: nn.Module, inputs: tuple[Any, ...]) -> list[Tensor]:
+def _reference(model: nn.Module, inputs: ModelInputs) -> list[Tensor]:
     """The model's outputs on ``inputs`` (hard masks); InputError when it fails on them."""
     try:
         with torch.no_grad(), hard_masks(model):
-            out = model(*inputs)
+            out = inputs.call(model)
     except Exception as exc:  # noqa: BLE001 - the user's forward raises anything
         first = (str(exc).strip().splitlines() or [""])[0]
-        shapes = [tuple(x.shape) for x in inputs if isinstance(x, Tensor)]
-        raise InputError(f"the model fails on example_inputs of shape(s) {shapes} "
+        shapes = inputs.describe()
+        raise InputError(f"the model fails on example_inputs {shapes} "
                          f"({type(exc).__name__}: {first}); pass inputs the model accepts "
                          "(the shape and dtype it runs on)") from exc
     return _leaves(out)
@@ -190,43 +189,6 @@ def _leaves(out: Any) -> list[Tensor]:
 def _param_bytes(model: nn.Module) -> int:
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _batched(inputs: tuple[Any, ...], dynamic_batch: bool) -> bool:
-    """Dim 0 is made dynamic only for flat Tensor arguments of equal dim 0."""
-    if not dynamic_batch or not all(isinstance(t, Tensor) and t.dim() for t in inputs):
-        return False
-    return len({t.shape[0] for t in inputs}) == 1
-
-
-def _torch_export(model: nn.Module, inputs: tuple[Any, ...], n_outputs: int,
-                  work: Path, *, dynamo: bool, batched: bool, opset: int | None,
-                  big: bool) -> onnx.ModelProto:
-    """Export ``model`` (eval mode, no masks); dense ``ModelProto`` with data loaded."""
-    n_inputs = len(tree_leaves(inputs))
-    input_names = ["input"] if n_inputs == 1 else [f"input_{i}" for i in range(n_inputs)]
-    output_names = (["output"] if n_outputs == 1
-                    else [f"output_{i}" for i in range(n_outputs)])
-    raw = work / "exported.onnx"
-    if dynamo:
-        dynamic_shapes = None
-        if batched:
-            batch = torch.export.Dim("batch")
-            dynamic_shapes = tuple({0: batch} for _ in inputs)
-            if inputs[0].shape[0] == 1:  # torch.export specialises size-1 dims: trace at 2
-                inputs = tuple(torch.cat([t, t]) for t in inputs)
-        program = torch.onnx.export(model, inputs, dynamo=True, verbose=False,
-                                    input_names=input_names, output_names=output_names,
-                                    opset_version=opset, dynamic_shapes=dynamic_shapes)
-        if not big:
-            return program.model_proto
-        program.save(str(raw), external_data=True)
-    else:
-        axes = {n: {0: "batch"} for n in input_names + output_names} if batched else None
-        torch.onnx.export(model, inputs, str(raw), dynamo=False, input_names=input_names,
-                          output_names=output_names, opset_version=opset, dynamic_axes=axes,
-                          do_constant_folding=True)
-    return onnx.load(str(raw), load_external_data=True)
 
 
 def _save(model: onnx.ModelProto, file: Path, external: bool | None) -> Path | None:
@@ -246,70 +208,28 @@ def _save(model: onnx.ModelProto, file: Path, external: bool | None) -> Path | N
     return data if data.exists() else None
 
 
-def _compare(outputs: list[np.ndarray], expected: list[np.ndarray], rtol: float,
-             atol: float, what: str) -> tuple[float, float]:
-    """Largest abs diff and its bound; raises :class:`ExportError` past the bound."""
-    if len(outputs) != len(expected):
-        raise ExportError(f"onnxruntime returned {len(outputs)} outputs for {what}, "
-                          f"PyTorch {len(expected)}")
-    scale = max(float(np.abs(e).max()) if e.size else 0.0 for e in expected)
-    bound = atol + rtol * scale
-    worst = 0.0
-    for i, (o, e) in enumerate(zip(outputs, expected)):
-        if o.shape != e.shape:
-            raise ExportError(f"output {i} has shape {o.shape} in onnxruntime and {e.shape} in "
-                              f"PyTorch for {what}")
-        diff = float(np.abs(o.astype(np.float64) - e.astype(np.float64)).max()) if o.size else 0.0
-        if not np.isfinite(diff) or diff > bound:
-            raise ExportError(
-                f"verification failed for {what}: output {i} max abs diff {diff:.4g} > "
-                f"tolerance {bound:.4g} (atol {atol:g} + rtol {rtol:g} x output scale "
-                f"{scale:.4g}); the ONNX file does not reproduce the PyTorch model")
-        worst = max(worst, diff)
-    return worst, bound
-
-
-def _verify(session: Any, inputs: tuple[Any, ...], reference: list[Tensor],
-            rtol: float, atol: float, batched: bool,
-            doubled_reference: list[Tensor] | None = None) -> tuple[float, float]:
-    """Compare onnxruntime with ``reference``; then at twice the batch if it is dynamic,
-    against ``doubled_reference`` (PyTorch on the doubled inputs: right for outputs whose
-    dims follow several inputs' batches) or, without it, the reference tiled along dim 0."""
-    arrays = [t.numpy() for t in tree_leaves(inputs)]
-    expected = [t.numpy() for t in reference]
-    diff, bound = _compare(_run(session, arrays), expected, rtol, atol, "the example inputs")
-    if batched:
-        batch = inputs[0].shape[0]
-        doubled = [np.concatenate([a, a]) for a in arrays]
-        tiled = ([t.numpy() for t in doubled_reference] if doubled_reference is not None
-                 else [np.concatenate([e, e]) if e.ndim and e.shape[0] == batch else e
-                       for e in expected])
-        diff2, _ = _compare(_run(session, doubled), tiled, rtol, atol,
-                            f"batch {2 * batch} (dynamic batch check; pass "
-                            "dynamic_batch=False if the model fixes its batch size)")
-        diff = max(diff, diff2)
-    return diff, bound
-
-
-def _latency(session: Any, inputs: tuple[Any, ...], runs: int) -> float | None:
+def _latency(session: Any, inputs: ModelInputs | Sequence[Any], runs: int) -> float | None:
+    """Median onnxruntime ms over ``runs`` timed runs after one warm-up (None for 0)."""
     if runs <= 0:
         return None
-    arrays = [t.numpy() for t in tree_leaves(inputs)]
-    _run(session, arrays)
+    feed = feeds(session, inputs)
+    session.run(None, feed)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        _run(session, arrays)
+        session.run(None, feed)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 
 # -- the API ----------------------------------------------------------------------------
-def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
+def export_onnx(model: nn.Module,
+                example_inputs: Tensor | Sequence[Tensor] | Mapping[str, Tensor],
                 path: str | os.PathLike, *, sparse: bool = True, min_sparsity: float = 0.5,
                 only_if_smaller: bool = True, verify: bool = True,
                 reference_outputs: Any = None, rtol: float = 1e-4, atol: float = 1e-5,
-                dynamic_batch: bool = True, external_data: bool | None = None,
+                dynamic_batch: bool = True, dynamic_sequence: bool = True,
+                dynamic_shapes: Any = None, external_data: bool | None = None,
                 opset: int | None = None, dynamo: bool = True,
                 latency_runs: int = 5, quantize: str | None = None,
                 calibration: Iterable[Any] | None = None,
@@ -321,15 +241,23 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
     ``model``: a transformed (masked) or folded model, or any plain module;
     masked models are folded first (on a copy). It is exported in eval mode.
     ``example_inputs``: a Tensor or tuple of positional arguments (Tensors, or
-    nested lists of Tensors; CPU). For flat Tensor arguments dim 0 is exported
-    as a dynamic ``batch`` dimension unless ``dynamic_batch=False``.
+    nested lists of Tensors; CPU), or a dict of keyword Tensors (what a tokenizer
+    returns): the ONNX inputs are then named by the keywords (positional ones
+    ``input`` / ``input_<i>``). For flat Tensor arguments dim 0 is exported as a
+    dynamic ``batch`` dimension unless ``dynamic_batch=False``. With
+    ``dynamic_sequence`` (default), dim 1 of every integer rank-2 input (token ids,
+    masks) and every dim the capture holds dynamic (an ``ExportedModule``'s
+    ``dynamic_dims``) are dynamic too (``sequence``) where the model's code allows;
+    ``dynamic_shapes=`` (as for ``torch.export.export``) replaces this choice.
     ``sparse``/``min_sparsity``: initializers with at least that fraction of
     zeros are stored as COO ``sparse_initializer`` (and, with
     ``only_if_smaller``, only where that is smaller than dense).
     ``verify``: ``onnx.checker.check_model`` plus onnxruntime outputs within
     ``atol + rtol * max|reference|`` of ``reference_outputs`` (default: the
     model's own outputs on ``example_inputs`` with binary masks), also at twice
-    the batch size when the batch is dynamic. ``external_data``: ``None``
+    the batch size when the batch is dynamic, and at a second length of every other
+    dynamic dim (a few tokens shorter; against PyTorch on those inputs): one file
+    serves every batch size and sequence length (``OnnxExport.verified``). ``external_data``: ``None``
     writes one self-contained file unless it would pass 2 GB; ``True`` always
     writes ``<path>.data``. ``dynamo=False`` uses the deprecated TorchScript
     exporter. Raises :class:`ExportError`; nothing is left at ``path`` then.
@@ -346,11 +274,13 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
     the verified fp32 file there. See docs/export.md, "int8 quantization".
     """
     model = unwrap(model)
-    inputs = _as_tuple(example_inputs)
+    inputs = export_inputs(model, example_inputs)
     if not 0.0 <= float(min_sparsity) <= 1.0:
         raise ConfigError(f"min_sparsity must be in [0, 1], got {min_sparsity!r}")
     target = _check_destination(path)
-    batched = _batched(inputs, dynamic_batch)
+    batched = bool(dynamic_batch) and inputs.same_batch()
+    if dynamic_shapes is not None:
+        batched = False  # the user's spec says which dims are dynamic; read back below
     q_request = None
     if quantize is not None or any(v is not None for v in (calibration, int8_tolerance,
                                                            metric, fp32_path)):
@@ -358,16 +288,14 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
         fp32_target = None if fp32_path is None else _check_destination(fp32_path)
         if fp32_target == target:
             raise ConfigError(f"fp32_path= and path are both {target}; pass another fp32_path")
-        q_request = quantize_request(quantize, calibration, inputs, batched=batched,
-                                     tolerance=int8_tolerance, metric=metric,
+        q_request = quantize_request(quantize, calibration, _q_inputs(model, inputs),
+                                     batched=batched, tolerance=int8_tolerance, metric=metric,
                                      fp32_path=fp32_target)
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         reference = (_reference(model, inputs) if reference_outputs is None
                      else _leaves(reference_outputs))
-        doubled_reference = (_reference(model, tuple(torch.cat([t, t]) for t in inputs))
-                             if batched and reference_outputs is None else None)
         plain = fold(model) if masks(model) else model
         big = external_data is True or _param_bytes(plain) > PROTO_LIMIT
         try:
@@ -376,14 +304,19 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
             raise ExportError(f"cannot write ONNX next to {target}: {exc}") from exc
         try:
             try:
-                proto = _torch_export(plain, inputs, len(reference), work, dynamo=dynamo,
-                                      batched=batched, opset=opset, big=big)
+                proto = export_with_dims(plain, inputs, len(reference), work, dynamo=dynamo,
+                                         batched=batched, dynamic_sequence=dynamic_sequence,
+                                         dynamic_shapes=dynamic_shapes, opset=opset, big=big)
             except Exception as exc:  # noqa: BLE001 - torch.onnx raises many types
                 raise ExportError(
                     f"torch.onnx.export ({'dynamo' if dynamo else 'TorchScript'}) failed for "
                     f"{type(model).__name__}: {type(exc).__name__}: {exc}".rstrip()[:2000]
                     + ("; try dynamo=False" if dynamo else "")) from exc
             dense_bytes = _dense_size(proto)
+            dims = {k: v for k, v in dynamic_dims(proto).items() if v}
+            if dynamic_shapes is not None:
+                batched = inputs.same_batch() and all(0 in dims.get(n, {}) for n in
+                                                      onnx_input_names(inputs))
             if q_request is not None:  # the quantizer reads dense initializers
                 dense_file = work / "dense_fp32.onnx"
                 _save(proto, dense_file, True if big else None)
@@ -397,17 +330,20 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
             del proto
             diff = bound = latency = None
             session = None
+            checks: list[ShapeCheck] = []
             if verify:
                 session = checked_session(staged, "the exported model", make_session)
-                diff, bound = _verify(session, inputs, reference, rtol, atol, batched,
-                                      doubled_reference)
+                variants = shape_variants(inputs, onnx_input_names(inputs), dims, batched)
+                diff, bound, checks = verify_shapes(
+                    session, variants, lambda x: _reference(model, x), reference, rtol, atol,
+                    tile_reference=reference_outputs is not None)
                 latency = _latency(session, inputs, latency_runs)
             written = staged.stat().st_size + (data.stat().st_size if data else 0)
             quantized = None
             if q_request is not None:
                 from sparsify_fx.export.quantize import quantized_result, stage_int8
                 q = stage_int8(q_request, dense_file, work, "int8_" + target.name,
-                               model=plain, example_inputs=inputs,
+                               model=plain, example_inputs=_q_inputs(plain, inputs),
                                example_reference=reference,
                                reference_given=reference_outputs is not None, verify=verify,
                                sparse=sparse, min_sparsity=min_sparsity,
@@ -436,7 +372,15 @@ def export_onnx(model: nn.Module, example_inputs: Tensor | Sequence[Tensor],
             module.training = mode
     return OnnxExport(target, written, dense_bytes, storage, diff, bound, latency,
                       final_data, "dynamo" if dynamo else "torchscript", quantized,
-                      _session=session)
+                      onnx_input_names(inputs), dims, checks, _session=session)
+
+
+def _q_inputs(model: nn.Module, inputs: ModelInputs) -> tuple[Any, ...]:
+    """The inputs as the int8 path takes them: positional, in graph input order."""
+    try:
+        return inputs.positional(model)
+    except InputError as exc:
+        raise ConfigError(f"quantize= with these keyword inputs: {exc}") from exc
 
 
 def _place(staged: Path, data: Path | None, target: Path) -> Path | None:

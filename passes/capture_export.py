@@ -18,6 +18,11 @@ Dynamic dims: dim 0 (batch) of every tensor input by default
 specialised (a dim asked to be dynamic that became static, a dim whose range a
 guard narrowed) is returned as text for one loud warning. Node shape
 metadata holds the example inputs' sizes (as after ``ShapeProp``).
+
+Keyword inputs (``kwargs=``, in ``forward``'s parameter order) are captured as
+keywords: the graphs take them by name; ``dynamic_shapes`` is then a dict keyed by
+parameter name. :class:`ExportedGraphs` records the input names and which dims the
+capture holds dynamic.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ import inspect
 import io
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, fx, nn
@@ -50,11 +55,20 @@ class ExportedGraphs:
     eval: fx.GraphModule
     specialised: list[str] = field(default_factory=list)
     static_dims: list[str] = field(default_factory=list)
+    #: flat input names (positional, then keywords); how many are positional
+    input_names: list[str] = field(default_factory=list)
+    n_args: int = 0
+    #: input name -> dims the eval capture holds dynamic
+    dynamic_dims: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
-def default_dynamic_shapes(inputs: Sequence[Any]) -> tuple[Any, ...]:
-    """Dim 0 of every tensor input with at least one dim is ``Dim.AUTO``; others static."""
-    return tuple({0: Dim.AUTO} if isinstance(t, Tensor) and t.dim() else None for t in inputs)
+def default_dynamic_shapes(inputs: Sequence[Any],
+                           names: Sequence[str] | None = None) -> tuple[Any, ...] | dict:
+    """Dim 0 of every tensor input with at least one dim is ``Dim.AUTO``; others static.
+    With ``names`` (keyword inputs given): a dict keyed by those names, as torch.export
+    takes for keyword arguments."""
+    spec = tuple({0: Dim.AUTO} if isinstance(t, Tensor) and t.dim() else None for t in inputs)
+    return spec if names is None else dict(zip(names, spec))
 
 
 def _input_names(module: nn.Module, n: int) -> list[str]:
@@ -67,8 +81,19 @@ def _input_names(module: nn.Module, n: int) -> list[str]:
     return names + [f"arg{i}" for i in range(len(names), n)]
 
 
+def signature_order(module: nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` reordered as ``module.forward`` lists its parameters (unknown keys last)."""
+    try:
+        order = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        order = []
+    rank = {name: i for i, name in enumerate(order)}
+    return dict(sorted(kwargs.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
 def _requested_dims(spec: Any, inputs: Sequence[Any], names: list[str]) -> dict[int, set[int]]:
-    """Which dims of which positional input the ``dynamic_shapes`` spec asks to be dynamic."""
+    """Which dims of which flat input (positional, then keywords) the ``dynamic_shapes``
+    spec asks to be dynamic."""
     if isinstance(spec, dict):
         spec = [spec.get(name) for name in names]
     out: dict[int, set[int]] = {}
@@ -87,22 +112,41 @@ def _tile_batch(inputs: Sequence[Any], dynamic: Sequence[bool]) -> tuple[Any, ..
                  else t for t, d in zip(inputs, dynamic))
 
 
-def _export(module: nn.Module, inputs: tuple[Any, ...], spec: Any,
-            training: bool) -> torch.export.ExportedProgram:
+def _export(module: nn.Module, inputs: tuple[Any, ...], spec: Any, training: bool,
+            kwargs: dict[str, Any] | None = None) -> torch.export.ExportedProgram:
     flags = [(m, m.training) for m in module.modules()]
     module.train(training)
     try:
-        return torch.export.export(module, inputs, dynamic_shapes=spec, strict=False)
+        return torch.export.export(module, inputs, kwargs=kwargs or None, dynamic_shapes=spec,
+                                   strict=False)
     finally:
         for m, mode in flags:
             m.training = mode
 
 
+def _user_placeholders(ep: torch.export.ExportedProgram) -> list[fx.Node]:
+    user = set(ep.graph_signature.user_inputs)
+    return [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
+
+
+def dynamic_dims_of(ep: torch.export.ExportedProgram, names: Sequence[str]
+                    ) -> dict[str, tuple[int, ...]]:
+    """Input name -> the dims ``ep`` holds symbolic (dynamic), for every tensor input."""
+    out: dict[str, tuple[int, ...]] = {}
+    placeholders = _user_placeholders(ep)
+    if len(placeholders) != len(names):  # nested or non-tensor inputs: not one per name
+        return out
+    for name, node in zip(names, placeholders):
+        val = node.meta.get("val")
+        if isinstance(val, Tensor):
+            out[name] = tuple(d for d, s in enumerate(val.shape) if isinstance(s, torch.SymInt))
+    return out
+
+
 def _describe(ep: torch.export.ExportedProgram, inputs: Sequence[Any], names: list[str],
               requested: dict[int, set[int]]) -> tuple[list[str], list[str]]:
     """(specialisations, static dims) of ``ep``, as lines naming input and dim."""
-    user = set(ep.graph_signature.user_inputs)
-    placeholders = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in user]
+    placeholders = _user_placeholders(ep)
     special, static = [], []
     for i, node in enumerate(placeholders[:len(inputs)]):
         val = node.meta.get("val")
@@ -202,37 +246,45 @@ def quiet_export() -> Iterator[None]:
 
 
 def export_both_modes(module: nn.Module, inputs: Sequence[Any],
-                      dynamic_shapes: Any = None) -> ExportedGraphs:
+                      dynamic_shapes: Any = None,
+                      kwargs: Mapping[str, Any] | None = None) -> ExportedGraphs:
     """Capture ``module`` with ``torch.export.export(strict=False)`` in train and eval mode.
 
-    ``inputs``: positional example arguments. ``dynamic_shapes``: as for
-    ``torch.export.export``; None makes dim 0 of every tensor input dynamic
-    (a batch of 1 is captured at batch 2 wherever dim 0 is dynamic). Both
-    GraphModules use ``module``'s own parameters and buffers (shared, not
-    copied); ``module``'s train flags are restored. Raises whatever ``torch.export`` raises, with ``capture_mode``
-    (``"eval"``/``"train"``) set on the exception.
+    ``inputs``: positional example arguments; ``kwargs``: keyword example tensors (the
+    graphs then take them by keyword). ``dynamic_shapes``: as for
+    ``torch.export.export`` (a dict keyed by parameter name when keywords are given);
+    None makes dim 0 of every tensor input dynamic (a batch of 1 is captured at batch 2
+    wherever dim 0 is dynamic). Both GraphModules use ``module``'s own parameters and
+    buffers (shared, not copied); ``module``'s train flags are restored. Raises whatever
+    ``torch.export`` raises, with ``capture_mode`` (``"eval"``/``"train"``) set on the
+    exception.
     """
     inputs = tuple(inputs)
-    names = _input_names(module, len(inputs))
-    spec = default_dynamic_shapes(inputs) if dynamic_shapes is None else dynamic_shapes
-    requested = _requested_dims(spec, inputs, names)
-    inputs = _tile_batch(inputs, [0 in requested.get(i, ()) for i in range(len(inputs))])
+    kw = signature_order(module, kwargs or {})
+    names = _input_names(module, len(inputs)) + list(kw)
+    flat = inputs + tuple(kw.values())
+    spec = (default_dynamic_shapes(flat, names if kw else None) if dynamic_shapes is None
+            else dynamic_shapes)
+    requested = _requested_dims(spec, flat, names)
+    flat = _tile_batch(flat, [0 in requested.get(i, ()) for i in range(len(flat))])
+    inputs, kw = flat[:len(inputs)], dict(zip(kw, flat[len(inputs):]))
     modes = {}
     for training in (False, True):  # eval first: its failure is the informative one
         try:
             with quiet_export(), refuse_random_draws("torch.export"):
-                modes[training] = _export(module, inputs, spec, training)
+                modes[training] = _export(module, inputs, spec, training, kw)
         except Exception as exc:
             exc.capture_mode = "train" if training else "eval"  # read by the caller's message
             raise
     train, evaluation = modes[True], modes[False]
-    special, static = _describe(evaluation, inputs, names, requested)
-    for line in _describe(train, inputs, names, requested)[0]:
+    special, static = _describe(evaluation, flat, names, requested)
+    for line in _describe(train, flat, names, requested)[0]:
         if line not in special:
             special.append(f"{line} (train mode)")
     graphs = [contiguous_as_clone(concrete_shape_meta(sink_get_attrs(ep.module())))
               for ep in (train, evaluation)]
-    return ExportedGraphs(graphs[0], graphs[1], special, static)
+    return ExportedGraphs(graphs[0], graphs[1], special, static, names, len(inputs),
+                          dynamic_dims_of(evaluation, names))
 
 
 def _fetch(gm: nn.Module, target: str) -> Any:
@@ -271,4 +323,4 @@ def mirror_mask_nodes(source: fx.GraphModule, target: fx.GraphModule) -> int:
 
 
 __all__ = ["SpecializationWarning", "ExportedGraphs", "export_both_modes",
-           "default_dynamic_shapes", "mirror_mask_nodes"]
+           "default_dynamic_shapes", "dynamic_dims_of", "signature_order", "mirror_mask_nodes"]

@@ -34,9 +34,10 @@ This is the one MAC counter: ``report`` and ``weight_costs`` (through
 from __future__ import annotations
 
 import builtins
+import inspect
 import math
 import operator
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +51,7 @@ from sparsify_fx.mask import Mask
 from sparsify_fx.mask_index import masks as mask_entries
 
 from sparsify_fx.passes.macs_tally import MacCount, NodeMacs, OtherOp, Tally, WeightUse, conv_kind
-from sparsify_fx.passes.trace import SparsifyTracer
+from sparsify_fx.passes.trace import SparsifyTracer, absent_defaults
 
 aten = torch.ops.aten
 #: ``node.meta`` key of the :class:`NodeMacs` a node computed
@@ -222,7 +223,8 @@ class GraphCounter(fx.Interpreter):
                             _arg(args, kwargs, 2, "value"), out)
 
 
-def _run_eager(model: nn.Module, inputs: tuple, tally: Tally) -> None:
+def _run_eager(model: nn.Module, inputs: tuple, tally: Tally,
+               kwargs: Mapping[str, Any] | None = None) -> None:
     """Fallback for models fx cannot trace: aten-level counting, module paths as labels."""
     stack: list[str] = []
     handles = []
@@ -234,7 +236,7 @@ def _run_eager(model: nn.Module, inputs: tuple, tally: Tally) -> None:
         handles.append(module.register_forward_hook(lambda m, i, o: None if stack.pop() else None))
     try:
         with AtenCounter(tally, lambda: stack[-1] if stack else ""):
-            model(*inputs)
+            model(*inputs, **(kwargs or {}))
     finally:
         for h in handles:
             h.remove()
@@ -289,18 +291,33 @@ def dense_weights(model: nn.Module) -> tuple[dict[str, Tensor], list[tuple[str, 
     return weights, pairs
 
 
-def _graph_of(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
+def _graph_of(model: nn.Module, n_args: int = 0, kwargs: Mapping[str, Any] | None = None
+              ) -> tuple[fx.GraphModule | None, str]:
     if isinstance(model, fx.GraphModule):
         return model, ""
+    concrete = absent_defaults(model, n_args, kwargs) if kwargs else None
     try:
-        return fx.GraphModule(model, SparsifyTracer((Mask,)).trace(model), type(model).__name__), ""
+        return fx.GraphModule(model, SparsifyTracer((Mask,)).trace(model, concrete_args=concrete),
+                              type(model).__name__), ""
     except Exception as exc:  # noqa: BLE001 - any trace failure selects the eager fallback
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
+def _bind(gm: fx.GraphModule, inputs: tuple, kwargs: Mapping[str, Any]) -> tuple:
+    """``inputs`` + ``kwargs`` as the positional arguments of ``gm``'s placeholders."""
+    try:
+        bound = inspect.signature(gm.forward).bind(*inputs, **kwargs)
+    except TypeError as exc:
+        raise InputError(f"the keyword inputs do not fit {type(gm).__name__}'s inputs "
+                         f"({exc}); pass the keywords its forward takes") from exc
+    bound.apply_defaults()
+    return tuple(bound.arguments.values())
+
+
 def count_macs(model: nn.Module, inputs: tuple, weights: dict[str, Tensor],
-               masks: Sequence[tuple[str, Mask]] = (), eager: bool = False) -> MacCount:
-    """Run ``model(*inputs)`` once and count MACs per weight and per other op.
+               masks: Sequence[tuple[str, Mask]] = (), eager: bool = False,
+               kwargs: Mapping[str, Any] | None = None) -> MacCount:
+    """Run ``model(*inputs, **kwargs)`` once and count MACs per weight and per other op.
 
     ``weights``: weight name -> the tensor the model computes with. ``masks``:
     (weight name, mask module) pairs; while counting each mask returns
@@ -308,10 +325,15 @@ def count_macs(model: nn.Module, inputs: tuple, weights: dict[str, Tensor],
     if tracing fails, or ``eager=True``, counts at the aten level instead.
     On a GraphModule ``model`` writes ``node.meta`` (``tensor_meta``, ``MACS_META``)
     and ``model.meta[COUNTED_META]`` (see the module docstring); InputError if the
-    model fails on ``inputs``.
+    model fails on ``inputs``. ``kwargs``: keyword tensors; a traced graph gets them bound
+    to its placeholders (the parameters they do not give traced at their defaults).
     """
     tally = Tally(weights)
-    gm, error = (None, "eager=True") if eager else _graph_of(model)
+    kwargs = dict(kwargs or {})
+    inputs = tuple(inputs)
+    gm, error = (None, "eager=True") if eager else _graph_of(model, len(inputs), kwargs)
+    if gm is not None and kwargs:
+        inputs, kwargs = _bind(gm, inputs, kwargs), {}
     tally.count.method = "fx" if gm is not None else "eager"
     tally.count.trace_error = error
     handles = [m.register_forward_hook(lambda mod, i, o, n=name: weights[n])
@@ -325,7 +347,7 @@ def count_macs(model: nn.Module, inputs: tuple, weights: dict[str, Tensor],
             if gm is not None:
                 GraphCounter(gm, tally).run(*inputs)
             else:
-                _run_eager(model, inputs, tally)
+                _run_eager(model, inputs, tally, kwargs)
     except Exception as exc:
         raise InputError(
             f"running {type(model).__name__} on the example inputs failed while counting MACs "

@@ -11,9 +11,10 @@ own mode switching still works).
 """
 from __future__ import annotations
 
+import inspect
 import traceback
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from torch import fx, nn
 
@@ -65,6 +66,22 @@ def trace(module: nn.Module, leaf_modules: Sequence[type[nn.Module] | str] = (),
         graph = tracer.trace(module, concrete_args=concrete_args)
     name = type(module).__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def absent_defaults(module: nn.Module, n_args: int, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``concrete_args`` for a trace driven by keyword inputs: every parameter of
+    ``module.forward`` past the first ``n_args`` positional ones that ``kwargs`` does not
+    name and that has a default, fixed to that default (so ``if mask is not None``
+    follows the inputs given). Read-only."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    plain = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY,
+                                                         p.POSITIONAL_OR_KEYWORD)][:n_args]
+    return {p.name: p.default for p in plain
+            if p.name not in kwargs and p.name not in positional and p.default is not p.empty}
 
 
 @dataclass(frozen=True)
@@ -170,7 +187,8 @@ def raise_untraceable(failures: list[TraceFailure],
         listed += f"\n  torch.export: not tried ({export_failure or 'no example_inputs given'})"
     fixes = []
     if not example_inputs_given:
-        fixes.append("pass `example_inputs=` (a tuple of tensors the model accepts) so "
+        fixes.append("pass `example_inputs=` (a tuple of tensors the model accepts, or a dict "
+                     "of keyword tensors) so "
                      "torch.export can capture it: it resolves Python control flow for those "
                      "inputs, shape branches included")
     children = sorted({f.path for f in failures if f.path})
@@ -188,5 +206,5 @@ def raise_untraceable(failures: list[TraceFailure],
 
 __all__ = [
     "SparsifyTracer", "TRACED_THROUGH", "trace", "trace_partially", "PartialTrace",
-    "TraceFailure", "describe_failure", "raise_untraceable",
+    "TraceFailure", "describe_failure", "raise_untraceable", "absent_defaults",
 ]

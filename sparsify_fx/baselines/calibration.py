@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from sparsify_fx.baselines.layer_inputs import (Group, StopForward, check_kinds,
                                                  discover_groups, rows_of, watch_inputs)
+from sparsify_fx.capture.inputs import ModelInputs
 from sparsify_fx.config import config_of
 from sparsify_fx.errors import ConfigError, InputError, SparsifyError
 from sparsify_fx.granularity import Granularity, parse_granularity
@@ -147,7 +148,9 @@ def normalize_batches(model: nn.Module, cfg: Any, batches: Any) -> list[Batch]:
         raise InputError("calibrate got an empty iterable of batches: it needs inputs to "
                          "measure the layers on, e.g. 128 training sequences as "
                          "[(ids[i:i + 8],) for i in range(0, 128, 8)]")
-    example = cfg.example_inputs
+    example = cfg.example_inputs  # the captured model's positional form (transform)
+    if isinstance(example, ModelInputs):  # kept as keywords: only names are checked
+        example = None if example.keywords else example.args
     sig = inspect.signature(model.forward)
     free = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
     out: list[Batch] = []
@@ -164,7 +167,7 @@ def normalize_batches(model: nn.Module, cfg: Any, batches: Any) -> list[Batch]:
             if bound.kwargs:  # keywords a positional call cannot express: pass them as such
                 out.append(dict(b))
                 continue
-            b = bound.args  # exported graphs take their inputs in the captured (positional) form
+            b = bound.args  # the captured graphs take keyword inputs positionally too
         if not isinstance(b, (tuple, list)) or not all(isinstance(t, Tensor) for t in b):
             raise InputError(f"calibration batch {i} is {_describe(b)}; each batch must be a "
                              "tuple of tensors (as transform's example_inputs) or a dict of "

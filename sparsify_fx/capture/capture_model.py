@@ -27,11 +27,13 @@ from torch import fx, nn
 
 from sparsify_fx.passes.capture_export import (SpecializationWarning, export_both_modes,
                                                mirror_mask_nodes)
-from sparsify_fx.passes.trace import (TRACED_THROUGH, TraceFailure, describe_failure,
-                                      raise_untraceable, trace, trace_partially)
+from sparsify_fx.passes.trace import (TRACED_THROUGH, TraceFailure, absent_defaults,
+                                      describe_failure, raise_untraceable, trace,
+                                      trace_partially)
 
 from sparsify_fx.errors import ConfigError, TraceError
 from sparsify_fx.capture.exported_module import ExportedModule, wrap_exported
+from sparsify_fx.capture.inputs import ModelInputs, as_model_inputs
 
 CAPTURES = ("auto", "fx", "export")
 
@@ -71,16 +73,18 @@ def check_capture_options(capture: str, example_inputs: Any, dynamic_shapes: Any
     if example_inputs is None and (capture == "export" or dynamic_shapes is not None):
         what = "capture='export'" if capture == "export" else "dynamic_shapes="
         raise ConfigError(f"{what} needs example_inputs= (a tuple of tensors the model "
-                          "accepts): torch.export runs the model on them")
+                          "accepts, or a dict of keyword tensors): torch.export runs the "
+                          "model on them")
     if capture == "fx" and dynamic_shapes is not None:
         raise ConfigError("dynamic_shapes= applies to torch.export capture only; "
                           "use capture='auto' or 'export', or drop dynamic_shapes")
 
 
-def _export(working: nn.Module, inputs: Sequence[Any], dynamic_shapes: Any,
+def _export(working: nn.Module, inputs: ModelInputs, dynamic_shapes: Any,
             fx_failure: TraceFailure | None) -> Captured:
-    graphs = export_both_modes(working, inputs, dynamic_shapes)
-    model = wrap_exported(graphs.train, graphs.eval, working)
+    graphs = export_both_modes(working, inputs.args, dynamic_shapes, inputs.kwargs)
+    model = wrap_exported(graphs.train, graphs.eval, working, graphs.input_names,
+                          graphs.n_args, graphs.dynamic_dims)
     lines = list(graphs.specialised)
     if fx_failure is not None:
         lines.append(
@@ -97,15 +101,25 @@ def _export(working: nn.Module, inputs: Sequence[Any], dynamic_shapes: Any,
 
 
 def capture_model(working: nn.Module, *, capture: str = "auto",
-                  example_inputs: Sequence[Any] | None = None, dynamic_shapes: Any = None,
+                  example_inputs: ModelInputs | Sequence[Any] | None = None,
+                  dynamic_shapes: Any = None,
                   leaf_modules: Sequence[type[nn.Module] | str] = (),
                   concrete_args: dict[str, Any] | None = None) -> Captured:
     """Capture ``working`` by the first path that works (see the module docstring).
 
+    ``example_inputs``: a :class:`~sparsify_fx.capture.inputs.ModelInputs` (or what
+    :func:`~sparsify_fx.capture.inputs.as_model_inputs` takes). With keyword inputs,
+    torch.fx traces the parameters they do not give as concrete placeholders fixed to
+    their defaults (``concrete_args``; ``if mask is not None`` then follows the inputs),
+    and torch.export captures with ``kwargs=``: the result takes the same keywords.
     Mutates ``working`` (the partial path swaps traced children in). Raises
     :class:`TraceError` naming every failure when no path works.
     """
+    example_inputs = as_model_inputs(example_inputs)
     check_capture_options(capture, example_inputs, dynamic_shapes)
+    if example_inputs is not None and example_inputs.keywords:
+        concrete_args = {**absent_defaults(working, len(example_inputs.args),
+                                           example_inputs.kwargs), **(concrete_args or {})}
     fx_failure = export_failure = None
     if capture != "export":
         try:

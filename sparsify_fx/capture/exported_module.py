@@ -23,7 +23,7 @@ Not supported: pickling the whole module (``torch.save(model)``); save
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 from torch import fx, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
@@ -47,18 +47,25 @@ class ExportedModule(nn.Module):
 
     ``forward(*args, **kwargs)`` takes the source model's example arguments
     (same positional structure; dynamic dims as captured) and returns what the
-    source model returns.
+    source model returns. Inputs captured by keyword may be passed by keyword or
+    positionally in ``input_names`` order (bound to the keywords here).
+    ``input_names``: the captured inputs, positional first (``n_args`` of them),
+    then keywords; ``dynamic_dims``: input name -> dims the capture holds dynamic.
     """
 
     #: parameters are named ``train_graph.<name in the source model>``; reports strip this
     logical_name_prefix = "train_graph."
 
     def __init__(self, train_graph: fx.GraphModule, eval_graph: fx.GraphModule,
-                 source_name: str = "") -> None:
+                 source_name: str = "", input_names: Sequence[str] = (), n_args: int = 0,
+                 dynamic_dims: Mapping[str, tuple[int, ...]] | None = None) -> None:
         super().__init__()
         self.train_graph = train_graph
         self.eval_graph = eval_graph
         self.source_name = source_name
+        self.input_names = tuple(input_names)
+        self.n_args = int(n_args) if input_names else -1  # -1: unknown, pass calls through
+        self.dynamic_dims = dict(dynamic_dims or {})
         self.register_state_dict_post_hook(_drop_eval_keys)
         self.register_load_state_dict_post_hook(_ignore_eval_missing)
         self.share_state()
@@ -69,7 +76,24 @@ class ExportedModule(nn.Module):
                 f"{type(self).__name__} holds torch.export graphs and cannot be traced "
                 "again by torch.fx; call it directly or trace `.eval_graph`")
         graph = self.train_graph if self.training else self.eval_graph
+        if 0 <= self.n_args < len(self.input_names):  # keywords captured: pass them so
+            args, kwargs = self._as_captured(args, kwargs)
         return graph(*args, **kwargs)
+
+    def _as_captured(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Positional arguments past the captured positional ones -> their keywords."""
+        if len(args) <= self.n_args:
+            return args, kwargs
+        names = self.input_names[self.n_args:]
+        extra = args[self.n_args:]
+        if len(extra) > len(names):
+            raise TypeError(f"{type(self).__name__} takes {len(self.input_names)} inputs "
+                            f"({', '.join(self.input_names)}), got {len(args) + len(kwargs)}")
+        bound = dict(zip(names, extra))
+        twice = [k for k in bound if k in kwargs]
+        if twice:
+            raise TypeError(f"{type(self).__name__} got {twice[0]!r} positionally and by keyword")
+        return args[:self.n_args], {**bound, **kwargs}
 
     def train(self, mode: bool = True) -> "ExportedModule":
         """Switch mode: sets ``training`` on every submodule (the graphs refuse ``.train()``)."""
@@ -105,12 +129,15 @@ class ExportedModule(nn.Module):
 
 
 def wrap_exported(train_graph: fx.GraphModule, eval_graph: fx.GraphModule,
-                  source: nn.Module) -> ExportedModule:
+                  source: nn.Module, input_names: Sequence[str] = (), n_args: int = 0,
+                  dynamic_dims: Mapping[str, tuple[int, ...]] | None = None) -> ExportedModule:
     """An :class:`ExportedModule` whose ``forward`` shows the exported signature.
 
     ``torch.export`` / ``torch.onnx.export`` bind example inputs by the
     signature of ``forward``; the class made here gives ``forward`` the
     positional parameters of ``eval_graph.forward`` (the source model's names).
+    ``input_names``/``n_args``/``dynamic_dims``: what was captured (see
+    :class:`ExportedModule`).
     """
     signature = inspect.signature(type(eval_graph).forward)
 
@@ -120,7 +147,7 @@ def wrap_exported(train_graph: fx.GraphModule, eval_graph: fx.GraphModule,
     forward.__signature__ = signature  # type: ignore[attr-defined]
     name = f"Exported{type(source).__name__}"
     cls = type(name, (ExportedModule,), {"forward": forward, "__module__": __name__})
-    return cls(train_graph, eval_graph, type(source).__name__)
+    return cls(train_graph, eval_graph, type(source).__name__, input_names, n_args, dynamic_dims)
 
 
 __all__ = ["ExportedModule", "wrap_exported"]

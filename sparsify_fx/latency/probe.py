@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from sparsify_fx.errors import ConfigError
+from sparsify_fx.capture.inputs import as_model_inputs
+from sparsify_fx.errors import ConfigError, InputError
 from sparsify_fx.latency.table import OpSignature
 from sparsify_fx.mask_index import hard_masks
 
@@ -39,9 +40,22 @@ def _shape(node: Any) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def op_signatures(gm: fx.GraphModule, inputs: tuple[Tensor, ...]) -> dict[str, OpSignature]:
-    """``{node name: OpSignature}`` for every conv/linear call_function node of ``gm``."""
+def positional_inputs(model: nn.Module, inputs: Any) -> tuple[Any, ...]:
+    """Example inputs (a tensor, a tuple, a dict of keyword tensors or a ``ModelInputs``)
+    as ``model``'s positional arguments (keywords bound to its parameters): how graphs
+    are propagated and ONNX sessions fed here."""
+    given = as_model_inputs(inputs)
+    if given is None:
+        raise InputError("the latency probe needs example inputs (a tensor, a tuple or a "
+                         "dict of keyword tensors)")
+    return given.positional(model)
+
+
+def op_signatures(gm: fx.GraphModule, inputs: Any) -> dict[str, OpSignature]:
+    """``{node name: OpSignature}`` for every conv/linear call_function node of ``gm``
+    (``inputs``: as :func:`positional_inputs` takes them)."""
     from sparsify_fx.passes.channel_analysis import CONV_FUNCS, LINEAR_FUNCS
+    inputs = positional_inputs(gm, inputs)
     with torch.no_grad(), hard_masks(gm, False):
         ShapeProp(gm).propagate(*inputs)
     out: dict[str, OpSignature] = {}
@@ -142,7 +156,8 @@ def model_key(gm: fx.GraphModule, inputs: tuple[Tensor, ...]) -> str:
     h = hashlib.sha1(gm.code.encode())
     for name, p in gm.named_parameters():
         h.update(f"{name}{tuple(p.shape)}".encode())
-    h.update(str([tuple(t.shape) for t in inputs]).encode())
+    h.update(str([tuple(t.shape) for t in positional_inputs(gm, inputs)
+                  if isinstance(t, Tensor)]).encode())
     return "model|" + h.hexdigest()[:16]
 
 
@@ -153,7 +168,8 @@ def export_plain(model: nn.Module, inputs: tuple[Tensor, ...], path: Path) -> No
     from sparsify_fx.export.onnx_export import export_onnx
     if any(t.device.type != "cpu" for t in [*model.parameters(), *model.buffers()]):
         model = copy.deepcopy(model).cpu()  # onnxruntime runs on the CPU; the model stays put
-    inputs = tuple(t.detach().cpu() for t in inputs)
+    inputs = tuple(t.detach().cpu() if isinstance(t, Tensor) else t
+                   for t in positional_inputs(model, inputs))
     try:
         export_onnx(model.eval(), inputs if len(inputs) > 1 else inputs[0], path,
                     sparse=False, verify=False, latency_runs=0)
@@ -179,7 +195,8 @@ def interleaved_times(sessions: list, inputs: tuple[Tensor, ...] | list, runs: i
     sessions, or one per session (numpy arrays or tensors, positional)."""
     per = inputs if isinstance(inputs, list) else [inputs] * len(sessions)
     feeds = [{i.name: (t.detach().cpu().numpy() if isinstance(t, Tensor) else t)
-              for i, t in zip(s.get_inputs(), x)} for s, x in zip(sessions, per)]
+              for i, t in zip(s.get_inputs(), [t for t in x if t is not None])}
+             for s, x in zip(sessions, per)]
     for s, feed in zip(sessions, feeds):
         for _ in range(warmup):
             s.run(None, feed)
@@ -239,7 +256,9 @@ def windowed_fractions(models: list, inputs: tuple[Tensor, ...] | tuple, threads
 def measure_models(models: list[nn.Module], inputs: tuple[Tensor, ...], threads: int,
                    runs: int = 30) -> list[float]:
     """Median onnxruntime latency (ms) of each model exported to ONNX (CPU, ``threads``),
-    timed interleaved (:func:`time_interleaved`)."""
+    timed interleaved (:func:`time_interleaved`). ``inputs``: as
+    :func:`positional_inputs` takes them."""
+    inputs = positional_inputs(models[0], inputs)
     with tempfile.TemporaryDirectory() as tmp:
         sessions = [onnx_session(m, inputs, threads, Path(tmp) / f"model{k}.onnx")
                     for k, m in enumerate(models)]
