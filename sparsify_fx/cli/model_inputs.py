@@ -169,6 +169,9 @@ def load_model(spec: str, weights: str | None = None, trust_pickle: bool = False
         if not trust_pickle:
             _refuse_pickle(spec)
         return _from_pickle(spec)
+    if spec.startswith("hf:"):
+        raise InputError(f"{spec}: Hugging Face folders are a MODEL of `sparsify-fx prune` "
+                         "(with --task); here pass torchvision:<name> or package.module:factory")
     if spec.startswith("torchvision:"):
         model = _torchvision(spec.split(":", 1)[1])
     elif ":" in spec:

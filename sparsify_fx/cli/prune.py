@@ -24,8 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prune MODEL on DATA end to end: transform, train (progress bars, a "
                     "checkpoint every epoch), exact cut, fine-tune, fold (element) or shrink "
                     "(channel), then write model.pt, report.md/json, sparsity.png, a verified "
-                    "model.onnx and summary.json into OUTDIR. Rerun the same command to resume.")
-    p.add_argument("model", nargs="?", default=None, metavar="MODEL", help=MODEL_HELP)
+                    "model.onnx and summary.json into OUTDIR (hf:DIR models also hf/, the "
+                    "save_pretrained folder). Rerun the same command to resume.")
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help=MODEL_HELP + ", or hf:DIR (a Hugging Face save_pretrained folder; "
+                   "with --task)")
     p.add_argument("--data", default=None, help=f"DATA: {DATA_HELP}")
     p.add_argument("-o", "--output", metavar="OUTDIR", default=None,
                    help="folder for checkpoints and outputs (required unless --print-recipe)")
@@ -61,11 +64,15 @@ def main(argv: list[str]) -> int:
 
 
 def _print_summary(summary: dict[str, Any], outdir: str) -> None:
-    acc, sp, macs, size = (summary["accuracy"], summary["sparsity"], summary["macs"],
-                           summary["bytes"])
-    print(f"val accuracy: before {acc['before']:.2f} %, after {acc['after']:.2f} %, "
-          f"onnxruntime {acc['onnx']:.2f} % "
-          f"({'equal to' if acc['onnx_equals_pytorch'] else 'DIFFERENT from'} PyTorch)")
+    metric, sp, macs, size = (summary["metric"], summary["sparsity"], summary["macs"],
+                              summary["bytes"])
+    unit = " %" if metric["name"] == "accuracy" else ""
+    same = summary[metric["name"]]["onnx_equals_pytorch"]
+    verdict = "equal to" if same else (
+        "within tolerance of" if metric["onnx_within_tolerance"] else "DIFFERENT from")
+    print(f"val {metric['name']}: before {metric['before']:.2f}{unit}, after "
+          f"{metric['after']:.2f}{unit}, onnxruntime {metric['onnx']:.2f}{unit} "
+          f"({verdict} PyTorch)")
     print(f"sparsity over masked weights {sp['masked']:.4f}, over all prunable weights "
           f"{sp['weights']:.4f}; MACs {macs['effective']:,.0f} / {macs['dense']:,} "
           f"({macs['ratio']:.3f} of dense)")
@@ -96,4 +103,6 @@ def _main(argv: list[str]) -> int:
             dist.destroy_process_group()
     if summary is not None:
         _print_summary(summary, args.output)
+        if ctx.hf is not None:
+            print(f"Hugging Face model (save_pretrained): {args.output}/hf")
     return 0

@@ -3,7 +3,9 @@
 Modules: :mod:`.recipe` (keys, types, TOML), :mod:`.datasets` (DATA kinds),
 :mod:`.outdir` (OUTDIR layout, recipe guard, atomic writes), :mod:`.run`
 (phases, resume, torchrun), :mod:`.outputs` (model.pt, reports, ONNX, summary;
-:func:`load_pruned`). Its arguments are parsed by ``sparsify_fx.cli.prune``.
+:func:`load_pruned`), :mod:`.task` (batching and metric of a run), :mod:`.hf_task`
+(``hf:DIR`` Hugging Face folders) and :mod:`.text_data` (``text:FILE``). Its
+arguments are parsed by ``sparsify_fx.cli.prune``.
 
 May import: anything in the package but ``sparsify_fx.cli`` other than
 ``sparsify_fx.cli.model_inputs`` (how MODEL is loaded).

@@ -7,18 +7,21 @@
 by ``val_fraction``; train: RandomResizedCrop + flip, val: resize + centre
 crop, ImageNet normalisation) and ``package.module:function`` (``function()``
 returns ``(train_dataset, val_dataset)`` of ``(input, int label)`` pairs).
+``hf:DIR`` models also read ``text:FILE`` (:mod:`.text_data`, via :mod:`.hf_task`).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset, Subset
 
 from sparsify_fx.errors import InputError
 
-DATA_HELP = "digits, mnist:DIR, imagefolder:DIR or package.module:function"
+DATA_HELP = ("digits, mnist:DIR, imagefolder:DIR or package.module:function; hf:DIR models: "
+             "text:FILE or imagefolder:DIR")
 _MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -39,13 +42,24 @@ def _folder(kind: str, path: str) -> str:
     return path
 
 
-def _imagefolder(root: str, seed: int, val_fraction: float, size: int) -> Data:
+def imagefolder_data(spec: str, seed: int, val_fraction: float, size: int,
+                     mean: Sequence[float] = _MEAN, std: Sequence[float] = _STD) -> Data:
+    """``imagefolder:DIR`` (``spec``) with crop ``size`` and normalisation ``mean``/``std``
+    (ImageNet's by default; an ``hf:`` model's image processor gives its own)."""
+    kind, _, rest = spec.partition(":")
+    if kind != "imagefolder":
+        raise InputError(f"--data {spec!r}: this model reads imagefolder:DIR")
+    return _imagefolder(_folder("imagefolder", rest), seed, val_fraction, size, mean, std)
+
+
+def _imagefolder(root: str, seed: int, val_fraction: float, size: int,
+                 mean: Sequence[float] = _MEAN, std: Sequence[float] = _STD) -> Data:
     from torchvision import datasets, transforms as T
 
     train_tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(),
-                          T.Normalize(_MEAN, _STD)])
+                          T.Normalize(mean, std)])
     val_tf = T.Compose([T.Resize(int(round(size * 256 / 224))), T.CenterCrop(size),
-                        T.ToTensor(), T.Normalize(_MEAN, _STD)])
+                        T.ToTensor(), T.Normalize(mean, std)])
     split = all(os.path.isdir(os.path.join(root, p)) for p in ("train", "val"))
     try:
         if split:
@@ -100,6 +114,9 @@ def load_data(spec: str | None, seed: int, val_fraction: float = 0.1,
                     f"held-out (seed {seed})")
     if kind == "imagefolder":
         return _imagefolder(_folder("imagefolder", rest), seed, val_fraction, image_size)
+    if kind == "text":
+        raise InputError(f"--data {spec}: text data needs an hf:DIR model with --task "
+                         "(sequence-classification or causal-lm)")
     if ":" in spec and kind not in ("digits",):
         return _function(spec)
     raise InputError(f"--data {spec!r} is not a known DATA; use {DATA_HELP}")

@@ -3,7 +3,8 @@
 Layout: ``recipe.toml`` (the run's identity, written first), ``checkpoints/``
 (``train.pt``, ``cut.pt``, ``finetune.pt``, ``final.pt``: resume points), then
 the outputs ``model.pt``, ``report.md``, ``report.json``, ``sparsity.png``,
-``model.onnx`` and, last, ``summary.json`` (its presence means complete).
+``model.onnx``, ``hf/`` (``hf:DIR`` runs: the ``save_pretrained`` folder) and,
+last, ``summary.json`` (its presence means complete).
 Outputs are staged in ``.staging/`` and moved in with ``os.replace``, so no
 output is ever half-written. Only these names are ever removed.
 """
@@ -22,6 +23,8 @@ from sparsify_fx.prune.recipe import identity, normalise, read_toml, to_toml
 OUTPUTS = ("model.pt", "report.md", "report.json", "sparsity.png", "model.onnx", "summary.json")
 #: written only when the recipe asks for it (``quantize``)
 INT8_FILE = "model_int8.onnx"
+#: written by hf:DIR runs: the pruned model as its Hugging Face class (save_pretrained)
+HF_FOLDER = "hf"
 RECIPE, CHECKPOINTS, STAGING = "recipe.toml", "checkpoints", ".staging"
 
 
@@ -42,7 +45,7 @@ class OutDir:
         return self.file("summary.json").is_file()
 
     def _ours(self) -> set[str]:
-        return {RECIPE, CHECKPOINTS, STAGING, INT8_FILE, *OUTPUTS}
+        return {RECIPE, CHECKPOINTS, STAGING, INT8_FILE, HF_FOLDER, *OUTPUTS}
 
     def prepare(self, recipe: dict[str, Any], overwrite: bool, writer: bool) -> bool:
         """Check OUTDIR against ``recipe``; returns True when resuming an existing run.
@@ -96,6 +99,8 @@ class OutDir:
     def publish(self, stage: Path, names: list[str]) -> None:
         """Move staged outputs in (``summary.json`` last), then drop the staging folder."""
         for name in sorted(names, key=lambda n: n == "summary.json"):
+            if (stage / name).is_dir() and self.file(name).is_dir():
+                shutil.rmtree(self.file(name))  # a folder left by a run killed while publishing
             os.replace(stage / name, self.file(name))
         shutil.rmtree(stage, ignore_errors=True)
 

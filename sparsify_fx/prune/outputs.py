@@ -5,6 +5,9 @@
 ``shrink``, the example input shape), ``state_dict`` (the pruned plain model)
 and ``masked_state_dict`` (the transformed model after training, from which
 ``load_pruned`` rebuilds the exact architecture, shrunk channels included).
+``hf:DIR`` runs also write ``hf/``: the pruned model as its source Hugging Face
+class (``save_pretrained``) with the tokenizer / image processor files, which
+``load_pruned`` loads.
 """
 from __future__ import annotations
 
@@ -17,13 +20,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from sparsify_fx.errors import ExportError, InputError
-from sparsify_fx.prune.outdir import INT8_FILE, OUTPUTS, OutDir
+from sparsify_fx.prune.outdir import HF_FOLDER, INT8_FILE, OUTPUTS, OutDir
 
 #: training batches the static int8 export calibrates on
 CALIBRATION_BATCHES = 8
@@ -51,20 +52,6 @@ def _finalize_model(gm: nn.Module, granularity: str) -> nn.Module:
     return fold(gm).eval()
 
 
-def _top1(predict: Any, loader: DataLoader) -> float:
-    """Top-1 accuracy (a fraction) of ``predict(x: ndarray) -> logits`` over ``loader``."""
-    correct = total = 0
-    for x, y in loader:
-        correct += int((np.argmax(predict(x.numpy()), 1) == y.numpy()).sum())
-        total += int(y.numel())
-    return correct / max(total, 1)
-
-
-def _onnx_accuracy(exported: Any, loader: DataLoader) -> float:
-    """Top-1 accuracy (percent) of the exported file in onnxruntime."""
-    return 100.0 * _top1(exported.run, loader)
-
-
 def write_outputs(ctx: "Context", original: nn.Module, gm: nn.Module, data: "Data",
                   example: torch.Tensor, before: float, resumed: bool,
                   masks_equal: bool | None, wall_s: float) -> dict[str, Any]:
@@ -74,10 +61,9 @@ def write_outputs(ctx: "Context", original: nn.Module, gm: nn.Module, data: "Dat
     from sparsify_fx.export.onnx_export import export_onnx
     from sparsify_fx.export.report import report
     from sparsify_fx.mask_index import sparsity
-    from sparsify_fx.training.trainer import evaluate
 
     t0 = time.monotonic()
-    r = ctx.recipe
+    r, task = ctx.recipe, ctx.task
     final = _finalize_model(gm, r["granularity"])
     # element masks: the masked model's report counts sparsity over exactly the masked
     # weights; channel: the shrunk model is what runs, so report it
@@ -86,29 +72,35 @@ def write_outputs(ctx: "Context", original: nn.Module, gm: nn.Module, data: "Dat
     stage = ctx.out.staging()
     (stage / "report.json").write_text(rep.to_json() + "\n", encoding="utf-8")
     rep.plot(str(stage / "sparsity.png"))
-    loader = DataLoader(data.val, batch_size=256)
-    batch = next(iter(DataLoader(data.val, batch_size=8)))[0]
+    batch = next(iter(task.loader(data.val, 8)))[0]
     try:
         onnx = export_onnx(final, (batch,), stage / "model.onnx")
+        if ctx.hf is not None:
+            from sparsify_fx.prune.hf_task import save_pruned
+            save_pruned(ctx.hf, final, stage / HF_FOLDER, batch)
     except ExportError as exc:
         raise ExportError(f"{exc} (the pruned model is kept in "
                           f"{ctx.out.checkpoint('final.pt')}; rerun resumes there)") from exc
-    after = evaluate(final, loader)
-    onnx_acc = _onnx_accuracy(onnx, loader)
-    int8 = _quantized(final, batch, data, r, stage, loader) if r["quantize"] else None
+    after = task.evaluate(final, data.val)
+    onnx_metric = task.evaluate_onnx(onnx.run, data.val)
+    int8 = _quantized(final, batch, data, ctx, stage) if r["quantize"] else None
     dense_onnx = _dense_onnx(original, batch, stage)
     (stage / "report.md").write_text(rep.to_markdown() + "\n\n"
                                      + _artefacts(dense_onnx, onnx, int8) + "\n", encoding="utf-8")
     spec = {"model": r["model"], "weights": r["weights"],
             "transform": {k: r[k] for k in TRANSFORM_KEYS},
-            "output": "shrink" if r["granularity"] == "channel" else "fold",
+            "output": "shrink" if r["granularity"] == "channel" else "fold", "task": r["task"],
             "input_shape": list(example.shape)}
     torch.save({"format": FORMAT, "spec": spec, "state_dict": final.state_dict(),
                 "masked_state_dict": gm.state_dict()}, stage / "model.pt")
     summary = {
         "command": ctx.command, "recipe": r, "data": data.description,
-        "accuracy": {"split": "val", "before": before, "after": after, "onnx": onnx_acc,
-                     "onnx_equals_pytorch": onnx_acc == after},
+        "task": r["task"] or "classification",
+        "metric": {"name": task.metric, "split": "val", "before": before, "after": after,
+                   "onnx": onnx_metric, "tolerance": task.tolerance(data.val),
+                   "onnx_within_tolerance": task.close(after, onnx_metric, data.val)},
+        task.metric: {"split": "val", "before": before, "after": after, "onnx": onnx_metric,
+                      "onnx_equals_pytorch": onnx_metric == after},
         "sparsity": {"target": r["target_sparsity"], "masked": float(sparsity(gm)),
                      "weights": rep.weight_sparsity},
         "latency": {"target_fraction": r["target_latency"],
@@ -130,7 +122,8 @@ def write_outputs(ctx: "Context", original: nn.Module, gm: nn.Module, data: "Dat
     }
     summary["wall_time_s"] = round(wall_s + time.monotonic() - t0, 3)
     (stage / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    ctx.out.publish(stage, list(OUTPUTS) + ([INT8_FILE] if int8 else []))
+    ctx.out.publish(stage, list(OUTPUTS) + ([INT8_FILE] if int8 else [])
+                    + ([HF_FOLDER] if ctx.hf is not None else []))
     return summary
 
 
@@ -157,30 +150,40 @@ def _artefacts(dense: Any, onnx: Any, int8: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def _quantized(final: nn.Module, batch: torch.Tensor, data: "Data", r: dict[str, Any],
-               stage: Any, loader: DataLoader) -> dict[str, Any]:
+def _quantized(final: nn.Module, batch: torch.Tensor, data: "Data", ctx: "Context",
+               stage: Any) -> dict[str, Any]:
     """Write and verify ``model_int8.onnx`` (recipe key ``quantize``); its summary entry:
     bytes, latency and accuracy of the int8 file beside the fp32 one's."""
     from sparsify_fx.export.onnx_export import export_onnx
     from sparsify_fx.export.quantize import Int8Tolerance
 
+    r, task = ctx.recipe, ctx.task
     calibration = None
     if r["quantize"] == "int8":  # a few training batches: onnxruntime keeps their activations
-        train = DataLoader(data.train, batch_size=r["batch_size"], shuffle=False)
+        train = task.training_loader(data.train, r["batch_size"])
         calibration = [x for x, _ in itertools.islice(train, CALIBRATION_BATCHES)]
     try:
         res = export_onnx(final, (batch,), stage / INT8_FILE, quantize=r["quantize"],
-                          calibration=calibration, metric=lambda predict: _top1(predict, loader),
+                          calibration=calibration,
+                          metric=lambda predict: task.int8_score(predict, data.val),
                           int8_tolerance=Int8Tolerance(max_metric_drop=INT8_MAX_ACCURACY_DROP))
     except ExportError as exc:
         raise ExportError(f"--quantize {r['quantize']}: {exc}") from exc
     q = res.quantized
     return {"mode": q.mode, "file": INT8_FILE, "bytes": q.bytes, "fp32_bytes": q.fp32_bytes,
             "latency_ms": q.latency_ms, "fp32_latency_ms": q.fp32_latency_ms,
-            "accuracy_onnx": 100.0 * q.metric_int8 if q.metric_int8 is not None else None,
-            "accuracy_fp32_onnx": 100.0 * q.metric_fp32 if q.metric_fp32 is not None else None,
+            **_int8_metric(task.metric, q.metric_int8, q.metric_fp32),
             "max_abs_diff": q.max_abs_diff, "tolerance": q.tolerance,
             "calibration_batches": len(calibration) if calibration else 0}
+
+
+def _int8_metric(metric: str, int8: float | None, fp32: float | None) -> dict[str, Any]:
+    """The int8 check's scores as the task's metric: accuracy (percent) or perplexity."""
+    def value(score: float | None) -> float | None:
+        if score is None:
+            return None
+        return 100.0 * score if metric == "accuracy" else 1.0 / score
+    return {f"{metric}_onnx": value(int8), f"{metric}_fp32_onnx": value(fp32)}
 
 
 def command_line(argv: list[str]) -> str:
@@ -206,6 +209,9 @@ def load_pruned(path: str | os.PathLike, trust_pickle: bool = False) -> nn.Modul
         raise InputError(f"{os.fspath(path)!r} is not a model.pt written by sparsify-fx prune "
                          f"(format {FORMAT})")
     spec = saved["spec"]
+    if spec.get("task") is not None:  # an hf:DIR run: its hf/ folder is the pruned model
+        from sparsify_fx.prune.hf_task import load_saved
+        return load_saved(Path(path).parent / HF_FOLDER, spec["task"])
     t = dict(spec["transform"])
     t["include"], t["exclude"] = t["include"] or None, t["exclude"] or None
     example = torch.zeros(spec["input_shape"])

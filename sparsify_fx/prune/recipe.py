@@ -31,9 +31,12 @@ class Key:
 METHODS = ("cs", "magnitude", "gmp", "imp", "l0", "ste", "random")
 
 KEYS: tuple[Key, ...] = (
-    Key("model", str, None, "MODEL: torchvision:<name> or package.module:factory"),
+    Key("model", str, None, "MODEL: torchvision:<name>, package.module:factory or hf:DIR"),
     Key("weights", str, None, "state_dict file loaded into MODEL (torch.load weights_only=True)"),
-    Key("data", str, None, "DATA: digits, mnist:DIR, imagefolder:DIR or package.module:function"),
+    Key("data", str, None, "DATA: digits, mnist:DIR, imagefolder:DIR, package.module:function "
+        "or (hf: models) text:FILE"),
+    Key("task", str, None, "hf:DIR models: sequence-classification, causal-lm or "
+        "image-classification (the AutoModelFor<Task> class loaded)"),
     Key("method", str, "cs", "pruning method", METHODS),
     Key("granularity", str, "element", "element: fold; channel: shrink to a smaller model",
         ("element", "channel")),
@@ -59,6 +62,10 @@ KEYS: tuple[Key, ...] = (
     Key("device", str, "cpu", "torch device: cpu, cuda or cuda:N"),
     Key("val_fraction", float, 0.1, "imagefolder:DIR without train/ and val/: held-out share"),
     Key("image_size", int, 224, "imagefolder:DIR: crop size of the standard transforms"),
+    Key("max_length", int, None, "sequence-classification: tokens kept per text (default 128, "
+        "at most the model's positions); batches are padded to their longest text"),
+    Key("block_size", int, None, "causal-lm: tokens per training block (default 128, at most "
+        "the model's positions)"),
     Key("threads", int, None, "torch CPU threads (default: torch's choice)", identity=False),
 )
 BY_NAME = {k.name: k for k in KEYS}

@@ -7,12 +7,16 @@ fine-tuning epoch, ``final.pt`` before the outputs are written. Each phase
 seeds torch from the recipe's seed, and data order is seeded per epoch, so a
 run killed anywhere and rerun ends bit-identical (CPU) to an uninterrupted one.
 Under ``torchrun`` every rank trains on its shard through DDP; only rank 0
-writes, and the masks are compared across ranks after the cut.
+writes, and the masks are compared across ranks after the cut. ``hf:DIR``
+models (:mod:`.hf_task`) run the same phases with their task's batching and
+metric (:class:`~sparsify_fx.prune.task.Task`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +24,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
 from sparsify_fx.errors import ConfigError, InputError, TrainingError
 from sparsify_fx.prune.datasets import Data, example_input, load_data
 from sparsify_fx.prune.outdir import OutDir, save_atomic
+from sparsify_fx.prune.task import Task
 
 
 TARGETS = ("target_sparsity", "target_macs", "target_latency")
@@ -43,6 +48,8 @@ class Context:
     command: str = ""
     trust_pickle: bool = False
     notes: list[str] = field(default_factory=list)
+    task: Task = field(default_factory=Task)
+    hf: Any = None  # the loaded hf:DIR model (hf_task.HFModel), None for other MODELs
 
     @property
     def writer(self) -> bool:
@@ -120,7 +127,7 @@ def _fit(ctx: Context, gm: nn.Module, train: Any, ckpt: Path, epochs: int, lr: f
     trainer = Trainer(_wrap(ctx, gm), _shard(ctx, train), epochs=epochs,
                       batch_size=r["batch_size"], lr=lr, weight_decay=r["weight_decay"],
                       seed=seed, device=ctx.device, progress=ctx.progress and ctx.writer,
-                      eval_hook=checkpoint, **options)
+                      eval_hook=checkpoint, collate_fn=ctx.task.collate, **options)
     holder["trainer"] = trainer
     resume = str(ckpt) if ckpt.is_file() else None
     if resume:
@@ -142,7 +149,8 @@ def _train_and_cut(ctx: Context, gm: nn.Module, data: Data, example: torch.Tenso
     if wiring["imp"]:
         ctx.notes.append("imp: an interrupted run restarts the IMP phase (no per-epoch resume)")
         phase = dict(epochs=r["epochs"], batch_size=r["batch_size"], lr=r["lr"], seed=r["seed"],
-                     progress=ctx.progress and ctx.writer, device=ctx.device)
+                     progress=ctx.progress and ctx.writer, device=ctx.device,
+                     collate_fn=ctx.task.collate)
         run_imp(gm, _shard(ctx, data.train), phases=[phase])
     elif r["epochs"] > 0:
         cut = _fit(ctx, gm, data.train, ctx.out.checkpoint("train.pt"), r["epochs"], r["lr"],
@@ -154,6 +162,11 @@ def _train_and_cut(ctx: Context, gm: nn.Module, data: Data, example: torch.Tenso
             apply_budget(gm, target_latency=r["target_latency"])
         else:
             apply_budget(gm, r["target_sparsity"])
+    if ctx.hf is not None and r["granularity"] == "channel":
+        from sparsify_fx.budgets.channel_cut import equalize_groups
+        kept = equalize_groups(gm)  # one width per layer kind: the HF config can hold it
+        ctx.notes.append("hf: channel widths made uniform across layers (slots kept per "
+                         f"structure: {sorted(kept.values())})")
 
 
 def _load_into(gm: nn.Module, path: Path) -> None:
@@ -173,18 +186,46 @@ def _masks_equal_across_ranks(ctx: Context, gm: nn.Module) -> bool | None:
                for g in gathered)
 
 
+def _replay_warnings(ctx: Context, caught: list[warnings.WarningMessage]) -> None:
+    """Warnings of ``transform`` shown again, except torch.export's specialisations of an
+    hf: model (expected, e.g. the sequence length up to its positions): kept as notes."""
+    from sparsify_fx.passes.capture_export import SpecializationWarning
+
+    for w in caught:
+        if ctx.hf is not None and issubclass(w.category, SpecializationWarning):
+            lines = [ln.strip() for ln in str(w.message).splitlines()[1:-1]]
+            ctx.notes.extend(f"torch.export: {ln}" for ln in lines)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _load_model_and_data(ctx: Context) -> tuple[nn.Module, Data]:
+    """MODEL and DATA of the recipe; for hf:DIR also sets ``ctx.hf`` and ``ctx.task``."""
+    from sparsify_fx.cli.model_inputs import load_model
+    from sparsify_fx.prune.hf_task import hf_data, is_hf, load_hf
+
+    r = ctx.recipe
+    if is_hf(r["model"]):
+        ctx.hf = load_hf(r["model"], r["task"])
+        data, ctx.task = hf_data(ctx.hf, r)
+        return ctx.hf.adapter, data
+    return (load_model(r["model"], r["weights"], ctx.trust_pickle),
+            load_data(r["data"], r["seed"], r["val_fraction"], r["image_size"]))
+
+
 def run(ctx: Context, overwrite: bool) -> dict[str, Any] | None:
     """Run (or resume) the pipeline; rank 0 returns the summary, other ranks None."""
-    from sparsify_fx.cli.model_inputs import check_runs, load_model
+    from sparsify_fx.cli.model_inputs import check_runs
     from sparsify_fx.prepare import transform
-    from sparsify_fx.training.trainer import evaluate
     from sparsify_fx.prune.outputs import outputs_present, write_outputs
+
+    from sparsify_fx.prune.hf_task import check_recipe
 
     started = time.monotonic()
     r = ctx.recipe
     if r["model"] is None:
-        raise InputError("MODEL is required: torchvision:<name> or package.module:factory "
-                         "(on the command line or as `model` in the recipe)")
+        raise InputError("MODEL is required: torchvision:<name>, package.module:factory or "
+                         "hf:DIR (on the command line or as `model` in the recipe)")
     targets = [k for k in TARGETS if r[k] is not None]
     if len(targets) != 1:
         raise ConfigError("give exactly one of --target-sparsity, --target-macs or "
@@ -194,6 +235,10 @@ def run(ctx: Context, overwrite: bool) -> dict[str, Any] | None:
             raise ConfigError(f"{key} must be >= 0, got {r[key]}")
     if r["batch_size"] < 1:
         raise ConfigError(f"batch_size must be >= 1, got {r['batch_size']}")
+    for key in ("max_length", "block_size"):
+        if r[key] is not None and r[key] < 2:
+            raise ConfigError(f"{key} must be >= 2, got {r[key]}")
+    check_recipe(r)
     if r["threads"] is not None:
         torch.set_num_threads(max(1, r["threads"]))
     ctx.rank, ctx.world, ctx.device = _setup_distributed(r["device"])
@@ -204,22 +249,38 @@ def run(ctx: Context, overwrite: bool) -> dict[str, Any] | None:
                 "(--overwrite reruns it)")
         return None
     torch.manual_seed(r["seed"])
-    model = load_model(r["model"], r["weights"], ctx.trust_pickle)
-    data = load_data(r["data"], r["seed"], r["val_fraction"], r["image_size"])
-    example = example_input(data)
+    model, data = _load_model_and_data(ctx)
+    task = ctx.task
+    example = task.example if task.example is not None else example_input(data)
     check_runs(model, example, "DATA and MODEL do not fit: MODEL must accept a batch of "
                "DATA samples")
-    gm = transform(model, method=r["method"], granularity=r["granularity"],
-                   include=r["include"] or None, exclude=r["exclude"] or None,
-                   keep_first=r["keep_first"], keep_last=r["keep_last"],
-                   target_sparsity=r["target_sparsity"], target_macs=r["target_macs"],
-                   target_latency=r["target_latency"], example_inputs=example)
+    # hf: runs keep torch.export's specialisations as notes (others warn as they come)
+    recorder = (warnings.catch_warnings(record=True) if ctx.hf is not None
+                else contextlib.nullcontext([]))
+    with recorder as caught:
+        options = dict(method=r["method"], granularity=r["granularity"],
+                       include=r["include"] or None, exclude=r["exclude"] or None,
+                       keep_first=r["keep_first"], keep_last=r["keep_last"],
+                       target_sparsity=r["target_sparsity"], target_macs=r["target_macs"],
+                       target_latency=r["target_latency"], example_inputs=example,
+                       capture=task.capture, dynamic_shapes=task.dynamic_shapes)
+        gm = transform(model, **options)
+        if ctx.hf is not None and r["granularity"] == "channel":
+            from sparsify_fx.passes.shrink_source import config_cannot_hold
+            fixed = config_cannot_hold(gm)  # e.g. a pooler: its config has no width for it
+            if fixed:
+                options["exclude"] = [*(r["exclude"] or []), *fixed]
+                gm = transform(model, **options)
+                ctx.notes.append("hf: kept whole, the config holds no width for them: "
+                                 + ", ".join(fixed))
+    _replay_warnings(ctx, caught or [])
     _barrier(ctx)  # every rank has read OUTDIR before rank 0 changes it
     if ctx.writer:
         ctx.out.prepare(r, overwrite, writer=True)
     _barrier(ctx)
-    before = evaluate(model, DataLoader(data.val, batch_size=256))
-    ctx.say(f"data: {data.description}\nbefore pruning: val accuracy {before:.2f} %")
+    before = task.evaluate(model, data.val)
+    ctx.say(f"data: {data.description}\nbefore pruning: val {task.metric} {before:.2f}"
+            + (" %" if task.metric == "accuracy" else ""))
     gm.to(ctx.device)
     example_dev = example.to(ctx.device)
 

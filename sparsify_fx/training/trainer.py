@@ -114,6 +114,8 @@ class Trainer:
     ``mask_optimizer`` (Adam by default: it moves scores at a rate set by
     ``mask_lr`` whatever the gradient scale, so short runs still drive
     ``|s|`` well past ``1 / beta_final``; pass ``None`` for the weights' one).
+    ``collate_fn`` (default: stacking) makes training batches, e.g. padding
+    token sequences per batch.
     """
 
     def __init__(self, model: nn.Module, train_set: Dataset, val_loader: Iterable | None = None,
@@ -126,6 +128,7 @@ class Trainer:
                  checkpoint_path: str | None = None, eval_hook: EvalHook | None = None,
                  progress: bool = True, callbacks: Iterable[Any] = (),
                  method: MethodSession | None = None,
+                 collate_fn: Callable[[list[Any]], Any] | None = None,
                  **method_options: Any) -> None:
         self.model = model
         self.train_set = train_set
@@ -142,6 +145,7 @@ class Trainer:
         self.checkpoint_path = checkpoint_path
         self.eval_hook = eval_hook
         self.progress = progress
+        self.collate_fn = collate_fn
         self.method_options = method_options
         self.steps_per_epoch = math.ceil(len(train_set) / batch_size)  # type: ignore[arg-type]
         self.optimizer = self._make_optimizer()
@@ -194,7 +198,8 @@ class Trainer:
 
     def _loader(self, epoch: int) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 1_000 * self._round)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g,
+                          collate_fn=self.collate_fn)
 
     _round = 0
 
