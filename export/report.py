@@ -23,12 +23,13 @@ and MACs in ``node.meta``, as ShapeProp leaves shapes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from sparsify_fx.capture.inputs import ModelInputs, as_model_inputs
 from sparsify_fx.errors import InputError
 from sparsify_fx.mask import Mask
 from sparsify_fx.mask_index import masks, unwrap
@@ -78,6 +79,10 @@ class Report:
     latency: dict[str, Any] | None = None
     #: attention heads kept per attention layer: ``{module path: (kept, heads)}``
     heads: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: coupled channel models: MACs as ``shrink`` leaves them, over the layers (and
+    #: attention products) whose heads, units or channels can be removed, beside the
+    #: whole model's: ``{"layers", "dense_macs", "macs", "fraction", "model_fraction"}``
+    blocks: dict[str, Any] | None = None
 
     # -- totals --------------------------------------------------------------------
     @property
@@ -263,26 +268,14 @@ def channel_counts(w: Tensor, kind: str, groups: int) -> tuple[int, int, int, in
     return a, int(nz.any(1).sum()), groups * b, int(per_group.sum())
 
 
-def _inputs(example_inputs: Any) -> tuple:
-    if isinstance(example_inputs, Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs:
-        return tuple(example_inputs)
-    raise InputError(
-        f"example_inputs must be a tensor or a non-empty tuple of positional inputs, got "
-        f"{type(example_inputs).__name__}; e.g. report(model, torch.randn(1, 3, 224, 224))"
-    )
-
-
-def _shapes(inputs: Sequence[Any]) -> list[Shape]:
-    """Shapes of the tensors in ``inputs`` (lists and tuples flattened, in order)."""
-    out: list[Shape] = []
-    for x in inputs:
-        if isinstance(x, Tensor):
-            out.append(tuple(int(s) for s in x.shape))
-        elif isinstance(x, (list, tuple)):
-            out.extend(_shapes(x))
-    return out
+def _inputs(example_inputs: Any, model: nn.Module) -> ModelInputs:
+    inputs = as_model_inputs(example_inputs)
+    if inputs is None:
+        raise InputError(
+            "report needs example_inputs (a tensor, a tuple of positional inputs or a dict of "
+            "keyword tensors); e.g. report(model, torch.randn(1, 3, 224, 224))")
+    inputs.check_against(model)
+    return inputs
 
 
 def report(model: nn.Module, example_inputs: Any, *, name: str = "",
@@ -290,8 +283,9 @@ def report(model: nn.Module, example_inputs: Any, *, name: str = "",
     """Per-layer sparsity/params/MACs of ``model`` run on ``example_inputs``.
 
     ``model``: transformed (hard masks are used), folded or plain ``nn.Module``;
-    not mutated. ``example_inputs``: a tensor or tuple of positional inputs; MACs
-    scale with its batch size. ``eager=True`` skips the FX graph and counts aten ops
+    not mutated. ``example_inputs``: a tensor, a tuple of positional inputs or a dict of
+    keyword tensors (``report(gm, example_inputs=dict(tok))``); MACs scale with its batch
+    size. ``eager=True`` skips the FX graph and counts aten ops
     (also the automatic fallback when the model does not trace). ``latency``: the
     :class:`~sparsify_fx.budgets.cost_model.ChannelCost` from ``channel_latency`` on the
     transformed model (the one the cut used): adds each layer's estimated ms under
@@ -299,9 +293,10 @@ def report(model: nn.Module, example_inputs: Any, *, name: str = "",
     whole ``model`` (shrunk first if it still has masks) in onnxruntime.
     """
     model = unwrap(model)
-    inputs = _inputs(example_inputs)
+    given = _inputs(example_inputs, model)
     weights, mask_pairs = effective_weights(model)
-    count = count_macs(model, inputs, weights, mask_pairs, eager=eager)  # InputError if it fails
+    count = count_macs(model, given.args, weights, mask_pairs, eager=eager,
+                       kwargs=given.kwargs)  # InputError if it fails
     masked = {n for n, _ in mask_pairs}
     rows = [_row(use, weights[use.name], use.name in masked) for use in count.weights.values()]
     notes = []
@@ -311,11 +306,33 @@ def report(model: nn.Module, example_inputs: Any, *, name: str = "",
     with torch.no_grad():
         total_nnz = sum(int(torch.count_nonzero(t)) for t in weights.values())
     out = Report(rows, list(count.other), sum(t.numel() for t in weights.values()), total_nnz,
-                 _shapes(inputs), name or type(model).__name__, count.method, notes)
+                 given.shapes(), name or type(model).__name__, count.method, notes)
     out.heads = heads_kept(model, weights)
+    out.blocks = structured_blocks(model, given.positional(model))
     if latency is not None:
-        _add_latency(out, model, inputs, latency, measure_latency)
+        _add_latency(out, model, given.positional(model), latency, measure_latency)
     return out
+
+
+def structured_blocks(model: nn.Module, inputs: tuple) -> dict[str, Any] | None:
+    """MACs of the prunable blocks as shrink leaves them (see :attr:`Report.blocks`);
+    None for a model without coupled channel groups. Read-only."""
+    from sparsify_fx.budgets.cost_model import channel_macs
+    from sparsify_fx.budgets.exact_cut import weight_costs
+    from sparsify_fx.passes.couple_channels import group_masks
+    if not group_masks(model):
+        return None
+    cost = channel_macs(model, weight_costs(model, inputs))
+    keep = cost.hard_keep()
+    dense = cost.layer_costs(torch.ones_like(keep))
+    kept = cost.layer_costs(keep)
+    names = sorted({lay.weight for lay in cost.layers
+                    if bool((lay.out_slot < cost.n_slots).any() | (lay.in_slot < cost.n_slots).any())})
+    block_dense = sum(dense[n] for n in names)
+    block_kept = sum(kept[n] for n in names)
+    return {"layers": names, "dense_macs": block_dense, "macs": block_kept,
+            "fraction": block_kept / block_dense if block_dense else 1.0,
+            "model_fraction": cost.hard_fraction()}
 
 
 def _add_latency(rep: Report, model: nn.Module, inputs: tuple, cost: Any, measure: bool) -> None:

@@ -86,7 +86,18 @@ def summary_lines(report: "Report") -> list[str]:
         f"{_g(t['flops'])}",
         *_latency_lines(report),
         *heads_line(report.heads),
+        *_blocks_lines(report),
     ]
+
+
+def _blocks_lines(report: "Report") -> list[str]:
+    """Coupled channel models: the prunable blocks' MACs as shrink leaves them."""
+    b = report.blocks
+    if not b:
+        return []
+    return [f"pruned blocks ({len(b['layers'])} layers and attention products): MACs as shrunk "
+            f"{_g(b['macs'])} of {_g(b['dense_macs'])} (fraction {b['fraction']:.3f}); "
+            f"whole model as shrunk: fraction {b['model_fraction']:.3f}"]
 
 
 def _latency_lines(report: "Report") -> list[str]:

@@ -39,6 +39,7 @@ from torch import fx, nn
 from sparsify_fx.mask import MaskSet
 
 from sparsify_fx.passes import attention_heads
+from sparsify_fx.passes.aten_channel_walk import AtenChannelWalk
 from sparsify_fx.passes.channel_layout_rules import (ADD_OPS, BINARY_METHODS, CONV_FUNCS, DIV_OPS, LINEAR_FUNCS,
                                    MUL_OPS, NONTENSOR, NONZERO_FUNCS, NONZERO_METHODS,
                                    NONZERO_MODULES, NORM_TYPES, OPAQUE, REDUCE_FUNCS,
@@ -213,8 +214,14 @@ def _target_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
+def _is_aten(gm: fx.GraphModule) -> bool:
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+               for n in gm.graph.nodes)
+
+
 def analyze_channels(gm: fx.GraphModule, masked: set[str] | None = None) -> ChannelGraph:
-    """Channel dependency groups of ``gm``.
+    """Channel dependency groups of ``gm``: a module graph (torch.fx) or an ATen graph
+    (a torch.export capture, walked by :mod:`~sparsify_fx.passes.aten_channel_walk`).
 
     ``masked``: qualified weight names whose producers may lose channels
     (default: every weight reached through a mask node). Read-only.
@@ -222,19 +229,34 @@ def analyze_channels(gm: fx.GraphModule, masked: set[str] | None = None) -> Chan
     if masked is None:
         masked = {w for n in gm.graph.nodes for w in [weight_source(gm, n)[0]]
                   if n.op == "call_module" and w is not None}
+    if _is_aten(gm):
+        walk = AtenChannelWalk(gm, masked).run()
+        return group_channels(walk.n_ids, walk.owner, walk.whole, walk.edges, walk.producers,
+                              walk.norms, {}, walk.unsupported, {})
     an = _Analyzer(gm, masked)
     an.run()
+    return group_channels(an.n_ids, an.owner, an.whole_ids, an.edges, an.producers, an.norms,
+                          {k: v for k, v in an.state.items() if isinstance(v, Layout)},
+                          an.unsupported, an.attention)
+
+
+def group_channels(n_ids: int, owner_of: list[int], whole_ids: set[int],
+                   edges: list[tuple[int, int]], producers: dict[str, Producer],
+                   norms: dict[str, NormSite], layouts: dict[str, Layout],
+                   unsupported: list[str], attention: dict[str, AttentionSite]) -> ChannelGraph:
+    """Tied ids -> components -> groups (one score vector per set of producers sharing
+    components), whichever walk found them. ``owner_of[id]``: producer index, -1 none."""
     g = nx.Graph()
-    g.add_nodes_from(range(an.n_ids))
-    g.add_edges_from(an.edges)
-    component = np.full(an.n_ids, -1, dtype=np.int64)
+    g.add_nodes_from(range(n_ids))
+    g.add_edges_from(edges)
+    component = np.full(n_ids, -1, dtype=np.int64)
     comps = sorted((sorted(c) for c in nx.connected_components(g)), key=lambda c: c[0])
-    owner = np.asarray(an.owner, dtype=np.int64)
-    whole = np.zeros(an.n_ids, dtype=bool)
-    whole[list(an.whole_ids)] = True
+    owner = np.asarray(owner_of, dtype=np.int64)
+    whole = np.zeros(n_ids, dtype=bool)
+    whole[list(whole_ids)] = True
     prunable = np.zeros(len(comps), dtype=bool)
     owners = nx.Graph()
-    names = list(an.producers)
+    names = list(producers)
     for ci, ids in enumerate(comps):
         component[ids] = ci
         prunable[ci] = not whole[ids].any() and (owner[ids] >= 0).all()
@@ -252,11 +274,9 @@ def analyze_channels(gm: fx.GraphModule, masked: set[str] | None = None) -> Chan
         group_of[cs] = gi
         slot_of[cs] = np.arange(len(cs))
         groups.append(ChannelGroup(gi, [names[i] for i in sorted(members)], cs))
-    return ChannelGraph(an.n_ids, an.producers, an.norms,
-                        {k: v for k, v in an.state.items() if isinstance(v, Layout)},
-                        component, prunable, group_of, slot_of, groups, an.unsupported,
-                        an.attention)
+    return ChannelGraph(n_ids, producers, norms, layouts, component, prunable, group_of,
+                        slot_of, groups, unsupported, attention)
 
 
-__all__ = ["analyze_channels", "weight_source", "ChannelGraph", "OPAQUE", "NONTENSOR",
+__all__ = ["analyze_channels", "group_channels", "weight_source", "ChannelGraph", "OPAQUE", "NONTENSOR",
            "CONV_FUNCS", "LINEAR_FUNCS"]

@@ -55,6 +55,9 @@ class Producer:
     in_ids: np.ndarray | None
     shape: tuple[int, ...] = ()
     macs_unit: float | None = None
+    #: how the weight parameter stores ``shape[:2]``: ``"oi"`` (Linear, Conv) or ``"io"``
+    #: (``(in, out)``, HF ``Conv1D`` through ``addmm``; ATen graphs only)
+    weight_layout: str = "oi"
 
 
 @dataclass
@@ -91,11 +94,15 @@ class AttentionSite:
 
 @dataclass
 class NormSite:
-    """A BatchNorm call_module node and the channel ids it normalises."""
+    """A BatchNorm call (a call_module node, or an ATen ``batch_norm`` call) and the
+    channel ids it normalises."""
 
     node: str
     module: str
     ids: np.ndarray
+    #: ATen graphs: the call's (weight, bias, running_mean, running_var) parameter names
+    #: (None where absent); empty for a BatchNorm module call of a module graph
+    params: tuple = ()
 
 
 @dataclass

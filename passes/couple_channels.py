@@ -42,7 +42,7 @@ from sparsify_fx.passes.stored_analysis import channel_graph_of
 from sparsify_fx.passes.channel_analysis import ChannelGraph, analyze_channels
 
 GROUP_PREFIX = "channel_group_"
-PRODUCER_KINDS = ("conv", "linear", "depthwise_conv", "grouped_conv")
+PRODUCER_KINDS = ("conv", "linear", "depthwise_conv", "grouped_conv", "matmul")
 GroupMaskFactory = Callable[[int, str], Mask]
 
 
@@ -138,8 +138,9 @@ def couple_channels(gm: nn.Module, make_group_mask: GroupMaskFactory, *,
             _remove_graph_mask(gm, _key_of(e))
             continue
         sources, index = made
-        mask_set[_key_of(e)] = SharedChannelMask(e.mask.weight_shape, sources, index.to(device),
-                                                 e.name, e.kind).to(device)
+        mask_set[_key_of(e)] = SharedChannelMask(
+            e.mask.weight_shape, sources, index.to(device), e.name, e.kind,
+            channel_dim=1 if prod.weight_layout == "io" else 0).to(device)
         if prod.bias is not None:
             _mask_bias(gm, prod, sources, index, device)
     for e in leaf_entries:  # inside leaf modules: attention heads, else kept whole
@@ -164,6 +165,11 @@ def couple_channels(gm: nn.Module, make_group_mask: GroupMaskFactory, *,
         made = _index_for(cg, norm.ids, group_masks)
         if made is None:
             continue
+        if norm.params:  # an ATen batch_norm call: mask nodes after its weight and bias inputs
+            for param in norm.params[:2]:
+                if param is not None:
+                    _mask_input(gm, norm.node, param, made[0], made[1], device, "batchnorm")
+            continue
         bn = gm.get_submodule(norm.module)
         for attr in ("weight", "bias"):
             follower = SharedChannelMask(tuple(getattr(bn, attr).shape), made[0],
@@ -184,32 +190,40 @@ def _is_attention_out(cg: ChannelGraph, weight: str) -> bool:
 def _mask_bias(gm: fx.GraphModule, prod, sources: list[Mask], index: Tensor,
                device: torch.device) -> None:
     """Put a follower mask node after the producer's bias ``get_attr`` input."""
-    bias = prod.bias
-    node = next(n for n in gm.graph.nodes if n.name == prod.node)
-    bias_arg = next((a for a in node.all_input_nodes
-                     if a.op == "get_attr" and str(a.target) == bias), None)
-    if bias_arg is None:
-        return  # bias already behind a mask node
-    key = MaskSet.key_for(bias)
+    _mask_input(gm, prod.node, prod.bias, sources, index, device, "bias")
+
+
+def _mask_input(gm: fx.GraphModule, node_name: str, param: str, sources: list[Mask],
+                index: Tensor, device: torch.device, kind: str) -> None:
+    """Put a follower mask node between ``param``'s ``get_attr`` and the call ``node_name``."""
+    node = next(n for n in gm.graph.nodes if n.name == node_name)
+    arg = next((a for a in node.all_input_nodes
+                if a.op == "get_attr" and str(a.target) == param), None)
+    if arg is None:
+        return  # already behind a mask node
+    key = MaskSet.key_for(param)
     mask_set = getattr(gm, MaskSet.ATTRIBUTE)
     while key in mask_set:
         key += "_"
-    shape = tuple(gm.get_parameter(bias).shape)
-    mask_set[key] = SharedChannelMask(shape, sources, index.to(device), bias, "bias",
+    shape = tuple(gm.get_parameter(param).shape)
+    mask_set[key] = SharedChannelMask(shape, sources, index.to(device), param, kind,
                                       auxiliary=True).to(device)
-    with gm.graph.inserting_after(bias_arg):
-        masked = gm.graph.call_module(f"{MaskSet.ATTRIBUTE}.{key}", (bias_arg,))
-    node.replace_input_with(bias_arg, masked)
+    with gm.graph.inserting_after(arg):
+        masked = gm.graph.call_module(f"{MaskSet.ATTRIBUTE}.{key}", (arg,))
+    node.replace_input_with(arg, masked)
 
 
 # -- working with groups after coupling ------------------------------------------------
 def group_masks(model: nn.Module) -> dict[str, Mask]:
     """The shared group masks of a coupled model, ``{key: mask}`` (score shape ``(K,)``)."""
     model = unwrap(model)
-    mask_set = getattr(model, MaskSet.ATTRIBUTE, None)
-    if mask_set is None:
-        return {}
-    return {k: m for k, m in mask_set.items() if k.startswith(GROUP_PREFIX)}
+    out: dict[str, Mask] = {}
+    for module in model.modules():  # the model itself, or an exported model's graphs
+        mask_set = getattr(module, MaskSet.ATTRIBUTE, None) if isinstance(module, fx.GraphModule) \
+            else None
+        if isinstance(mask_set, MaskSet):
+            out.update((k, m) for k, m in mask_set.items() if k.startswith(GROUP_PREFIX))
+    return out
 
 
 def channel_l1_scores(model: nn.Module, per_weight: bool = False) -> dict[str, Tensor]:
@@ -227,7 +241,8 @@ def channel_l1_scores(model: nn.Module, per_weight: bool = False) -> dict[str, T
             m = e.mask
             if not isinstance(m, SharedChannelMask) or m.auxiliary:
                 continue
-            per_channel = e.weight.detach().abs().reshape(m.weight_shape[0], -1).sum(1).double()
+            w = e.weight.detach().abs().movedim(getattr(m, "channel_dim", 0), 0)
+            per_channel = w.reshape(w.shape[0], -1).sum(1).double()
             for src, sel, slot in m.source_slots():
                 scores[ids[id(src)]].index_add_(0, slot.cpu(), per_channel[sel].cpu())
                 counts[ids[id(src)]].index_add_(0, slot.cpu(), torch.full(

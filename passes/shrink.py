@@ -25,12 +25,13 @@ from torch import fx, nn
 from sparsify_fx.config import require_target_applied
 from sparsify_fx.errors import ShrinkError
 from sparsify_fx.mask import SharedChannelMask
-from sparsify_fx.mask_index import masks, unwrap
+from sparsify_fx.mask_index import main_graph, masks, unwrap
 
 from sparsify_fx.passes.channel_analysis import ChannelGraph
 from sparsify_fx.passes.fold_masks import fold_masks_inplace
 from sparsify_fx.passes.stored_analysis import channel_graph_of, coupled_producers
 from sparsify_fx.passes.shrink_attention import shrink_attention
+from sparsify_fx.passes.shrink_source import shrink_to_source
 
 
 @dataclass
@@ -69,12 +70,12 @@ def _coupled_entries(gm: fx.GraphModule) -> dict[str, SharedChannelMask]:
 
 def plan_shrink(model: nn.Module) -> ShrinkPlan:
     """Which channels :func:`shrink` keeps, per layer (read-only)."""
-    gm = unwrap(model)
-    if not isinstance(gm, fx.GraphModule):
-        raise ShrinkError(f"shrink needs one GraphModule from symbolic tracing with "
-                          f"granularity='channel', got {type(gm).__name__}; partially traced "
-                          "and torch.export-captured models keep their channels (prune them "
-                          "with granularity='element' and fold, or make the model traceable)")
+    gm = main_graph(model)
+    if gm is None:
+        raise ShrinkError(f"shrink needs one GraphModule from symbolic tracing or a torch.export "
+                          f"capture with granularity='channel', got {type(unwrap(model)).__name__}; "
+                          "partially traced models keep their channels (prune them with "
+                          "granularity='element' and fold, or make the model traceable)")
     coupled = _coupled_entries(gm)
     cg = channel_graph_of(gm)
     keep_id = np.ones(cg.n_ids, dtype=bool)
@@ -143,9 +144,14 @@ def _new_norm(bn: nn.Module, keep: torch.Tensor) -> nn.Module:
     return new
 
 
-def shrink(model: nn.Module) -> fx.GraphModule:
-    """Return a smaller plain GraphModule without the pruned channels (see module doc)."""
+def shrink(model: nn.Module) -> nn.Module:
+    """Return a smaller plain GraphModule without the pruned channels (see module doc); a
+    torch.export capture shrinks into its source class
+    (:func:`~sparsify_fx.passes.shrink_source.shrink_to_source`)."""
     require_target_applied(unwrap(model), "shrink")
+    if main_graph(model) is not unwrap(model):
+        plan = plan_shrink(model)
+        return shrink_to_source(model, plan.graph, plan.keep_id)
     out = copy.deepcopy(unwrap(model))
     plan = plan_shrink(out)
     cg, keep_id = plan.graph, plan.keep_id

@@ -308,7 +308,7 @@ class SharedChannelMask(Mask):
 
     ``sources``: the group masks (any Mask with 1-D ``score_shape`` (K_g,), e.g.
     a CSMask built by the method). ``index``: int64, one entry per channel of
-    this tensor's dim 0, pointing into ``cat(source values) + [whole]``; the
+    this tensor's ``channel_dim`` (0, or 1 for an ``(in, out)`` weight), pointing into ``cat(source values) + [whole]``; the
     last position means "always kept" (factor exactly 1, soft or hard).
     Used by the channel coupling pass for producer weights and biases and for
     BatchNorm weight/bias (``kind`` "batchnorm"/"bias": ``auxiliary`` True).
@@ -320,13 +320,17 @@ class SharedChannelMask(Mask):
     method = "shared"
 
     def __init__(self, weight_shape: Sequence[int], sources: Sequence[Mask], index: torch.Tensor,
-                 weight_name: str = "", kind: str = "", auxiliary: bool = False) -> None:
+                 weight_name: str = "", kind: str = "", auxiliary: bool = False,
+                 channel_dim: int = 0) -> None:
         super().__init__(weight_shape, "channel", weight_name)
+        if channel_dim == 1:  # a weight stored (in, out), as HF Conv1D keeps it
+            self.score_shape = (1, self.weight_shape[1], *(1,) * (len(self.weight_shape) - 2))
+        self.channel_dim = int(channel_dim)
         self.sources = nn.ModuleList(sources)
         index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
-        if index.numel() != self.score_shape[0]:
+        if index.numel() != self.score_shape[self.channel_dim]:
             raise ConfigError(f"{weight_name}: index has {index.numel()} entries for "
-                              f"{self.score_shape[0]} channels")
+                              f"{self.score_shape[self.channel_dim]} channels")
         self.register_buffer("index", index)
         self.kind = kind
         self.auxiliary = bool(auxiliary)

@@ -57,6 +57,16 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def main_graph(model: nn.Module) -> fx.GraphModule | None:
+    """The one graph channel analyses read: ``model`` itself when it is a GraphModule, the
+    train-mode graph of a torch.export capture (``train_graph``), else None."""
+    model = unwrap(model)
+    if isinstance(model, fx.GraphModule):
+        return model
+    graph = getattr(model, "train_graph", None)
+    return graph if isinstance(graph, fx.GraphModule) else None
+
+
 def _graph_entries(gm: fx.GraphModule) -> Iterator[MaskEntry]:
     seen: set[int] = set()
     for node in gm.graph.nodes:

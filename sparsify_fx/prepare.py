@@ -17,7 +17,8 @@ from sparsify_fx.passes.pass_base import SparsifyPass, run_passes
 from sparsify_fx.passes.stored_analysis import CountWeightMacs
 
 from sparsify_fx.capture.capture_model import PartialTraceWarning, capture_model, check_capture_options
-from sparsify_fx.config import SparsifyConfig, attach_config, config_of, normalize_inputs
+from sparsify_fx.capture.inputs import ModelInputs, as_model_inputs
+from sparsify_fx.config import SparsifyConfig, attach_config, config_of
 from sparsify_fx.errors import ConfigError, InputError, SelectionError
 from sparsify_fx.input_checks import check_finite_weights, resolve_layer_targets
 from sparsify_fx.granularity import GRANULARITIES, parse_granularity, pattern_target
@@ -32,6 +33,15 @@ def _check_fraction(name: str, value: Any) -> None:
     for v in values:
         if not isinstance(v, (int, float)) or not 0.0 <= float(v) < 1.0:
             raise ConfigError(f"{name} must be a fraction in [0, 1), got {v!r}")
+
+
+def _stored_inputs(inputs: ModelInputs, captured: nn.Module) -> tuple[Any, ...] | ModelInputs:
+    """The example inputs as the captured model takes them positionally (what every
+    reader of ``SparsifyConfig.example_inputs`` expects), else as given."""
+    try:
+        return inputs.positional(captured)
+    except InputError:  # keyword-only inputs: kept as keywords
+        return inputs
 
 
 def transform(model: nn.Module, *, method: str = "cs", granularity: str = "element",
@@ -56,9 +66,13 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
     and ``target_macs`` (fraction of dense MACs) are budgets the training and
     one-shot methods meet exactly; each method declares the budgets it honours
     (:attr:`MethodSpec.budgets`) and any other is refused here with ConfigError.
-    ``example_inputs`` (a tensor or a tuple of them): sample inputs; MACs budgets
+    ``example_inputs`` (a tensor, a tuple of them, or a dict of keyword tensors such as
+    ``dict(tokenizer(texts, return_tensors="pt"))``): sample inputs; MACs budgets
     count per-weight costs on them (a traced GraphModule is counted once here, its
-    per-node MACs kept in ``node.meta``; InputError if the model fails on them).
+    per-node MACs kept in ``node.meta``; InputError if the model fails on them, or for
+    a key ``forward`` does not take). Keyword inputs: the returned model takes the same
+    keywords (see docs/capture.md, "Keyword inputs"); ``sparsify_config.example_inputs``
+    keeps them in the returned model's positional form (:meth:`ModelInputs.positional`).
     Remaining keyword options go to the method (e.g. ``s_init``, ``rescale`` for ``"cs"``).
 
     ``capture``: ``"auto"`` (symbolic_trace; if it fails and ``example_inputs``
@@ -66,7 +80,9 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
     whole or partial) or ``"export"`` (torch.export only; returns an
     :class:`~sparsify_fx.capture.exported_module.ExportedModule` that switches graphs
     with ``.train()``/``.eval()``). ``dynamic_shapes``: as for
-    ``torch.export.export``; default: dim 0 of every input is dynamic. A
+    ``torch.export.export`` (for keyword inputs a dict keyed by keyword, e.g.
+    ``{"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}, ...}``); default: dim 0 of every
+    input is dynamic. A
     :class:`~sparsify_fx.passes.capture_export.SpecializationWarning` names
     what export specialised. See docs/capture.md.
     """
@@ -93,7 +109,9 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
                             ("target_latency", target_latency)) if v is not None]
     if len(given) > 1:
         raise ConfigError(f"give either {' or '.join(given)}, not both: one budget per model")
-    inputs = normalize_inputs(example_inputs)
+    inputs = as_model_inputs(example_inputs)
+    if inputs is not None:
+        inputs.check_against(model)
     check_capture_options(capture, inputs, dynamic_shapes)
     spec.check_budgets(target_sparsity=target_sparsity, target_macs=target_macs,
                        target_latency=target_latency, granularity=granularity,
@@ -104,13 +122,8 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
     captured = capture_model(working, capture=capture, example_inputs=inputs,
                              dynamic_shapes=dynamic_shapes, leaf_modules=leaf_modules,
                              concrete_args=concrete_args)
-    if captured.path == "export" and granularity == "channel":
-        raise ConfigError(
-            "granularity='channel' needs a torch.fx module graph (channel coupling reads "
-            "Conv/BatchNorm modules), but this model was captured with torch.export; use "
-            "granularity='element', or make the model symbolically traceable (capture='fx'); "
-            "for heads and MLP units of a Hugging Face BERT-style encoder use "
-            "sparsify_fx.plan_hf / freeze_plan / shrink_hf (docs/transformers.md)")
+    if captured.path == "export":  # shrink rebuilds the source class from it (tensors shared)
+        captured.model.__dict__["source_module"] = working
     root = captured.root
     sites = find_weight_sites(root, original, captured.graphs)
     chosen = select_sites(sites, include, exclude, keep_first, keep_last)
@@ -140,12 +153,13 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
 
     untraced = [str(f) for f in captured.failures]
     root = captured.model
+    stored = None if inputs is None else _stored_inputs(inputs, root)
     config = SparsifyConfig(method, granularity, options, target_sparsity, target_macs,
-                            per_layer, untraced, inputs, target_latency)
+                            per_layer, untraced, stored, target_latency)
     attach_config(root, config)
     root.train(model.training)
-    if inputs is not None:  # MACs counted once, stored on the nodes: weight_costs reads them
-        CountWeightMacs(inputs)(root)
+    if isinstance(stored, tuple):  # MACs counted once, stored on the nodes: weight_costs reads them
+        CountWeightMacs(stored)(root)
     if spec.after_transform is not None:
         spec.after_transform(root, config)
     return root

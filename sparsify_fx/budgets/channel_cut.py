@@ -43,7 +43,7 @@ def coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: flo
     slots_of: dict[str, Tensor] = {}
     for e in entries:
         unit = float(e.mask.weights_per_score)
-        dense += unit * e.mask.score_shape[0]
+        dense += unit * math.prod(e.mask.score_shape)
         glob = torch.full((e.mask.index.numel(),), -1, dtype=torch.long)
         for src, sel, slot in e.mask.source_slots():
             glob[sel.cpu()] = slot.cpu() + start[id(src)]
@@ -75,9 +75,12 @@ def coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: flo
     floor_slots = int(ends[n_floor - 1]) if n_floor else 0
     if target_macs is not None:
         assert costs is not None
-        keep = _macs_prefix(costs if isinstance(costs, ChannelCost) else
-                            channel_macs(model, costs), order_slots, ends, float(target_macs),
-                            n_floor)
+        try:
+            keep = _macs_prefix(costs if isinstance(costs, ChannelCost) else
+                                channel_macs(model, costs), order_slots, ends,
+                                float(target_macs), n_floor)
+        except BudgetError as exc:
+            raise BudgetError(f"{exc}{_export_hint(model)}") from None
     else:
         fraction = 1.0 - float(target_sparsity)  # type: ignore[arg-type]
         budget = fraction * dense - fixed
@@ -85,7 +88,8 @@ def coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: flo
         if budget < floor_units:
             raise BudgetError(f"the budget keeps {fraction:.3f} of the masked weights, but "
                               "channels that must stay whole and one channel per group already "
-                              f"take {(fixed + floor_units) / dense:.3f}; raise the budget")
+                              f"take {(fixed + floor_units) / dense:.3f}; raise the budget"
+                              + _export_hint(model))
         if round_to == 1:
             keep = keep_top(ranking, slot_units, budget)
         else:  # whole blocks, best first, while their weights fit
@@ -171,3 +175,45 @@ def _macs_prefix(cm: ChannelMacs, order: Tensor, ends: Tensor, fraction: float,
         else:
             hi = mid - 1
     return top(lo)
+
+
+def _export_hint(model: nn.Module) -> str:
+    """On a torch.fx module graph: point at the ATen-level analysis, which reads the ops
+    inside modules it does not know (a BatchNorm subclass with its activation, own pooling
+    or squeeze-excitation modules)."""
+    from torch import fx
+    from sparsify_fx.mask_index import unwrap
+    if not isinstance(unwrap(model), fx.GraphModule):
+        return ""
+    return (", or transform with capture='export' and example_inputs=: the channel analysis "
+            "then reads the ATen ops inside modules it does not know")
+
+
+def equalize_groups(model: nn.Module) -> dict[tuple, int]:
+    """Uniform widths: groups of the same structure (slot count and producer weight shapes,
+    e.g. every layer's attention, every layer's MLP) keep the same number of slots, the
+    smallest count any of them kept, each its own best ones. Fewer kept slots only lower a
+    budget's cost, so a cut that met it still does. Returns ``{structure: slots kept}``.
+    Mutates the group masks (``freeze``)."""
+    from sparsify_fx.mask_index import main_graph
+    from sparsify_fx.passes.couple_channels import GROUP_PREFIX, group_masks
+    from sparsify_fx.passes.stored_analysis import channel_graph_of
+    graph = main_graph(model)
+    if graph is None:
+        raise BudgetError("uniform widths need a coupled channel model from transform")
+    cg = channel_graph_of(graph)
+    groups = group_masks(model)
+    classes: dict[tuple, list[str]] = {}
+    for g in cg.groups:
+        shapes = tuple(sorted(tuple(cg.producers[p].shape) for p in g.producers))
+        classes.setdefault((len(g.components), shapes), []).append(f"{GROUP_PREFIX}{g.index}")
+    kept: dict[tuple, int] = {}
+    for signature, keys in classes.items():
+        n = min(int(groups[k].hard_mask().sum()) for k in keys)
+        for k in keys:
+            scores = groups[k].ranking_scores().detach().float().reshape(-1).cpu()
+            keep = torch.zeros(scores.numel(), dtype=torch.bool)
+            keep[torch.sort(scores, descending=True, stable=True).indices[:n]] = True
+            groups[k].freeze(keep.reshape(groups[k].score_shape))
+        kept[signature] = n
+    return kept

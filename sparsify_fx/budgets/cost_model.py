@@ -25,7 +25,7 @@ from torch import Tensor, fx, nn
 
 from sparsify_fx.errors import BudgetError, ConfigError
 from sparsify_fx.mask import Mask
-from sparsify_fx.mask_index import MaskEntry, masks, unwrap
+from sparsify_fx.mask_index import MaskEntry, main_graph, masks, unwrap
 
 
 def is_coupled(entries: list[MaskEntry]) -> bool:
@@ -204,9 +204,10 @@ def slot_widths(model: nn.Module) -> Tensor:
 
 
 def _graph(model: nn.Module) -> fx.GraphModule:
-    gm = unwrap(model)
-    if not isinstance(gm, fx.GraphModule):
-        raise BudgetError("coupled channel budgets need one fully traced GraphModule")
+    gm = main_graph(model)
+    if gm is None:
+        raise BudgetError("coupled channel budgets need one fully traced GraphModule or a "
+                          "torch.export capture")
     return gm
 
 
@@ -264,6 +265,10 @@ def channel_latency(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor,
     from sparsify_fx.latency.probe import attention_signature, model_key, op_signatures
     from sparsify_fx.latency.table import LatencyTable, ort_timer
     gm = _graph(model)
+    if gm is not unwrap(model):
+        raise ConfigError("target_latency is not available on a torch.export capture: the "
+                          "latency table times the Conv/Linear/attention calls of torch.fx "
+                          "module graphs; budget this model with target_macs")
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     table = LatencyTable.load(threads, cache_dir)
     sigs = op_signatures(gm, inputs)

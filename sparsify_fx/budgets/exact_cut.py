@@ -14,7 +14,7 @@ channel); a latency cut is then measured in onnxruntime and corrected
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, fx, nn
@@ -22,16 +22,18 @@ from torch import Tensor, fx, nn
 from sparsify_fx.passes.stored_analysis import weight_macs_of
 
 from sparsify_fx.config import config_of
-from sparsify_fx.errors import BudgetError, ConfigError
+from sparsify_fx.capture.inputs import as_model_inputs
+from sparsify_fx.errors import BudgetError, ConfigError, InputError
 from sparsify_fx.granularity import parse_granularity
 from sparsify_fx.budgets.cost_model import (ChannelCost, budget_cost, channel_graph, channel_macs,
                          is_coupled)
-from sparsify_fx.budgets.channel_cut import coupled_cut
+from sparsify_fx.budgets.channel_cut import coupled_cut, equalize_groups
 from sparsify_fx.budgets.cut_result import CutResult, cut_result, keep_top
-from sparsify_fx.mask_index import MaskEntry, masks, unwrap
+from sparsify_fx.mask_index import MaskEntry, main_graph, masks, unwrap
+from sparsify_fx.passes.aten_values import concrete_shape
 
 
-def weight_costs(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor) -> dict[str, float]:
+def weight_costs(model: nn.Module, example_inputs: Any) -> dict[str, float]:
     """MACs per weight per sample for every masked weight (name -> float).
 
     A weight's cost is the dense MACs the one counter charges to it on
@@ -44,13 +46,20 @@ def weight_costs(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor) ->
     coupled channel model also gets the cost of every unmasked Conv/Linear weight
     of its graph (their input channels shrink too; see :func:`channel_macs`).
 
-    Runs the model at most once: on a model transformed with ``example_inputs`` of
+    ``example_inputs``: a tensor, a tuple of positional inputs or a dict of keyword
+    tensors (bound to the model's positional parameters, as the captured graph takes
+    them). Runs the model at most once: on a model transformed with ``example_inputs`` of
     these shapes it reads the per-node MACs stored there and runs nothing. Writes
     graph nodes' ``meta`` only (``tensor_meta`` and MACs, as ShapeProp would).
     """
     model = unwrap(model)
-    inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-    batch = int(inputs[0].shape[0]) if inputs and inputs[0].dim() > 0 else 1
+    given = as_model_inputs(example_inputs)
+    if given is None:
+        raise InputError("weight_costs needs example_inputs (a tensor, a tuple or a dict of "
+                         "keyword tensors)")
+    given.check_against(model)
+    inputs = given.positional(model)
+    batch = given.batch_size
     dense = weight_macs_of(model, inputs)
 
     def per_sample(name: str, shape: Sequence[int]) -> float | None:
@@ -62,21 +71,36 @@ def weight_costs(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor) ->
     for e in entries:
         cost = 0.0 if e.mask.auxiliary else per_sample(e.name, e.mask.weight_shape)
         costs[e.name] = 1.0 if cost is None else cost  # None: never used on these inputs
-    if isinstance(model, fx.GraphModule) and is_coupled(entries):
-        for prod in channel_graph(model).producers.values():
+    graph = main_graph(model)
+    if graph is not None and is_coupled(entries):
+        for prod in channel_graph(graph).producers.values():
             if prod.weight in costs or prod.macs_unit is not None:  # attention: own MACs unit
                 continue
-            cost = per_sample(prod.weight, prod.shape)
+            prefix = getattr(model, "logical_name_prefix", "")  # unmasked weights of an export
+            cost = per_sample(prod.weight, prod.shape) or per_sample(prefix + prod.weight, prod.shape)
+            if cost is None:  # e.g. a tied weight counted under its other name
+                cost = _positions_per_sample(graph, prod, batch)
             if cost is not None:
                 costs[prod.weight] = cost
     return costs
+
+
+def _positions_per_sample(graph: fx.GraphModule, prod, batch: int) -> float | None:
+    """Output positions per sample of a producer call, from its node's recorded shape."""
+    node = next((n for n in graph.graph.nodes if n.name == prod.node), None)
+    shape = concrete_shape(node) if node is not None else None
+    if not shape or prod.kind not in ("linear", "conv"):
+        return None
+    channels = shape[1] if prod.kind == "conv" else shape[-1]
+    return math.prod(shape) / (channels * max(batch, 1))
 
 
 def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] | None = None,
                  *, target_macs: float | None = None, costs: Mapping[str, float] | None = None,
                  target_latency: float | None = None, cost: ChannelCost | None = None,
                  per_layer: bool = False, scores: Mapping[str, Tensor] | None = None,
-                 final: bool = True, round_to: int | None = None) -> CutResult:
+                 final: bool = True, round_to: int | None = None,
+                 uniform: bool = False) -> CutResult:
     """Freeze every mask to the top-scored weights that fit the budget; mutates masks.
 
     ``target_sparsity``: fraction of masked weights to zero, global (default),
@@ -97,6 +121,10 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
     ``transform`` was given a target); schedules pass ``final=False`` for their
     intermediate cuts. Without ``costs``, a MACs budget counts them on the
     ``example_inputs`` given to ``transform``.
+    ``uniform`` (coupled channel masks): groups of one structure (every layer's attention,
+    every layer's MLP) then keep the same number of slots, the fewest any kept
+    (:func:`~sparsify_fx.budgets.channel_cut.equalize_groups`): a Hugging Face config can
+    describe the shrunk model, so ``save_pretrained`` / ``from_pretrained`` round-trip.
     ``round_to`` (coupled channel masks): every channel group keeps a multiple of
     ``round_to`` channels (or all of them), taken in whole blocks of its ranking; onnxruntime
     runs ragged widths much slower (see docs/latency.md). Default: the cost model's
@@ -127,6 +155,13 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
             e.mask.at_target.fill_(bool(final))
         return result
 
+    if uniform:  # same widths in every layer of one structure (HF configs hold one width)
+        if not is_coupled(entries):
+            raise ConfigError("uniform=True applies to coupled channel masks "
+                              "(transform(..., granularity='channel'))")
+        result = cut(target_macs)
+        equalize_groups(model)
+        return result
     if not verify:
         return cut(target_macs)
     from sparsify_fx.latency.verify import closest, on_rank_zero, verified_cut

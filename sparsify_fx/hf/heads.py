@@ -1,9 +1,11 @@
 """Attention heads and MLP units of Hugging Face encoders as prunable slots (issue 14).
 
-The channel analysis (``granularity="channel"``) reads torch.fx module graphs,
-which transformers 5.x models do not give (they are captured with
-torch.export). This module covers the common BERT-family encoder layer
-directly on the source ``nn.Module``, without a graph analysis:
+Superseded by the general structured path: ``transform(model,
+granularity="channel", example_inputs=..., capture="export")`` reads heads, KV
+groups and MLP units of any captured model from its ATen graph, lets CS learn
+them, and ``shrink`` returns the smaller source class (docs/transformers.md).
+This module stays for code written against it (a one-shot L1 plan of BERT-family
+encoder layers, found on the source ``nn.Module`` by attribute names):
 
 * :func:`find_hf_layers` finds every layer shaped like ``BertLayer``: a
   self-attention module with ``query``/``key``/``value`` ``nn.Linear`` children
@@ -135,8 +137,10 @@ def find_hf_layers(model: nn.Module) -> list[HFLayer]:
         raise SelectionError(
             f"{type(model).__name__} has no BERT-style encoder layer (a self-attention module with "
             "query/key/value nn.Linear and num_attention_heads/attention_head_size, its "
-            "sibling output.dense, and the layer's intermediate.dense/output.dense); head "
-            "pruning of exported Hugging Face models covers the modeling_bert family only")
+            "sibling output.dense, and the layer's intermediate.dense/output.dense). For any "
+            "other model (decoders with grouped-query attention, gated or fused MLPs) use the "
+            "general path: transform(model, granularity='channel', example_inputs=..., "
+            "capture='export'), apply_budget, shrink (docs/transformers.md)")
     return found
 
 

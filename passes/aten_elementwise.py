@@ -1,0 +1,160 @@
+"""Elementwise, reduction and normalisation rules of the ATen channel walk (read-only).
+
+A mixin of :class:`~sparsify_fx.passes.aten_channel_walk.AtenChannelWalk`: each rule
+reads the walk's values and ties or keeps whole its channel ids (see that module's
+doc for the rules); nothing here touches the graph.
+
+* ``binary``: ids that meet position by position are tied; zero flags follow the op
+  (``mul``: either operand zero; ``add``: both; ``div``: the numerator);
+* ``check_untracked_operand``: an operand without ids that varies along a dim holding
+  several tied sets keeps them whole;
+* ``reduce`` / ``normalize``: a reduction over one tied set is fine, over several it
+  keeps them whole (``sum`` ties them);
+* ``batch_norm``: a per-channel affine whose parameters shrink slices and gates.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from sparsify_fx.passes.aten_values import ParamRef, Tracked, hint, op_name
+from sparsify_fx.passes.channel_types import NormSite
+
+
+class ElementwiseRules:
+    """Rules that read ``self.value`` / ``self.shape`` and tie through the walk's DSU."""
+
+    def check_untracked_operand(self, t: Tracked, other_shape: tuple[int, ...],
+                                node: fx.Node, param: bool) -> None:
+        """An operand without ids that varies along a dim holding several tied sets would
+        need slicing at shrink: keep those channels whole (a parameter, e.g. a per-channel
+        scale, is named in ``unsupported``; an activation, e.g. the residual stream, is not)."""
+        if set(torch.unique(t.ids[t.ids >= 0]).tolist()) <= self.whole:
+            return  # already whole (e.g. the residual stream under its LayerNorm)
+        out_rank = t.ids.dim()
+        shape = (1,) * (out_rank - len(other_shape)) + tuple(other_shape)
+        for d, size in enumerate(shape):
+            if size == 1 or t.ids.shape[d] == 1:
+                continue
+            moved = t.ids.movedim(d, -1).reshape(-1, t.ids.shape[d])
+            for row in torch.unique(moved, dim=0):
+                if self.n_components(row) > 1:
+                    if param:
+                        self.unsupported.append(f"{node.name} ({op_name(node.target)}): a "
+                                                "parameter varies along a channel dim")
+                    self.make_whole(t)
+                    return
+
+    def binary(self, node: fx.Node, name: str) -> Any:
+        out_shape = self.shape(node)
+        operands = list(node.args[:2]) if name != "where" else list(node.args[1:3])
+        if name == "where" and isinstance(self.value(node.args[0]), Tracked):
+            return self.reject(node, "where() condition carries channels")
+        vals = [self.value(a) for a in operands]
+        ts = [self.broadcast(v, out_shape) if isinstance(v, Tracked) else None for v in vals]
+        for i, t in enumerate(ts):
+            other = operands[1 - i] if len(operands) > 1 else None
+            if t is not None and ts[1 - i] is None and isinstance(other, fx.Node):
+                val = other.meta.get("val")
+                if isinstance(val, torch.Tensor):
+                    self.check_untracked_operand(t, tuple(hint(s) for s in val.shape), node,
+                                                 isinstance(self.value(other), ParamRef))
+        ts = [self.broadcast(v, out_shape) if isinstance(v, Tracked) else None for v in vals]
+        a, b = ts[0], ts[1] if len(ts) > 1 else None
+        if a is not None and b is not None:
+            self.tie_pairs(a.ids, b.ids)
+            ids = torch.where(a.ids >= 0, a.ids, b.ids)
+            if name == "mul":
+                zero = a.zero | b.zero
+            elif name in ("div", "true_divide"):
+                zero = a.zero
+            else:
+                zero = a.zero & b.zero
+            return Tracked(ids, zero)
+        t = a if a is not None else b
+        first = a is not None
+        scalar_other = len(operands) < 2 or not isinstance(operands[1 if first else 0], fx.Node)
+        if name == "mul" or (name in ("div", "true_divide") and first) or (
+                name == "pow" and first and scalar_other and float(operands[1]) > 0) or (
+                name == "masked_fill" and float(node.args[2]) == 0.0):
+            return t
+        return Tracked(t.ids, torch.zeros_like(t.zero))
+
+    def _dims(self, node: fx.Node, rank: int, default_all: bool = True) -> list[int]:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dims is None:
+            return list(range(rank)) if default_all else []
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        return sorted({d % rank for d in dims}) if dims else list(range(rank))
+
+    def reduce(self, node: fx.Node, name: str) -> Any:
+        x = self.value(node.args[0])
+        if not isinstance(x, Tracked) or name in ("var_mean",):
+            return self.reject(node, "reduction form not understood")
+        dims = self._dims(node, x.ids.dim())
+        self._mixing(node, x, dims, tie=(name == "sum"))
+        keep = [d for d in range(x.ids.dim()) if d not in dims]
+        fib = x.ids.permute(*keep, *dims).reshape(*[x.ids.shape[d] for d in keep], -1)
+        zf = x.zero.permute(*keep, *dims).reshape(*[x.ids.shape[d] for d in keep], -1)
+        ids, zero = fib.amax(-1), zf.all(-1)
+        out_shape = self.shape(node) if isinstance(node.meta.get("val"), torch.Tensor) else None
+        if out_shape is None:
+            return None
+        return Tracked(ids.reshape(out_shape), zero.reshape(out_shape))
+
+    def _mixing(self, node: fx.Node, x: Tracked, dims: list[int], tie: bool) -> None:
+        """Reduce over ``dims``: several tied sets in one fiber are tied (sum) or whole."""
+        keep = [d for d in range(x.ids.dim()) if d not in dims]
+        fibers = x.ids.permute(*keep, *dims).reshape(-1, int(np.prod([x.ids.shape[d] for d in dims])))
+        for row in torch.unique(fibers, dim=0):
+            if self.n_components(row) > 1:
+                if tie:
+                    self.tie_all(row)
+                else:
+                    self.whole.update(torch.unique(row[row >= 0]).tolist())
+
+    def normalize(self, node: fx.Node, name: str) -> Any:
+        x = self.value(node.args[0])
+        if not isinstance(x, Tracked):
+            return self.reject(node, "normalisation of a non-first operand")
+        rank = x.ids.dim()
+        if name in ("layer_norm", "native_layer_norm", "rms_norm", "_fused_rms_norm"):
+            n = len(node.args[1])
+            dims = list(range(rank - n, rank))
+        elif name in ("group_norm", "native_group_norm"):
+            return self.reject(node, "group norm")
+        else:
+            dims = [int(node.args[1]) % rank]
+        self._mixing(node, x, dims, tie=False)
+        for p in node.args[2:4] if name != "cumsum" else ():
+            if isinstance(p, fx.Node) and isinstance(p.meta.get("val"), torch.Tensor):
+                self.check_untracked_operand(x, tuple(hint(s) for s in p.meta["val"].shape), node,
+                                             True)
+        out = Tracked(x.ids, torch.zeros_like(x.zero))
+        if name == "native_layer_norm":
+            return (out, None, None)
+        if name == "_fused_rms_norm":
+            return (out, None)
+        return out
+
+    def batch_norm(self, node: fx.Node, name: str) -> Any:
+        """Per-channel affine on dim 1: ids kept; zero when affine (shrink gates and slices
+        its weight, bias and running statistics)."""
+        x = self.value(node.args[0])
+        if not isinstance(x, Tracked):
+            return None
+        params = [self.value(a) for a in node.args[1:5]]
+        if any(p is not None and not isinstance(p, ParamRef) for p in params):
+            return self.reject(node, "batch norm with computed statistics or affine")
+        rows = x.ids.movedim(1, -1).reshape(-1, x.ids.shape[1])
+        if not bool((rows == rows[0]).all()):
+            return self.reject(node, "batch norm over channels that vary by position")
+        names = tuple(p.name if isinstance(p, ParamRef) else None for p in params)
+        owner = (names[0] or names[1] or "").rpartition(".")[0]
+        self.norms[node.name] = NormSite(node.name, owner, self.emit(rows[0]), names)
+        affine = names[0] is not None and names[1] is not None
+        out = Tracked(x.ids, torch.full_like(x.zero, affine))
+        return out if name == "batch_norm" else (out, None, None)

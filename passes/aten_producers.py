@@ -1,0 +1,193 @@
+"""Producer and attention rules of the ATen channel walk (read-only).
+
+``visit_matmul``: ``aten.linear`` / ``addmm`` / ``mm`` / ``matmul`` / ``bmm`` and
+``aten.conv*``. With a parameter weight operand the call is a *producer*: its
+output channels get new ids (owned by it when its weight is masked, else
+whole); its input channels are read from the input's ids along the contracted
+dim (the same ids at every other position, else they stay whole) and stay whole
+where they may be non-zero while pruned. A weight is ``(out, in)`` for
+``linear`` / conv and ``(in, out)`` for ``addmm`` / ``mm`` / ``matmul`` (HF
+``Conv1D``), flipped by a transpose in the graph. A product of two activations
+ties everything one batch entry reads (see the walk's module doc) and records
+its MACs as an ``attention_matmul`` producer (``macs_unit`` MACs per sample per
+id of its first tracked operand's fibre).
+
+``visit_sdpa``: ``scaled_dot_product_attention(q, k, v, mask, ...)``, as
+``softmax(q k^T) v`` (``enable_gqa``: key/value heads repeated first).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import fx
+
+from sparsify_fx.passes.aten_values import ParamRef, Tracked, concrete_shape, op_name
+from sparsify_fx.passes.channel_types import Producer
+
+if TYPE_CHECKING:
+    from sparsify_fx.passes.aten_channel_walk import AtenChannelWalk
+
+
+def _weight_shape(walk: "AtenChannelWalk", ref: ParamRef) -> tuple[int, ...]:
+    owner, _, attr = ref.name.rpartition(".")
+    mod = walk.gm.get_submodule(owner) if owner else walk.gm
+    return tuple(getattr(mod, attr).shape)
+
+
+def _bias_name(walk: "AtenChannelWalk", arg: Any) -> str | None:
+    v = walk.value(arg)
+    return v.name if isinstance(v, ParamRef) else None
+
+
+def _input_ids(walk: "AtenChannelWalk", x: Any, dim: int, width: int) -> Any:
+    """Ids of the contracted input channels (length ``width``), or whole ones."""
+    if not isinstance(x, Tracked):
+        return walk.emit(torch.full((width,), -1, dtype=torch.long))
+    ids = x.ids.movedim(dim, -1).reshape(-1, x.ids.shape[dim])
+    zero = x.zero.movedim(dim, -1).reshape(-1, x.ids.shape[dim])
+    walk.whole.update(torch.unique(ids[(ids >= 0) & ~zero]).tolist())  # non-zero while pruned
+    if ids.shape[-1] != width or not bool((ids == ids[0]).all()):
+        walk.make_whole(x)
+        return walk.emit(torch.full((width,), -1, dtype=torch.long))
+    return walk.emit(ids[0])
+
+
+def _producer(walk: "AtenChannelWalk", node: fx.Node, x_arg: Any, ref: ParamRef, bias: Any,
+              kind: str, groups: int = 1) -> Tracked | None:
+    shape = _weight_shape(walk, ref)
+    conv = kind == "conv"
+    if conv:
+        out_ch, in_per_group, kernel = shape[0], shape[1], shape[2:]
+    elif len(shape) != 2:
+        return walk.reject(node, "matmul with a weight that is not 2-D")
+    else:
+        out_ch, in_per_group = (shape[1], shape[0]) if (kind == "io") != ref.transposed else shape
+        kernel = ()
+    out_shape = walk.shape(node)
+    index = len(walk.producers)
+    masked = ref.name in walk.masked
+    out_ids = walk.new_ids(out_ch, index if masked else -1)
+    if not masked:
+        walk.whole.update(out_ids.tolist())
+    x = walk.value(x_arg)
+    in_ids = _input_ids(walk, x, 1 if conv else -1, in_per_group * groups)
+    if groups > 1:  # a conv group's inputs and outputs are removed as one unit
+        for g_in, g_out in zip(in_ids.reshape(groups, -1), out_ids.numpy().reshape(groups, -1)):
+            walk.tie_all(torch.as_tensor([*g_in.tolist(), *g_out.tolist()]))
+    layout = "oi" if (kind != "io") != ref.transposed else "io"
+    walk.producers[node.name] = Producer(
+        node.name, ref.name, _bias_name(walk, bias), ref.masked, "conv" if conv else "linear",
+        groups, out_ids.numpy(), in_ids, (out_ch, in_per_group, *kernel), weight_layout=layout)
+    dim = 1 if conv else len(out_shape) - 1
+    view = [1] * len(out_shape)
+    view[dim] = out_ch
+    ids = out_ids.reshape(view).expand(out_shape)
+    return Tracked(ids, torch.ones(out_shape, dtype=torch.bool))
+
+
+def _contract(walk: "AtenChannelWalk", node: fx.Node, a: Tracked | None, b: Tracked | None,
+              out_shape: tuple[int, ...], unit_scale: float = 1.0, record: bool = True) -> Tracked:
+    """``a @ b`` of two activations (``a``: ``(..., M, K)``, ``b``: ``(..., K, N)``)."""
+    batch = out_shape[:-2]
+    m, n = out_shape[-2], out_shape[-1]
+    parts = []
+    for t in (a, b):
+        if t is not None:
+            ids = t.ids.broadcast_to((*batch, *t.ids.shape[-2:])).reshape(-1, t.ids.shape[-2] * t.ids.shape[-1])
+            parts.append(ids)
+    for row in torch.unique(torch.cat(parts, 1), dim=0):
+        walk.tie_all(row)  # everything one batch entry (one head) reads is one unit
+    first = a if a is not None else b
+    fib = first.ids.broadcast_to((*batch, *first.ids.shape[-2:]))
+    sample = fib[0] if len(batch) else fib
+    per_id = sample.select(-2 if first is a else -1, 0).reshape(-1)  # (heads..., K)
+    if record:  # MACs: one (M x N) block per id of the operand's (heads..., K) fibre
+        emitted = walk.emit(per_id)
+        walk.producers[node.name] = Producer(node.name, node.name, None, None, "attention_matmul",
+                                             1, emitted, None, (len(emitted), 1),
+                                             float(m * n) * unit_scale)
+    if b is not None:
+        ids = b.ids.broadcast_to((*batch, *b.ids.shape[-2:]))[..., :1, :].expand(out_shape)
+        zero = b.zero.broadcast_to((*batch, *b.ids.shape[-2:])).all(-2, keepdim=True).expand(out_shape)
+    else:
+        ids = a.ids.broadcast_to((*batch, *a.ids.shape[-2:]))[..., :, :1].expand(out_shape)
+        zero = a.zero.broadcast_to((*batch, *a.ids.shape[-2:])).all(-1, keepdim=True).expand(out_shape)
+    if a is not None and b is not None:
+        za = a.zero.broadcast_to((*batch, *a.ids.shape[-2:])).all(-1, keepdim=True).expand(out_shape)
+        zero = zero | za
+    return Tracked(ids.contiguous(), zero.contiguous())
+
+
+def visit_matmul(walk: "AtenChannelWalk", node: fx.Node, name: str) -> Any:
+    args = node.args
+    vals = [walk.value(a) for a in args]
+    if name in ("conv1d", "conv2d", "conv3d", "convolution", "_convolution"):
+        ref = vals[1]
+        if not isinstance(ref, ParamRef):
+            return walk.reject(node, "convolution whose weight is not a parameter")
+        if name in ("convolution", "_convolution"):
+            if args[6]:
+                return walk.reject(node, "transposed convolution")
+            groups = int(args[8])
+        else:
+            groups = int(args[6]) if len(args) > 6 else int(node.kwargs.get("groups", 1))
+        return _producer(walk, node, args[0], ref, args[2] if len(args) > 2 else None, "conv", groups)
+    if name == "linear":
+        if isinstance(vals[1], ParamRef):
+            return _producer(walk, node, args[0], vals[1], args[2] if len(args) > 2 else None, "oi")
+        return walk.reject(node, "linear with an activation weight")
+    if name == "addmm":
+        if isinstance(vals[2], ParamRef) and not isinstance(vals[1], ParamRef):
+            return _producer(walk, node, args[1], vals[2], args[0], "io")
+        return walk.reject(node, "addmm form not understood")
+    if name in ("mm", "matmul") and isinstance(vals[1], ParamRef) and not isinstance(vals[0], ParamRef):
+        return _producer(walk, node, args[0], vals[1], None, "io")
+    if name in ("mm", "matmul", "bmm"):
+        a, b = vals[0], vals[1]
+        if isinstance(a, ParamRef) or isinstance(b, ParamRef):
+            return walk.reject(node, "matmul with a parameter as its first operand")
+        if not isinstance(a, Tracked) and not isinstance(b, Tracked):
+            return None
+        shape_a, shape_b = concrete_shape(args[0]), concrete_shape(args[1])
+        if shape_a is None or shape_b is None or len(shape_a) < 2 or len(shape_b) < 2:
+            return walk.reject(node, "matmul of vectors")
+        return _contract(walk, node, a if isinstance(a, Tracked) else None,
+                         b if isinstance(b, Tracked) else None, walk.shape(node))
+    return walk.reject(node, f"{name} form not understood")
+
+
+def _repeat_heads(t: Tracked | None, heads: int) -> Tracked | None:
+    if t is None or t.ids.shape[-3] == heads:
+        return t
+    r = heads // t.ids.shape[-3]
+    return Tracked(t.ids.repeat_interleave(r, dim=-3), t.zero.repeat_interleave(r, dim=-3))
+
+
+def visit_sdpa(walk: "AtenChannelWalk", node: fx.Node) -> Any:
+    """``softmax(q k^T + mask) v``: one unit per (query head, its key/value head)."""
+    q, k, v = (walk.value(a) for a in node.args[:3])
+    mask = walk.value(node.args[3]) if len(node.args) > 3 else walk.value(node.kwargs.get("attn_mask"))
+    if isinstance(mask, Tracked):
+        return walk.reject(node, "attention mask carries channels")
+    q, k, v = (t if isinstance(t, Tracked) else None for t in (q, k, v))
+    if q is None and k is None and v is None:
+        return None
+    out_shape = concrete_shape(node) if op_name(node.target) == "scaled_dot_product_attention" else None
+    if out_shape is None:
+        val = node.meta.get("val")
+        out_shape = tuple(int(s) for s in val[0].shape) if isinstance(val, (list, tuple)) else None
+    if out_shape is None:
+        return walk.reject(node, "attention output shape unknown")
+    q_shape, k_shape = concrete_shape(node.args[0]), concrete_shape(node.args[1])
+    heads = out_shape[-3]
+    k, v = _repeat_heads(k, heads), _repeat_heads(v, heads)
+    kt = Tracked(k.ids.transpose(-1, -2), k.zero.transpose(-1, -2)) if k is not None else None
+    scores_shape = (*out_shape[:-1], k_shape[-2])
+    scores = _contract(walk, node, q, kt, scores_shape,
+                       unit_scale=1.0 + out_shape[-1] / q_shape[-1])
+    scores = Tracked(scores.ids, torch.zeros_like(scores.zero))  # softmax: not zero
+    out = _contract(walk, node, scores, v, out_shape, record=False)  # MACs counted with q k^T
+    if op_name(node.target) != "scaled_dot_product_attention":
+        return (out, None, None, None)
+    return out

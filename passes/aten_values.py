@@ -1,0 +1,56 @@
+"""Values of the ATen channel walk (:mod:`~sparsify_fx.passes.aten_channel_walk`).
+
+Plain data shared by the walk and its producer rules
+(:mod:`~sparsify_fx.passes.aten_producers`); nothing here reads a graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Tracked:
+    """A tensor value with channel ids and zero flags, both of the tensor's concrete shape.
+
+    ``ids``: int64, the producer channel flowing at each element (-1: none).
+    ``zero``: bool, the element is exactly 0 when its channel is pruned.
+    """
+
+    ids: torch.Tensor
+    zero: torch.Tensor
+
+
+@dataclass
+class ParamRef:
+    """A parameter (``get_attr`` target ``name``), possibly behind its mask node
+    (``masked``: that node's name) or a 2-D transpose (``transposed``: the value is ``W.t()``)."""
+
+    name: str
+    masked: str | None = None
+    transposed: bool = False
+
+
+def op_name(target: Any) -> str:
+    """``aten.view.default`` -> ``"view"``."""
+    return getattr(target, "__name__", str(target)).split(".")[0]
+
+
+def hint(value: Any) -> Any:
+    """A symbolic int/float at its example value; anything else unchanged."""
+    if isinstance(value, torch.SymInt):
+        return int(value.node.hint)
+    if isinstance(value, torch.SymFloat):
+        return float(value.node.hint)
+    return value
+
+
+def concrete_shape(node: Any) -> tuple[int, ...] | None:
+    """Concrete shape of an fx node's tensor value (``meta["val"]``), None if not a tensor."""
+    val = getattr(node, "meta", {}).get("val")
+    return tuple(hint(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
+
+
+__all__ = ["Tracked", "ParamRef", "op_name", "hint", "concrete_shape"]

@@ -1,0 +1,373 @@
+"""Shrink a torch.export capture back into its *source* class (read-only on the input).
+
+``shrink_to_source(model, plan)``: ``model`` is a channel-coupled
+:class:`~sparsify_fx.capture.exported_module.ExportedModule` (it keeps the module it
+was captured from as ``source_module``, tensors shared), ``plan`` the
+:class:`~sparsify_fx.passes.shrink.ShrinkPlan` of its train graph. Returns a deep
+copy of the source module (e.g. a smaller ``LlamaForCausalLM``, so ``forward``,
+``generate()`` and ``save_pretrained`` are the class's own) where
+
+* every parameter holds the folded value of the capture (masks multiplied in);
+* each producer keeps its kept output rows (weight and bias) and every consumer its
+  kept input columns: ``(out, in)`` weights (Linear, Conv) and ``(in, out)`` weights
+  (HF ``Conv1D``); the owner's shape attributes follow (``in_features`` /
+  ``out_features``, ``nf``, ``in_channels`` / ``out_channels`` / ``groups``);
+* the module that owns a channel group's producers gets its width attributes
+  scaled by what the group kept, for the attribute names of :data:`HEAD_ATTRS`,
+  :data:`KV_HEAD_ATTRS`, :data:`WIDTH_ATTRS`, :data:`UNIT_ATTRS` (Hugging Face
+  conventions; models that reshape with ``-1`` heads need none);
+* a Hugging Face ``config`` is updated (``num_attention_heads``,
+  ``num_key_value_heads``, ``intermediate_size``, ``head_dim`` pinned) only when every
+  layer kept the same widths, so ``save_pretrained`` / ``from_pretrained``
+  round-trip; ragged widths leave the config as it was (see docs/transformers.md).
+
+The result is checked against the hard-masked capture on the capture's example
+inputs; a difference raises :class:`ShrinkError` (never a silent wrong shrink).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparsify_fx.errors import ShrinkError
+from sparsify_fx.mask_index import hard_masks, main_graph, unwrap
+
+from sparsify_fx.passes.channel_types import ChannelGraph, Producer
+from sparsify_fx.passes.stored_analysis import channel_graph_of
+
+#: attributes holding a head count (scaled by the kept fraction of query rows)
+HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+#: attributes holding a key/value head count (scaled by the kept fraction of key rows)
+KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+#: attributes holding heads x head_dim (scaled like the query rows)
+WIDTH_ATTRS = ("all_head_size", "split_size", "inner_dim")
+#: attributes holding an MLP's unit count
+UNIT_ATTRS = ("intermediate_size",)
+
+
+def _owner_path(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _common_prefix(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths]
+    out = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        out.append(level[0])
+    return ".".join(out)
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner = model.get_submodule(_owner_path(name))
+    attr = name.rpartition(".")[2]
+    old = getattr(owner, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+    else:
+        owner.register_buffer(attr, value.contiguous())
+
+
+def _sync_shape_attrs(owner: nn.Module, prod: Producer, w: torch.Tensor, groups: int) -> None:
+    out_ch, in_ch = (w.shape[1], w.shape[0]) if prod.weight_layout == "io" else w.shape[:2]
+    if prod.kind == "linear":
+        for attr, value in (("out_features", out_ch), ("in_features", in_ch), ("nf", out_ch)):
+            if isinstance(getattr(owner, attr, None), int):
+                setattr(owner, attr, int(value))
+        return
+    for attr, value in (("out_channels", out_ch), ("in_channels", in_ch * groups),
+                        ("groups", groups)):
+        if isinstance(getattr(owner, attr, None), int):
+            setattr(owner, attr, int(value))
+
+
+def _slice_producers(src: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) -> dict[str, tuple]:
+    """Slice every producer's weight/bias in ``src`` (mutates ``src``); returns per weight
+    ``(kept out, total out)``."""
+    done: dict[str, tuple] = {}
+    for prod in cg.producers.values():
+        if prod.kind not in ("linear", "conv") or prod.weight in done:
+            continue
+        out_keep = torch.from_numpy(keep_id[prod.out_ids])
+        in_keep = torch.from_numpy(keep_id[prod.in_ids]) if prod.in_ids is not None else None
+        done[prod.weight] = (int(out_keep.sum()), len(out_keep))
+        if bool(out_keep.all()) and (in_keep is None or bool(in_keep.all())):
+            continue
+        w = src.get_parameter(prod.weight).detach()
+        groups = prod.groups
+        if prod.weight_layout == "io":
+            w = w[:, out_keep] if in_keep is None else w[in_keep][:, out_keep]
+        elif groups == 1:
+            w = w[out_keep] if in_keep is None else w[out_keep][:, in_keep]
+        else:
+            per_group = out_keep.reshape(groups, -1)
+            if not bool((per_group.all(1) | ~per_group.any(1)).all()):
+                raise ShrinkError(f"{prod.weight}: grouped conv would lose part of a conv group")
+            groups = int(per_group.all(1).sum())
+            w = w[out_keep]
+        _set_tensor(src, prod.weight, w)
+        if prod.bias is not None:
+            _set_tensor(src, prod.bias, src.get_parameter(prod.bias).detach()[out_keep])
+        _sync_shape_attrs(src.get_submodule(_owner_path(prod.weight)), prod, w, groups)
+    return done
+
+
+def _slice_norms(src: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) -> None:
+    """Slice every ATen batch norm's weight, bias and running statistics (mutates ``src``)."""
+    for norm in cg.norms.values():
+        keep = torch.from_numpy(keep_id[norm.ids])
+        if not norm.params or bool(keep.all()):
+            continue
+        for name in norm.params:
+            if name is not None:
+                _set_tensor(src, name, src.get_parameter(name).detach()[keep]
+                            if name in dict(src.named_parameters()) else src.get_buffer(name)[keep])
+        owner = src.get_submodule(norm.module) if norm.module else src
+        if isinstance(getattr(owner, "num_features", None), int):
+            owner.num_features = int(keep.sum())
+
+
+def _scale(value: int, kept: int, total: int) -> int:
+    if total == 0 or (value * kept) % total:
+        raise ShrinkError(f"cannot scale a width attribute {value} by {kept}/{total}")
+    return value * kept // total
+
+
+def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple]) -> dict:
+    """Scale the width attributes of each group's owner module; returns per owner path
+    ``{attr: new value}`` (also the per-layer widths a uniform config needs)."""
+    changed: dict[str, dict[str, int]] = {}
+    attention_groups = {int(g) for p in cg.producers.values() if p.kind == "attention_matmul"
+                        for g in cg.slots(p.out_ids)[0] if g >= 0}
+    for group in cg.groups:
+        weights = [cg.producers[p].weight for p in group.producers
+                   if cg.producers[p].kind in ("linear", "conv")]
+        if not weights:
+            continue
+        sizes = sorted((widths[w] for w in weights), key=lambda kt: kt[1])
+        (kv_kept, kv_total), (q_kept, q_total) = sizes[0], sizes[-1]
+        consumers = [p.weight for p in cg.producers.values() if p.kind in ("linear", "conv")
+                     and p.in_ids is not None and group.index in set(cg.slots(p.in_ids)[0].tolist())]
+        top = _common_prefix([_owner_path(w) for w in weights + consumers])
+        low = _common_prefix([_owner_path(w) for w in weights])
+        if low in {_owner_path(w) for w in weights}:  # one projection: its owner holds the weight
+            low = low.rpartition(".")[0] if len(low) > len(top) else low
+        path = top
+        owners = [top] + [low[:i] for i in range(len(top) + 1, len(low) + 1)
+                          if i == len(low) or low[i] == "."]
+        new: dict[str, int] = {}
+        for owner_path in dict.fromkeys(owners):
+            owner = src.get_submodule(owner_path) if owner_path else src
+            for attrs, kept, total in ((HEAD_ATTRS, q_kept, q_total),
+                                       (WIDTH_ATTRS, q_kept, q_total),
+                                       (KV_HEAD_ATTRS, kv_kept, kv_total),
+                                       (UNIT_ATTRS, q_kept, q_total)):
+                for attr in attrs:
+                    value = getattr(owner, attr, None)
+                    if isinstance(value, int) and not isinstance(value, bool) and kept != total:
+                        new[attr] = _scale(value, kept, total)
+                        setattr(owner, attr, new[attr])
+        kind = "attention" if group.index in attention_groups else "mlp"
+        changed[path] = dict(new, _kind=kind, _kept=q_kept, _total=q_total, _kv_kept=kv_kept,
+                             _kv_total=kv_total)
+    return changed
+
+
+def _uniform(blocks: dict[str, dict]) -> bool:
+    """Every attention block keeps the same widths, and every MLP block."""
+    for kind in ("attention", "mlp"):
+        group = [b for b in blocks.values() if b["_kind"] == kind]
+        if len({(b["_kept"], b["_total"], b["_kv_kept"]) for b in group}) > 1:
+            return False
+    return True
+
+
+def config_cannot_hold(model: nn.Module) -> list[str]:
+    """Producer weights of the channel groups a Hugging Face config cannot describe once
+    shrunk: groups that are no attention and whose width is not the config's
+    ``intermediate_size`` / ``n_inner`` (a pooler, a classifier's hidden layer). Empty for
+    a model without an HF config. Read-only."""
+    gm = main_graph(model)
+    source = unwrap(model).__dict__.get("source_module")
+    found = _config_owner(source) if source is not None else None
+    if gm is None or found is None:
+        return []
+    path, hf_model = found
+    config = hf_model.config
+    cg = channel_graph_of(gm)
+    widths = {getattr(config, a, None) for a in ("intermediate_size", "n_inner")} - {None}
+    if getattr(config, "n_inner", 0) is None and hasattr(config, "n_embd"):
+        widths.add(4 * config.n_embd)  # GPT-2's default inner width
+    attention = {int(g) for p in cg.producers.values() if p.kind == "attention_matmul"
+                 for g in cg.slots(p.out_ids)[0] if g >= 0}
+    heads_ok = _config_holds_fewer_heads(hf_model)
+    out = []
+    for group in cg.groups:
+        holds = heads_ok if group.index in attention else len(group.components) in widths
+        if not holds:
+            out += [cg.producers[p].weight for p in group.producers
+                    if cg.producers[p].kind in ("linear", "conv")]
+    return sorted(set(out))
+
+
+def _config_owner(src: nn.Module) -> tuple[str, nn.Module] | None:
+    """(path, module) of the first module holding a Hugging Face config."""
+    return next(((p, m) for p, m in src.named_modules()
+                 if hasattr(getattr(m, "config", None), "to_dict")), None)
+
+
+def _builds(hf_model: nn.Module, config: Any) -> dict[str, tuple] | None:
+    """Parameter shapes ``type(hf_model)(config)`` would have (built on the meta device),
+    None when the class refuses the config."""
+    try:
+        with torch.device("meta"):
+            trial = type(hf_model)(config)
+    except Exception:  # noqa: BLE001  any refusal of the config means "cannot hold"
+        return None
+    return {k: tuple(v.shape) for k, v in trial.state_dict().items()}
+
+
+def _config_holds_fewer_heads(hf_model: nn.Module) -> bool:
+    """Whether the config can describe one KV group fewer at the same ``head_dim``: the
+    class built from it has smaller query projections (models that derive ``head_dim``
+    from ``hidden_size / heads``, such as BERT or GPT-2, cannot)."""
+    config = hf_model.config
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not isinstance(heads, int) or not isinstance(hidden, int) or heads < 2:
+        return False
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    trial = copy.deepcopy(config)
+    trial.head_dim = getattr(config, "head_dim", None) or hidden // heads
+    trial.num_attention_heads = heads - heads // kv
+    if hasattr(config, "num_key_value_heads"):
+        trial.num_key_value_heads = kv - 1
+    dense, small = _builds(hf_model, config), _builds(hf_model, trial)
+    if dense is None or small is None:
+        return False
+    shrunk = [k for k in dense if small.get(k) != dense[k]]
+    return bool(shrunk) and all(len(small.get(k, ())) == len(dense[k]) for k in shrunk)
+
+
+def _update_config(src: nn.Module, blocks: dict[str, dict]) -> bool:
+    """Write uniform per-layer widths into an HF ``config``; False when ragged."""
+    # the model's own config, or that of the first submodule holding one (a wrapper's model)
+    found = _config_owner(src)
+    if found is None or not blocks:
+        return found is None and bool(blocks) and _uniform(blocks)
+    hf_model = found[1]
+    config = hf_model.config
+    if not _uniform(blocks):
+        return False
+    original = copy.deepcopy(config)
+    attention = [b for b in blocks.values() if b["_kind"] == "attention"]
+    mlp = [b for b in blocks.values() if b["_kind"] == "mlp"]
+    heads = getattr(config, "num_attention_heads", None)
+    if attention and isinstance(heads, int):
+        b = attention[0]
+        hidden = getattr(config, "hidden_size", None)
+        head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden else None)
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        if head_dim:
+            config.head_dim = int(head_dim)
+        config.num_attention_heads = _scale(heads, b["_kept"], b["_total"])
+        if hasattr(config, "num_key_value_heads"):
+            config.num_key_value_heads = _scale(kv, b["_kv_kept"], b["_kv_total"])
+    if mlp:
+        b = mlp[0]
+        for attr in ("intermediate_size", "n_inner"):
+            value = getattr(config, attr, None)
+            if isinstance(value, int):
+                setattr(config, attr, _scale(value, b["_kept"], b["_total"]))
+    built = _builds(hf_model, config)
+    own = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}
+    if built is None or any(built.get(k, v) != v for k, v in own.items()):
+        hf_model.config = original  # the class cannot be rebuilt from it: leave it as it was
+        return False
+    return True
+
+
+def _outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _outputs(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _outputs(o)]
+    return []
+
+
+def _check(model: nn.Module, small: nn.Module, inputs: Any) -> None:
+    if inputs is None:
+        return
+    args, kwargs = (inputs.args, inputs.kwargs) if hasattr(inputs, "kwargs") else (tuple(inputs), {})
+    was = model.training
+    model.eval()
+    small.eval()
+    try:
+        with torch.no_grad(), hard_masks(model):
+            ref = _outputs(model(*args, **kwargs))
+            got = _outputs(small(*args, **kwargs))
+    except RuntimeError as exc:
+        raise ShrinkError(f"the shrunk {type(small).__name__} does not run on the example inputs "
+                          f"({exc}); its code reads a width this shrink does not update") from exc
+    finally:
+        model.train(was)
+    for a, b in zip(ref, got):
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-3, atol=1e-4 * max(scale, 1.0)):
+            raise ShrinkError(f"the shrunk {type(small).__name__} differs from the hard-masked "
+                              "capture; its code reads a width this shrink does not update")
+
+
+def shrink_to_source(model: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) -> nn.Module:
+    """A smaller copy of the capture's source module (see module doc). Read-only."""
+    exported = unwrap(model)
+    source = exported.__dict__.get("source_module")
+    if source is None:
+        raise ShrinkError("this torch.export capture does not keep its source module; "
+                          "re-run sparsify_fx.transform on the model")
+    gm = main_graph(exported)
+    src = copy.deepcopy(source)
+    with torch.no_grad():
+        folded = {}
+        for node in gm.graph.nodes:  # each masked weight: weight x fold factor
+            if node.op == "call_module" and str(node.target).startswith("sparsify_masks."):
+                mask = gm.get_submodule(str(node.target))
+                name = str(node.args[0].target)
+                folded[name] = gm.get_parameter(name).detach() * mask.fold_factor().to(
+                    gm.get_parameter(name).dtype)
+        state = {n: t.detach() for n, t in [*gm.named_parameters(), *gm.named_buffers()]}
+        for name, _ in [*src.named_parameters(), *src.named_buffers()]:
+            value = folded.get(name, state.get(name))
+            if value is not None:
+                _set_tensor(src, name, value.clone())
+        widths = _slice_producers(src, cg, keep_id)
+        _slice_norms(src, cg, keep_id)
+        blocks = _sync_block_attrs(src, cg, widths)
+        uniform = _update_config(src, blocks)
+    src.__dict__["sparsify_uniform_widths"] = uniform
+    cfg = getattr(exported, "sparsify_config", None)
+    _check(exported, src, getattr(cfg, "inputs", None))
+    src.train(exported.training)
+    return src
+
+
+def fold_to_source(model: nn.Module) -> nn.Module:
+    """The capture's source class with every mask folded in and nothing sliced: the
+    hard-masked model as the user's own class (``generate()`` and all). Read-only."""
+    gm = main_graph(model)
+    if gm is None:
+        raise ShrinkError("fold_to_source needs a torch.export capture from transform")
+    cg = channel_graph_of(gm)
+    return shrink_to_source(model, cg, np.ones(cg.n_ids, dtype=bool))
+
+
+__all__ = ["shrink_to_source", "fold_to_source", "config_cannot_hold", "HEAD_ATTRS", "KV_HEAD_ATTRS", "WIDTH_ATTRS", "UNIT_ATTRS"]

@@ -1,0 +1,348 @@
+"""Structure on torch.export captures: heads, KV groups, MLP units (issue 22).
+
+Tiny random-weight configs (2 layers, hidden 64). For each: transform with
+``granularity="channel"``, two CS epochs on synthetic data, the exact cut at
+``target_macs=0.5``, ``shrink`` into the source class; outputs equal the
+hard-masked capture at two batch sizes and two sequence lengths.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.export import Dim
+
+import sparsify_fx as sf
+from sparsify_fx.mask_index import hard_masks
+from sparsify_fx.passes.shrink_source import fold_to_source
+
+transformers = pytest.importorskip("transformers")
+VOCAB = 96
+
+
+class FusedBlock(nn.Module):
+    """One fused q/k/v Linear (chunked) and one fused gate/up Linear (chunked)."""
+
+    def __init__(self, d: int = 64, heads: int = 4, inter: int = 96) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.o = nn.Linear(d, d)
+        self.gate_up = nn.Linear(d, 2 * inter, bias=False)
+        self.down = nn.Linear(inter, d, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, s, _ = h.shape
+        q, k, v = self.qkv(self.norm1(h)).chunk(3, dim=-1)
+        q, k, v = (t.view(b, s, -1, 16).transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.o(a.transpose(1, 2).reshape(b, s, -1))
+        g, u = self.gate_up(self.norm2(h)).chunk(2, dim=-1)
+        return h + self.down(F.silu(g) * u)
+
+
+class FusedLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 64)
+        self.blocks = nn.ModuleList([FusedBlock(), FusedBlock()])
+        self.head = nn.Linear(64, VOCAB)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        for blk in self.blocks:
+            h = blk(h)
+        return self.head(h)
+
+
+def _decoder(family: str = "Llama", hidden: int = 64, inter: int = 96, layers: int = 2,
+             heads: int = 4, kv_heads: int = 2) -> nn.Module:
+    """A random ``<family>ForCausalLM`` with grouped-query attention."""
+    config = getattr(transformers, f"{family}Config")(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
+        use_cache=False)
+    return getattr(transformers, f"{family}ForCausalLM")(config)
+
+
+def _llama() -> nn.Module:
+    return _decoder("Llama")
+
+
+def _qwen2() -> nn.Module:
+    return _decoder("Qwen2")
+
+
+def _gpt2() -> nn.Module:
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, use_cache=False))
+
+
+def _bert() -> nn.Module:
+    return transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=64, num_labels=3))
+
+
+def _roberta() -> nn.Module:
+    return transformers.RobertaForSequenceClassification(transformers.RobertaConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=70, num_labels=3))
+
+
+def _vit() -> nn.Module:
+    return transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=16, patch_size=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, num_labels=5))
+
+
+MODELS = {"llama_gqa": (_llama, "lm"), "qwen2": (_qwen2, "lm"), "gpt2": (_gpt2, "lm"),
+          "bert": (_bert, "cls"), "roberta": (_roberta, "cls"), "vit": (_vit, "image"),
+          "fused": (FusedLM, "lm")}
+DECODERS = ("llama_gqa", "qwen2", "gpt2")
+
+
+def _inputs(kind: str, batch: int, seq: int, seed: int = 0) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "image":
+        return (torch.randn(batch, 3, 16, 16, generator=g),)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    if kind == "cls":
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[0, -2:] = 0
+        return ids, mask
+    return (ids,)
+
+
+def _logits(out) -> torch.Tensor:
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _dynamic(kind: str) -> tuple:
+    if kind == "image":
+        return ({0: Dim.AUTO},)
+    spec = {0: Dim.AUTO, 1: Dim.AUTO}
+    return (spec, spec) if kind == "cls" else (spec,)
+
+
+def _prune(name: str, seed: int = 0):
+    build, kind = MODELS[name]
+    torch.manual_seed(seed)
+    model = build().eval()
+    x = _inputs(kind, 2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = sf.transform(model, method="cs", granularity="channel", target_macs=0.5,
+                          example_inputs=x, capture="export", dynamic_shapes=_dynamic(kind))
+    gm.train()
+    opt = torch.optim.Adam(sf.param_groups(gm, lr=1e-3), lr=1e-3)
+    cs = sf.CSScheduler(gm, epochs=2)
+    for epoch in range(2):
+        for step in range(3):
+            xb = _inputs(kind, 2, 8, seed=100 + 3 * epoch + step)
+            out = _logits(gm(*xb))
+            target = torch.randint(0, out.shape[-1], out.shape[:-1])
+            loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+            opt.zero_grad()
+            (loss + cs.penalty()).backward()
+            opt.step()
+        cs.step()
+    gm.eval()
+    return model, gm, kind
+
+
+@functools.lru_cache(maxsize=None)
+def _pruned(name: str):
+    """``_prune(name)`` once per session (tests that change masks take a deep copy)."""
+    return _prune(name)
+
+
+def _masked(gm, x) -> torch.Tensor:
+    with torch.no_grad(), hard_masks(gm):
+        return _logits(gm(*x))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_shrink_of_export_capture_equals_hard_masked(name: str) -> None:
+    model, gm, kind = _pruned(name)
+    small = sf.shrink(gm)
+    assert type(small) is type(model)
+    shapes = [(1, 8), (3, 8)] if kind == "image" else [(1, 8), (3, 8), (1, 13), (3, 13)]
+    for batch, seq in shapes:
+        x, other = _inputs(kind, batch, seq, seed=1), _inputs(kind, batch, seq, seed=2)
+        ref = _masked(gm, x)
+        assert (ref - _masked(gm, other)).abs().max() > 1e-3  # the output follows the input
+        with torch.no_grad():
+            got = _logits(small(*x))
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    n_small = sum(p.numel() for p in small.parameters())
+    assert n_small < sum(p.numel() for p in model.parameters())
+
+
+def _generate(model: nn.Module, prompt: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False,
+                              pad_token_id=0)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_decoder_shrinks_to_its_class_and_generates_the_hard_masked_tokens(name: str) -> None:
+    _, gm, _ = _pruned(name)
+    small = sf.shrink(gm)
+    prompt = _inputs("lm", 1, 6, seed=3)[0]
+    reference = fold_to_source(gm)  # the hard-masked model as the source class
+    assert type(reference) is type(small)
+    tokens = _generate(reference, prompt)
+    assert tokens.shape[1] == prompt.shape[1] + 5
+    assert torch.equal(_generate(small, prompt), tokens)
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2"])
+def test_uniform_widths_round_trip_through_save_pretrained(name: str, tmp_path) -> None:
+    model, gm, _ = _pruned(name)
+    gm = copy.deepcopy(gm)
+    from sparsify_fx.budgets.exact_cut import apply_budget
+    apply_budget(gm, target_macs=0.5, uniform=True)
+    small = sf.shrink(gm)
+    assert small.config.num_key_value_heads < model.config.num_key_value_heads or \
+        small.config.intermediate_size < model.config.intermediate_size
+    small.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path, local_files_only=True).eval()
+    x = _inputs("lm", 2, 9, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*x).logits, small(*x).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(small(*x).logits, _masked(gm, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [
+    "llama_gqa", "bert", *(pytest.param(n, marks=pytest.mark.slow)
+                           for n in ("qwen2", "gpt2", "roberta", "vit", "fused"))])
+def test_shrunk_export_verifies_in_onnxruntime(name: str, tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    _, gm, kind = _pruned(name)
+    small = sf.shrink(gm)
+    x = _inputs(kind, 2, 8, seed=5)
+    done = sf.export_onnx(small, x, tmp_path / "small.onnx")  # raises unless it verifies
+    assert done.max_abs_diff is not None and done.max_abs_diff <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "bert", "fused"])
+def test_pruned_blocks_keep_at_most_052_of_their_macs_and_report_shows_it(name: str) -> None:
+    model, gm, kind = _pruned(name)
+    x = _inputs(kind, 2, 8)
+    rep = sf.report(gm, x)
+    assert rep.blocks is not None and rep.blocks["layers"]
+    assert rep.blocks["fraction"] <= 0.52
+    assert rep.blocks["model_fraction"] <= 0.5 + 1e-9
+    assert "pruned blocks" in str(rep)
+    # the shrunk model's own count agrees: its block layers' MACs over the dense model's
+    small = sf.shrink(gm)
+    dense_rows = {r.name: r.dense_macs for r in sf.report(model, x).rows}
+    small_rows = {r.name: r.dense_macs for r in sf.report(small, x).rows}
+    linear = [n for n in rep.blocks["layers"] if n in dense_rows]
+    assert linear
+    assert sum(small_rows[n] for n in linear) <= 0.52 * sum(dense_rows[n] for n in linear)
+
+
+def _llama_mid() -> nn.Module:
+    return _decoder("Llama", hidden=256, inter=688, layers=4, heads=8, kv_heads=4)
+
+
+def _bert_base() -> nn.Module:
+    return transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=VOCAB, max_position_embeddings=64, num_labels=3))
+
+
+MODELS.update({"llama_mid": (_llama_mid, "lm"), "bert_base": (_bert_base, "cls")})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama_mid", "bert_base"])
+def test_mid_size_models_shrink_to_half_their_block_macs(name: str) -> None:
+    model, gm, kind = _prune(name)
+    x = _inputs(kind, 2, 8)
+    rep = sf.report(gm, x)
+    assert rep.blocks["fraction"] <= 0.52
+    small = sf.shrink(gm)
+    assert type(small) is type(model)
+    for batch, seq in ((1, 8), (3, 13)):
+        xb, other = _inputs(kind, batch, seq, seed=1), _inputs(kind, batch, seq, seed=2)
+        ref = _masked(gm, xb)
+        assert (ref - _masked(gm, other)).abs().max() > 1e-4
+        with torch.no_grad():
+            torch.testing.assert_close(_logits(small(*xb)), ref, rtol=1e-4, atol=1e-4)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """A BatchNorm subclass that also applies the activation (as some vision libraries do)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(super().forward(x))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.reduce, self.expand = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.expand(F.relu(self.reduce(s))))
+
+
+class MeanPool(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3))
+
+
+class OwnModulesNet(nn.Module):
+    """Conv blocks built from their own module classes (no torchvision layers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 32, 3, padding=1, bias=False), BatchNormAct(32)
+        self.c1, self.bn1 = nn.Conv2d(32, 64, 3, padding=1, bias=False), BatchNormAct(64)
+        self.se = SqueezeExcite(64)
+        self.c2, self.bn2 = nn.Conv2d(64, 32, 3, padding=1, bias=False), BatchNormAct(32)
+        self.pool, self.fc = MeanPool(), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn0(self.stem(x))
+        x = x + self.bn2(self.c2(self.se(self.bn1(self.c1(x)))))
+        return self.fc(self.pool(x))
+
+
+def test_own_module_classes_get_channel_structure_through_the_aten_graph() -> None:
+    torch.manual_seed(0)
+    model = OwnModulesNet().eval()
+    with torch.no_grad():  # non-trivial statistics, so a wrong BN slice would show
+        for bn in (model.bn0, model.bn1, model.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = sf.transform(model, method="cs", granularity="channel", target_macs=0.5,
+                          example_inputs=(x,), capture="export")
+    from sparsify_fx.budgets.exact_cut import apply_budget
+    from sparsify_fx.passes.couple_channels import channel_l1_scores
+    apply_budget(gm, target_macs=0.5, scores=channel_l1_scores(gm))
+    gm.eval()
+    rep = sf.report(gm, x)
+    assert rep.blocks["fraction"] <= 0.52
+    small = sf.shrink(gm)
+    assert type(small) is OwnModulesNet and small.bn1.num_features < 64
+    dense_macs = sf.report(model, x).total_dense_macs
+    assert sf.report(small, x).total_dense_macs <= 0.52 * dense_macs
+    for batch in (1, 3):
+        xb, other = torch.randn(batch, 3, 8, 8), torch.randn(batch, 3, 8, 8)
+        ref = _masked(gm, (xb,))
+        assert (ref - _masked(gm, (other,))).abs().max() > 1e-3
+        with torch.no_grad():
+            torch.testing.assert_close(small(xb), ref, rtol=1e-4, atol=1e-5)
