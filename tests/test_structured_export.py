@@ -121,7 +121,9 @@ def _inputs(kind: str, batch: int, seq: int, seed: int = 0) -> tuple:
 
 
 def _logits(out) -> torch.Tensor:
-    return out if isinstance(out, torch.Tensor) else out.logits
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if "logits" in out else out.last_hidden_state
 
 
 def _dynamic(kind: str) -> tuple:
@@ -131,7 +133,7 @@ def _dynamic(kind: str) -> tuple:
     return (spec, spec) if kind == "cls" else (spec,)
 
 
-def _prune(name: str, seed: int = 0):
+def _prune(name: str, seed: int = 0, lr: float = 1e-3):
     build, kind = MODELS[name]
     torch.manual_seed(seed)
     model = build().eval()
@@ -141,7 +143,7 @@ def _prune(name: str, seed: int = 0):
         gm = sf.transform(model, method="cs", granularity="channel", target_macs=0.5,
                           example_inputs=x, capture="export", dynamic_shapes=_dynamic(kind))
     gm.train()
-    opt = torch.optim.Adam(sf.param_groups(gm, lr=1e-3), lr=1e-3)
+    opt = torch.optim.Adam(sf.param_groups(gm, lr=lr, mask_lr=1e-3), lr=lr)
     cs = sf.CSScheduler(gm, epochs=2)
     for epoch in range(2):
         for step in range(3):
@@ -232,7 +234,7 @@ def test_shrunk_export_verifies_in_onnxruntime(name: str, tmp_path) -> None:
     assert done.max_abs_diff is not None and done.max_abs_diff <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "bert", "fused"])
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2", "gpt2", "bert", "roberta", "vit", "fused"])
 def test_pruned_blocks_keep_at_most_052_of_their_macs_and_report_shows_it(name: str) -> None:
     model, gm, kind = _pruned(name)
     x = _inputs(kind, 2, 8)
@@ -255,8 +257,10 @@ def _llama_mid() -> nn.Module:
 
 
 def _bert_base() -> nn.Module:
-    return transformers.BertForSequenceClassification(transformers.BertConfig(
-        vocab_size=VOCAB, max_position_embeddings=64, num_labels=3))
+    """BERT-base's encoder (its hidden states: a random pooler + classifier at half width
+    gives nearly the same logits for every input, which would prove nothing)."""
+    return transformers.BertModel(transformers.BertConfig(
+        vocab_size=VOCAB, max_position_embeddings=64))
 
 
 MODELS.update({"llama_mid": (_llama_mid, "lm"), "bert_base": (_bert_base, "cls")})
@@ -265,7 +269,9 @@ MODELS.update({"llama_mid": (_llama_mid, "lm"), "bert_base": (_bert_base, "cls")
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama_mid", "bert_base"])
 def test_mid_size_models_shrink_to_half_their_block_macs(name: str) -> None:
-    model, gm, kind = _prune(name)
+    # weights barely move (random targets would otherwise flatten a deep random net's
+    # outputs to a constant); the CS scores learn at the usual rate
+    model, gm, kind = _prune(name, lr=1e-6)
     x = _inputs(kind, 2, 8)
     rep = sf.report(gm, x)
     assert rep.blocks["fraction"] <= 0.52
