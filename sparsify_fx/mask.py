@@ -71,10 +71,13 @@ class _SoftMaskedWeight(torch.autograd.Function):
                 grad_w.mul_(ctx.scale)
         if ctx.needs_input_grad[1]:
             grad_s = torch.mul(grad, weight)
-            if ctx.scale != 1.0:
+            if math.frexp(ctx.scale)[0] == 0.5:  # a power of two scales every rounding exactly:
+                torch.ops.aten.sigmoid_backward.grad_input(grad_s, sig, grad_input=grad_s)
+                grad_s.mul_(beta * ctx.scale)  # one pass for both factors, same bits
+            else:
                 grad_s.mul_(ctx.scale)
-            torch.ops.aten.sigmoid_backward.grad_input(grad_s, sig, grad_input=grad_s)
-            grad_s.mul_(beta)
+                torch.ops.aten.sigmoid_backward.grad_input(grad_s, sig, grad_input=grad_s)
+                grad_s.mul_(beta)
         return grad_w, grad_s, None, None
 
 
