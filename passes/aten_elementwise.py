@@ -62,7 +62,6 @@ class ElementwiseRules:
                 if isinstance(val, torch.Tensor):
                     self.check_untracked_operand(t, tuple(hint(s) for s in val.shape), node,
                                                  isinstance(self.value(other), ParamRef))
-        ts = [self.broadcast(v, out_shape) if isinstance(v, Tracked) else None for v in vals]
         a, b = ts[0], ts[1] if len(ts) > 1 else None
         if a is not None and b is not None:
             self.tie_pairs(a.ids, b.ids)
