@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "transform": "sparsify_fx.prepare",
     "PartialTraceWarning": "sparsify_fx.prepare",
+    "CaptureSwitchWarning": "sparsify_fx.prepare",
     "SparsifyConfig": "sparsify_fx.config",
     "masks": "sparsify_fx.mask_index",
     "MaskEntry": "sparsify_fx.mask_index",
@@ -39,7 +40,6 @@ _LAZY = {
     "Trainer": "sparsify_fx.training.trainer",
     "shrink": "sparsify_fx.passes.shrink",
     "plan_hf": "sparsify_fx.hf.heads",
-    "freeze_plan": "sparsify_fx.hf.heads",
     "shrink_hf": "sparsify_fx.hf.shrink",
 }
 

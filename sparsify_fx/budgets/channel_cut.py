@@ -10,7 +10,7 @@ budget (MACs or latency) the :class:`~sparsify_fx.budgets.cost_model.ChannelCost
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -186,15 +186,21 @@ def _export_hint(model: nn.Module) -> str:
     if not isinstance(unwrap(model), fx.GraphModule):
         return ""
     return (", or transform with capture='export' and example_inputs=: the channel analysis "
-            "then reads the ATen ops inside modules it does not know")
+            "then reads the ATen ops inside modules it does not know (capture='auto' with "
+            "example_inputs= and no target_latency switches to it by itself when that keeps "
+            "fewer channels whole)")
 
 
-def equalize_groups(model: nn.Module) -> dict[tuple, int]:
+def equalize_groups(model: nn.Module, scores: Mapping[str, Tensor] | None = None,
+                    fits: Callable[[], bool] | None = None) -> dict[tuple, int]:
     """Uniform widths: groups of the same structure (slot count and producer weight shapes,
     e.g. every layer's attention, every layer's MLP) keep the same number of slots, the
-    smallest count any of them kept, each its own best ones. Fewer kept slots only lower a
-    budget's cost, so a cut that met it still does. Returns ``{structure: slots kept}``.
-    Mutates the group masks (``freeze``)."""
+    smallest count any of them kept, each its own best ones (kept slots first, then by
+    ``scores[group key]`` when given, else the mask's ranking). Fewer kept slots only lower
+    a budget's cost, so a cut that met it still does. ``fits`` (the budget still holds
+    under the current hard masks): then one more slot per group is given back to the
+    structure with the smallest kept fraction, in turn, while it fits. Returns
+    ``{structure: slots kept}``. Mutates the group masks (``freeze``)."""
     from sparsify_fx.mask_index import main_graph
     from sparsify_fx.passes.couple_channels import GROUP_PREFIX, group_masks
     from sparsify_fx.passes.stored_analysis import channel_graph_of
@@ -207,13 +213,34 @@ def equalize_groups(model: nn.Module) -> dict[tuple, int]:
     for g in cg.groups:
         shapes = tuple(sorted(tuple(cg.producers[p].shape) for p in g.producers))
         classes.setdefault((len(g.components), shapes), []).append(f"{GROUP_PREFIX}{g.index}")
-    kept: dict[tuple, int] = {}
-    for signature, keys in classes.items():
-        n = min(int(groups[k].hard_mask().sum()) for k in keys)
+    order: dict[str, Tensor] = {}  # per group: slots best first (kept by the cut, then score)
+    for keys in classes.values():
         for k in keys:
-            scores = groups[k].ranking_scores().detach().float().reshape(-1).cpu()
-            keep = torch.zeros(scores.numel(), dtype=torch.bool)
-            keep[torch.sort(scores, descending=True, stable=True).indices[:n]] = True
+            rank = (scores[k] if scores is not None and k in scores
+                    else groups[k].ranking_scores()).detach().float().reshape(-1).cpu()
+            kept = groups[k].hard_mask().reshape(-1).cpu()
+            by_score = torch.sort(rank, descending=True, stable=True).indices
+            order[k] = by_score[torch.sort((~kept[by_score]).to(torch.uint8), stable=True).indices]
+
+    def keep_n(keys: list[str], n: int) -> None:
+        for k in keys:
+            keep = torch.zeros(order[k].numel(), dtype=torch.bool)
+            keep[order[k][:n]] = True
             groups[k].freeze(keep.reshape(groups[k].score_shape))
-        kept[signature] = n
-    return kept
+
+    kept_n: dict[tuple, int] = {}
+    for signature, keys in classes.items():
+        kept_n[signature] = min(int(groups[k].hard_mask().sum()) for k in keys)
+        keep_n(keys, kept_n[signature])
+    growing = {sig for sig in classes if kept_n[sig] < sig[0]} if fits is not None else set()
+    while growing:
+        sig = min(growing, key=lambda s: (kept_n[s] / s[0], list(classes).index(s)))
+        keep_n(classes[sig], kept_n[sig] + 1)
+        if fits():
+            kept_n[sig] += 1
+            if kept_n[sig] >= sig[0]:
+                growing.discard(sig)
+        else:
+            keep_n(classes[sig], kept_n[sig])
+            growing.discard(sig)
+    return kept_n

@@ -14,7 +14,7 @@ channel); a latency cut is then measured in onnxruntime and corrected
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, fx, nn
@@ -160,7 +160,8 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
             raise ConfigError("uniform=True applies to coupled channel masks "
                               "(transform(..., granularity='channel'))")
         result = cut(target_macs)
-        equalize_groups(model)
+        equalize_groups(model, scores, budget_holds(model, entries, target_sparsity,
+                                                     target_macs, costs))
         return result
     if not verify:
         return cut(target_macs)
@@ -175,6 +176,32 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
     return result
 
 
+def budget_holds(model: nn.Module, entries: list[MaskEntry], target_sparsity: object,
+                  target_macs: float | None, costs: Mapping[str, float] | None
+                  ) -> Callable[[], bool] | None:
+    """Whether the current hard masks still meet the one global budget (MACs as
+    ``shrink`` leaves them, or the zeroed fraction of the masked weights); None for
+    other budgets (a latency cost, per-layer targets)."""
+    if isinstance(costs, ChannelCost):
+        return (lambda: costs.hard_fraction() <= float(target_macs) + 1e-12) \
+            if costs.unit != "ms" and target_macs is not None else None
+    if target_macs is not None:
+        cm = channel_macs(model, costs if costs is not None else _config_costs(model))
+        return lambda: cm.hard_fraction() <= float(target_macs) + 1e-12
+    if isinstance(target_sparsity, (int, float)):
+        return lambda: 1.0 - kept_fraction(entries) >= float(target_sparsity) - 1e-12
+    return None
+
+
+def _config_costs(model: nn.Module) -> Mapping[str, float]:
+    cfg = config_of(unwrap(model))
+    if cfg is None or cfg.example_inputs is None:
+        raise ConfigError("target_macs needs per-weight costs: pass example_inputs= to "
+                          "transform, or costs=sparsify_fx.budgets.exact_cut.weight_costs(model, "
+                          "example_inputs)")
+    return weight_costs(model, cfg.example_inputs)
+
+
 def _cut(model: nn.Module, entries: list[MaskEntry],
          target_sparsity: float | Mapping[str, float] | None, target_macs: float | None,
          costs: Mapping[str, float] | None, per_layer: bool,
@@ -184,12 +211,7 @@ def _cut(model: nn.Module, entries: list[MaskEntry],
     if (target_sparsity is None) == (target_macs is None):
         raise ConfigError("apply_budget needs exactly one of target_sparsity or target_macs")
     if target_macs is not None and costs is None:
-        cfg = config_of(unwrap(model))
-        if cfg is None or cfg.example_inputs is None:
-            raise ConfigError("target_macs needs per-weight costs: pass example_inputs= to "
-                              "transform, or costs=sparsify_fx.budgets.exact_cut.weight_costs(model, "
-                              "example_inputs)")
-        costs = weight_costs(model, cfg.example_inputs)
+        costs = _config_costs(model)
     if is_coupled(entries):
         if isinstance(target_sparsity, Mapping) or per_layer:
             raise ConfigError("coupled channel masks take one global target (sparsity or "

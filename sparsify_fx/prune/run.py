@@ -164,7 +164,12 @@ def _train_and_cut(ctx: Context, gm: nn.Module, data: Data, example: torch.Tenso
             apply_budget(gm, r["target_sparsity"])
     if ctx.hf is not None and r["granularity"] == "channel":
         from sparsify_fx.budgets.channel_cut import equalize_groups
-        kept = equalize_groups(gm)  # one width per layer kind: the HF config can hold it
+        from sparsify_fx.budgets.exact_cut import budget_holds
+        from sparsify_fx.mask_index import masks
+        entries = [e for e in masks(gm) if not e.mask.auxiliary]
+        holds = budget_holds(gm, entries, r["target_sparsity"], r["target_macs"],
+                             weight_costs(gm, example) if r["target_macs"] is not None else None)
+        kept = equalize_groups(gm, fits=holds)  # one width per layer kind: the HF config holds it
         ctx.notes.append("hf: channel widths made uniform across layers (slots kept per "
                          f"structure: {sorted(kept.values())})")
 
