@@ -17,6 +17,7 @@ from sparsify_fx.passes.pass_base import SparsifyPass, run_passes
 from sparsify_fx.passes.stored_analysis import CountWeightMacs
 
 from sparsify_fx.capture.capture_model import PartialTraceWarning, capture_model, check_capture_options
+from sparsify_fx.capture.channel_capture import CaptureSwitch, CaptureSwitchWarning
 from sparsify_fx.capture.inputs import ModelInputs, as_model_inputs
 from sparsify_fx.config import SparsifyConfig, attach_config, config_of
 from sparsify_fx.errors import ConfigError, InputError, SelectionError
@@ -84,8 +85,12 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
     ``{"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}, ...}``); default: dim 0 of every
     input is dynamic. A
     :class:`~sparsify_fx.passes.capture_export.SpecializationWarning` names
-    what export specialised. See docs/capture.md.
+    what export specialised. With ``granularity="channel"`` and ``example_inputs``,
+    ``"auto"`` also tries torch.export when the torch.fx channel analysis keeps channels
+    whole at ops it does not understand, and keeps the capture that keeps fewer MACs whole
+    (:class:`CaptureSwitchWarning`; sparsify_fx/capture/channel_capture.py). See docs/capture.md.
     """
+    call = dict(locals())  # the arguments as given: the capture switch repeats the call
     if not isinstance(model, nn.Module):
         raise InputError(
             f"transform expects a torch.nn.Module, got {type(model).__name__}; wrap plain "
@@ -148,7 +153,9 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
     if granularity == "channel":  # coupled channels share one score vector (issue 7)
         pipeline.append(CoupleChannels(
             lambda k, name: spec.build((k,), granularity, name, options)))
-    run_passes(root, pipeline)
+    switch = CaptureSwitch(capture, captured.path, granularity, inputs, target_latency)
+    with switch.holding():  # its warnings wait until the capture is chosen
+        run_passes(root, pipeline)
     captured.finish()
 
     untraced = [str(f) for f in captured.failures]
@@ -160,9 +167,21 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
     root.train(model.training)
     if isinstance(stored, tuple):  # MACs counted once, stored on the nodes: weight_costs reads them
         CountWeightMacs(stored)(root)
+    exported = switch.choose(root, transform, call, _macs_floor)
+    if exported is not None:  # torch.export keeps fewer channels whole: its result instead
+        return exported
     if spec.after_transform is not None:
         spec.after_transform(root, config)
     return root
 
 
-__all__ = ["transform", "SparsifyConfig", "PartialTraceWarning", "config_of"]
+def _macs_floor(model: nn.Module) -> float:
+    """The MACs a cut of a coupled channel capture cannot go below (the capture switch)."""
+    from sparsify_fx.budgets.channel_cut import macs_floor
+    from sparsify_fx.budgets.exact_cut import weight_costs
+    from sparsify_fx.mask_index import unwrap
+    return macs_floor(model, weight_costs(model, config_of(unwrap(model)).example_inputs))
+
+
+__all__ = ["transform", "SparsifyConfig", "PartialTraceWarning", "CaptureSwitchWarning",
+           "config_of"]

@@ -177,6 +177,20 @@ def _macs_prefix(cm: ChannelMacs, order: Tensor, ends: Tensor, fraction: float,
     return top(lo)
 
 
+def macs_floor(model: nn.Module, costs: Mapping[str, float]) -> float:
+    """Fraction of the dense MACs a MACs cut of the coupled channel model ``model`` cannot go
+    below: every channel that must stay whole plus each group's best-ranked slot, counted by
+    :func:`channel_macs` on ``costs`` (``weight_costs``): the "already take X" that
+    :func:`coupled_cut` refuses with. Read-only."""
+    cost = channel_macs(model, costs)
+    keep = torch.zeros(cost.n_slots, dtype=torch.bool)
+    first = 0
+    for mask in cost.group_masks:
+        keep[first + int(torch.argmax(mask.ranking_scores().detach().reshape(-1).cpu()))] = True
+        first += math.prod(mask.score_shape)
+    return cost.cost(keep) / cost.dense
+
+
 def _export_hint(model: nn.Module) -> str:
     """On a torch.fx module graph: point at the ATen-level analysis, which reads the ops
     inside modules it does not know (a BatchNorm subclass with its activation, own pooling
