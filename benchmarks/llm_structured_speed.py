@@ -43,6 +43,7 @@ import torch
 
 from bench_io import command_line, machine, write_results
 from int8_speed import THREADS, save_feed, time_files
+from llm_structured_accuracy import accuracy, add_arguments
 
 GOAL = 1.15
 BLOCK_KEEP = 0.5
@@ -140,66 +141,6 @@ def run_model(name: str, work: Path, args: argparse.Namespace) -> dict[str, Any]
     return row
 
 
-# -- accuracy (--accuracy): CS-learned structure vs one-shot L1 at the same MACs ------------
-def lm_capture(task: Any, method: str, target: float) -> torch.nn.Module:
-    import sparsify_fx as sf
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return sf.transform(task.model, method=method, granularity="channel", target_macs=target,
-                            example_inputs=(torch.zeros(2, task.cfg.seq, dtype=torch.long),),
-                            capture="export", dynamic_shapes=({0: torch.export.Dim.AUTO},))
-
-
-def accuracy(args: argparse.Namespace) -> dict[str, Any]:
-    """Per seed: one-shot L1 cut (+ ``--steps`` of fine-tuning, mask fixed) and CS (masks and
-    weights, ``--steps``, exact cut at the end), both at the blocks' 0.5 MACs; held-out ppl
-    of the shrunk models (the llm_pruning.py checkpoint, corpus and split)."""
-    import statistics
-    import sparsify_fx as sf
-    from llm_pruning import CORPUS, weight_groups
-    from llm_text import LMConfig, load_or_train, perplexity, train_lm, windows
-    from sparsify_fx.budgets.exact_cut import apply_budget
-    from sparsify_fx.passes.couple_channels import channel_l1_scores
-    cfg = LMConfig(hidden=64, layers=2, intermediate=128, vocab=512, steps=30, batch=8) \
-        if args.quick else LMConfig()
-    task = load_or_train(CORPUS, args.cache + ("_quick" if args.quick else ""), cfg)
-    if args.quick:
-        task.val = task.val[:32]
-    x = (torch.zeros(1, cfg.seq, dtype=torch.long),)
-    oneshot = lm_capture(task, "magnitude", 0.5).eval()
-    before = sf.report(oneshot, x).blocks
-    from sparsify_fx.budgets.cost_model import channel_macs
-    from sparsify_fx.budgets.exact_cut import weight_costs
-    dense = channel_macs(oneshot, weight_costs(oneshot, x)).dense
-    target = (BLOCK_KEEP * before["dense_macs"] + dense - before["dense_macs"]) / dense
-    apply_budget(oneshot, target_macs=target, scores=channel_l1_scores(oneshot, per_weight=True))
-    rows: dict[str, list[dict[str, float]]] = {"l1": [], "l1_finetuned": [], "cs": []}
-    for seed in args.seeds:
-        torch.manual_seed(seed)
-        small = sf.shrink(oneshot)
-        rows["l1"].append({"ppl": perplexity(small, task.val)})
-        train_lm(small, windows(task.train_ids, cfg.seq, cfg.batch, 1000 + seed), args.steps,
-                 args.lr, warmup=10)
-        rows["l1_finetuned"].append({"ppl": perplexity(small, task.val)})
-        gm = lm_capture(task, "cs", target)
-        cs = sf.CSScheduler(gm, epochs=1, per_step=True, steps_per_epoch=args.steps)
-        train_lm(gm, windows(task.train_ids, cfg.seq, cfg.batch, 2000 + seed), args.steps,
-                 args.lr, groups=weight_groups(gm, args.lr, args.mask_lr), warmup=10,
-                 penalty=cs.penalty, after_step=lambda _s: cs.step())
-        if cs.cut is None:
-            raise RuntimeError("the CS schedule did not make its exact cut")
-        rows["cs"].append({"ppl": perplexity(sf.shrink(gm.eval()), task.val),
-                           "model_fraction": sf.report(gm, x).blocks["model_fraction"]})
-        print(f"seed {seed}: " + ", ".join(f"{k} {v[-1]['ppl']:.3f}" for k, v in rows.items()),
-              flush=True)
-    summary = {k: {"ppl_mean": statistics.mean(r["ppl"] for r in v), "ppl_stdev":
-                   statistics.stdev(r["ppl"] for r in v) if len(v) > 1 else 0.0} for k, v in rows.items()}
-    return {"dense_ppl": perplexity(task.model, task.val), "target_macs": target,
-            "l1_model_fraction": sf.report(oneshot, x).blocks["model_fraction"],
-            "steps": args.steps, "seeds": args.seeds, "rows": rows, "summary": summary,
-            "model": cfg.key()}
-
-
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# Structured pruning of torch.export captures: onnxruntime latency vs MACs", "",
              f"`{result['command']}`  ", f"{result['machine']}; each file timed in its own "
@@ -222,14 +163,9 @@ def markdown(result: dict[str, Any]) -> str:
                      f"MACs); shrunk: {r['shrunk_class']}; params "
                      f"{r['params_dense']:,} -> {r['params_shrunk']:,}; shrunk vs hard-masked "
                      f"{r['shrink_vs_masked_max_abs_diff']:.1e}; slots kept per group (heads or KV groups, MLP units, in graph order): {kept}")
-    a = result.get("accuracy")
-    if a:
-        lines += ["", f"Accuracy (held-out ppl, seeds {a['seeds']}, {a['steps']} steps; dense "
-                  f"{a['dense_ppl']:.3f}; whole-model MACs L1 {a['l1_model_fraction']:.3f}, CS "
-                  f"{[round(r['model_fraction'], 3) for r in a['rows']['cs']]}):", "",
-                  "| structure | ppl mean | stdev |", "|---|---|---|",
-                  *[f"| {k} | {v['ppl_mean']:.3f} | {v['ppl_stdev']:.3f} |"
-                    for k, v in a["summary"].items()]]
+    if result.get("accuracy"):
+        from llm_structured_accuracy import markdown as accuracy_markdown
+        lines += ["", accuracy_markdown(result["accuracy"])]
     return "\n".join(lines) + "\n"
 
 
@@ -242,11 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--accuracy", action="store_true", help="also the perplexity part")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=60, help="CS / fine-tune steps")
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--mask-lr", type=float, default=0.05)
-    ap.add_argument("--cache", default="benchmarks/results/llm_ckpt")
+    add_arguments(ap)  # --seeds, --steps, learning rates, --cache (llm_structured_accuracy)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"
                                          / "llm_structured_speed"))
     args = ap.parse_args(argv)

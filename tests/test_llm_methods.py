@@ -294,6 +294,31 @@ def test_cs_init_refusals():
         init_cs_from_masks(oneshot, oneshot)
 
 
+def test_cs_channel_groups_start_from_the_l1_cut(sources):
+    """Channel CS on a GQA Llama capture starts from the one-shot L1 channel cut: every
+    group's hard mask equals the L1 model's before training, so a cut at the same MACs
+    keeps every slot the L1 cut kept (and may add cheap ones the L1 prefix left out)."""
+    from sparsify_fx.budgets.exact_cut import apply_budget
+    from sparsify_fx.passes.couple_channels import channel_l1_scores, group_masks
+    source = sources["llama"]
+    oneshot = _transform(source, method="magnitude", granularity="channel")
+    apply_budget(oneshot, target_macs=0.7, scores=channel_l1_scores(oneshot, per_weight=True))
+    cs = _transform(source, method="cs", granularity="channel", target_macs=0.7)
+    assert {(m.s_init, m.rescale) for m in group_masks(cs).values()} == {(1.0, False)}
+    assert init_cs_from_masks(cs, oneshot) == len(group_masks(cs)) > 0
+    theirs = group_masks(oneshot)
+    kept = {k: m.learned_keep() for k, m in group_masks(cs).items()}
+    assert all(torch.equal(kept[k], theirs[k].hard_mask()) for k in kept)
+    assert any(not bool(v.all()) for v in kept.values())
+    apply_budget(cs, target_macs=0.7)
+    for k, m in group_masks(cs).items():
+        assert bool((m.hard_mask() | ~theirs[k].hard_mask()).all()), k
+    assert sparsify_fx.report(cs, _batches(1)[0]).blocks["model_fraction"] <= 0.7 + 1e-9
+    with pytest.raises(ConfigError, match="s_init > 0"):
+        init_cs_from_masks(_transform(source, method="cs", granularity="channel", s_init=0.0),
+                           oneshot)
+
+
 @pytest.mark.slow
 def test_gpt2_calibrated_exports_to_onnx(calibrated, tmp_path):
     gm, _ = calibrated("gpt2", "wanda", "4:8")

@@ -9,6 +9,10 @@ exactly 1, a pruned one's at ``sigmoid(-s_init) / sigmoid(s_init)``, 0.135 for
 ``s_init=2``). ``weights=True`` also copies the one-shot model's kept weights (SparseGPT's
 reconstructed values); pruned positions keep the CS model's own (dense) values, so a
 weight the training revives comes back with its trained value.
+
+Channel granularity (``transform(..., granularity="channel")`` for both): the scores of
+every coupled group (a head, KV group or MLP unit per slot) start from the one-shot
+model's kept slots the same way, so CS starts from, e.g., the L1 channel cut.
 """
 from __future__ import annotations
 
@@ -18,14 +22,18 @@ from torch import nn
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.mask import CSMask
 from sparsify_fx.mask_index import masks, unwrap
+from sparsify_fx.passes.couple_channels import group_masks
 
 
 @torch.no_grad()
 def init_cs_from_masks(cs_model: nn.Module, source: nn.Module, *, weights: bool = True) -> int:
     """Set the scores of ``cs_model``'s CS masks from ``source``'s hard masks (same weight
-    names and shapes; element or N:M CS masks with ``s_init > 0``). Mutates ``cs_model``
-    (scores; weights at kept positions when ``weights``); ``source`` is only read.
-    Returns the number of masks set. ConfigError on any mismatch, before changing anything."""
+    names and shapes; element, N:M or channel CS masks with ``s_init > 0``). Mutates
+    ``cs_model`` (scores; weights at kept positions when ``weights``); ``source`` is only
+    read. Returns the number of masks (channel: groups) set. ConfigError on any mismatch,
+    before changing anything."""
+    if group_masks(unwrap(cs_model)):
+        return _init_groups(cs_model, source, weights)
     theirs = {e.name: e for e in masks(unwrap(source)) if not e.mask.auxiliary}
     mine = [e for e in masks(unwrap(cs_model)) if not e.mask.auxiliary]
     if not mine or not all(isinstance(e.mask, CSMask) for e in mine):
@@ -54,3 +62,36 @@ def init_cs_from_masks(cs_model: nn.Module, source: nn.Module, *, weights: bool 
 
 
 __all__ = ["init_cs_from_masks"]
+
+
+def _init_groups(cs_model: nn.Module, source: nn.Module, weights: bool) -> int:
+    """:func:`init_cs_from_masks` for coupled channel models: one score per group slot."""
+    mine, theirs = group_masks(unwrap(cs_model)), group_masks(unwrap(source))
+    if set(mine) != set(theirs):
+        raise ConfigError("the source model's channel groups differ from the CS model's; "
+                          "transform both from the same model with granularity='channel' "
+                          "and the same include/exclude")
+    for key, mask in mine.items():
+        if not isinstance(mask, CSMask):
+            raise ConfigError("init_cs_from_masks needs a model from transform(..., "
+                              "method='cs') as its first argument")
+        if tuple(theirs[key].score_shape) != tuple(mask.score_shape):
+            raise ConfigError(f"{key}: the source group has {theirs[key].score_shape} slots, "
+                              f"the CS group {mask.score_shape}")
+        if not mask.s_init > 0:
+            raise ConfigError(f"{key}: CS s_init is {mask.s_init}; a one-shot start needs "
+                              "s_init > 0 (kept = +s_init, pruned = -s_init), e.g. "
+                              "transform(..., method='cs', s_init=1.0, rescale=False)")
+    for key, mask in mine.items():
+        keep = theirs[key].hard_mask().to(mask.scores.device).reshape(mask.scores.shape)
+        mask.scores.copy_(torch.where(keep, mask.s_init, -mask.s_init))
+    if weights:
+        theirs_w = {e.name: e for e in masks(unwrap(source)) if not e.mask.auxiliary}
+        for e in masks(unwrap(cs_model)):
+            other = theirs_w.get(e.name)
+            if other is None or e.mask.auxiliary or other.weight.shape != e.weight.shape:
+                continue
+            keep = other.mask.hard_mask().to(e.weight.device).expand_as(e.weight)
+            e.weight.copy_(torch.where(keep, other.weight.detach().to(e.weight.dtype), e.weight))
+    return len(mine)
+
