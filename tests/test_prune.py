@@ -248,3 +248,30 @@ def test_quantize_int8_writes_a_verified_int8_file_beside_fp32(tmp_path: pathlib
     assert "model_int8.onnx (pruned int8)" in table and "input model, dense fp32" in table
     assert q["bytes"] < summary["dense_onnx"]["bytes"]
     assert not list(out.rglob("dense.onnx"))  # the reference export is not kept
+
+
+def test_cs_start_l1_starts_channel_scores_from_the_l1_cut(tmp_path: pathlib.Path) -> None:
+    """``--cs-start l1`` with no training epochs: the exact cut keeps every channel the
+    one-shot L1 cut keeps (rows of the first conv found in the pruned model by value)."""
+    from sparsify_fx.budgets.exact_cut import apply_budget
+    from sparsify_fx.passes.couple_channels import channel_l1_scores
+    import sparsify_fx
+    out = tmp_path / "l1start"
+    args = [a for a in _args(out) if a not in ("--target-sparsity", str(TARGET))]
+    args = [a if a not in ("2", "1") else "0" for a in args]  # --epochs 0 --finetune-epochs 0
+    assert _prune_from_root(args + ["--granularity", "channel", "--target-macs", "0.5",
+                                    "--cs-start", "l1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["macs"]["ratio"] <= 0.5
+    assert any("cs_start l1" in n for n in summary["notes"])
+    torch.manual_seed(0)  # the job's seed 0 before building MODEL
+    x = digits_data()[1].tensors[0][:2]
+    l1 = sparsify_fx.transform(tiny_cnn(), method="magnitude", granularity="channel",
+                               example_inputs=(x,))
+    apply_budget(l1, target_macs=0.5, scores=channel_l1_scores(l1, per_weight=True))
+    small = sparsify_fx.shrink(l1)
+    l1_rows = [p for p in small.parameters() if p.dim() == 4][0]  # the conv weight
+    pruned = [p for p in load_pruned(out / "model.pt").parameters() if p.dim() == 4][0]
+    assert 0 < l1_rows.shape[0] <= pruned.shape[0] < 8
+    for row in l1_rows:
+        assert any(torch.equal(row, r) for r in pruned), "an L1-kept channel was cut"

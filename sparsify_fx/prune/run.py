@@ -174,6 +174,28 @@ def _train_and_cut(ctx: Context, gm: nn.Module, data: Data, example: torch.Tenso
                          f"structure: {sorted(kept.values())})")
 
 
+def _start_from_l1(ctx: Context, gm: nn.Module, model: nn.Module, options: dict[str, Any]
+                   ) -> None:
+    """``cs_start: l1``: CS channel scores start from the one-shot L1 cut of ``model`` at
+    the recipe's budget (``init_cs_from_masks``; mutates ``gm``'s scores and nothing else)."""
+    from sparsify_fx.baselines.mask_init import init_cs_from_masks
+    from sparsify_fx.budgets.exact_cut import apply_budget
+    from sparsify_fx.passes.couple_channels import channel_l1_scores
+    from sparsify_fx.prepare import transform
+    r = ctx.recipe
+    if r["method"] != "cs" or r["granularity"] != "channel":
+        raise ConfigError("cs_start: l1 applies to method cs with granularity channel; "
+                          f"got method {r['method']}, granularity {r['granularity']}")
+    if r["target_latency"] is not None:
+        raise ConfigError("cs_start: l1 needs target_sparsity or target_macs (the L1 cut "
+                          "it starts from); target_latency is measured after training")
+    oneshot = transform(model, **{**options, "method": "magnitude"})
+    apply_budget(oneshot, r["target_sparsity"], target_macs=r["target_macs"],
+                 scores=channel_l1_scores(oneshot, per_weight=True))
+    init_cs_from_masks(gm, oneshot)
+    ctx.notes.append("cs_start l1: CS channel scores started from the one-shot L1 cut")
+
+
 def _load_into(gm: nn.Module, path: Path) -> None:
     state = torch.load(path, map_location="cpu", weights_only=True)
     gm.load_state_dict(state)
@@ -278,6 +300,8 @@ def run(ctx: Context, overwrite: bool) -> dict[str, Any] | None:
                 gm = transform(model, **options)
                 ctx.notes.append("hf: kept whole, the config holds no width for them: "
                                  + ", ".join(fixed))
+        if r["cs_start"] == "l1":
+            _start_from_l1(ctx, gm, model, options)
     _replay_warnings(ctx, caught or [])
     _barrier(ctx)  # every rank has read OUTDIR before rank 0 changes it
     if ctx.writer:
