@@ -25,6 +25,7 @@ from sparsify_fx.capture.exported_module import ExportedModule
 from sparsify_fx.errors import BudgetError
 from sparsify_fx.mask_index import hard_masks
 from sparsify_fx.passes.couple_channels import ChannelCouplingWarning, group_masks
+from tests.test_structured_export import OwnModulesNet
 
 
 class BatchNormAct(nn.BatchNorm2d):
@@ -37,41 +38,9 @@ class BatchNormAct(nn.BatchNorm2d):
         return F.relu(x)
 
 
-class SqueezeExcite(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.reduce, self.expand = nn.Conv2d(c, c // 4, 1), nn.Conv2d(c // 4, c, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean((2, 3), keepdim=True)
-        return x * torch.sigmoid(self.expand(F.relu(self.reduce(s))))
-
-
-class MeanPool(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean((2, 3))
-
-
-class OwnModulesNet(nn.Module):
-    """Conv blocks built from their own module classes (no torchvision layers)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem, self.bn0 = nn.Conv2d(3, 32, 3, padding=1, bias=False), BatchNormAct(32)
-        self.c1, self.bn1 = nn.Conv2d(32, 64, 3, padding=1, bias=False), BatchNormAct(64)
-        self.se = SqueezeExcite(64)
-        self.c2, self.bn2 = nn.Conv2d(64, 32, 3, padding=1, bias=False), BatchNormAct(32)
-        self.pool, self.fc = MeanPool(), nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.bn0(self.stem(x))
-        x = x + self.bn2(self.c2(self.se(self.bn1(self.c1(x)))))
-        return self.fc(self.pool(x))
-
-
 def _own_modules_net() -> nn.Module:
     torch.manual_seed(0)
-    model = OwnModulesNet().eval()
+    model = OwnModulesNet(BatchNormAct).eval()
     with torch.no_grad():  # non-trivial statistics, so a wrong BN slice would show
         for bn in (model.bn0, model.bn1, model.bn2):
             bn.running_mean.uniform_(-0.5, 0.5)

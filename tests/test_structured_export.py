@@ -310,12 +310,12 @@ class MeanPool(nn.Module):
 class OwnModulesNet(nn.Module):
     """Conv blocks built from their own module classes (no torchvision layers)."""
 
-    def __init__(self) -> None:
+    def __init__(self, norm: type[nn.Module] = BatchNormAct) -> None:
         super().__init__()
-        self.stem, self.bn0 = nn.Conv2d(3, 32, 3, padding=1, bias=False), BatchNormAct(32)
-        self.c1, self.bn1 = nn.Conv2d(32, 64, 3, padding=1, bias=False), BatchNormAct(64)
+        self.stem, self.bn0 = nn.Conv2d(3, 32, 3, padding=1, bias=False), norm(32)
+        self.c1, self.bn1 = nn.Conv2d(32, 64, 3, padding=1, bias=False), norm(64)
         self.se = SqueezeExcite(64)
-        self.c2, self.bn2 = nn.Conv2d(64, 32, 3, padding=1, bias=False), BatchNormAct(32)
+        self.c2, self.bn2 = nn.Conv2d(64, 32, 3, padding=1, bias=False), norm(32)
         self.pool, self.fc = MeanPool(), nn.Linear(32, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
