@@ -188,7 +188,7 @@ def _digits_seed(data, seed: int, epochs: int, ft: int, target: float, xl: torch
     sf.Trainer(dense, data.train, epochs=epochs, lr=0.05, seed=seed, progress=False).fit()
     torch.manual_seed(seed)
     cs = sf.transform(DigitsCNN(), method="cs", granularity="channel", target_latency=target,
-                      rescale=False, example_inputs=xl)
+                      rescale=False, s_init=0.0, example_inputs=xl)  # as measured
     trainer = sf.Trainer(cs, data.train, epochs=epochs, lr=0.05, mask_lr=0.01, seed=seed,
                          progress=False)
     trainer.fit()

@@ -108,7 +108,7 @@ def run_seed(data: Splits, seed: int, args: argparse.Namespace) -> list[dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         gm = sf.transform(make_vit(), method="cs", granularity="channel",
-                          target_macs=args.target_macs, rescale=False)
+                          target_macs=args.target_macs, rescale=False, s_init=0.0)  # as measured
     tr = trainer(gm, data, args.epochs, args.lr, seed, x, mask_lr=args.mask_lr,
                  example_inputs=x)
     tr.fit(finalize=False)
