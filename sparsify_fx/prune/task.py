@@ -28,13 +28,16 @@ PERPLEXITY_RTOL = 1e-3
 Collate = Callable[[list[Any]], Any]
 
 
-def top1(predict: Callable[[np.ndarray], np.ndarray], loader: DataLoader) -> float:
-    """Top-1 accuracy (a fraction) of ``predict(x: ndarray) -> logits`` over ``loader``."""
+def top1(predict: Callable[[np.ndarray], np.ndarray], loader: DataLoader,
+         scale: float = 1.0) -> float:
+    """Top-1 accuracy of ``predict(x: ndarray) -> logits`` over ``loader``: a fraction, or
+    ``scale * correct / total`` (100.0: percent, rounded exactly as ``Trainer``'s evaluate
+    rounds it, so equal counts give equal numbers)."""
     correct = total = 0
     for x, y in loader:
         correct += int((np.argmax(predict(x.numpy()), 1) == y.numpy()).sum())
         total += int(y.numel())
-    return correct / max(total, 1)
+    return scale * correct / max(total, 1)
 
 
 def next_token_nll(predict: Callable[[Tensor], Tensor], loader: DataLoader) -> tuple[float, int]:
@@ -101,7 +104,7 @@ class Task:
         """The metric of an onnxruntime ``predict(x: ndarray) -> first output``."""
         loader = self.loader(dataset)
         if self.metric == "accuracy":
-            return 100.0 * top1(predict, loader)
+            return top1(predict, loader, scale=100.0)
         nll, tokens = next_token_nll(lambda x: torch.from_numpy(predict(x.numpy())), loader)
         return math.exp(nll / max(tokens, 1))
 
