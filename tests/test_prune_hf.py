@@ -330,7 +330,7 @@ def test_sequence_classification_channel_cs_target_macs(cls_setup: dict[str, pat
     args = [a for a in _cls_args(cls_setup, out) if a not in ("--target-sparsity", "0.5")]
     args[0] = f"hf:{folder}"
     assert prune_main(args + ["--granularity", "channel", "--target-macs", "0.5",
-                              "--max-length", "16", "--cs-start", "l1"]) == 0
+                              "--max-length", "16"]) == 0  # cs_start: l1 by default
     summary = json.loads((out / "summary.json").read_text())
     assert summary["macs"]["ratio"] <= 0.5 + 1e-6
     assert any("cs_start l1" in n for n in summary["notes"])

@@ -47,9 +47,10 @@ KEYS: tuple[Key, ...] = (
     Key("quantize", str, None, "also write model_int8.onnx, verified: int8 (static QDQ, "
         "activations calibrated on 8 training batches) or dynamic (weights only)",
         ("int8", "dynamic")),
-    Key("cs_start", str, "uniform", "cs with granularity channel: scores start all kept "
+    Key("cs_start", str, None, "cs with granularity channel: scores start all kept "
         "(uniform) or from the one-shot L1 channel cut at the target (l1; best for a "
-        "pretrained model, see docs/cs.md)", ("uniform", "l1")),
+        "pretrained model, see docs/cs.md); default: l1 for hf: models with a sparsity or "
+        "MACs target, else uniform", ("uniform", "l1")),
     Key("epochs", int, 10, "training epochs (masks learned or scheduled)"),
     Key("finetune_epochs", int, 5, "epochs with the mask fixed after the exact cut"),
     Key("lr", float, 0.05, "learning rate of the weights (SGD, momentum 0.9)"),

@@ -174,6 +174,17 @@ def _train_and_cut(ctx: Context, gm: nn.Module, data: Data, example: torch.Tenso
                          f"structure: {sorted(kept.values())})")
 
 
+def _cs_start(ctx: Context) -> str:
+    """The recipe's ``cs_start``; unset: ``l1`` for a pretrained ``hf:`` checkpoint pruned
+    by CS channels to a sparsity or MACs target (docs/cs.md), else ``uniform``."""
+    r = ctx.recipe
+    if r["cs_start"] is not None:
+        return str(r["cs_start"])
+    pretrained_cs = (ctx.hf is not None and r["method"] == "cs"
+                     and r["granularity"] == "channel" and r["target_latency"] is None)
+    return "l1" if pretrained_cs else "uniform"
+
+
 def _start_from_l1(ctx: Context, gm: nn.Module, model: nn.Module, options: dict[str, Any]
                    ) -> None:
     """``cs_start: l1``: CS channel scores start from the one-shot L1 cut of ``model`` at
@@ -300,7 +311,7 @@ def run(ctx: Context, overwrite: bool) -> dict[str, Any] | None:
                 gm = transform(model, **options)
                 ctx.notes.append("hf: kept whole, the config holds no width for them: "
                                  + ", ".join(fixed))
-        if r["cs_start"] == "l1":
+        if _cs_start(ctx) == "l1":
             _start_from_l1(ctx, gm, model, options)
     _replay_warnings(ctx, caught or [])
     _barrier(ctx)  # every rank has read OUTDIR before rank 0 changes it
