@@ -75,7 +75,7 @@ def train_cs(data: Splits, seed: int, epochs: int, target: float, side: int,
     # rescale=False: from scratch, a factor 2 per kept channel compounds through the
     # layers (docs/cs.md: MNIST 95.2 % with it, 97.6 % without)
     gm = sf.transform(make_model(side), method="cs", granularity="channel", target_macs=target,
-                      rescale=False, s_init=0.0)  # s_init as measured (channel default now 1)
+                      rescale=False, s_init=0.0)  # s_init as measured
     trainer = sf.Trainer(gm, data.train, epochs=epochs, lr=LR, mask_lr=MASK_LR, seed=seed,
                          progress=False, example_inputs=x)
     trainer.fit(finalize=False)

@@ -9,11 +9,11 @@ capture="export")`` capture and is scored by held-out perplexity of the shrunk m
 * ``l1``: one-shot L1 (``channel_l1_scores(per_weight=True)``), no training;
 * ``l1_finetuned``: that cut, then the weights fine-tuned (``--ft-lr``), mask fixed;
 * ``cs_from_l1``: CS masks and weights (``--cs-lr``, mask lr ``--mask-lr``), scores started
-  from the L1 cut (``init_cs_from_masks``: kept +s_init, pruned -s_init; channel CS's
-  defaults ``s_init=1``, ``rescale=False``), beta 1 -> 200 per step, MACs controller, exact cut at the last step;
+  from the L1 cut (``init_cs_from_masks``: kept +s_init, pruned -s_init; ``s_init=1``,
+  ``rescale=False``), beta 1 -> 200 per step, MACs controller, exact cut at the last step;
 * ``cs_uniform``: the same CS with every score at ``s_init=1`` (no L1 start, mask lr
   ``--uniform-mask-lr``);
-* ``cs_defaults``: CS with the element defaults (``s_init=0``, ``rescale=True``; mask lr 0.05),
+* ``cs_defaults``: CS with transform's defaults (``s_init=0``, ``rescale=True``; mask lr 0.05),
   kept to show why a pretrained model is pruned with ``rescale=False``: with a coupled
   group the ``1 / sigmoid(s_init)`` scale multiplies every producer (q, k and v; gate and
   up), so a kept head's logits grow to 4x as beta rises.

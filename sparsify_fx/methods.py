@@ -113,8 +113,6 @@ class MethodSpec:
     name: str
     mask_class: type[Mask]
     options: dict[str, Any] = field(default_factory=dict)
-    #: defaults that replace ``options``' for ``granularity="channel"`` (the user's win)
-    channel_options: dict[str, Any] = field(default_factory=dict)
     granularities: tuple[str, ...] = ("element", "channel", "n:m")
     budgets: tuple[str, ...] = ("sparsity", "macs")
     after_transform: Callable[[nn.Module, Any], None] | None = None
@@ -173,10 +171,8 @@ def available_methods() -> list[str]:
     return sorted(_METHODS)
 
 
-def split_options(spec: MethodSpec, options: dict[str, Any],
-                  granularity: str = "element") -> dict[str, Any]:
-    """Method options with defaults filled in (``spec.channel_options`` over
-    ``spec.options`` for ``granularity="channel"``); unknown keys raise ConfigError."""
+def split_options(spec: MethodSpec, options: dict[str, Any]) -> dict[str, Any]:
+    """Method options with defaults filled in; unknown keys raise ConfigError."""
     unknown = set(options) - set(spec.options)
     if unknown:
         known = ", ".join(sorted(spec.options)) or "none"
@@ -184,8 +180,7 @@ def split_options(spec: MethodSpec, options: dict[str, Any],
             f"method {spec.name!r} does not take option(s) {', '.join(sorted(unknown))}; "
             f"its options are: {known}"
         )
-    channel = spec.channel_options if granularity == "channel" else {}
-    return {**spec.options, **channel, **options}
+    return {**spec.options, **options}
 
 
 def method_of(model: nn.Module) -> MethodSpec | None:

@@ -104,7 +104,7 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
             f"granularity {granularity!r} is not supported by method {method!r}; use {allowed}"
         )
     target_sparsity = pattern_target(gran, target_sparsity, target_macs)
-    options = split_options(spec, method_options, granularity)
+    options = split_options(spec, method_options)
     _check_fraction("target_sparsity", target_sparsity)
     for name, value in (("target_macs", target_macs), ("target_latency", target_latency)):
         if value is not None and not (isinstance(value, (int, float))

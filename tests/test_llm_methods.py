@@ -303,8 +303,8 @@ def test_cs_channel_groups_start_from_the_l1_cut(sources):
     source = sources["llama"]
     oneshot = _transform(source, method="magnitude", granularity="channel")
     apply_budget(oneshot, target_macs=0.7, scores=channel_l1_scores(oneshot, per_weight=True))
-    cs = _transform(source, method="cs", granularity="channel", target_macs=0.7)
-    assert {(m.s_init, m.rescale) for m in group_masks(cs).values()} == {(1.0, False)}
+    cs = _transform(source, method="cs", granularity="channel", target_macs=0.7, s_init=1.0,
+                    rescale=False)
     assert init_cs_from_masks(cs, oneshot) == len(group_masks(cs)) > 0
     theirs = group_masks(oneshot)
     kept = {k: m.learned_keep() for k, m in group_masks(cs).items()}
@@ -315,8 +315,7 @@ def test_cs_channel_groups_start_from_the_l1_cut(sources):
         assert bool((m.hard_mask() | ~theirs[k].hard_mask()).all()), k
     assert sparsify_fx.report(cs, _batches(1)[0]).blocks["model_fraction"] <= 0.7 + 1e-9
     with pytest.raises(ConfigError, match="s_init > 0"):
-        init_cs_from_masks(_transform(source, method="cs", granularity="channel", s_init=0.0),
-                           oneshot)
+        init_cs_from_masks(_transform(source, method="cs", granularity="channel"), oneshot)
 
 
 @pytest.mark.slow

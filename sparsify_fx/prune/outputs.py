@@ -88,7 +88,7 @@ def write_outputs(ctx: "Context", original: nn.Module, gm: nn.Module, data: "Dat
     (stage / "report.md").write_text(rep.to_markdown() + "\n\n"
                                      + _artefacts(dense_onnx, onnx, int8) + "\n", encoding="utf-8")
     spec = {"model": r["model"], "weights": r["weights"],
-            "transform": {k: r[k] for k in TRANSFORM_KEYS},
+            "transform": {**{k: r[k] for k in TRANSFORM_KEYS}, **ctx.method_options},
             "output": "shrink" if r["granularity"] == "channel" else "fold", "task": r["task"],
             "input_shape": list(example.shape)}
     torch.save({"format": FORMAT, "spec": spec, "state_dict": final.state_dict(),

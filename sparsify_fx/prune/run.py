@@ -50,6 +50,8 @@ class Context:
     notes: list[str] = field(default_factory=list)
     task: Task = field(default_factory=Task)
     hf: Any = None  # the loaded hf:DIR model (hf_task.HFModel), None for other MODELs
+    #: method options given to transform (``cs_start: l1``: s_init 1, no rescale)
+    method_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def writer(self) -> bool:
@@ -178,6 +180,12 @@ def _cs_start(ctx: Context) -> str:
     """The recipe's ``cs_start``; unset: ``l1`` for a pretrained ``hf:`` checkpoint pruned
     by CS channels to a sparsity or MACs target (docs/cs.md), else ``uniform``."""
     r = ctx.recipe
+    if r["cs_start"] == "l1" and (r["method"] != "cs" or r["granularity"] != "channel"):
+        raise ConfigError("cs_start: l1 applies to method cs with granularity channel; "
+                          f"got method {r['method']}, granularity {r['granularity']}")
+    if r["cs_start"] == "l1" and r["target_latency"] is not None:
+        raise ConfigError("cs_start: l1 needs target_sparsity or target_macs (the L1 cut "
+                          "it starts from); target_latency is measured after training")
     if r["cs_start"] is not None:
         return str(r["cs_start"])
     pretrained_cs = (ctx.hf is not None and r["method"] == "cs"
@@ -187,19 +195,14 @@ def _cs_start(ctx: Context) -> str:
 
 def _start_from_l1(ctx: Context, gm: nn.Module, model: nn.Module, options: dict[str, Any]
                    ) -> None:
-    """``cs_start: l1``: CS channel scores start from the one-shot L1 cut of ``model`` at
-    the recipe's budget (``init_cs_from_masks``; mutates ``gm``'s scores and nothing else)."""
+    """``cs_start: l1``: CS channel scores (``s_init=1``, ``rescale=False``: docs/cs.md)
+    start from the one-shot L1 cut of ``model`` at the recipe's budget
+    (``init_cs_from_masks``; mutates ``gm``'s scores and nothing else)."""
     from sparsify_fx.baselines.mask_init import init_cs_from_masks
     from sparsify_fx.budgets.exact_cut import apply_budget
     from sparsify_fx.passes.couple_channels import channel_l1_scores
     from sparsify_fx.prepare import transform
     r = ctx.recipe
-    if r["method"] != "cs" or r["granularity"] != "channel":
-        raise ConfigError("cs_start: l1 applies to method cs with granularity channel; "
-                          f"got method {r['method']}, granularity {r['granularity']}")
-    if r["target_latency"] is not None:
-        raise ConfigError("cs_start: l1 needs target_sparsity or target_macs (the L1 cut "
-                          "it starts from); target_latency is measured after training")
     oneshot = transform(model, **{**options, "method": "magnitude"})
     apply_budget(oneshot, r["target_sparsity"], target_macs=r["target_macs"],
                  scores=channel_l1_scores(oneshot, per_weight=True))
@@ -302,13 +305,15 @@ def run(ctx: Context, overwrite: bool) -> dict[str, Any] | None:
                        target_sparsity=r["target_sparsity"], target_macs=r["target_macs"],
                        target_latency=r["target_latency"], example_inputs=example,
                        capture=task.capture, dynamic_shapes=task.dynamic_shapes)
-        gm = transform(model, **options)
+        if _cs_start(ctx) == "l1":  # kept slots at +1, pruned at -1, kept channels tend to 1
+            ctx.method_options = {"s_init": 1.0, "rescale": False}
+        gm = transform(model, **options, **ctx.method_options)
         if ctx.hf is not None and r["granularity"] == "channel":
             from sparsify_fx.passes.shrink_source import config_cannot_hold
             fixed = config_cannot_hold(gm)  # e.g. a pooler: its config has no width for it
             if fixed:
                 options["exclude"] = [*(r["exclude"] or []), *fixed]
-                gm = transform(model, **options)
+                gm = transform(model, **options, **ctx.method_options)
                 ctx.notes.append("hf: kept whole, the config holds no width for them: "
                                  + ", ".join(fixed))
         if _cs_start(ctx) == "l1":

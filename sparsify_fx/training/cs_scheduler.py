@@ -350,12 +350,8 @@ class CSScheduler(MethodSession):
         self._apply_beta()
 
 
-# channel groups: one score gates every producer of a group (q, k and v; gate and up), so a
-# rescale would multiply a kept head's logits by its square as beta rises; a pretrained
-# model is pruned with its kept channels at 1 (benchmarks/llm_structured_accuracy.py)
 register_method(MethodSpec(
-    "cs", CSMask, {"s_init": 0.0, "rescale": True},
-    channel_options={"s_init": 1.0, "rescale": False}, session=CSScheduler,
+    "cs", CSMask, {"s_init": 0.0, "rescale": True}, session=CSScheduler,
     budgets=("sparsity", "macs", "latency"),
     doc="Continuous Sparsification: scale * sigmoid(beta * s), hard mask s > 0.",
 ))
