@@ -145,10 +145,11 @@ def markdown(result: dict[str, Any]) -> str:
     lines = ["# Structured pruning of torch.export captures: onnxruntime latency vs MACs", "",
              f"`{result['command']}`  ", f"{result['machine']}; each file timed in its own "
              f"process, alternating, {result['rounds']} rounds; 1-minute load average after "
-             f"{result['load_average_1min_after']:.2f} (2 cores, shared)", "",
-             "| model | whole-model MACs fraction | blocks MACs fraction | dense ms | shrunk ms "
-             "| latency fraction | latency / MACs | goal <= 1.15 |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{result['load_average_1min_after']:.2f} (2 cores, shared)", ""]
+    if result["rows"]:  # --models with no names: the accuracy part alone
+        lines += ["| model | whole-model MACs fraction | blocks MACs fraction | dense ms "
+                  "| shrunk ms | latency fraction | latency / MACs | goal <= 1.15 |",
+                  "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(
             f"| {r['model']} ({r['class']}) | {r['model_fraction']:.3f} | "
