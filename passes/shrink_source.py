@@ -282,6 +282,8 @@ def _update_config(src: nn.Module, blocks: dict[str, dict]) -> bool:
         b = mlp[0]
         for attr in ("intermediate_size", "n_inner"):
             value = getattr(config, attr, None)
+            if attr == "n_inner" and value is None and isinstance(getattr(config, "n_embd", None), int):
+                value = 4 * config.n_embd  # GPT-2: unset means four times the hidden size
             if isinstance(value, int):
                 setattr(config, attr, _scale(value, b["_kept"], b["_total"]))
     built = _builds(hf_model, config)

@@ -19,7 +19,7 @@ from torch.export import Dim
 
 import sparsify_fx as sf
 from sparsify_fx.mask_index import hard_masks
-from sparsify_fx.passes.shrink_source import fold_to_source
+from sparsify_fx.passes.shrink_source import config_cannot_hold, fold_to_source
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 96
@@ -133,15 +133,20 @@ def _dynamic(kind: str) -> tuple:
     return (spec, spec) if kind == "cls" else (spec,)
 
 
-def _prune(name: str, seed: int = 0, lr: float = 1e-3):
+def _prune(name: str, seed: int = 0, lr: float = 1e-3, config_widths: bool = False):
+    """``config_widths``: keep whole what the HF config could not describe once shrunk
+    (``config_cannot_hold``, as the ``hf:`` prune job does)."""
     build, kind = MODELS[name]
     torch.manual_seed(seed)
     model = build().eval()
     x = _inputs(kind, 2, 8)
+    options = dict(method="cs", granularity="channel", target_macs=0.5, example_inputs=x,
+                   capture="export", dynamic_shapes=_dynamic(kind))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gm = sf.transform(model, method="cs", granularity="channel", target_macs=0.5,
-                          example_inputs=x, capture="export", dynamic_shapes=_dynamic(kind))
+        gm = sf.transform(model, **options)
+        if config_widths:
+            gm = sf.transform(model, exclude=config_cannot_hold(gm), **options)
     gm.train()
     opt = torch.optim.Adam(sf.param_groups(gm, lr=lr, mask_lr=1e-3), lr=lr)
     cs = sf.CSScheduler(gm, epochs=2)
@@ -220,6 +225,33 @@ def test_uniform_widths_round_trip_through_save_pretrained(name: str, tmp_path) 
     with torch.no_grad():
         torch.testing.assert_close(loaded(*x).logits, small(*x).logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(small(*x).logits, _masked(gm, x), rtol=1e-4, atol=1e-4)
+
+
+def test_gpt2_keeps_heads_whole_and_round_trips_with_fewer_mlp_units(tmp_path) -> None:
+    """GPT-2's config derives ``head_dim = n_embd / n_head``, so it cannot describe fewer
+    heads: ``config_cannot_hold`` names the attention weights, they stay whole, the MLP
+    units are cut with one width (``n_inner``) and the model round-trips."""
+    model = _gpt2()
+    named = config_cannot_hold(sf.transform(
+        model, granularity="channel", example_inputs=_inputs("lm", 2, 8), capture="export",
+        dynamic_shapes=_dynamic("lm")))
+    assert any("c_attn" in n for n in named) and not any("mlp" in n for n in named)
+    model, gm, _ = _prune("gpt2", config_widths=True)
+    from sparsify_fx.budgets.exact_cut import apply_budget
+    apply_budget(gm, target_macs=0.5, uniform=True)
+    small = sf.shrink(gm)
+    assert small.config.n_head == model.config.n_head
+    assert small.config.n_inner < 4 * model.config.n_embd
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    small.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path, local_files_only=True).eval()
+    x, other = _inputs("lm", 2, 9, seed=4), _inputs("lm", 2, 9, seed=6)
+    ref = _masked(gm, x)
+    assert (ref - _masked(gm, other)).abs().max() > 1e-3  # the output follows the input
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*x).logits, small(*x).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(small(*x).logits, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(_generate(loaded, x[0][:1, :6]), _generate(fold_to_source(gm), x[0][:1, :6]))
 
 
 @pytest.mark.parametrize("name", [
