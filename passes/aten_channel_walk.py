@@ -62,6 +62,10 @@ SHAPE_OPS = {"view", "_unsafe_view", "reshape", "transpose", "permute", "t", "ex
 #: identity on ids (dtype or device changes, dropout in eval form)
 IDENTITY_OPS = {"to", "_to_copy", "type_as", "_assert_tensor_metadata", "dropout", "feature_dropout",
                 "alpha_dropout", "detach_"}
+#: ops that leave a weight as it is (a weight read through them is still a producer's)
+PARAM_COPY_OPS = IDENTITY_OPS | {"clone", "contiguous", "detach", "alias", "lift_fresh_copy"}
+#: 2-D transposes of a weight (``W.t()``, ``W.T``, ``W.transpose(0, 1)``, ``W.permute(1, 0)``)
+PARAM_TRANSPOSE_OPS = {"t", "numpy_T", "transpose", "permute", "mT", "mH", "adjoint"}
 #: f(0) == 0 elementwise
 ZERO_KEEPING = {"neg", "relu", "relu_", "gelu", "silu", "silu_", "tanh", "abs", "erf", "sqrt",
                 "hardtanh", "leaky_relu", "hardswish", "elu", "mish", "sin", "relu6", "dropout",
@@ -257,9 +261,7 @@ class AtenChannelWalk(ElementwiseRules):
         if name in BATCH_NORM:
             return self.batch_norm(node, name)
         if not tracked:
-            if name in ("t", "transpose", "permute") and params and len(self.shape(node)) == 2:
-                return ParamRef(params[0].name, params[0].masked, not params[0].transposed)
-            return None
+            return self.param_op(node, name, params)
         if name in IDENTITY_OPS:
             return self.value(args[0])
         if name in SHAPE_OPS:
@@ -281,6 +283,27 @@ class AtenChannelWalk(ElementwiseRules):
         return self.reject(node, "op not understood by the channel analysis")
 
     # -- rules ------------------------------------------------------------------------
+    def param_op(self, node: fx.Node, name: str, params: list[ParamRef]) -> Any:
+        """An op on a weight (no activation channels): a 2-D transpose (``t``, ``.T``,
+        ``transpose``, ``permute(1, 0)``) or a copy keeps it a :class:`ParamRef`; any other
+        op reading a masked weight is not followed (its channels stay whole, warned)."""
+        first = self.value(node.args[0]) if node.args else None
+        if not isinstance(first, ParamRef):
+            first = None
+        if first is not None and name in PARAM_COPY_OPS:
+            return first
+        if first is not None and name in PARAM_TRANSPOSE_OPS and len(self.shape(node)) == 2:
+            dims = [int(d) % 2 for d in node.args[1]] if name == "permute" else [1, 0]
+            if name == "transpose":
+                dims = sorted({int(d) % 2 for d in node.args[1:3]}, reverse=True)
+            if dims == [1, 0]:
+                return ParamRef(first.name, first.masked, not first.transposed)
+        masked = sorted({p.name for p in params if p.masked is not None})
+        if masked:
+            self.unsupported.append(f"{node.name} ({name}): reads the masked weight(s) "
+                                    f"{', '.join(masked)} in a way the analysis does not follow")
+        return None
+
     def broadcast(self, t: Tracked, shape: tuple[int, ...]) -> Tracked:
         return Tracked(t.ids.broadcast_to(shape), t.zero.broadcast_to(shape))
 

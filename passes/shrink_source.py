@@ -19,7 +19,10 @@ copy of the source module (e.g. a smaller ``LlamaForCausalLM``, so ``forward``,
 * a Hugging Face ``config`` is updated (``num_attention_heads``,
   ``num_key_value_heads``, ``intermediate_size``, ``head_dim`` pinned) only when every
   layer kept the same widths, so ``save_pretrained`` / ``from_pretrained``
-  round-trip; ragged widths leave the config as it was (see docs/transformers.md).
+  round-trip; with ragged widths the top-level config stays as it was and each shrunk
+  block holding it gets its own copy with its widths (code that reads
+  ``self.config.num_attention_heads`` in ``forward`` runs); see
+  :mod:`sparsify_fx.passes.shrink_config` and docs/transformers.md.
 
 The result is checked against the hard-masked capture on the capture's example
 inputs; a difference raises :class:`ShrinkError` (never a silent wrong shrink).
@@ -37,6 +40,8 @@ from sparsify_fx.errors import ShrinkError
 from sparsify_fx.mask_index import hard_masks, main_graph, unwrap
 
 from sparsify_fx.passes.channel_types import ChannelGraph, Producer
+from sparsify_fx.passes.shrink_config import (config_cannot_hold, layer_configs, scale_width,
+                                               update_config)
 from sparsify_fx.passes.stored_analysis import channel_graph_of
 
 #: attributes holding a head count (scaled by the kept fraction of query rows)
@@ -132,12 +137,6 @@ def _slice_norms(src: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) -> None:
             owner.num_features = int(keep.sum())
 
 
-def _scale(value: int, kept: int, total: int) -> int:
-    if total == 0 or (value * kept) % total:
-        raise ShrinkError(f"cannot scale a width attribute {value} by {kept}/{total}")
-    return value * kept // total
-
-
 def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple]) -> dict:
     """Scale the width attributes of each group's owner module; returns per owner path
     ``{attr: new value}`` (also the per-layer widths a uniform config needs)."""
@@ -170,128 +169,12 @@ def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple]
                 for attr in attrs:
                     value = getattr(owner, attr, None)
                     if isinstance(value, int) and not isinstance(value, bool) and kept != total:
-                        new[attr] = _scale(value, kept, total)
+                        new[attr] = scale_width(value, kept, total)
                         setattr(owner, attr, new[attr])
         kind = "attention" if group.index in attention_groups else "mlp"
         changed[path] = dict(new, _kind=kind, _kept=q_kept, _total=q_total, _kv_kept=kv_kept,
                              _kv_total=kv_total)
     return changed
-
-
-def _uniform(blocks: dict[str, dict]) -> bool:
-    """Every attention block keeps the same widths, and every MLP block."""
-    for kind in ("attention", "mlp"):
-        group = [b for b in blocks.values() if b["_kind"] == kind]
-        if len({(b["_kept"], b["_total"], b["_kv_kept"]) for b in group}) > 1:
-            return False
-    return True
-
-
-def config_cannot_hold(model: nn.Module) -> list[str]:
-    """Producer weights of the channel groups a Hugging Face config cannot describe once
-    shrunk: groups that are no attention and whose width is not the config's
-    ``intermediate_size`` / ``n_inner`` (a pooler, a classifier's hidden layer). Empty for
-    a model without an HF config. Read-only."""
-    gm = main_graph(model)
-    source = unwrap(model).__dict__.get("source_module")
-    found = _config_owner(source) if source is not None else None
-    if gm is None or found is None:
-        return []
-    path, hf_model = found
-    config = hf_model.config
-    cg = channel_graph_of(gm)
-    widths = {getattr(config, a, None) for a in ("intermediate_size", "n_inner")} - {None}
-    if getattr(config, "n_inner", 0) is None and hasattr(config, "n_embd"):
-        widths.add(4 * config.n_embd)  # GPT-2's default inner width
-    attention = {int(g) for p in cg.producers.values() if p.kind == "attention_matmul"
-                 for g in cg.slots(p.out_ids)[0] if g >= 0}
-    heads_ok = _config_holds_fewer_heads(hf_model)
-    out = []
-    for group in cg.groups:
-        holds = heads_ok if group.index in attention else len(group.components) in widths
-        if not holds:
-            out += [cg.producers[p].weight for p in group.producers
-                    if cg.producers[p].kind in ("linear", "conv")]
-    return sorted(set(out))
-
-
-def _config_owner(src: nn.Module) -> tuple[str, nn.Module] | None:
-    """(path, module) of the first module holding a Hugging Face config."""
-    return next(((p, m) for p, m in src.named_modules()
-                 if hasattr(getattr(m, "config", None), "to_dict")), None)
-
-
-def _builds(hf_model: nn.Module, config: Any) -> dict[str, tuple] | None:
-    """Parameter shapes ``type(hf_model)(config)`` would have (built on the meta device),
-    None when the class refuses the config."""
-    try:
-        with torch.device("meta"):
-            trial = type(hf_model)(config)
-    except Exception:  # noqa: BLE001  any refusal of the config means "cannot hold"
-        return None
-    return {k: tuple(v.shape) for k, v in trial.state_dict().items()}
-
-
-def _config_holds_fewer_heads(hf_model: nn.Module) -> bool:
-    """Whether the config can describe one KV group fewer at the same ``head_dim``: the
-    class built from it has smaller query projections (models that derive ``head_dim``
-    from ``hidden_size / heads``, such as BERT or GPT-2, cannot)."""
-    config = hf_model.config
-    heads = getattr(config, "num_attention_heads", None)
-    hidden = getattr(config, "hidden_size", None)
-    if not isinstance(heads, int) or not isinstance(hidden, int) or heads < 2:
-        return False
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    trial = copy.deepcopy(config)
-    trial.head_dim = getattr(config, "head_dim", None) or hidden // heads
-    trial.num_attention_heads = heads - heads // kv
-    if hasattr(config, "num_key_value_heads"):
-        trial.num_key_value_heads = kv - 1
-    dense, small = _builds(hf_model, config), _builds(hf_model, trial)
-    if dense is None or small is None:
-        return False
-    shrunk = [k for k in dense if small.get(k) != dense[k]]
-    return bool(shrunk) and all(len(small.get(k, ())) == len(dense[k]) for k in shrunk)
-
-
-def _update_config(src: nn.Module, blocks: dict[str, dict]) -> bool:
-    """Write uniform per-layer widths into an HF ``config``; False when ragged."""
-    # the model's own config, or that of the first submodule holding one (a wrapper's model)
-    found = _config_owner(src)
-    if found is None or not blocks:
-        return found is None and bool(blocks) and _uniform(blocks)
-    hf_model = found[1]
-    config = hf_model.config
-    if not _uniform(blocks):
-        return False
-    original = copy.deepcopy(config)
-    attention = [b for b in blocks.values() if b["_kind"] == "attention"]
-    mlp = [b for b in blocks.values() if b["_kind"] == "mlp"]
-    heads = getattr(config, "num_attention_heads", None)
-    if attention and isinstance(heads, int):
-        b = attention[0]
-        hidden = getattr(config, "hidden_size", None)
-        head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden else None)
-        kv = getattr(config, "num_key_value_heads", None) or heads
-        if head_dim:
-            config.head_dim = int(head_dim)
-        config.num_attention_heads = _scale(heads, b["_kept"], b["_total"])
-        if hasattr(config, "num_key_value_heads"):
-            config.num_key_value_heads = _scale(kv, b["_kv_kept"], b["_kv_total"])
-    if mlp:
-        b = mlp[0]
-        for attr in ("intermediate_size", "n_inner"):
-            value = getattr(config, attr, None)
-            if attr == "n_inner" and value is None and isinstance(getattr(config, "n_embd", None), int):
-                value = 4 * config.n_embd  # GPT-2: unset means four times the hidden size
-            if isinstance(value, int):
-                setattr(config, attr, _scale(value, b["_kept"], b["_total"]))
-    built = _builds(hf_model, config)
-    own = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}
-    if built is None or any(built.get(k, v) != v for k, v in own.items()):
-        hf_model.config = original  # the class cannot be rebuilt from it: leave it as it was
-        return False
-    return True
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:
@@ -354,10 +237,12 @@ def shrink_to_source(model: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) ->
         widths = _slice_producers(src, cg, keep_id)
         _slice_norms(src, cg, keep_id)
         blocks = _sync_block_attrs(src, cg, widths)
-        uniform = _update_config(src, blocks)
+        uniform = update_config(src, blocks)
+        if not uniform:
+            layer_configs(src, blocks)
     src.__dict__["sparsify_uniform_widths"] = uniform
     cfg = getattr(exported, "sparsify_config", None)
-    _check(exported, src, getattr(cfg, "inputs", None))
+    _check(exported, src, getattr(cfg, "example_inputs", None))
     src.train(exported.training)
     return src
 

@@ -1,0 +1,186 @@
+"""What a Hugging Face ``config`` can describe of a shrunk model (read by
+:mod:`sparsify_fx.passes.shrink_source`).
+
+* :func:`config_cannot_hold`: the channel groups whose shrunk width no config field
+  holds (a pooler; heads of a model deriving ``head_dim = hidden / heads``), to keep
+  whole when the model must round-trip through ``save_pretrained``;
+* :func:`update_config`: uniform per-layer widths written into the model's config,
+  kept only when the class built from it (on the meta device) has the shrunk shapes;
+* :func:`layer_configs`: with ragged widths, each shrunk block that holds the shared
+  config gets its own copy with its widths (code such as Phi-3's attention reads
+  ``self.config.num_attention_heads`` in ``forward``).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from sparsify_fx.errors import ShrinkError
+from sparsify_fx.mask_index import main_graph, unwrap
+from sparsify_fx.passes.stored_analysis import channel_graph_of
+
+
+def scale_width(value: int, kept: int, total: int) -> int:
+    """``value x kept / total``; ShrinkError unless it is a whole number."""
+    if total == 0 or (value * kept) % total:
+        raise ShrinkError(f"cannot scale a width attribute {value} by {kept}/{total}")
+    return value * kept // total
+
+
+def _uniform(blocks: dict[str, dict]) -> bool:
+    """Every attention block keeps the same widths, and every MLP block."""
+    for kind in ("attention", "mlp"):
+        group = [b for b in blocks.values() if b["_kind"] == kind]
+        if len({(b["_kept"], b["_total"], b["_kv_kept"]) for b in group}) > 1:
+            return False
+    return True
+
+
+def config_cannot_hold(model: nn.Module) -> list[str]:
+    """Producer weights of the channel groups a Hugging Face config cannot describe once
+    shrunk: groups that are no attention and whose width is not the config's
+    ``intermediate_size`` / ``n_inner`` (a pooler, a classifier's hidden layer). Empty for
+    a model without an HF config. Read-only."""
+    gm = main_graph(model)
+    source = unwrap(model).__dict__.get("source_module")
+    found = _config_owner(source) if source is not None else None
+    if gm is None or found is None:
+        return []
+    path, hf_model = found
+    config = hf_model.config
+    cg = channel_graph_of(gm)
+    widths = {getattr(config, a, None) for a in ("intermediate_size", "n_inner")} - {None}
+    if getattr(config, "n_inner", 0) is None and hasattr(config, "n_embd"):
+        widths.add(4 * config.n_embd)  # GPT-2's default inner width
+    attention = {int(g) for p in cg.producers.values() if p.kind == "attention_matmul"
+                 for g in cg.slots(p.out_ids)[0] if g >= 0}
+    heads_ok = _config_holds_fewer_heads(hf_model)
+    out = []
+    for group in cg.groups:
+        holds = heads_ok if group.index in attention else len(group.components) in widths
+        if not holds:
+            out += [cg.producers[p].weight for p in group.producers
+                    if cg.producers[p].kind in ("linear", "conv")]
+    return sorted(set(out))
+
+
+def _config_owner(src: nn.Module) -> tuple[str, nn.Module] | None:
+    """(path, module) of the first module holding a Hugging Face config."""
+    return next(((p, m) for p, m in src.named_modules()
+                 if hasattr(getattr(m, "config", None), "to_dict")), None)
+
+
+def _builds(hf_model: nn.Module, config: Any) -> dict[str, tuple] | None:
+    """Parameter shapes ``type(hf_model)(config)`` would have (built on the meta device),
+    None when the class refuses the config."""
+    try:
+        with torch.device("meta"):
+            trial = type(hf_model)(config)
+    except Exception:  # noqa: BLE001  any refusal of the config means "cannot hold"
+        return None
+    return {k: tuple(v.shape) for k, v in trial.state_dict().items()}
+
+
+def _config_holds_fewer_heads(hf_model: nn.Module) -> bool:
+    """Whether the config can describe one KV group fewer at the same ``head_dim``: the
+    class built from it has smaller query projections (models that derive ``head_dim``
+    from ``hidden_size / heads``, such as BERT or GPT-2, cannot)."""
+    config = hf_model.config
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not isinstance(heads, int) or not isinstance(hidden, int) or heads < 2:
+        return False
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    trial = copy.deepcopy(config)
+    trial.head_dim = getattr(config, "head_dim", None) or hidden // heads
+    trial.num_attention_heads = heads - heads // kv
+    if hasattr(config, "num_key_value_heads"):
+        trial.num_key_value_heads = kv - 1
+    dense, small = _builds(hf_model, config), _builds(hf_model, trial)
+    if dense is None or small is None:
+        return False
+    shrunk = [k for k in dense if small.get(k) != dense[k]]
+    return bool(shrunk) and all(len(small.get(k, ())) == len(dense[k]) for k in shrunk)
+
+
+def update_config(src: nn.Module, blocks: dict[str, dict]) -> bool:
+    """Write uniform per-layer widths into the HF ``config`` (in place, so every module
+    sharing it sees them) when the class built from the new config has the shrunk
+    shapes; False (config untouched) when ragged or not buildable."""
+    # the model's own config, or that of the first submodule holding one (a wrapper's model)
+    found = _config_owner(src)
+    if found is None or not blocks:
+        return found is None and bool(blocks) and _uniform(blocks)
+    hf_model = found[1]
+    if not _uniform(blocks):
+        return False
+    config = hf_model.config
+    fields: dict[str, int] = {}
+    for kind in ("attention", "mlp"):
+        first = next((b for b in blocks.values() if b["_kind"] == kind), None)
+        if first is not None:
+            fields.update(_block_fields(config, first))
+    trial = copy.deepcopy(config)
+    for attr, value in fields.items():
+        setattr(trial, attr, value)
+    built = _builds(hf_model, trial)
+    own = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}
+    if built is None or any(built.get(k, v) != v for k, v in own.items()):
+        return False  # the class cannot be rebuilt from it: leave it as it was
+    for attr, value in fields.items():
+        setattr(config, attr, value)
+    return True
+
+
+def _block_fields(config: Any, block: dict) -> dict[str, int]:
+    """The config fields one shrunk block's widths give (empty when nothing changed)."""
+    out: dict[str, int] = {}
+    if block["_kind"] == "attention":
+        heads = getattr(config, "num_attention_heads", None)
+        if not isinstance(heads, int):
+            return out
+        hidden = getattr(config, "hidden_size", None)
+        head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden else None)
+        if head_dim:
+            out["head_dim"] = int(head_dim)
+        out["num_attention_heads"] = scale_width(heads, block["_kept"], block["_total"])
+        kv = getattr(config, "num_key_value_heads", None)
+        if isinstance(kv, int):
+            out["num_key_value_heads"] = scale_width(kv, block["_kv_kept"], block["_kv_total"])
+        return out
+    for attr in ("intermediate_size", "n_inner"):
+        value = getattr(config, attr, None)
+        if attr == "n_inner" and value is None and isinstance(getattr(config, "n_embd", None), int):
+            value = 4 * config.n_embd  # GPT-2: unset means four times the hidden size
+        if isinstance(value, int):
+            out[attr] = scale_width(value, block["_kept"], block["_total"])
+    return out
+
+
+def layer_configs(src: nn.Module, blocks: dict[str, dict]) -> None:
+    """Give every shrunk block's modules that hold the model's shared HF config a copy
+    with that block's widths (ragged widths: one config cannot hold them). Mutates
+    ``src``; the top-level config stays as it was."""
+    found = _config_owner(src)
+    if found is None:
+        return
+    shared = found[1].config
+    for path, block in blocks.items():
+        if block["_kept"] == block["_total"] and block["_kv_kept"] == block["_kv_total"]:
+            continue  # this block kept its widths: the shared config describes it
+        fields = _block_fields(shared, block)
+        root = src.get_submodule(path) if path else src
+        own = None
+        for _, module in root.named_modules():
+            if getattr(module, "config", None) is shared:
+                if own is None:
+                    own = copy.deepcopy(shared)
+                    for attr, value in fields.items():
+                        setattr(own, attr, value)
+                module.config = own
+
+
+__all__ = ["config_cannot_hold", "update_config", "layer_configs", "scale_width"]
