@@ -293,10 +293,13 @@ class AtenChannelWalk(ElementwiseRules):
         if first is not None and name in PARAM_COPY_OPS:
             return first
         if first is not None and name in PARAM_TRANSPOSE_OPS and len(self.shape(node)) == 2:
-            dims = [int(d) % 2 for d in node.args[1]] if name == "permute" else [1, 0]
-            if name == "transpose":
-                dims = sorted({int(d) % 2 for d in node.args[1:3]}, reverse=True)
-            if dims == [1, 0]:
+            if name == "permute":
+                swaps = [int(d) % 2 for d in node.args[1]] == [1, 0]
+            elif name == "transpose":
+                swaps = int(node.args[1]) % 2 != int(node.args[2]) % 2
+            else:
+                swaps = True
+            if swaps:
                 return ParamRef(first.name, first.masked, not first.transposed)
         masked = sorted({p.name for p in params if p.masked is not None})
         if masked:

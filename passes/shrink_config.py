@@ -52,9 +52,7 @@ def config_cannot_hold(model: nn.Module) -> list[str]:
     path, hf_model = found
     config = hf_model.config
     cg = channel_graph_of(gm)
-    widths = {getattr(config, a, None) for a in ("intermediate_size", "n_inner")} - {None}
-    if getattr(config, "n_inner", 0) is None and hasattr(config, "n_embd"):
-        widths.add(4 * config.n_embd)  # GPT-2's default inner width
+    widths = set(_inner_widths(config).values())
     attention = {int(g) for p in cg.producers.values() if p.kind == "attention_matmul"
                  for g in cg.slots(p.out_ids)[0] if g >= 0}
     heads_ok = _config_holds_fewer_heads(hf_model)
@@ -135,8 +133,22 @@ def update_config(src: nn.Module, blocks: dict[str, dict]) -> bool:
     return True
 
 
+def _inner_widths(config: Any) -> dict[str, int]:
+    """The config's MLP width fields and their values (GPT-2's unset ``n_inner`` means
+    four times ``n_embd``)."""
+    out = {}
+    for attr in ("intermediate_size", "n_inner"):
+        value = getattr(config, attr, None)
+        if attr == "n_inner" and value is None and isinstance(getattr(config, "n_embd", None), int):
+            value = 4 * config.n_embd
+        if isinstance(value, int):
+            out[attr] = value
+    return out
+
+
 def _block_fields(config: Any, block: dict) -> dict[str, int]:
-    """The config fields one shrunk block's widths give (empty when nothing changed)."""
+    """The config fields (and values) one shrunk block's widths give; empty when the
+    config has no field for that kind of block."""
     out: dict[str, int] = {}
     if block["_kind"] == "attention":
         heads = getattr(config, "num_attention_heads", None)
@@ -147,17 +159,12 @@ def _block_fields(config: Any, block: dict) -> dict[str, int]:
         if head_dim:
             out["head_dim"] = int(head_dim)
         out["num_attention_heads"] = scale_width(heads, block["_kept"], block["_total"])
-        kv = getattr(config, "num_key_value_heads", None)
-        if isinstance(kv, int):
+        if hasattr(config, "num_key_value_heads"):  # unset (None): as many as query heads
+            kv = getattr(config, "num_key_value_heads") or heads
             out["num_key_value_heads"] = scale_width(kv, block["_kv_kept"], block["_kv_total"])
         return out
-    for attr in ("intermediate_size", "n_inner"):
-        value = getattr(config, attr, None)
-        if attr == "n_inner" and value is None and isinstance(getattr(config, "n_embd", None), int):
-            value = 4 * config.n_embd  # GPT-2: unset means four times the hidden size
-        if isinstance(value, int):
-            out[attr] = scale_width(value, block["_kept"], block["_total"])
-    return out
+    return {attr: scale_width(value, block["_kept"], block["_total"])
+            for attr, value in _inner_widths(config).items()}
 
 
 def layer_configs(src: nn.Module, blocks: dict[str, dict]) -> None:
