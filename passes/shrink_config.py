@@ -156,8 +156,8 @@ def _block_fields(config: Any, block: dict) -> dict[str, int]:
             return out
         hidden = getattr(config, "hidden_size", None)
         head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden else None)
-        if head_dim:
-            out["head_dim"] = int(head_dim)
+        if head_dim and not isinstance(getattr(type(config), "head_dim", None), property):
+            out["head_dim"] = int(head_dim)  # pinned, unless the class derives it (Falcon)
         out["num_attention_heads"] = scale_width(heads, block["_kept"], block["_total"])
         if hasattr(config, "num_key_value_heads"):  # unset (None): as many as query heads
             kv = getattr(config, "num_key_value_heads") or heads

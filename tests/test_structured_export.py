@@ -102,10 +102,27 @@ def _vit() -> nn.Module:
         intermediate_size=128, num_labels=5))
 
 
+def _phi3() -> nn.Module:
+    """One fused q/k/v Linear sliced by offsets, one fused gate/up Linear chunked, and
+    attention code that reads ``self.config.num_attention_heads`` in ``forward``."""
+    config = transformers.Phi3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0, use_cache=False)
+    return transformers.Phi3ForCausalLM(config)
+
+
+def _falcon() -> nn.Module:
+    """``FalconLinear`` computes ``x @ self.weight.T`` (a transposed weight in matmul)."""
+    return transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        new_decoder_architecture=False, multi_query=False, use_cache=False))
+
+
 MODELS = {"llama_gqa": (_llama, "lm"), "qwen2": (_qwen2, "lm"), "gpt2": (_gpt2, "lm"),
           "bert": (_bert, "cls"), "roberta": (_roberta, "cls"), "vit": (_vit, "image"),
-          "fused": (FusedLM, "lm")}
-DECODERS = ("llama_gqa", "qwen2", "gpt2")
+          "fused": (FusedLM, "lm"), "phi3": (_phi3, "lm"), "falcon": (_falcon, "lm")}
+DECODERS = ("llama_gqa", "qwen2", "gpt2", "phi3", "falcon")
 
 
 def _inputs(kind: str, batch: int, seq: int, seed: int = 0) -> tuple:
@@ -210,7 +227,7 @@ def test_decoder_shrinks_to_its_class_and_generates_the_hard_masked_tokens(name:
     assert torch.equal(_generate(small, prompt), tokens)
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "qwen2"])
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2", "phi3"])
 def test_uniform_widths_round_trip_through_save_pretrained(name: str, tmp_path) -> None:
     model, gm, _ = _pruned(name)
     gm = copy.deepcopy(gm)
@@ -256,7 +273,7 @@ def test_gpt2_keeps_heads_whole_and_round_trips_with_fewer_mlp_units(tmp_path) -
 
 @pytest.mark.parametrize("name", [
     "llama_gqa", "bert", *(pytest.param(n, marks=pytest.mark.slow)
-                           for n in ("qwen2", "gpt2", "roberta", "vit", "fused"))])
+                           for n in ("qwen2", "gpt2", "roberta", "vit", "fused", "phi3", "falcon"))])
 def test_shrunk_export_verifies_in_onnxruntime(name: str, tmp_path) -> None:
     pytest.importorskip("onnxruntime")
     _, gm, kind = _pruned(name)
@@ -266,7 +283,7 @@ def test_shrunk_export_verifies_in_onnxruntime(name: str, tmp_path) -> None:
     assert done.max_abs_diff is not None and done.max_abs_diff <= 1e-4
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "qwen2", "gpt2", "bert", "roberta", "vit", "fused"])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_pruned_blocks_keep_at_most_052_of_their_macs_and_report_shows_it(name: str) -> None:
     model, gm, kind = _pruned(name)
     x = _inputs(kind, 2, 8)
@@ -384,3 +401,72 @@ def test_own_module_classes_get_channel_structure_through_the_aten_graph() -> No
         assert (ref - _masked(gm, (other,))).abs().max() > 1e-3
         with torch.no_grad():
             torch.testing.assert_close(small(xb), ref, rtol=1e-4, atol=1e-5)
+
+
+class TransposedLinear(nn.Linear):
+    """A Linear that reads its weight as ``x @ W.T`` (``how="T"``, as ``FalconLinear``),
+    ``x @ W.t()`` or ``x @ W.permute(1, 0)``."""
+
+    def __init__(self, n_in: int, n_out: int, how: str) -> None:
+        super().__init__(n_in, n_out, bias=False)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = {"T": lambda: self.weight.T, "t": self.weight.t,
+             "permute": lambda: self.weight.permute(1, 0)}[self.how]()
+        return x @ w
+
+
+class TransposedWeights(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = TransposedLinear(16, 48, "T"), TransposedLinear(48, 32, "t")
+        self.c, self.d = TransposedLinear(32, 40, "permute"), nn.Linear(40, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b(torch.relu(self.a(x))))
+        return self.d(torch.tanh(self.c(h)))
+
+
+def test_weights_read_through_transposes_are_producers() -> None:
+    torch.manual_seed(0)
+    model = TransposedWeights().eval()
+    x = torch.randn(4, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = sf.transform(model, granularity="channel", target_macs=0.5, example_inputs=(x,),
+                          capture="export")
+    assert not [w for w in caught if "Coupling" in type(w.message).__name__]
+    from sparsify_fx.budgets.exact_cut import apply_budget
+    from sparsify_fx.passes.couple_channels import channel_l1_scores, group_masks
+    assert len(group_masks(gm)) == 3  # the outputs of a, b and c: one group each
+    apply_budget(gm, target_macs=0.5, scores=channel_l1_scores(gm))
+    gm.eval()
+    small = sf.shrink(gm)
+    a, b, c, d = (getattr(small, n).weight for n in "abcd")
+    assert b.shape[1] == a.shape[0] and c.shape[1] == b.shape[0] and d.shape[1] == c.shape[0]
+    assert a.shape[0] + b.shape[0] + c.shape[0] < 48 + 32 + 40
+    assert sf.report(small, x).total_dense_macs <= 0.5 * sf.report(model, x).total_dense_macs
+    other = torch.randn(4, 16)
+    ref = _masked(gm, (x,))
+    assert (ref - _masked(gm, (other,))).abs().max() > 1e-3
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), ref, rtol=1e-5, atol=1e-5)
+
+
+class ScaledWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.out = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(x @ (2.0 * self.w.weight).T))  # an op on the weight itself
+
+
+def test_a_masked_weight_read_by_an_unknown_op_is_named_and_stays_whole() -> None:
+    model = ScaledWeight().eval()
+    x = torch.randn(3, 16)
+    with pytest.warns(Warning, match=r"w\.weight"):
+        gm = sf.transform(model, granularity="channel", example_inputs=(x,), capture="export")
+    kept = dict(gm.named_parameters())
+    assert not any("group" in n for n in kept)  # nothing left to prune: w stays whole
