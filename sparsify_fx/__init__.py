@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from sparsify_fx.errors import (BudgetError, ConfigError, ExportError, FoldError, InputError,
-                     SelectionError, ShrinkError, SparsifyError, TargetNotAppliedError,
-                     TraceError, TrainingError)
+from sparsify_fx.errors import (BudgetError, ConfigError, ExportError, FoldError,
+                     GenerationMismatchError, InputError, SelectionError, ShrinkError,
+                     SparsifyError, TargetNotAppliedError, TraceError, TrainingError)
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,11 @@ _LAZY = {
     "fold": "sparsify_fx.export.fold",
     "report": "sparsify_fx.export.report",
     "export_onnx": "sparsify_fx.export.onnx_export",
+    "export_decoder": "sparsify_fx.export.onnx_decoder",
+    "greedy_generate": "sparsify_fx.export.onnx_generate",
+    "OnnxDecoder": "sparsify_fx.export.onnx_generate",
+    "decode_speed": "sparsify_fx.latency.decode_speed",
+    "compare_decode_speed": "sparsify_fx.latency.decode_speed",
     "param_groups": "sparsify_fx.training.cs_scheduler",
     "CSScheduler": "sparsify_fx.training.cs_scheduler",
     "apply_budget": "sparsify_fx.budgets.exact_cut",
@@ -45,7 +50,8 @@ _LAZY = {
 
 __all__ = sorted([*_LAZY, "SparsifyError", "InputError", "ConfigError", "TraceError",
                   "SelectionError", "FoldError", "BudgetError", "TrainingError",
-                  "ExportError", "ShrinkError", "TargetNotAppliedError", "__version__"])
+                  "ExportError", "ShrinkError", "TargetNotAppliedError",
+                  "GenerationMismatchError", "__version__"])
 
 
 def __getattr__(name: str) -> Any:

@@ -47,3 +47,7 @@ class ExportError(SparsifyError):
 
 class ShrinkError(SparsifyError):
     """Channel coupling analysis met a pattern it cannot shrink safely."""
+
+
+class GenerationMismatchError(ExportError):
+    """An exported decoder's greedy tokens or step logits differ from PyTorch's generate()."""
