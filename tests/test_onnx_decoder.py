@@ -2,8 +2,8 @@
 PyTorch's ``generate(do_sample=False, use_cache=True)``.
 
 Tiny random-weight configs (each export takes ~20 s on 2 cores: the GPT-2 and shrunk
-Llama ones run by default, the others are ``slow``): Llama (2 layers, hidden 64, 4 heads / 2 KV heads) dense,
-element-pruned (magnitude, 75 %: COO initializers) and shrunk by the structured path
+Llama ones run by default, the others are ``slow``): Llama (2 layers, hidden 64, 4 heads
+/ 2 KV heads) dense, element-pruned (magnitude, 75 %: COO initializers) and shrunk by the structured path
 (fewer heads, KV heads and MLP units: a smaller cache); GPT-2 (2 layers, hidden 64).
 ``export_decoder`` verifies inside the call (16 new tokens, batch 1 and a left-padded
 batch 2); the tests check the result once more through the public loop and that the
