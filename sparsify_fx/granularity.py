@@ -78,6 +78,38 @@ class Granularity:
                                                     ).scatter_(-1, top, True)
         return keep.movedim(-1, input_dim)
 
+    def pattern_threshold(self, scores: Tensor, input_dim: int = 1) -> Tensor:
+        """Per-group threshold (``scores``' shape and dtype, differentiable): the midpoint
+        of the ``n``-th and ``(n+1)``-th highest score of every ``m`` consecutive entries
+        along ``input_dim``, so ``scores > threshold`` is exactly :meth:`pattern_keep`
+        (barring ties) and ``sigmoid(beta * (scores - threshold))`` is a top-``n``
+        relaxation whose scores compete inside their group (learned N:M CS). A trailing
+        short group uses its own ``ceil(n * len / m)``; one that keeps everything gets a
+        threshold far below its scores. Read-only."""
+        if not self.is_pattern:
+            raise ConfigError(f"granularity {self.kind!r} has no fixed pattern")
+        moved = scores.movedim(input_dim, -1)
+        width = moved.shape[-1]
+        full = (width // self.m) * self.m
+        parts = []
+        if full:
+            groups = moved[..., :full].reshape(*moved.shape[:-1], full // self.m, self.m)
+            top = torch.topk(groups, self.n + 1, dim=-1, sorted=True).values
+            mid = (top[..., self.n - 1] + top[..., self.n]) / 2
+            parts.append(mid.unsqueeze(-1).expand_as(groups).reshape(*moved.shape[:-1], full))
+        rest = width - full
+        if rest:
+            tail = moved[..., full:]
+            k = math.ceil(self.n * rest / self.m)
+            if 0 < k < rest:
+                top = torch.topk(tail, k + 1, dim=-1, sorted=True).values
+                mid = (top[..., k - 1] + top[..., k]) / 2
+            else:  # keeps all (or none) of the trailing group
+                far = tail.detach().abs().amax(-1) + 1e4
+                mid = -far if k else far
+            parts.append(mid.unsqueeze(-1).expand_as(tail))
+        return torch.cat(parts, -1).movedim(-1, input_dim)
+
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.is_pattern else self.kind
 

@@ -250,6 +250,12 @@ class CSMask(Mask):
     behaviour, default) ``scale = 1 / sigmoid(s_init)``: training starts with
     mask exactly 1, and the hard mask keeps that factor (``scale * (s > 0)``),
     so fold reproduces the function the network was trained as.
+
+    N:M granularity (``"2:4"``) is learned as a pattern: the soft mask is
+    ``scale * sigmoid(beta * (s - t))`` with ``t`` each group's midpoint between its
+    ``n``-th and ``(n+1)``-th score (``Granularity.pattern_threshold``), so the ``m``
+    scores of a group compete for its ``n`` places while training, and the hard mask
+    is always exactly the pattern (the ``n`` highest scores of every group).
     """
 
     method = "cs"
@@ -274,17 +280,33 @@ class CSMask(Mask):
     def scale(self) -> float:
         return self._scale
 
+    @property
+    def input_dim(self) -> int:
+        """The weight's input dimension, along which N:M groups run (0 for ``x @ W``)."""
+        return 0 if self.kind == "matmul" else 1
+
+    def relative_scores(self) -> Tensor:
+        """What the sigmoid reads: the scores, minus each group's threshold for N:M."""
+        gran = parse_granularity(self.granularity)
+        if gran.is_pattern:
+            return self.scores - gran.pattern_threshold(self.scores, self.input_dim)
+        return self.scores
+
     def soft_mask(self) -> Tensor:
-        return torch.sigmoid(self.beta * self.scores) * self._scale
+        return torch.sigmoid(self.beta * self.relative_scores()) * self._scale
 
     def forward(self, weight: Tensor) -> Tensor:
         if (not self._frozen and not self.hard and weight.shape == self.scores.shape
                 and weight.dtype == self.scores.dtype and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):
-            return _SoftMaskedWeight.apply(weight, self.scores, self.beta, self._scale)
+            return _SoftMaskedWeight.apply(weight, self.relative_scores(), self.beta,
+                                           self._scale)
         return super().forward(weight)
 
     def learned_keep(self) -> Tensor:
+        gran = parse_granularity(self.granularity)
+        if gran.is_pattern:
+            return gran.pattern_keep(self.scores, self.input_dim)
         return self.scores.detach() > 0
 
     def ranking_scores(self) -> Tensor:

@@ -34,6 +34,7 @@ from sparsify_fx.budgets.cost_model import ChannelCost, ChannelMacs, budget_cost
 from sparsify_fx.config import config_of
 from sparsify_fx.training.density_controller import DensityController, cubic_setpoint
 from sparsify_fx.errors import ConfigError
+from sparsify_fx.granularity import parse_granularity
 from sparsify_fx.mask import CSMask
 from sparsify_fx.mask_index import MaskEntry, masks, unwrap
 from sparsify_fx.methods import MethodSession, MethodSpec, register_method
@@ -112,6 +113,12 @@ class CSScheduler(MethodSession):
                                                     for s in getattr(e.mask, "sources", [])))]
         if not self.cs_masks or not self.entries:
             raise ConfigError("CSScheduler needs a model transformed with method='cs'")
+        #: N:M masks hold their pattern at every step (their groups compete for the n
+        #: places): no L1 penalty and no density control, only beta and the final cut
+        self.pattern_entries = {e.name for e in self.entries
+                                if parse_granularity(e.mask.granularity).is_pattern}
+        #: the hard masks when training started (first penalty()/step() of a round)
+        self._start_keep: dict[str, Tensor] | None = None
         cfg = config_of(self.model)
         if target_sparsity is None and target_macs is None and cfg is not None:
             target_sparsity, target_macs = cfg.target_sparsity, cfg.target_macs
@@ -206,10 +213,29 @@ class CSScheduler(MethodSession):
             m.beta.fill_(self.beta)
 
     def _groups(self) -> Iterator[tuple[int, list[MaskEntry]]]:
+        """Controller groups (index, entries), N:M entries left out (their density is fixed)."""
         if self.per_layer:
-            yield from ((i, [e]) for i, e in enumerate(self.entries))
+            yield from ((i, [e]) for i, e in enumerate(self.entries)
+                        if e.name not in self.pattern_entries)
         else:
-            yield 0, self.entries
+            free = [e for e in self.entries if e.name not in self.pattern_entries]
+            if free:
+                yield 0, free
+
+    def mark_trained(self) -> None:
+        """Mark the masks trained; the first call of a round records the start masks."""
+        super().mark_trained()
+        if self._start_keep is None:  # (not in state_dict: a resumed run counts from resume)
+            self._start_keep = {e.name: e.mask.hard_mask().detach().clone()
+                                for e in self.entries}
+
+    def mask_bits_changed(self) -> int:
+        """Hard-mask entries (scores) that differ now from where this round's training
+        started: what the training itself changed in the masks (0 before training)."""
+        if self._start_keep is None:
+            return 0
+        return sum(int((e.mask.hard_mask() != self._start_keep[e.name]).sum())
+                   for e in self.entries)
 
     # -- penalty -----------------------------------------------------------------
     def _penalty_weights(self) -> dict[str, float]:
@@ -235,7 +261,8 @@ class CSScheduler(MethodSession):
             s = sum(e.mask.soft_mask().sum() * self.penalty_weight[e.name] for e in group)
             term = s * float(lm[g])
             total = term if total is None else total + term
-        assert total is not None
+        if total is None:  # every mask holds an N:M pattern: nothing to penalise
+            total = self.cs_masks[0].scores.sum() * 0.0
         return total
 
     @property
@@ -317,6 +344,7 @@ class CSScheduler(MethodSession):
         self.t = 0
         self.round += 1
         self.cut = None
+        self._start_keep = None
         self._apply_beta()
 
     def finalize(self) -> CutResult | None:
