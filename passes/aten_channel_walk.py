@@ -69,14 +69,18 @@ PARAM_TRANSPOSE_OPS = {"t", "numpy_T", "transpose", "permute", "mT", "mH", "adjo
 #: f(0) == 0 elementwise
 ZERO_KEEPING = {"neg", "relu", "relu_", "gelu", "silu", "silu_", "tanh", "abs", "erf", "sqrt",
                 "hardtanh", "leaky_relu", "hardswish", "elu", "mish", "sin", "relu6", "dropout",
-                "native_dropout", "sign", "celu", "selu", "gelu_", "hardtanh_", "sgn"}
+                "native_dropout", "sign", "celu", "selu", "gelu_", "hardtanh_", "sgn", "square",
+                "softsign", "tanhshrink", "hardshrink", "softshrink", "sinh", "asinh", "atanh",
+                "tan", "atan", "asin", "trunc", "round", "floor", "ceil", "frac", "erfinv",
+                "expm1", "log1p", "square_", "mish_"}
 #: elementwise, f(0) != 0
 NONZERO_UNARY = {"sigmoid", "exp", "cos", "rsqrt", "log", "hardsigmoid", "softplus", "reciprocal",
-                 "log1p", "expm1", "erfc", "cosh", "bitwise_not", "logical_not", "clamp", "clamp_min",
+                 "erfc", "cosh", "bitwise_not", "logical_not", "clamp", "clamp_min",
                  "clamp_max", "nan_to_num", "fill", "zeros_like", "ones_like", "full_like",
                  "empty_like", "rand_like", "randn_like"}
 BINARY = {"add", "sub", "rsub", "mul", "div", "where", "maximum", "minimum", "pow", "masked_fill",
-          "true_divide", "floor_divide", "fmod", "remainder", "atan2", "copysign", "hypot"}
+          "true_divide", "floor_divide", "fmod", "remainder", "atan2", "copysign", "hypot",
+          "gt", "lt", "ge", "le", "eq", "ne", "logical_and", "logical_or", "logical_xor"}
 REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "var_mean", "logsumexp",
           "norm", "linalg_vector_norm", "prod", "argmax", "argmin", "any", "all"}
 NORMALIZE = {"_softmax", "softmax", "_log_softmax", "log_softmax", "layer_norm", "native_layer_norm",
@@ -248,7 +252,11 @@ class AtenChannelWalk(ElementwiseRules):
         if not isinstance(node.target, torch._ops.OpOverload):
             values = self._tracked_in(self.value(list(node.args)))
             return self.reject(node, "python function in the graph") if values else None
-        return self.call(node, op_name(node.target))
+        try:
+            return self.call(node, op_name(node.target))
+        except (TypeError, ValueError, IndexError, RuntimeError) as exc:
+            # a form of the op no rule expects: its channels stay whole, named
+            return self.reject(node, f"form not understood ({type(exc).__name__}: {exc})")
 
     def call(self, node: fx.Node, name: str) -> Any:
         args = node.args
@@ -274,8 +282,9 @@ class AtenChannelWalk(ElementwiseRules):
             if name == "native_dropout":
                 return (out, None)
             return out if name in ZERO_KEEPING else Tracked(out.ids, torch.zeros_like(out.zero))
-        if name in BINARY:
-            return self.binary(node, name)
+        if name in BINARY or (name in ("max", "min") and len(args) > 1 and isinstance(
+                args[1], fx.Node) and isinstance(args[1].meta.get("val"), torch.Tensor)):
+            return self.binary(node, name)  # max.other / min.other: elementwise
         if name in REDUCE:
             return self.reduce(node, name)
         if name in NORMALIZE:

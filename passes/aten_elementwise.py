@@ -51,8 +51,18 @@ class ElementwiseRules:
     def binary(self, node: fx.Node, name: str) -> Any:
         out_shape = self.shape(node)
         operands = list(node.args[:2]) if name != "where" else list(node.args[1:3])
-        if name == "where" and isinstance(self.value(node.args[0]), Tracked):
-            return self.reject(node, "where() condition carries channels")
+        cond = self.value(node.args[0]) if name == "where" else None
+        if isinstance(cond, Tracked):  # where(x > 0, f(x), g(x)): the condition's ids tie too
+            cond = self.broadcast(cond, out_shape)
+            out = self._binary(node, name, operands, out_shape)
+            if out is None:
+                return Tracked(cond.ids, torch.zeros_like(cond.zero))
+            self.tie_pairs(cond.ids, out.ids)
+            return Tracked(torch.where(out.ids >= 0, out.ids, cond.ids), out.zero)
+        return self._binary(node, name, operands, out_shape)
+
+    def _binary(self, node: fx.Node, name: str, operands: list, out_shape: tuple[int, ...]
+                ) -> Tracked | None:
         vals = [self.value(a) for a in operands]
         ts = [self.broadcast(v, out_shape) if isinstance(v, Tracked) else None for v in vals]
         for i, t in enumerate(ts):
@@ -74,6 +84,8 @@ class ElementwiseRules:
                 zero = a.zero & b.zero
             return Tracked(ids, zero)
         t = a if a is not None else b
+        if t is None:
+            return None
         first = a is not None
         scalar_other = len(operands) < 2 or not isinstance(operands[1 if first else 0], fx.Node)
         if name == "mul" or (name in ("div", "true_divide") and first) or (

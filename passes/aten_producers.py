@@ -143,6 +143,8 @@ def visit_matmul(walk: "AtenChannelWalk", node: fx.Node, name: str) -> Any:
         return walk.reject(node, "addmm form not understood")
     if name in ("mm", "matmul") and isinstance(vals[1], ParamRef) and not isinstance(vals[0], ParamRef):
         return _producer(walk, node, args[0], vals[1], None, "io")
+    if name == "baddbmm":
+        return _baddbmm(walk, node, vals)
     if name in ("mm", "matmul", "bmm"):
         a, b = vals[0], vals[1]
         if isinstance(a, ParamRef) or isinstance(b, ParamRef):
@@ -155,6 +157,31 @@ def visit_matmul(walk: "AtenChannelWalk", node: fx.Node, name: str) -> Any:
         return _contract(walk, node, a if isinstance(a, Tracked) else None,
                          b if isinstance(b, Tracked) else None, walk.shape(node))
     return walk.reject(node, f"{name} form not understood")
+
+
+def _baddbmm(walk: "AtenChannelWalk", node: fx.Node, vals: list) -> Any:
+    """``beta * input + alpha * (b1 @ b2)`` (e.g. attention scores plus a per-head bias):
+    the product of two activations as ``bmm``; ``input`` is added elementwise (its ids tie;
+    without ids, one that varies along the heads keeps them whole, as any added operand)."""
+    bias, a, b = vals[0], vals[1], vals[2]
+    if any(isinstance(v, ParamRef) for v in (a, b)):
+        return walk.reject(node, "baddbmm with a parameter operand")
+    a, b = (v if isinstance(v, Tracked) else None for v in (a, b))
+    out_shape = walk.shape(node)
+    if a is None and b is None:
+        if isinstance(bias, Tracked):
+            return Tracked(bias.ids.broadcast_to(out_shape), torch.zeros(out_shape, dtype=torch.bool))
+        return None
+    out = _contract(walk, node, a, b, out_shape)
+    if isinstance(bias, Tracked):
+        bias = walk.broadcast(bias, out_shape)
+        walk.tie_pairs(out.ids, bias.ids)
+        return Tracked(torch.where(out.ids >= 0, out.ids, bias.ids), out.zero & bias.zero)
+    bias_shape = concrete_shape(node.args[0])
+    if bias_shape is not None:
+        walk.check_untracked_operand(out, bias_shape, node, isinstance(vals[0], ParamRef))
+        return Tracked(out.ids, torch.zeros_like(out.zero))
+    return out
 
 
 def _repeat_heads(t: Tracked | None, heads: int) -> Tracked | None:

@@ -8,7 +8,11 @@
   kept only when the class built from it (on the meta device) has the shrunk shapes;
 * :func:`layer_configs`: with ragged widths, each shrunk block that holds the shared
   config gets its own copy with its widths (code such as Phi-3's attention reads
-  ``self.config.num_attention_heads`` in ``forward``).
+  ``self.config.num_attention_heads`` in ``forward``);
+* :func:`config_gaps`: the parameters whose shrunk shape the saved config would not
+  rebuild, each with the config field that cannot hold it (``shrink`` records them on
+  the shrunk model; ``safe_save`` and the shrunk model's ``save_pretrained`` refuse to
+  write a folder that would not reload).
 """
 from __future__ import annotations
 
@@ -113,14 +117,16 @@ def update_config(src: nn.Module, blocks: dict[str, dict]) -> bool:
     if found is None or not blocks:
         return found is None and bool(blocks) and _uniform(blocks)
     hf_model = found[1]
-    if not _uniform(blocks):
-        return False
     config = hf_model.config
     fields: dict[str, int] = {}
-    for kind in ("attention", "mlp"):
-        first = next((b for b in blocks.values() if b["_kind"] == kind), None)
-        if first is not None:
-            fields.update(_block_fields(config, first))
+    for block in blocks.values():  # every block must give each field the same value
+        try:
+            block_fields = _block_fields(config, block)
+        except ShrinkError:  # a width no whole field value describes
+            return False
+        for attr, value in block_fields.items():
+            if fields.setdefault(attr, value) != value:
+                return False  # ragged widths
     trial = copy.deepcopy(config)
     for attr, value in fields.items():
         setattr(trial, attr, value)
@@ -163,8 +169,9 @@ def _block_fields(config: Any, block: dict) -> dict[str, int]:
             kv = getattr(config, "num_key_value_heads") or heads
             out["num_key_value_heads"] = scale_width(kv, block["_kv_kept"], block["_kv_total"])
         return out
+    # only a field holding this group's width describes it (a pooler is no MLP)
     return {attr: scale_width(value, block["_kept"], block["_total"])
-            for attr, value in _inner_widths(config).items()}
+            for attr, value in _inner_widths(config).items() if value == block["_total"]}
 
 
 def layer_configs(src: nn.Module, blocks: dict[str, dict]) -> None:
@@ -178,7 +185,10 @@ def layer_configs(src: nn.Module, blocks: dict[str, dict]) -> None:
     for path, block in blocks.items():
         if block["_kept"] == block["_total"] and block["_kv_kept"] == block["_kv_total"]:
             continue  # this block kept its widths: the shared config describes it
-        fields = _block_fields(shared, block)
+        try:
+            fields = _block_fields(shared, block)
+        except ShrinkError:
+            continue  # no whole field value: the block's own attributes (checked after)
         root = src.get_submodule(path) if path else src
         own = None
         for _, module in root.named_modules():
@@ -190,4 +200,82 @@ def layer_configs(src: nn.Module, blocks: dict[str, dict]) -> None:
                 module.config = own
 
 
-__all__ = ["config_cannot_hold", "update_config", "layer_configs", "scale_width"]
+def _fields_of(config: Any, block: dict | None) -> str:
+    """The config field(s) meant to hold a block's widths, for messages."""
+    if block is None:
+        return "no config field (a width the config does not store)"
+    if block["_kind"] == "attention":
+        names = [a for a in ("num_attention_heads", "num_key_value_heads", "head_dim")
+                 if hasattr(config, a)]
+        return ", ".join(f"`{a}`" for a in names) or "no attention field"
+    names = [a for a, v in _inner_widths(config).items() if v == block["_total"]]
+    return ", ".join(f"`{a}`" for a in names) or \
+        f"no config field (its {block['_total']} units are no MLP width the config stores)"
+
+
+def config_gaps(src: nn.Module, blocks: dict[str, dict] | None = None) -> list[str]:
+    """Parameters of ``src`` (a model holding an HF config) whose shape its class, built
+    from that config, would not have (so ``from_pretrained`` of a saved folder fails),
+    each as ``"name (shape; the config builds shape) held by <field>"``; ``blocks``: the
+    shrunk blocks (``{path: widths}``) naming the field. Empty without an HF config.
+    Read-only."""
+    found = _config_owner(src)
+    if found is None:
+        return []
+    prefix, hf_model = found
+    built = _builds(hf_model, hf_model.config)
+    if built is None:
+        return [f"{type(hf_model).__name__}(config) refuses its own config"]
+    gaps = []
+    for name, tensor in hf_model.state_dict().items():
+        want = built.get(name)
+        if want is None or want == tuple(tensor.shape):
+            continue
+        full = f"{prefix}.{name}" if prefix else name
+        block = max(((p, b) for p, b in (blocks or {}).items() if full.startswith(p + ".")
+                     or not p), key=lambda pb: len(pb[0]), default=(None, None))[1]
+        gaps.append(f"{full} {tuple(tensor.shape)} (the saved config builds {want}; "
+                    f"held by {_fields_of(hf_model.config, block)})")
+    return gaps
+
+
+GAPS_ATTRIBUTE = "sparsify_config_gaps"
+
+
+def unsaveable(model: nn.Module | str, gaps: list[str]) -> ShrinkError:
+    """The error refusing to save ``model`` (or a class name) whose config cannot hold
+    ``gaps``."""
+    name = model if isinstance(model, str) else type(model).__name__
+    more = f" (and {len(gaps) - 1} more)" if len(gaps) > 1 else ""
+    return ShrinkError(
+        f"save_pretrained of this shrunk {name} would write a folder that "
+        f"from_pretrained cannot load: {gaps[0]}{more}; nothing was written. Cut with one "
+        "width per kind of layer (apply_budget(gm, ..., uniform=True)) or keep the groups "
+        "the config cannot describe whole (transform(model, ..., "
+        "exclude=config_cannot_hold(gm))), then shrink again")
+
+
+class RefuseSave:
+    """A shrunk model's ``save_pretrained`` when its config cannot describe it: raises
+    :func:`unsaveable` before anything is written (picklable: holds no model)."""
+
+    def __init__(self, name: str, gaps: list[str]) -> None:
+        self.name, self.gaps = name, list(gaps)
+
+    def __call__(self, *_args: Any, **_kwargs: Any) -> None:
+        raise unsaveable(self.name, self.gaps)
+
+
+def record_gaps(src: nn.Module, blocks: dict[str, dict]) -> list[str]:
+    """Record on ``src`` (``src.sparsify_config_gaps``) whether its config describes it;
+    when it does not, its ``save_pretrained`` raises :func:`unsaveable` before writing.
+    Mutates ``src``."""
+    gaps = config_gaps(src, blocks)
+    src.__dict__[GAPS_ATTRIBUTE] = gaps
+    if gaps and callable(getattr(src, "save_pretrained", None)):
+        src.__dict__["save_pretrained"] = RefuseSave(type(src).__name__, gaps)
+    return gaps
+
+
+__all__ = ["config_cannot_hold", "update_config", "layer_configs", "scale_width",
+           "config_gaps", "record_gaps", "unsaveable", "RefuseSave", "GAPS_ATTRIBUTE"]

@@ -40,8 +40,8 @@ from sparsify_fx.errors import ShrinkError
 from sparsify_fx.mask_index import hard_masks, main_graph, unwrap
 
 from sparsify_fx.passes.channel_types import ChannelGraph, Producer
-from sparsify_fx.passes.shrink_config import (config_cannot_hold, layer_configs, scale_width,
-                                               update_config)
+from sparsify_fx.passes.shrink_config import (config_cannot_hold, layer_configs, record_gaps,
+                                               scale_width, update_config)
 from sparsify_fx.passes.stored_analysis import channel_graph_of
 
 #: attributes holding a head count (scaled by the kept fraction of query rows)
@@ -241,6 +241,7 @@ def shrink_to_source(model: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) ->
         if not uniform:
             layer_configs(src, blocks)
     src.__dict__["sparsify_uniform_widths"] = uniform
+    record_gaps(src, blocks)  # a config that cannot describe the model: no save
     cfg = getattr(exported, "sparsify_config", None)
     _check(exported, src, getattr(cfg, "example_inputs", None))
     src.train(exported.training)

@@ -46,6 +46,7 @@ _LAZY = {
     "shrink": "sparsify_fx.passes.shrink",
     "plan_hf": "sparsify_fx.hf.heads",
     "shrink_hf": "sparsify_fx.hf.shrink",
+    "safe_save": "sparsify_fx.hf.save",
 }
 
 __all__ = sorted([*_LAZY, "SparsifyError", "InputError", "ConfigError", "TraceError",

@@ -1,0 +1,455 @@
+"""The structured path on every model family the installed transformers ships (issue 34).
+
+For every ``*ForCausalLM`` class in ``dir(transformers)`` (and every
+``*ForSequenceClassification`` class of a family without a causal LM: the encoders)
+a tiny random config is built generically from the class's own ``config_class``
+(hidden 64, 2 layers, 4 heads, 2 KV heads where the config has the field, head_dim
+16, small MLP / experts, vocabulary >= every special-token id, no cache). Then the
+steps of ``tests/test_structured_export.py``:
+
+1. ``transform(method="cs", granularity="channel", target_macs=0.5,
+   example_inputs=..., capture="export")`` (dynamic batch and length);
+2. random CS scores, the exact cut ``apply_budget(target_macs=0.5, scores=...)``;
+3. ``shrink`` into the source class;
+4. parity with the hard-masked model at a new batch and length (after checking the
+   output follows the input);
+5. decoders: greedy ``generate()`` of the shrunk model equals that of
+   ``fold_to_source`` (the hard-masked model as the source class);
+6. a uniform cut (``uniform=True``), ``shrink``, ``save_pretrained``,
+   ``from_pretrained``: equal outputs; or refused before anything is written.
+
+Each family ends in ``pass``, ``fail:<step>`` (with the error), or ``skipped`` (the
+config cannot be built generically, or the model does not run as built). One row per
+family: result, params fraction (shrunk / dense), blocks' MACs fraction (``report``),
+reason. Rows are appended to ``<out>.jsonl`` as they finish (a rerun skips families
+already there unless ``--fresh``); the table goes to ``<out>.json`` / ``<out>.md``.
+
+    python benchmarks/family_sweep.py [--only Llama Qwen2] [--timeout 300] [--fresh]
+        [--out benchmarks/results/family_sweep]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from typing import Any
+
+import torch
+
+HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, INTER = 64, 2, 4, 2, 16, 96
+MIN_VOCAB = 96
+#: generic config fields (and values) set where the config class has the field
+FIELDS: dict[str, Any] = {
+    "hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+    "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM, "intermediate_size": INTER,
+    "max_position_embeddings": 64, "use_cache": False, "num_labels": 3,
+    # mixture of experts, kept small
+    "moe_intermediate_size": 32, "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4,
+    "num_experts_per_tok": 2, "shared_expert_intermediate_size": 32, "n_shared_experts": 1,
+    "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
+    # encoder-decoder style configs used as decoders
+    "decoder_layers": LAYERS, "encoder_layers": LAYERS, "decoder_attention_heads": HEADS,
+    "encoder_attention_heads": HEADS, "d_model": HIDDEN, "decoder_ffn_dim": INTER,
+    "encoder_ffn_dim": INTER, "num_layers": LAYERS,
+    # attention windows and chunked attention bigger than the test sequences
+    "sliding_window": 64, "attention_dropout": 0.0, "hidden_dropout": 0.0,
+    "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "dropout": 0.0,
+}
+SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id",
+               "sep_token_id", "cls_token_id", "mask_token_id", "unk_token_id")
+
+
+class FamilyTimeout(Exception):
+    """A family ran past its time limit."""
+
+
+def families(transformers: Any) -> list[tuple[str, str, str]]:
+    """``(family, class name, kind)`` with kind ``"lm"`` for every ``*ForCausalLM`` and
+    ``"cls"`` for every ``*ForSequenceClassification`` of a family without a causal LM."""
+    names = [n for n in dir(transformers) if not n.startswith(("Auto", "TF", "Flax"))]
+    causal = {n[:-len("ForCausalLM")]: n for n in names if n.endswith("ForCausalLM")}
+    rows = [(fam, cls, "lm") for fam, cls in sorted(causal.items())]
+    for n in names:
+        if n.endswith("ForSequenceClassification"):
+            fam = n[:-len("ForSequenceClassification")]
+            if fam not in causal:
+                rows.append((fam, n, "cls"))
+    return rows
+
+
+def _config_fields(config_class: type) -> set[str]:
+    params = inspect.signature(config_class.__init__).parameters
+    return {p for p in params if p not in ("self", "kwargs", "args")}
+
+
+def tiny_config(model_class: type) -> Any:
+    """A tiny random config for ``model_class`` from its own ``config_class`` (see module
+    doc); ValueError naming why when it cannot be built generically."""
+    config_class = getattr(model_class, "config_class", None)
+    if config_class is None:
+        raise ValueError("the class names no config_class")
+    fields = _config_fields(config_class)
+    mapping = getattr(config_class, "attribute_map", {}) or {}
+    kwargs: dict[str, Any] = {}
+    for name, value in FIELDS.items():
+        target = name if name in fields else mapping.get(name)
+        if target in fields and target not in kwargs:
+            kwargs[target] = value
+    if not any(k in kwargs for k in ("hidden_size", mapping.get("hidden_size"), "d_model")):
+        raise ValueError(f"{config_class.__name__} has no hidden size field")
+    try:
+        default = config_class()
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"{config_class.__name__}() fails: {type(exc).__name__}: {exc}") from exc
+    if hasattr(default, "text_config") and getattr(default, "text_config") is not None and \
+            "hidden_size" not in fields:
+        raise ValueError(f"{config_class.__name__} nests a text_config (multimodal)")
+    # special tokens: small ids (0, 1, 2, ...) so the vocabulary stays small; the
+    # vocabulary is at least every special id the config keeps
+    ids = []
+    for i, attr in enumerate(SPECIAL_IDS):
+        v = getattr(default, attr, None)
+        if attr in fields and (v is not None or attr == "pad_token_id"):
+            kwargs[attr] = [i] if isinstance(v, (list, tuple)) else i
+            ids.append(i)
+        elif isinstance(v, int):
+            ids.append(v)
+    vocab = max([MIN_VOCAB, *(i + 1 for i in ids)])
+    if "vocab_size" in fields:
+        kwargs["vocab_size"] = vocab
+    try:
+        config = config_class(**kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"{config_class.__name__}(tiny) fails: {type(exc).__name__}: "
+                         f"{str(exc)[:200]}") from exc
+    return config
+
+
+def _inputs(kind: str, vocab: int, batch: int, seq: int, seed: int) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, min(vocab, 96), (batch, seq), generator=g)
+    if kind == "cls":
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        mask[0, -2:] = 0
+        return {"input_ids": ids, "attention_mask": mask}  # by keyword: any signature
+    return (ids,)
+
+
+def _run(model: Any, x: Any) -> torch.Tensor:
+    """The logits of ``model`` on inputs ``x`` (a tuple, or a dict of keyword tensors)."""
+    return _logits(model(**x) if isinstance(x, dict) else model(*x))
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if "logits" in out else out[0]
+
+
+def _vocab(config: Any) -> int:
+    v = getattr(config, "vocab_size", None)
+    return int(v) if isinstance(v, int) else MIN_VOCAB
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-4) -> None:
+    if a.shape != b.shape:
+        raise AssertionError(f"{what}: shapes {tuple(a.shape)} vs {tuple(b.shape)}")
+    diff = float((a - b).abs().max())
+    scale = max(1.0, float(b.abs().max()))
+    if not diff <= tol * scale:
+        raise AssertionError(f"{what}: max abs diff {diff:.2e}")
+
+
+def _generate(model: Any, prompt: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=False,
+                              pad_token_id=0)
+
+
+def _warn_text(caught: list) -> str:
+    """The first coupling / whole-kept warning, shortened."""
+    for w in caught:
+        name = type(w.message).__name__
+        if "Coupling" in name or "whole" in str(w.message):
+            return f"{name}: {str(w.message)[:240]}"
+    return ""
+
+
+def run_family(family: str, class_name: str, kind: str, seed: int = 0) -> dict[str, Any]:
+    """One family through every step (see module doc); a row of the table."""
+    import transformers
+    from torch.export import Dim
+
+    import sparsify_fx as sf
+    from sparsify_fx.budgets.exact_cut import apply_budget
+    from sparsify_fx.errors import SparsifyError
+    from sparsify_fx.mask_index import hard_masks
+    from sparsify_fx.passes.couple_channels import group_masks
+    from sparsify_fx.passes.shrink_source import fold_to_source
+
+    row: dict[str, Any] = {"family": family, "class": class_name, "kind": kind, "result": "skipped",
+                           "params_fraction": None, "blocks_macs_fraction": None, "reason": "",
+                           "checks": {}}
+    step = "config"
+    try:
+        model_class = getattr(transformers, class_name)
+        config = tiny_config(model_class)
+        torch.manual_seed(seed)
+        try:
+            model = model_class(config).eval()
+            vocab = _vocab(config)
+            x = _inputs(kind, vocab, 2, 8, seed=0)
+            with torch.no_grad():
+                _run(model, x)
+        except Exception as exc:  # noqa: BLE001  the family does not run as built
+            row["reason"] = f"does not run as built: {type(exc).__name__}: {str(exc)[:200]}"
+            return row
+        spec = {0: Dim.AUTO, 1: Dim.AUTO}
+        dynamic = {"input_ids": spec, "attention_mask": spec} if kind == "cls" else (spec,)
+        options = dict(method="cs", granularity="channel", target_macs=0.5, example_inputs=x,
+                       capture="export")
+        step = "transform"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                gm = sf.transform(model, dynamic_shapes=dynamic, **options)
+                row["dynamic"] = True
+            except Exception:  # noqa: BLE001  static capture instead
+                gm = sf.transform(model, **options)
+                row["dynamic"] = False
+        row["warning"] = _warn_text(caught)
+        groups = group_masks(gm)
+        row["groups"] = len(groups)
+        step = "cut"
+        g = torch.Generator().manual_seed(seed + 1)
+        scores = {k: torch.rand(m.score_shape, generator=g) for k, m in groups.items()}
+        gm.eval()
+        apply_budget(gm, target_macs=0.5, scores=scores)
+        rep = sf.report(gm, x)
+        if rep.blocks is not None:
+            row["blocks_macs_fraction"] = round(float(rep.blocks["fraction"]), 4)
+        step = "shrink"
+        small = sf.shrink(gm).eval()
+        dense_n = sum(p.numel() for p in model.parameters())
+        row["params_fraction"] = round(sum(p.numel() for p in small.parameters()) / dense_n, 4)
+        step = "parity"
+        xb, other = _inputs(kind, vocab, 3, 11, seed=1), _inputs(kind, vocab, 3, 11, seed=2)
+        with torch.no_grad():
+            try:
+                with hard_masks(gm):
+                    ref, ref_other = _run(gm, xb), _run(gm, other)
+            except Exception:  # noqa: BLE001  a static capture: the source class instead
+                folded = fold_to_source(gm).eval()
+                ref, ref_other = _run(folded, xb), _run(folded, other)
+            if not float((ref - ref_other).abs().max()) > 1e-4:
+                raise AssertionError("the hard-masked output does not follow the input")
+            _close(_run(small, xb), ref, "shrunk vs hard-masked")
+        row["checks"]["parity"] = True
+        if kind == "lm":
+            step = "generate"
+            prompt = _inputs("lm", vocab, 1, 6, seed=3)[0]
+            want = _generate(fold_to_source(gm).eval(), prompt)
+            got = _generate(small, prompt)
+            if not torch.equal(got, want):
+                raise AssertionError(f"generate() differs: {got.tolist()} vs {want.tolist()}")
+            row["checks"]["generate"] = True
+        step = "uniform_save"
+        row["checks"]["uniform_save"] = _uniform_save(model, gm, x, kind, vocab, options,
+                                                      dynamic if row["dynamic"] else None, seed)
+        saved = row["checks"]["uniform_save"]
+        row["result"] = "pass" if saved is True or str(saved).startswith("after exclude") \
+            else "pass (save refused)"
+        row["reason"] = row.get("warning", "")
+    except FamilyTimeout:
+        row["result"], row["reason"] = f"fail:{step}", "timed out"
+    except Exception as exc:  # noqa: BLE001  every failure is a row of the table
+        if step == "config":
+            row["reason"] = str(exc)[:300]
+            return row
+        row["result"] = f"fail:{step}"
+        row["reason"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        row["traceback"] = traceback.format_exc(limit=-4)[-1500:]
+    return row
+
+
+def _uniform_save(model: Any, gm: Any, x: Any, kind: str, vocab: int, options: dict,
+                  dynamic: Any, seed: int) -> bool | str:
+    """A uniform cut, shrink, save + reload equal (True); when the save is refused (the
+    config cannot describe the widths), the documented fix: transform again with
+    ``exclude=config_cannot_hold(gm)``, uniform cut, save + reload ("after exclude"); a
+    refusal of that too is returned as text. A folder written but not reloading raises."""
+    import sparsify_fx as sf
+    from sparsify_fx.budgets.exact_cut import apply_budget
+    from sparsify_fx.errors import SparsifyError
+    from sparsify_fx.passes.couple_channels import group_masks
+    from sparsify_fx.passes.shrink_source import config_cannot_hold
+    refused = ""
+    for attempt in ("uniform", "after exclude"):
+        if attempt == "uniform":
+            uni = copy.deepcopy(gm)
+        else:
+            exclude = config_cannot_hold(gm)
+            if not exclude:
+                return refused
+            extra = {} if dynamic is None else {"dynamic_shapes": dynamic}
+            uni = sf.transform(model, exclude=exclude, **options, **extra).eval()
+            if not group_masks(uni):
+                return f"{refused} [no group the config can hold]"[:300]
+        g = torch.Generator().manual_seed(seed + 2)
+        scores = {k: torch.rand(m.score_shape, generator=g) for k, m in group_masks(uni).items()}
+        for target in (0.5, 0.7, 0.9):  # keeping groups whole may put 0.5 out of reach
+            try:
+                apply_budget(uni, target_macs=target, scores=scores, uniform=True)
+                break
+            except SparsifyError:
+                if attempt == "uniform" or target == 0.9:
+                    raise
+        if attempt != "uniform":
+            attempt = f"after exclude (target {target})"
+        small = sf.shrink(uni).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                _save(small, tmp)
+            except SparsifyError as exc:
+                if os.listdir(tmp):
+                    raise AssertionError("save refused after writing files") from exc
+                refused = f"refused: {exc}"[:300]
+                continue
+            loaded = type(small).from_pretrained(tmp, local_files_only=True).eval()
+            x9 = _inputs(kind, vocab, 2, 9, seed=4)
+            with torch.no_grad():
+                _close(_run(loaded, x9), _run(small, x9), "reloaded vs shrunk", 1e-5)
+                with hard_masks_of(uni):
+                    _close(_run(small, x9), _run(uni, x9), "uniform shrunk vs hard-masked")
+            return True if attempt == "uniform" else attempt
+    return refused
+
+
+def hard_masks_of(model: Any) -> Any:
+    from sparsify_fx.mask_index import hard_masks
+    return hard_masks(model)
+
+
+def _save(model: Any, folder: str) -> None:
+    """``safe_save`` when the package has it (refuses before writing), else save_pretrained."""
+    try:
+        from sparsify_fx import safe_save
+    except ImportError:
+        model.save_pretrained(folder)
+        return
+    safe_save(model, folder)
+
+
+def _alarm(_signum: int, _frame: Any) -> None:
+    raise FamilyTimeout()
+
+
+def run_with_timeout(family: str, class_name: str, kind: str, timeout: int) -> dict[str, Any]:
+    """:func:`run_family` under a SIGALRM time limit (main thread only)."""
+    old = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(timeout)
+    start = time.perf_counter()
+    try:
+        row = run_family(family, class_name, kind)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kind in ("lm", "cls"):
+        sel = [r for r in rows if r["kind"] == kind]
+        built = [r for r in sel if r["result"] != "skipped"]
+        out[kind] = {
+            "families": len(sel), "built": len(built),
+            "pass": sum(r["result"].startswith("pass") for r in built),
+            "parity": sum(r["checks"].get("parity") is True for r in built),
+            "generate": sum(r["checks"].get("generate") is True for r in built),
+            "uniform_save": sum(r["checks"].get("uniform_save") is True for r in built),
+            "save_refused": sum(isinstance(r["checks"].get("uniform_save"), str) for r in built),
+        }
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], command: str) -> str:
+    lines = ["# Structured path on every transformers family (issue 34)", "",
+             f"`{command}`", "",
+             "Tiny random configs (hidden 64, 2 layers, 4 heads, 2 KV heads), random CS scores, "
+             "exact cut at `target_macs=0.5`, shrink, parity at batch 3 x length 11, greedy "
+             "`generate()`, uniform cut + `save_pretrained` + `from_pretrained`.", ""]
+    for kind, label in (("lm", "causal LM"), ("cls", "encoder (sequence classification)")):
+        s = summary[kind]
+        lines.append(f"- {label}: {s['families']} classes, {s['built']} built, {s['pass']} pass "
+                     f"(parity {s['parity']}, generate {s['generate']}, reloading save "
+                     f"{s['uniform_save']}, save refused {s['save_refused']})")
+    lines += ["", "| family | kind | result | params | blocks' MACs | s | reason |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        reason = str(r.get("reason", "")).replace("|", "/").replace("\n", " ")[:200]
+        lines.append(f"| {r['family']} | {r['kind']} | {r['result']} | "
+                     f"{'' if r['params_fraction'] is None else r['params_fraction']} | "
+                     f"{'' if r['blocks_macs_fraction'] is None else r['blocks_macs_fraction']} | "
+                     f"{r.get('seconds', '')} | {reason} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="*", help="family names (default: all)")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per family")
+    parser.add_argument("--fresh", action="store_true", help="ignore rows already in <out>.jsonl")
+    parser.add_argument("--out", default="benchmarks/results/family_sweep")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads: random weights only
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    todo = families(transformers)
+    if args.only:
+        todo = [t for t in todo if t[0] in set(args.only)]
+    done: dict[tuple, dict] = {}
+    if not args.fresh and os.path.exists(args.out + ".jsonl"):
+        with open(args.out + ".jsonl") as f:
+            for line in f:
+                r = json.loads(line)
+                done[(r["family"], r["kind"])] = r
+    with open(args.out + ".jsonl", "a" if not args.fresh else "w") as log:
+        for family, class_name, kind in todo:
+            if (family, kind) in done:
+                continue
+            row = run_with_timeout(family, class_name, kind, args.timeout)
+            done[(family, kind)] = row
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            print(f"{family:32s} {kind:3s} {row['result']:18s} {row.get('seconds')}s "
+                  f"{str(row['reason'])[:100]}", flush=True)
+    rows = [done[(f, k)] for f, _, k in families(transformers) if (f, k) in done]
+    summary = summarize(rows)
+    command = " ".join([".venv/bin/python benchmarks/family_sweep.py", *(sys.argv[1:] if argv is None
+                                                                          else argv)])
+    result = {"command": command, "transformers": transformers.__version__,
+              "torch": torch.__version__, "summary": summary,
+              "rows": [{k: v for k, v in r.items() if k != "traceback"} for r in rows]}
+    md = markdown(rows, summary, command)
+    with open(args.out + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    with open(args.out + ".md", "w") as f:
+        f.write(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Hand-written modules, one per pattern the family sweep found (issue 34).
+
+Each: transform with ``capture="export"`` and ``granularity="channel"``, an L1 cut at
+``target_macs=0.5``, ``shrink`` into the source class, outputs equal to the hard-masked
+capture at another batch (after checking the output follows the input).
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsify_fx as sf
+from sparsify_fx.budgets.exact_cut import apply_budget
+from sparsify_fx.mask_index import hard_masks
+from sparsify_fx.passes.couple_channels import channel_l1_scores, group_masks
+
+
+class SquaredMLP(nn.Module):
+    """An ungated MLP whose activation is ``relu(x) ** 2`` (``torch.square``) or ``x * x``."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.up, self.down = nn.Linear(16, 48), nn.Linear(48, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.how == "square":
+            h = torch.square(F.relu(h))
+        elif self.how == "mul":
+            h = h * h
+        else:  # where on a comparison of the unit's own channels (exactly 0 at 0)
+            h = torch.where(h > 0, h * h, 0.5 * h)
+        return self.down(h)
+
+
+class InterleavedAttention(nn.Module):
+    """Fused q/k/v laid out per head (each head's q, k, v rows adjacent), per-head
+    RMSNorm on q and k, scores by ``baddbmm`` with a bias that is the same for every head."""
+
+    def __init__(self, d: int = 32, num_heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, d // num_heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim), nn.RMSNorm(self.head_dim)
+        self.o = nn.Linear(d, d)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, self.num_heads, 3, self.head_dim)
+        q, k, v = (qkv[..., i, :].transpose(1, 2) for i in range(3))
+        q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(b * self.num_heads, s, self.head_dim)
+        k = k.reshape(b * self.num_heads, s, self.head_dim)
+        v = v.reshape(b * self.num_heads, s, self.head_dim)
+        bias = torch.zeros(1, s, s) + torch.arange(s).float() * 0.1  # one bias for all heads
+        scores = torch.baddbmm(bias, q, k.transpose(1, 2), beta=1.0, alpha=self.head_dim ** -0.5)
+        a = torch.bmm(scores.softmax(-1), v).view(b, self.num_heads, s, self.head_dim)
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, s, -1)))
+
+
+def _cut_and_shrink(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, nn.Module, list]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = sf.transform(model, granularity="channel", target_macs=0.5, example_inputs=(x,),
+                          capture="export")
+    apply_budget(gm, target_macs=0.5, scores=channel_l1_scores(gm))
+    gm.eval()
+    return gm, sf.shrink(gm).eval(), [w for w in caught if "Coupling" in type(w.message).__name__]
+
+
+def _assert_parity(gm: nn.Module, small: nn.Module, make) -> None:
+    x, other = make(), make()
+    with torch.no_grad(), hard_masks(gm):
+        ref, ref_other = gm(x), gm(other)
+    assert (ref - ref_other).abs().max() > 1e-3  # the output follows the input
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["square", "mul", "where"])
+def test_elementwise_activation_on_a_units_channels_keeps_units_prunable(how: str) -> None:
+    torch.manual_seed(0)
+    model = SquaredMLP(how).eval()
+    gm, small, coupling = _cut_and_shrink(model, torch.randn(4, 16))
+    assert not coupling
+    assert len(group_masks(gm)) == 1
+    assert small.up.out_features == small.down.in_features < 48
+    _assert_parity(gm, small, lambda: torch.randn(3, 16))
+
+
+def test_interleaved_fused_qkv_with_qk_norms_and_baddbmm_prunes_whole_heads() -> None:
+    torch.manual_seed(0)
+    model = InterleavedAttention().eval()
+    gm, small, coupling = _cut_and_shrink(model, torch.randn(2, 6, 32))
+    assert not coupling
+    heads = small.num_heads
+    assert 1 <= heads < 4
+    assert small.qkv.out_features == 3 * heads * 8 and small.o.in_features == heads * 8
+    _assert_parity(gm, small, lambda: torch.randn(2, 6, 32))  # a static capture
+
+
+class HeadBias(InterleavedAttention):
+    """As above, but the bias added by ``baddbmm`` differs per head (as ALiBi): removing a
+    head would need slicing it, so the heads stay whole (exact, never wrong)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.qkv(x).view(b, s, self.num_heads, 3, self.head_dim)
+        q, k, v = (qkv[..., i, :].transpose(1, 2).reshape(b * self.num_heads, s, self.head_dim)
+                   for i in range(3))
+        slopes = torch.arange(1, self.num_heads + 1).float().repeat(b)[:, None, None]
+        scores = torch.baddbmm(slopes * torch.arange(s).float(), q, k.transpose(1, 2))
+        a = torch.bmm(scores.softmax(-1), v).view(b, self.num_heads, s, self.head_dim)
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, s, -1)))
+
+
+def test_a_per_head_bias_keeps_heads_whole() -> None:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = sf.transform(HeadBias().eval(), granularity="channel",
+                          example_inputs=(torch.randn(2, 6, 32),), capture="export")
+    assert not group_masks(gm)  # the only group (heads) is kept whole
