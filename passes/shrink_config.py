@@ -97,7 +97,8 @@ def _config_holds_fewer_heads(hf_model: nn.Module) -> bool:
         return False
     kv = getattr(config, "num_key_value_heads", None) or heads
     trial = copy.deepcopy(config)
-    trial.head_dim = getattr(config, "head_dim", None) or hidden // heads
+    if not isinstance(getattr(type(config), "head_dim", None), property):  # Falcon derives it
+        trial.head_dim = getattr(config, "head_dim", None) or hidden // heads
     trial.num_attention_heads = heads - heads // kv
     if hasattr(config, "num_key_value_heads"):
         trial.num_key_value_heads = kv - 1
@@ -169,9 +170,11 @@ def _block_fields(config: Any, block: dict) -> dict[str, int]:
             kv = getattr(config, "num_key_value_heads") or heads
             out["num_key_value_heads"] = scale_width(kv, block["_kv_kept"], block["_kv_total"])
         return out
-    # only a field holding this group's width describes it (a pooler is no MLP)
+    # only a field holding this group's width (or a fused multiple) describes it: a
+    # pooler is no MLP
     return {attr: scale_width(value, block["_kept"], block["_total"])
-            for attr, value in _inner_widths(config).items() if value == block["_total"]}
+            for attr, value in _inner_widths(config).items()
+            if value and block["_total"] % value == 0}  # or a fused gate/up of 2 x value
 
 
 def layer_configs(src: nn.Module, blocks: dict[str, dict]) -> None:
@@ -208,7 +211,7 @@ def _fields_of(config: Any, block: dict | None) -> str:
         names = [a for a in ("num_attention_heads", "num_key_value_heads", "head_dim")
                  if hasattr(config, a)]
         return ", ".join(f"`{a}`" for a in names) or "no attention field"
-    names = [a for a, v in _inner_widths(config).items() if v == block["_total"]]
+    names = [a for a, v in _inner_widths(config).items() if v and block["_total"] % v == 0]
     return ", ".join(f"`{a}`" for a in names) or \
         f"no config field (its {block['_total']} units are no MLP width the config stores)"
 

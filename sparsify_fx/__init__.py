@@ -47,6 +47,11 @@ _LAZY = {
     "plan_hf": "sparsify_fx.hf.heads",
     "shrink_hf": "sparsify_fx.hf.shrink",
     "safe_save": "sparsify_fx.hf.save",
+    "fold_to_source": "sparsify_fx.passes.shrink_source",
+    "shrink_to_source": "sparsify_fx.passes.shrink_source",
+    "config_cannot_hold": "sparsify_fx.passes.shrink_config",
+    "channel_latency": "sparsify_fx.budgets.cost_model",
+    "channel_macs": "sparsify_fx.budgets.cost_model",
 }
 
 __all__ = sorted([*_LAZY, "SparsifyError", "InputError", "ConfigError", "TraceError",

@@ -127,3 +127,25 @@ def test_a_per_head_bias_keeps_heads_whole() -> None:
         gm = sf.transform(HeadBias().eval(), granularity="channel",
                           example_inputs=(torch.randn(2, 6, 32),), capture="export")
     assert not group_masks(gm)  # the only group (heads) is kept whole
+
+
+class UnknownOpMLP(nn.Module):
+    """Two branches: one through an op the analysis does not know (``special.i0``: whole),
+    one plain MLP (prunable)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 96), nn.Linear(96, 8)
+        self.c, self.d = nn.Linear(16, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.special.i0(self.a(x))) + self.d(F.relu(self.c(x)))
+
+
+def test_budget_error_names_the_layers_and_ops_that_hold_the_macs() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = sf.transform(UnknownOpMLP().eval(), granularity="channel",
+                          example_inputs=(torch.randn(3, 16),), capture="export")
+    with pytest.raises(sf.BudgetError, match=r"most in a\.weight 0\.\d+.*kept whole at .*i0"):
+        apply_budget(gm, target_macs=0.3)

@@ -470,3 +470,45 @@ def test_a_masked_weight_read_by_an_unknown_op_is_named_and_stays_whole() -> Non
         gm = sf.transform(model, granularity="channel", example_inputs=(x,), capture="export")
     kept = dict(gm.named_parameters())
     assert not any("group" in n for n in kept)  # nothing left to prune: w stays whole
+
+
+def test_a_shrunk_model_its_config_cannot_describe_is_refused_before_anything_is_written(
+        tmp_path) -> None:
+    """A Llama config that stores ``head_dim``; a ragged cut (layers keep different widths):
+    ``save_pretrained`` and ``safe_save`` raise ShrinkError naming the parameter, the field
+    and the fix, and write nothing; the uniform cut of the same model saves and reloads."""
+    from sparsify_fx.budgets.exact_cut import apply_budget
+    from sparsify_fx.passes.couple_channels import group_masks
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+        use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = sf.transform(model, method="cs", granularity="channel", target_macs=0.5,
+                          example_inputs=_inputs("lm", 2, 8), capture="export",
+                          dynamic_shapes=_dynamic("lm"))
+    g = torch.Generator().manual_seed(1)
+    scores = {k: torch.rand(m.score_shape, generator=g) for k, m in group_masks(gm).items()}
+    ragged = copy.deepcopy(gm)
+    apply_budget(ragged, target_macs=0.5, scores=scores)
+    small = sf.shrink(ragged)
+    assert small.sparsify_config_gaps  # the shrink recorded what the config cannot hold
+    for save in (small.save_pretrained, lambda folder: sf.safe_save(small, folder)):
+        folder = tmp_path / "ragged"
+        folder.mkdir(exist_ok=True)
+        with pytest.raises(sf.ShrinkError, match=r"uniform=True.*config_cannot_hold"):
+            save(folder)
+        assert not list(folder.iterdir())
+    apply_budget(gm, target_macs=0.5, scores=scores, uniform=True)
+    uniform = sf.shrink(gm)
+    assert not uniform.sparsify_config_gaps
+    sf.safe_save(uniform, tmp_path / "uniform")
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "uniform",
+                                                          local_files_only=True).eval()
+    x, other = _inputs("lm", 2, 9, seed=4), _inputs("lm", 2, 9, seed=5)
+    with torch.no_grad():
+        assert (loaded(*x).logits - loaded(*other).logits).abs().max() > 1e-3
+        torch.testing.assert_close(loaded(*x).logits, uniform(*x).logits, rtol=1e-5, atol=1e-5)

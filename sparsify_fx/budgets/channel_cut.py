@@ -166,7 +166,8 @@ def _macs_prefix(cm: ChannelMacs, order: Tensor, ends: Tensor, fraction: float,
     if cm.macs(top(floor)) > budget:
         raise BudgetError(f"the MACs budget keeps {fraction:.3f} of the dense MACs, but channels "
                           "that must stay whole and one channel per group already take "
-                          f"{cm.macs(top(floor)) / cm.dense:.3f}; raise the budget")
+                          f"{cm.macs(top(floor)) / cm.dense:.3f} ({_holders(cm, top(floor))}); "
+                          "raise the budget")
     lo, hi = floor, len(ends)  # macs(top(lo)) fits; find the largest n that fits
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -175,6 +176,18 @@ def _macs_prefix(cm: ChannelMacs, order: Tensor, ends: Tensor, fraction: float,
         else:
             hi = mid - 1
     return top(lo)
+
+
+def _holders(cm: ChannelMacs, keep: Tensor, top: int = 4) -> str:
+    """The layers holding most of the cost of ``keep`` (fractions of the dense cost) and
+    the ops that kept channels whole (from the channel analysis), for a BudgetError."""
+    per = sorted(cm.layer_costs(keep).items(), key=lambda kv: -kv[1])[:top]
+    text = "most in " + ", ".join(f"{name} {cost / cm.dense:.2f}" for name, cost in per)
+    ops = cm.meta.get("unsupported") or []
+    if ops:
+        text += f"; kept whole at {'; '.join(o[:80] for o in ops[:3])}" + \
+            (f" and {len(ops) - 3} more" if len(ops) > 3 else "")
+    return text
 
 
 def macs_floor(model: nn.Module, costs: Mapping[str, float]) -> float:

@@ -229,8 +229,9 @@ def channel_macs(model: nn.Module, costs: Mapping[str, float]) -> ChannelCost:
                               "coupled model")
         return MacsCost(float(costs[prod.weight]) * math.prod(prod.shape[2:]))
 
-    layers, group_list, n_slots, _ = _cost_layers(gm, make)
-    return ChannelCost(layers, group_list, n_slots)
+    layers, group_list, n_slots, cg = _cost_layers(gm, make)
+    return ChannelCost(layers, group_list, n_slots,
+                       meta={"unsupported": list(getattr(cg, "unsupported", []))})
 
 
 def channel_latency(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor, *,
