@@ -41,7 +41,7 @@ from sparsify_fx.budgets.exact_cut import macs_fraction, weight_costs
 from sparsify_fx.budgets.cost_model import channel_macs
 from sparsify_fx.data import Splits, digits, mnist
 from sparsify_fx.models import DigitsCNN
-from sparsify_fx.passes.couple_channels import channel_l1_scores, select_channels
+from sparsify_fx.passes.channels.couple import channel_l1_scores, select_channels
 from sparsify_fx.training.trainer import evaluate
 
 LR, MASK_LR, FT_LR = 0.05, 0.01, 0.01

@@ -192,8 +192,8 @@ def run_family(family: str, class_name: str, kind: str, seed: int = 0) -> dict[s
     from sparsify_fx.budgets.exact_cut import apply_budget
     from sparsify_fx.errors import SparsifyError
     from sparsify_fx.mask_index import hard_masks
-    from sparsify_fx.passes.couple_channels import group_masks
-    from sparsify_fx.passes.shrink_source import fold_to_source
+    from sparsify_fx.passes.channels.couple import group_masks
+    from sparsify_fx.passes.shrink.to_source import fold_to_source
 
     row: dict[str, Any] = {"family": family, "class": class_name, "kind": kind, "result": "skipped",
                            "params_fraction": None, "blocks_macs_fraction": None, "reason": "",
@@ -289,8 +289,8 @@ def _uniform_save(model: Any, gm: Any, x: Any, kind: str, vocab: int, options: d
     import sparsify_fx as sf
     from sparsify_fx.budgets.exact_cut import apply_budget
     from sparsify_fx.errors import SparsifyError
-    from sparsify_fx.passes.couple_channels import group_masks
-    from sparsify_fx.passes.shrink_source import config_cannot_hold
+    from sparsify_fx.passes.channels.couple import group_masks
+    from sparsify_fx.passes.shrink.to_source import config_cannot_hold
     refused = ""
     for attempt in ("uniform", "after exclude"):
         if attempt == "uniform":

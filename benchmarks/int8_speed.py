@@ -142,7 +142,7 @@ def run_cnn(name: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from sparsify_fx.errors import BudgetError
     from sparsify_fx.export.onnx_export import export_onnx
     from sparsify_fx.export.quantize import Int8Tolerance
-    from sparsify_fx.passes.couple_channels import channel_l1_scores
+    from sparsify_fx.passes.channels.couple import channel_l1_scores
     t0 = time.perf_counter()
     model, x, gm = torchvision_channel_cs(name)
     cost = channel_latency(gm, x, threads=THREADS, cache_dir=work / f"cache_{name}",
@@ -256,7 +256,7 @@ def run_accuracy(kind: str, work: Path, args: argparse.Namespace, seed: int) -> 
     from sparsify_fx.data import digits, mnist
     from sparsify_fx.export.onnx_export import export_onnx, run_onnx
     from sparsify_fx.models import Conv2, DigitsCNN
-    from sparsify_fx.passes.couple_channels import channel_l1_scores
+    from sparsify_fx.passes.channels.couple import channel_l1_scores
     data = digits(seed) if kind == "digits" else mnist(args.data_dir, seed)
     torch.manual_seed(seed)
     model = DigitsCNN() if kind == "digits" else Conv2()

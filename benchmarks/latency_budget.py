@@ -47,7 +47,7 @@ from sparsify_fx.budgets.cost_model import channel_latency, channel_macs
 from sparsify_fx.errors import BudgetError
 from sparsify_fx.export.onnx_export import export_onnx
 from sparsify_fx.latency.probe import windowed_fractions
-from sparsify_fx.passes.couple_channels import channel_l1_scores
+from sparsify_fx.passes.channels.couple import channel_l1_scores
 
 THREADS = 2
 WINDOWS = 5
@@ -154,7 +154,7 @@ def run_model(name: str, targets: list[float], runs: int, work: Path) -> dict[st
 
 
 def _groups(gm: nn.Module) -> list:
-    from sparsify_fx.passes.couple_channels import group_masks
+    from sparsify_fx.passes.channels.couple import group_masks
     return list(group_masks(gm).values())
 
 

@@ -150,7 +150,7 @@ def structured_rows(model: torch.nn.Module, text: Text, args: argparse.Namespace
                     dense_ppl: float) -> list[dict[str, Any]]:
     from sparsify_fx.budgets.cost_model import channel_macs
     from sparsify_fx.budgets.exact_cut import apply_budget, weight_costs
-    from sparsify_fx.passes.couple_channels import channel_l1_scores, group_masks
+    from sparsify_fx.passes.channels.couple import channel_l1_scores, group_masks
     rows: list[dict[str, Any]] = []
     x = (torch.zeros(1, text.seq, dtype=torch.long),)
     budget = args.steps * args.batch * text.seq

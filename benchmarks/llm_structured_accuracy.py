@@ -72,7 +72,7 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     from sparsify_fx.baselines.mask_init import init_cs_from_masks
     from sparsify_fx.budgets.cost_model import channel_macs
     from sparsify_fx.budgets.exact_cut import apply_budget, weight_costs
-    from sparsify_fx.passes.couple_channels import channel_l1_scores, group_masks
+    from sparsify_fx.passes.channels.couple import channel_l1_scores, group_masks
     cfg = LMConfig(hidden=64, layers=2, intermediate=128, vocab=512, steps=30, batch=8) \
         if args.quick else LMConfig()
     task = load_or_train(CORPUS, args.cache + ("_quick" if args.quick else ""), cfg)

@@ -68,7 +68,7 @@ def prune(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.nn.Module, d
     import sparsify_fx as sf
     from sparsify_fx.budgets.cost_model import channel_macs
     from sparsify_fx.budgets.exact_cut import apply_budget, weight_costs
-    from sparsify_fx.passes.couple_channels import channel_l1_scores, group_masks
+    from sparsify_fx.passes.channels.couple import channel_l1_scores, group_masks
     from torch.export import Dim
     t0 = time.perf_counter()
     with warnings.catch_warnings():

@@ -28,8 +28,8 @@ import sparsify_fx
 from bench_io import torchvision_channel_cs
 from sparsify_fx.export.onnx_export import export_onnx, make_session
 from sparsify_fx.latency.probe import interleaved_times
-from sparsify_fx.passes.couple_channels import group_masks, select_channels
-from sparsify_fx.passes.shrink import plan_shrink, shrink
+from sparsify_fx.passes.channels.couple import group_masks, select_channels
+from sparsify_fx.passes.shrink.shrink_graph import plan_shrink, shrink
 
 TARGET = 1.15
 

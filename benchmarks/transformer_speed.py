@@ -37,8 +37,8 @@ from sparsify_fx.export.onnx_export import export_onnx, make_session
 from sparsify_fx.latency.probe import interleaved_times
 from sparsify_fx.export.report import report
 from sparsify_fx.budgets.cost_model import channel_macs
-from sparsify_fx.passes.couple_channels import channel_l1_scores, select_channels
-from sparsify_fx.passes.shrink import plan_shrink, shrink
+from sparsify_fx.passes.channels.couple import channel_l1_scores, select_channels
+from sparsify_fx.passes.shrink.shrink_graph import plan_shrink, shrink
 
 TARGET = 1.15
 

@@ -42,8 +42,8 @@ import sparsify_fx as sf
 from bench_io import command_line, machine, shrink_checked, write_results
 from sparsify_fx.budgets.exact_cut import apply_budget, macs_fraction, weight_costs
 from sparsify_fx.data import Splits, digits, mnist
-from sparsify_fx.passes.couple_channels import channel_l1_scores
-from sparsify_fx.passes.shrink import plan_shrink
+from sparsify_fx.passes.channels.couple import channel_l1_scores
+from sparsify_fx.passes.shrink.shrink_graph import plan_shrink
 from sparsify_fx.training.trainer import evaluate
 
 

@@ -99,7 +99,7 @@ def check_causal_lm(model: Any) -> None:
             f"export_decoder needs a Hugging Face causal LM (AutoModelForCausalLM: an "
             f"nn.Module with .config and .generate), got {type(model).__name__}; for a "
             "transform() capture pass sparsify_fx.shrink(gm) (channel masks) or "
-            "sparsify_fx.passes.shrink_source.fold_to_source(gm) (element masks)")
+            "sparsify_fx.passes.shrink.to_source.fold_to_source(gm) (element masks)")
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         raise ConfigError(f"{type(model).__name__} is an encoder-decoder model; "

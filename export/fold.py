@@ -3,7 +3,7 @@
 Works on a deep copy; the input model is not mutated. For each mask the folded
 weight is computed by the mask's own hard-mode forward (``weight *
 fold_factor()``), so the folded model's output equals the hard-masked model's.
-The graph work is the pass :mod:`sparsify_fx.passes.fold_masks`; this module
+The graph work is the pass :mod:`sparsify_fx.passes.masks.fold_masks`; this module
 adds the input checks and the copy (like ``quantize_fx.convert_fx``).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import nn
 
 from sparsify_fx.errors import FoldError
 from sparsify_fx.mask_index import masks, unwrap
-from sparsify_fx.passes.fold_masks import fold_masks_inplace
+from sparsify_fx.passes.masks.fold_masks import fold_masks_inplace
 
 
 def fold(model: nn.Module) -> nn.Module:

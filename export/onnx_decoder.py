@@ -128,7 +128,7 @@ def source_model(model: nn.Module) -> nn.Module:
     if not found:
         return model
     import sparsify_fx as sf
-    from sparsify_fx.passes.shrink_source import fold_to_source
+    from sparsify_fx.passes.shrink.to_source import fold_to_source
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if any(isinstance(e.mask, SharedChannelMask) for e in found):

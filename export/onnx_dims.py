@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_leaves
 
 from sparsify_fx.capture.inputs import ModelInputs, as_model_inputs
 from sparsify_fx.errors import InputError
-from sparsify_fx.passes.capture_export import signature_order
+from sparsify_fx.capture.export_modes import signature_order
 
 
 def export_inputs(model: nn.Module, example_inputs: Any) -> ModelInputs:

@@ -17,7 +17,7 @@ folded model, or any plain ``nn.Module``. Definitions (see docs/report.md):
 
 Nothing is mutated: the model runs once in eval mode under no_grad, with
 temporary hooks that are removed; training flags are restored. On a GraphModule
-the one MAC counter (:mod:`sparsify_fx.passes.count_macs`) leaves each node's shapes
+the one MAC counter (:mod:`sparsify_fx.passes.macs.count`) leaves each node's shapes
 and MACs in ``node.meta``, as ShapeProp leaves shapes.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from sparsify_fx.capture.inputs import ModelInputs, as_model_inputs
 from sparsify_fx.errors import InputError
 from sparsify_fx.mask import Mask
 from sparsify_fx.mask_index import masks, unwrap
-from sparsify_fx.passes.count_macs import OtherOp, WeightUse, count_macs
+from sparsify_fx.passes.macs.count import OtherOp, WeightUse, count_macs
 
 from sparsify_fx.export.report_heads import heads_kept
 
@@ -319,7 +319,7 @@ def structured_blocks(model: nn.Module, inputs: tuple) -> dict[str, Any] | None:
     None for a model without coupled channel groups. Read-only."""
     from sparsify_fx.budgets.cost_model import channel_macs
     from sparsify_fx.budgets.exact_cut import weight_costs
-    from sparsify_fx.passes.couple_channels import group_masks
+    from sparsify_fx.passes.channels.couple import group_masks
     if not group_masks(model):
         return None
     cost = channel_macs(model, weight_costs(model, inputs))
@@ -351,7 +351,7 @@ def _add_latency(rep: Report, model: nn.Module, inputs: tuple, cost: Any, measur
                    "fraction": cost.cost(keep) / cost.dense, "remainder_ms": cost.remainder}
     if measure:
         from sparsify_fx.latency.probe import measure_model
-        from sparsify_fx.passes.shrink import shrink
+        from sparsify_fx.passes.shrink.shrink_graph import shrink
         plain = shrink(model) if masks(model) else model
         threads = int(cost.meta.get("env", {}).get("threads", 2))
         rep.latency["measured_ms"] = measure_model(plain, inputs, threads)

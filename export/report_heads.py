@@ -4,7 +4,7 @@ A head is kept when any of its q, k or v rows in the weight the model computes
 with (hard-masked for transformed models) is nonzero. Recognised layers:
 
 * ``nn.MultiheadAttention`` (packed ``in_proj_weight``);
-* :class:`~sparsify_fx.passes.pruned_attention.PrunedSelfAttention` (a shrunk one:
+* :class:`~sparsify_fx.passes.shrink.pruned_attention.PrunedSelfAttention` (a shrunk one:
   ``num_heads`` of ``total_heads``);
 * Swin windowed attention: a module holding ``relative_position_bias_table``
   (one column per head) and a ``qkv`` weight. A shrunk Swin layer only knows its
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from sparsify_fx.passes.pruned_attention import PrunedSelfAttention
+from sparsify_fx.passes.shrink.pruned_attention import PrunedSelfAttention
 
 
 def _kept(w: Tensor, heads: int) -> int:

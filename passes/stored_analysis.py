@@ -8,7 +8,7 @@ and ``shrink`` read it from there. ``copy.deepcopy`` of a GraphModule keeps
 of coupled weights or the input shapes it was made for have changed (masks edited
 after transform, or shape propagation run with other inputs).
 
-The dense MACs of every node (the one counter, :mod:`~sparsify_fx.passes.count_macs`)
+The dense MACs of every node (the one counter, :mod:`~sparsify_fx.passes.macs.count`)
 are kept the same way: ``transform(..., example_inputs=x)`` counts once
 (:class:`CountWeightMacs`), and :func:`weight_macs_of` on inputs of the same shapes reads
 the nodes' ``node.meta["sparsify_macs"]`` without running the model.
@@ -22,8 +22,8 @@ from torch import fx, nn
 from sparsify_fx.mask import Mask
 from sparsify_fx.mask_index import masks, unwrap
 
-from sparsify_fx.passes.channel_types import ChannelGraph
-from sparsify_fx.passes.count_macs import COUNTED_META, MACS_META, count_macs, counted_key, dense_weights, input_shapes
+from sparsify_fx.passes.channels.graph_types import ChannelGraph
+from sparsify_fx.passes.macs.count import COUNTED_META, MACS_META, count_macs, counted_key, dense_weights, input_shapes
 from sparsify_fx.passes.pass_base import PassResult, SparsifyPass
 
 #: ``gm.meta`` key of the stored ``{(coupled weights, input shapes): ChannelGraph}``
@@ -53,7 +53,7 @@ def channel_graph_of(gm: fx.GraphModule, coupled: frozenset[str] | None = None) 
     The MACs cost model analyses the graph-route weights alone (attention heads add
     their own MAC units there), shrink every coupled weight: each set is stored once.
     """
-    from sparsify_fx.passes.channel_analysis import analyze_channels  # channel_analysis imports this package lazily
+    from sparsify_fx.passes.channels.analysis import analyze_channels  # channel_analysis imports this package lazily
 
     if coupled is None:
         coupled = frozenset(coupled_producers(gm))
@@ -78,7 +78,7 @@ def _input_shapes(gm: fx.GraphModule) -> tuple:
 
 def weight_macs_of(model: nn.Module, inputs: Sequence[Any]) -> dict[str, int]:
     """Dense MACs charged to each weight by one run of ``model(*inputs)``, every mask seen
-    as identity (names as in :func:`~sparsify_fx.passes.count_macs.dense_weights`; weights
+    as identity (names as in :func:`~sparsify_fx.passes.macs.count.dense_weights`; weights
     the run never multiplies with are absent).
 
     On a GraphModule whose nodes were counted for these input shapes and this graph

@@ -9,10 +9,10 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from sparsify_fx.passes.find_weights import WeightSite, find_weight_sites, select_sites
-from sparsify_fx.passes.couple_channels import CoupleChannels
-from sparsify_fx.passes.insert_masks import InsertMaskNodes
-from sparsify_fx.passes.parametrize_weights import ParametrizeWeights
+from sparsify_fx.passes.masks.find_weights import WeightSite, find_weight_sites, select_sites
+from sparsify_fx.passes.channels.couple import CoupleChannels
+from sparsify_fx.passes.masks.insert_masks import InsertMaskNodes
+from sparsify_fx.passes.masks.parametrize_weights import ParametrizeWeights
 from sparsify_fx.passes.pass_base import SparsifyPass, run_passes
 from sparsify_fx.passes.stored_analysis import CountWeightMacs
 
@@ -84,7 +84,7 @@ def transform(model: nn.Module, *, method: str = "cs", granularity: str = "eleme
     ``torch.export.export`` (for keyword inputs a dict keyed by keyword, e.g.
     ``{"input_ids": {0: Dim.AUTO, 1: Dim.AUTO}, ...}``); default: dim 0 of every
     input is dynamic. A
-    :class:`~sparsify_fx.passes.capture_export.SpecializationWarning` names
+    :class:`~sparsify_fx.capture.export_modes.SpecializationWarning` names
     what export specialised. With ``granularity="channel"`` and ``example_inputs``,
     ``"auto"`` also tries torch.export when the torch.fx channel analysis keeps channels
     whole at ops it does not understand, and keeps the capture that keeps fewer MACs whole

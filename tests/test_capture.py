@@ -20,7 +20,7 @@ from sparsify_fx.capture.capture_model import PartialTraceWarning
 from sparsify_fx.errors import ConfigError, TraceError
 from sparsify_fx.capture.exported_module import ExportedModule
 from sparsify_fx.mask_index import hard_masks
-from sparsify_fx.passes.capture_export import SpecializationWarning
+from sparsify_fx.capture.export_modes import SpecializationWarning
 
 
 class Functional(nn.Module):

@@ -24,7 +24,7 @@ from sparsify_fx.budgets.exact_cut import apply_budget
 from sparsify_fx.capture.exported_module import ExportedModule
 from sparsify_fx.errors import BudgetError
 from sparsify_fx.mask_index import hard_masks
-from sparsify_fx.passes.couple_channels import ChannelCouplingWarning, group_masks
+from sparsify_fx.passes.channels.couple import ChannelCouplingWarning, group_masks
 from tests.test_structured_export import OwnModulesNet
 
 

@@ -15,8 +15,8 @@ from torch import nn
 import sparsify_fx
 from sparsify_fx.errors import ShrinkError
 from sparsify_fx.mask import SharedChannelMask
-from sparsify_fx.passes.channel_analysis import analyze_channels
-from sparsify_fx.passes.couple_channels import (ChannelCouplingWarning, channel_l1_scores,
+from sparsify_fx.passes.channels.analysis import analyze_channels
+from sparsify_fx.passes.channels.couple import (ChannelCouplingWarning, channel_l1_scores,
                                                 group_masks, select_channels)
 
 def liven_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -289,7 +289,7 @@ def test_unsupported_pattern_warns_with_node_or_raises():
         gm = _transform(Shuffle().eval())
     names = [e.name for e in sparsify_fx.masks(gm)]
     assert "a.weight" not in names  # its channels stay whole
-    from sparsify_fx.passes.couple_channels import couple_channels
+    from sparsify_fx.passes.channels.couple import couple_channels
     raw = sparsify_fx.transform(Shuffle().eval(), granularity="element")
     with pytest.raises(ShrinkError, match="view"):
         couple_channels(raw, lambda k, name: sparsify_fx.FixedMask((k,), "channel", name),

@@ -15,8 +15,8 @@ from torch.utils.data import TensorDataset
 import sparsify_fx as sf
 from sparsify_fx.budgets.exact_cut import apply_budget, macs_fraction, weight_costs
 from sparsify_fx.models import DigitsCNN
-from sparsify_fx.passes.couple_channels import channel_l1_scores, group_masks
-from sparsify_fx.passes.shrink import plan_shrink
+from sparsify_fx.passes.channels.couple import channel_l1_scores, group_masks
+from sparsify_fx.passes.shrink.shrink_graph import plan_shrink
 
 X = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
 W, H = 8, 24  # DigitsCNN(width=W, hidden=H): conv 1->8, conv 8->16, fc 256->24, fc 24->10

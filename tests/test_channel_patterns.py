@@ -16,7 +16,7 @@ from torch import nn
 import sparsify_fx as sf
 from sparsify_fx.budgets.exact_cut import apply_budget
 from sparsify_fx.mask_index import hard_masks
-from sparsify_fx.passes.couple_channels import channel_l1_scores, group_masks
+from sparsify_fx.passes.channels.couple import channel_l1_scores, group_masks
 
 
 class SquaredMLP(nn.Module):

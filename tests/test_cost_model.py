@@ -14,7 +14,7 @@ from sparsify_fx.budgets.exact_cut import weight_costs
 from sparsify_fx.config import config_of
 from sparsify_fx.budgets.cost_model import ChannelCost, channel_latency, channel_macs, kept_widths
 from sparsify_fx.latency.table import OpSignature
-from sparsify_fx.passes.couple_channels import group_masks
+from sparsify_fx.passes.channels.couple import group_masks
 from tests.test_channel_budget import TinyRes
 
 X = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))

@@ -15,9 +15,9 @@ import sparsify_fx
 from sparsify_fx.budgets.exact_cut import apply_budget, macs_fraction, weight_costs
 from sparsify_fx.budgets.cost_model import channel_macs
 from sparsify_fx.export.report import report
-from sparsify_fx.passes.couple_channels import channel_l1_scores, group_masks, select_channels
-from sparsify_fx.passes.pruned_attention import PrunedSelfAttention, pruned_window_attention
-from sparsify_fx.passes.shrink import plan_shrink, shrink
+from sparsify_fx.passes.channels.couple import channel_l1_scores, group_masks, select_channels
+from sparsify_fx.passes.shrink.pruned_attention import PrunedSelfAttention, pruned_window_attention
+from sparsify_fx.passes.shrink.shrink_graph import plan_shrink, shrink
 
 TOL = 1e-5
 

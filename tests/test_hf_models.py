@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import sparsify_fx
 from sparsify_fx.capture.exported_module import ExportedModule
 from sparsify_fx.mask_index import hard_masks
-from sparsify_fx.passes.capture_export import SpecializationWarning
+from sparsify_fx.capture.export_modes import SpecializationWarning
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402

@@ -12,7 +12,7 @@ import torch
 import sparsify_fx as sf
 from sparsify_fx.budgets.cost_model import channel_latency, slot_widths
 from sparsify_fx.latency.table import OpSignature, _op_model, ort_session, ort_timer
-from sparsify_fx.passes.couple_channels import channel_l1_scores, group_masks
+from sparsify_fx.passes.channels.couple import channel_l1_scores, group_masks
 from tests.test_heads import small_swin, small_vit
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -16,7 +16,7 @@ from sparsify_fx.latency.probe import median_ratio
 from sparsify_fx.latency.table import grid
 from sparsify_fx.latency.verify import verified_cut
 from sparsify_fx.models import DigitsCNN
-from sparsify_fx.passes.couple_channels import channel_l1_scores, group_masks
+from sparsify_fx.passes.channels.couple import channel_l1_scores, group_masks
 from tests.test_cost_model import X, macs_timer, model_timer
 
 XD = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))

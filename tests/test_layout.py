@@ -20,7 +20,7 @@ def _imports(path: pathlib.Path) -> list[str]:
 
 
 def test_passes_never_import_export() -> None:
-    offenders = [f"{p.name}: {name}" for p in sorted((ROOT / "passes").glob("*.py"))
+    offenders = [f"{p.name}: {name}" for p in sorted((ROOT / "passes").rglob("*.py"))
                  for name in _imports(p)
                  if name.startswith(("sparsify_fx.export", "..export", "export"))]
     assert not offenders, offenders
@@ -29,7 +29,7 @@ def test_passes_never_import_export() -> None:
 def test_passes_never_import_prepare() -> None:
     """Passes run inside transform: they read the config from sparsify_fx.config, never
     from sparsify_fx.prepare (which imports the passes)."""
-    offenders = [f"{p.name}: {name}" for p in sorted((ROOT / "passes").glob("*.py"))
+    offenders = [f"{p.name}: {name}" for p in sorted((ROOT / "passes").rglob("*.py"))
                  for name in _imports(p)
                  if name in ("sparsify_fx.prepare", "..prepare") or name.startswith("sparsify_fx.prepare.")]
     assert not offenders, offenders

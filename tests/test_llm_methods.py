@@ -299,7 +299,7 @@ def test_cs_channel_groups_start_from_the_l1_cut(sources):
     group's hard mask equals the L1 model's before training, so a cut at the same MACs
     keeps every slot the L1 cut kept (and may add cheap ones the L1 prefix left out)."""
     from sparsify_fx.budgets.exact_cut import apply_budget
-    from sparsify_fx.passes.couple_channels import channel_l1_scores, group_masks
+    from sparsify_fx.passes.channels.couple import channel_l1_scores, group_masks
     source = sources["llama"]
     oneshot = _transform(source, method="magnitude", granularity="channel")
     apply_budget(oneshot, target_macs=0.7, scores=channel_l1_scores(oneshot, per_weight=True))

@@ -1,4 +1,4 @@
-"""The one MAC counter (passes/count_macs.py) as a pass: node meta, weight_costs read from
+"""The one MAC counter (passes/macs/count.py) as a pass: node meta, weight_costs read from
 it, counted once per transform when example inputs are known."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import sparsify_fx as sf
 from sparsify_fx.budgets.exact_cut import weight_costs
 from sparsify_fx.budgets.cost_model import channel_macs
 from sparsify_fx.models import Conv2, DigitsCNN
-from sparsify_fx.passes.count_macs import MACS_META, GraphCounter
+from sparsify_fx.passes.macs.count import MACS_META, GraphCounter
 from tests.test_heads import small_swin, small_vit
 
 

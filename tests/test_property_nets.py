@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sparsify_fx as sf
-from sparsify_fx.passes.find_weights import prunable_weight_names
+from sparsify_fx.passes.masks.find_weights import prunable_weight_names
 from sparsify_fx.training.cs_scheduler import mask_parameters
 from tests.helpers import max_diff
 

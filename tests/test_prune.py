@@ -254,7 +254,7 @@ def test_cs_start_l1_starts_channel_scores_from_the_l1_cut(tmp_path: pathlib.Pat
     """``--cs-start l1`` with no training epochs: the exact cut keeps every channel the
     one-shot L1 cut keeps (rows of the first conv found in the pruned model by value)."""
     from sparsify_fx.budgets.exact_cut import apply_budget
-    from sparsify_fx.passes.couple_channels import channel_l1_scores
+    from sparsify_fx.passes.channels.couple import channel_l1_scores
     import sparsify_fx
     out = tmp_path / "l1start"
     args = [a for a in _args(out) if a not in ("--target-sparsity", str(TARGET))]

@@ -17,7 +17,7 @@ from sparsify_fx.errors import ConfigError, ExportError, InputError
 from sparsify_fx.export.onnx_export import OnnxExport, run_onnx
 from sparsify_fx.export.quantize import Int8Tolerance, count_int8_weights
 from sparsify_fx.models import DigitsCNN
-from sparsify_fx.passes.couple_channels import channel_l1_scores
+from sparsify_fx.passes.channels.couple import channel_l1_scores
 
 INT8 = (TensorProto.INT8, TensorProto.UINT8)
 

@@ -14,8 +14,8 @@ from torch import fx, nn
 import sparsify_fx
 from sparsify_fx.errors import ShrinkError
 from sparsify_fx.mask import SharedChannelMask
-from sparsify_fx.passes.couple_channels import ChannelCouplingWarning
-from sparsify_fx.passes.shrink import plan_shrink, shrink
+from sparsify_fx.passes.channels.couple import ChannelCouplingWarning
+from sparsify_fx.passes.shrink.shrink_graph import plan_shrink, shrink
 from tests.test_channel_analysis import (RandomNet, hard_output, liven_batchnorm,
                                        random_channel_masks)
 
@@ -145,7 +145,7 @@ def test_shrink_refuses_models_without_coupled_channel_masks() -> None:
 def test_shrink_refuses_a_group_with_no_channel_left() -> None:
     net = RandomNet([("conv", 4), ("conv", 4)]).eval()
     gm = sparsify_fx.transform(net, granularity="channel", rescale=False)
-    first = next(iter(sparsify_fx.passes.couple_channels.group_masks(gm).values()))
+    first = next(iter(sparsify_fx.passes.channels.couple.group_masks(gm).values()))
     first.freeze(torch.zeros(first.score_shape, dtype=torch.bool))
     with pytest.raises(ShrinkError, match="keeps no channel"):
         shrink(gm)

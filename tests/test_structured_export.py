@@ -19,7 +19,7 @@ from torch.export import Dim
 
 import sparsify_fx as sf
 from sparsify_fx.mask_index import hard_masks
-from sparsify_fx.passes.shrink_source import config_cannot_hold, fold_to_source
+from sparsify_fx.passes.shrink.to_source import config_cannot_hold, fold_to_source
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 96
@@ -386,7 +386,7 @@ def test_own_module_classes_get_channel_structure_through_the_aten_graph() -> No
         gm = sf.transform(model, method="cs", granularity="channel", target_macs=0.5,
                           example_inputs=(x,), capture="export")
     from sparsify_fx.budgets.exact_cut import apply_budget
-    from sparsify_fx.passes.couple_channels import channel_l1_scores
+    from sparsify_fx.passes.channels.couple import channel_l1_scores
     apply_budget(gm, target_macs=0.5, scores=channel_l1_scores(gm))
     gm.eval()
     rep = sf.report(gm, x)
@@ -438,7 +438,7 @@ def test_weights_read_through_transposes_are_producers() -> None:
                           capture="export")
     assert not [w for w in caught if "Coupling" in type(w.message).__name__]
     from sparsify_fx.budgets.exact_cut import apply_budget
-    from sparsify_fx.passes.couple_channels import channel_l1_scores, group_masks
+    from sparsify_fx.passes.channels.couple import channel_l1_scores, group_masks
     assert len(group_masks(gm)) == 3  # the outputs of a, b and c: one group each
     apply_budget(gm, target_macs=0.5, scores=channel_l1_scores(gm))
     gm.eval()
@@ -478,7 +478,7 @@ def test_a_shrunk_model_its_config_cannot_describe_is_refused_before_anything_is
     ``save_pretrained`` and ``safe_save`` raise ShrinkError naming the parameter, the field
     and the fix, and write nothing; the uniform cut of the same model saves and reloads."""
     from sparsify_fx.budgets.exact_cut import apply_budget
-    from sparsify_fx.passes.couple_channels import group_masks
+    from sparsify_fx.passes.channels.couple import group_masks
     config = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,

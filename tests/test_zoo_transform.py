@@ -10,7 +10,7 @@ import torch
 from torch import fx
 
 import sparsify_fx as sf
-from sparsify_fx.passes.find_weights import prunable_weight_names
+from sparsify_fx.passes.masks.find_weights import prunable_weight_names
 from tests.helpers import assert_parameters_equal, max_diff, randomize_scores
 from tests.zoo import build, detection_model, first_tensor, zoo_params
 

@@ -22,7 +22,7 @@ from torch import nn
 from sparsify_fx.errors import ConfigError
 from sparsify_fx.mask import CSMask
 from sparsify_fx.mask_index import masks, unwrap
-from sparsify_fx.passes.couple_channels import group_masks
+from sparsify_fx.passes.channels.couple import group_masks
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ def coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: flo
     kept whole are fixed). MACs: the MACs
     :func:`shrink` would leave, counted by :func:`channel_macs` (a removed channel also
     removes the next layer's input channel), so the shrunk model meets the budget."""
-    from sparsify_fx.passes.couple_channels import group_masks
+    from sparsify_fx.passes.channels.couple import group_masks
     groups = group_masks(model)
     order = list(groups)
     start, offset = {}, 0
@@ -229,7 +229,7 @@ def equalize_groups(model: nn.Module, scores: Mapping[str, Tensor] | None = None
     structure with the smallest kept fraction, in turn, while it fits. Returns
     ``{structure: slots kept}``. Mutates the group masks (``freeze``)."""
     from sparsify_fx.mask_index import main_graph
-    from sparsify_fx.passes.couple_channels import GROUP_PREFIX, group_masks
+    from sparsify_fx.passes.channels.couple import GROUP_PREFIX, group_masks
     from sparsify_fx.passes.stored_analysis import channel_graph_of
     graph = main_graph(model)
     if graph is None:

@@ -1,6 +1,6 @@
 """One cost model for coupled channel budgets: MACs today, onnxruntime latency too.
 
-What :func:`~sparsify_fx.passes.shrink.shrink` leaves: a removed channel takes its
+What :func:`~sparsify_fx.passes.shrink.shrink_graph.shrink` leaves: a removed channel takes its
 producer's output row and every consumer's input column with it. So the cost of a
 channel model is ``remainder + sum over Conv/Linear calls of layer_cost(kept
 outputs, kept inputs)`` (per conv group), a function of the kept channel-group
@@ -143,7 +143,7 @@ class ChannelCost:
     def fraction_of(self, model: nn.Module) -> float:
         """Kept / dense cost under the hard decisions of ``model``'s group masks (a copy
         of the model this cost was built for: same groups, same order)."""
-        from sparsify_fx.passes.couple_channels import group_masks
+        from sparsify_fx.passes.channels.couple import group_masks
         groups = list(group_masks(model).values())
         if len(groups) != len(self.group_masks):
             raise BudgetError("this cost was built for another model (its channel groups "
@@ -158,7 +158,7 @@ def _cost_layers(gm: fx.GraphModule, make: Callable[[object, bool, bool], LayerC
                  ) -> tuple[list[CostLayer], list[Mask], int, object]:
     """Slot bookkeeping shared by every cost: one :class:`CostLayer` per producer of the
     channel analysis, its cost from ``make(producer, outputs prunable, inputs prunable)``."""
-    from sparsify_fx.passes.couple_channels import GROUP_PREFIX, group_masks
+    from sparsify_fx.passes.channels.couple import GROUP_PREFIX, group_masks
     cg = channel_graph(gm)
     groups = group_masks(gm)
     keys = [f"{GROUP_PREFIX}{g.index}" for g in cg.groups]
@@ -346,7 +346,7 @@ def _measurer(gm: fx.GraphModule, inputs: tuple, threads: int,
     graph (``model_timer([dense, pruned], inputs)``; default: both exported to ONNX, the
     median over 3 windows of fresh interleaved onnxruntime sessions,
     :func:`~sparsify_fx.latency.probe.windowed_fractions`)."""
-    from sparsify_fx.passes.shrink import shrink
+    from sparsify_fx.passes.shrink.shrink_graph import shrink
 
     from sparsify_fx.latency.probe import onnx_bytes, strip_masks, windowed_fractions
     dense: list = []  # the dense model (model_timer) or its ONNX bytes, made once
@@ -379,8 +379,8 @@ def _calibrate(gm: fx.GraphModule, inputs: tuple, ops: ChannelCost, threads: int
     and ``remainder = dense - ops`` when the fit is degenerate. Leaves ``gm`` unchanged."""
     import copy as _copy
 
-    from sparsify_fx.passes.couple_channels import group_masks, select_channels
-    from sparsify_fx.passes.shrink import shrink
+    from sparsify_fx.passes.channels.couple import group_masks, select_channels
+    from sparsify_fx.passes.shrink.shrink_graph import shrink
 
     from sparsify_fx.latency.probe import measure_models, strip_masks
     probe_gm = _copy.deepcopy(gm)

@@ -2,7 +2,7 @@
 
 ``weight_costs`` gives, per masked weight, the MACs one weight takes part in for
 one input sample, read from the one MAC counter
-(:mod:`sparsify_fx.passes.count_macs`, stored per node at transform).
+(:mod:`sparsify_fx.passes.macs.count`, stored per node at transform).
 ``apply_budget`` freezes every mask to exactly the top-scored weights that fit.
 For coupled channel masks (the cut itself: :mod:`sparsify_fx.budgets.channel_cut`) a MACs
 or latency budget is counted by the one :class:`~sparsify_fx.budgets.cost_model.ChannelCost`:
@@ -30,7 +30,7 @@ from sparsify_fx.budgets.cost_model import (ChannelCost, budget_cost, channel_gr
 from sparsify_fx.budgets.channel_cut import coupled_cut, equalize_groups
 from sparsify_fx.budgets.cut_result import CutResult, cut_result, keep_top
 from sparsify_fx.mask_index import MaskEntry, main_graph, masks, unwrap
-from sparsify_fx.passes.aten_values import concrete_shape
+from sparsify_fx.passes.aten.values import concrete_shape
 
 
 def weight_costs(model: nn.Module, example_inputs: Any) -> dict[str, float]:
@@ -145,7 +145,7 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
     verify = (final and isinstance(costs, ChannelCost) and costs.unit == "ms"
               and costs.measure is not None)
     if verify and scores is None:  # every round ranks as the first did (a cut freezes masks)
-        from sparsify_fx.passes.couple_channels import group_masks
+        from sparsify_fx.passes.channels.couple import group_masks
         scores = {k: m.ranking_scores().detach().clone() for k, m in group_masks(model).items()}
 
     def cut(fraction: float | None) -> CutResult:

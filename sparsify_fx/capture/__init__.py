@@ -1,10 +1,16 @@
-"""Capture: turning the user's ``nn.Module`` into a graph the passes can edit.
+"""Capture: turning the user's ``nn.Module`` into a graph the passes can edit; the one
+place capture lives.
 
-Holds :mod:`.capture_model` (choose torch.fx or torch.export, partial traces,
-the ``PartialTraceWarning``) and :mod:`.exported_module` (the module wrapper an
-exported program runs as). The tracing passes themselves live in
-``sparsify_fx.passes`` (``trace.py``, ``capture_export.py``).
+Leaves (core imports only; ``passes`` may import them): :mod:`.fx_trace`
+(``SparsifyTracer``: torch.fx tracing through known leaf modules), :mod:`.export_modes`
+(torch.export in train and eval mode, specialisation report, mask mirroring),
+:mod:`.rng_guard` (refuse random draws while capturing), :mod:`.inputs`
+(``ModelInputs``: positional + keyword example inputs) and :mod:`.exported_module`
+(the module an exported program runs as).
 
-May import: the core modules (``errors``, ``config``, ``mask``, ``mask_index``)
-and ``sparsify_fx.passes``; never ``training``, ``budgets``, ``export`` or ``cli``.
+Choosers (may import ``sparsify_fx.passes``): :mod:`.capture_model` (torch.fx or
+torch.export, partial traces, ``PartialTraceWarning``) and :mod:`.channel_capture`
+(``capture='auto'`` with channel granularity).
+
+Never imports ``training``, ``budgets``, ``export`` or ``cli``.
 """

@@ -25,9 +25,9 @@ from typing import Any, Sequence
 
 from torch import fx, nn
 
-from sparsify_fx.passes.capture_export import (SpecializationWarning, export_both_modes,
+from sparsify_fx.capture.export_modes import (SpecializationWarning, export_both_modes,
                                                mirror_mask_nodes)
-from sparsify_fx.passes.trace import (TRACED_THROUGH, TraceFailure, absent_defaults,
+from sparsify_fx.capture.fx_trace import (TRACED_THROUGH, TraceFailure, absent_defaults,
                                       describe_failure, raise_untraceable, trace,
                                       trace_partially)
 

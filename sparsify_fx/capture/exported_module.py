@@ -3,7 +3,7 @@
 An exported graph is fixed to the mode it was captured in, and the
 GraphModule ``ExportedProgram.module()`` returns refuses ``.train()`` /
 ``.eval()``. sparsify-fx captures the model twice instead (once per mode,
-:func:`sparsify_fx.passes.capture_export.export_both_modes`) and keeps both
+:func:`sparsify_fx.capture.export_modes.export_both_modes`) and keeps both
 graphs here:
 
 * ``train_graph`` and ``eval_graph`` share every parameter, buffer and mask

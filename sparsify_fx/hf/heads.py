@@ -70,7 +70,7 @@ def _slot_kinds(model: nn.Module) -> dict[str, str]:
     attention head or KV group: ``head_dim`` rows), else ``"units"`` (an MLP unit)."""
     from sparsify_fx.mask import SharedChannelMask
     from sparsify_fx.mask_index import masks
-    from sparsify_fx.passes.couple_channels import group_masks
+    from sparsify_fx.passes.channels.couple import group_masks
     ids = {id(m): k for k, m in group_masks(model).items()}
     width = dict.fromkeys(ids.values(), 1)
     for e in masks(model):
@@ -97,7 +97,7 @@ def plan_hf(model: nn.Module, *, target_macs: float, seq_len: int = 128,
     import sparsify_fx as sf
     from sparsify_fx.budgets.cost_model import channel_macs
     from sparsify_fx.budgets.exact_cut import apply_budget, weight_costs
-    from sparsify_fx.passes.couple_channels import channel_l1_scores, group_masks
+    from sparsify_fx.passes.channels.couple import channel_l1_scores, group_masks
     if selection not in SELECTIONS or structure not in STRUCTURES:
         raise ConfigError(f"selection must be one of {SELECTIONS} and structure one of "
                           f"{STRUCTURES}; got {selection!r}, {structure!r}")

@@ -4,7 +4,7 @@
 A shrunk Hugging Face model (``sparsify_fx.shrink`` of a torch.export capture) keeps
 its class and config; the config describes the shrunk widths only when every layer of
 a kind kept the same widths and the config has fields for them
-(``passes/shrink_config.py``). ``shrink`` records the parameters the config cannot
+(``passes/shrink/hf_config.py``). ``shrink`` records the parameters the config cannot
 rebuild (``model.sparsify_config_gaps``); for any other model they are found here by
 building the class from its config on the meta device. Either way, when the config
 does not describe the model, :class:`~sparsify_fx.errors.ShrinkError` names the first
@@ -20,7 +20,7 @@ from typing import Any
 from torch import nn
 
 from sparsify_fx.errors import ShrinkError
-from sparsify_fx.passes.shrink_config import GAPS_ATTRIBUTE, config_gaps, unsaveable
+from sparsify_fx.passes.shrink.hf_config import GAPS_ATTRIBUTE, config_gaps, unsaveable
 
 
 def safe_save(model: nn.Module, folder: str | Path, **kwargs: Any) -> Path:

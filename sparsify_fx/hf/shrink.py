@@ -4,7 +4,7 @@ A preset over the general path: ``sparsify_fx.shrink`` of the plan's hard-masked
 capture returns an instance of ``model``'s class (e.g. a smaller ``BertModel`` or
 ``LlamaForCausalLM``) with its Linear layers sliced and each layer's head counts,
 KV head counts and intermediate size updated, checked against the capture on its
-example inputs (``passes/shrink_source.py``). ``model`` is only read.
+example inputs (``passes/shrink/to_source.py``). ``model`` is only read.
 """
 from __future__ import annotations
 

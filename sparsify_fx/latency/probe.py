@@ -54,7 +54,7 @@ def positional_inputs(model: nn.Module, inputs: Any) -> tuple[Any, ...]:
 def op_signatures(gm: fx.GraphModule, inputs: Any) -> dict[str, OpSignature]:
     """``{node name: OpSignature}`` for every conv/linear call_function node of ``gm``
     (``inputs``: as :func:`positional_inputs` takes them)."""
-    from sparsify_fx.passes.channel_analysis import CONV_FUNCS, LINEAR_FUNCS
+    from sparsify_fx.passes.channels.analysis import CONV_FUNCS, LINEAR_FUNCS
     inputs = positional_inputs(gm, inputs)
     with torch.no_grad(), hard_masks(gm, False):
         ShapeProp(gm).propagate(*inputs)

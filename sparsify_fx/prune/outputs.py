@@ -46,7 +46,7 @@ def outputs_present(out: OutDir) -> bool:
 
 def _finalize_model(gm: nn.Module, granularity: str) -> nn.Module:
     if granularity == "channel":
-        from sparsify_fx.passes.shrink import shrink
+        from sparsify_fx.passes.shrink.shrink_graph import shrink
         return shrink(gm).eval()
     from sparsify_fx.export.fold import fold
     return fold(gm).eval()

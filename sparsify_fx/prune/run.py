@@ -214,7 +214,7 @@ def _start_from_l1(ctx: Context, gm: nn.Module, model: nn.Module, options: dict[
     (``init_cs_from_masks``; mutates ``gm``'s scores and nothing else)."""
     from sparsify_fx.baselines.mask_init import init_cs_from_masks
     from sparsify_fx.budgets.exact_cut import apply_budget
-    from sparsify_fx.passes.couple_channels import channel_l1_scores
+    from sparsify_fx.passes.channels.couple import channel_l1_scores
     from sparsify_fx.prepare import transform
     r = ctx.recipe
     oneshot = transform(model, **{**options, "method": "magnitude"})
@@ -244,7 +244,7 @@ def _masks_equal_across_ranks(ctx: Context, gm: nn.Module) -> bool | None:
 def _replay_warnings(ctx: Context, caught: list[warnings.WarningMessage]) -> None:
     """Warnings of ``transform`` shown again, except torch.export's specialisations of an
     hf: model (expected, e.g. the sequence length up to its positions): kept as notes."""
-    from sparsify_fx.passes.capture_export import SpecializationWarning
+    from sparsify_fx.capture.export_modes import SpecializationWarning
 
     for w in caught:
         if ctx.hf is not None and issubclass(w.category, SpecializationWarning):
@@ -327,7 +327,7 @@ def run(ctx: Context, overwrite: bool) -> dict[str, Any] | None:
             ctx.method_options = {"s_init": 1.0, "rescale": False}
         gm = transform(model, **options, **ctx.method_options)
         if ctx.hf is not None and r["granularity"] == "channel":
-            from sparsify_fx.passes.shrink_source import config_cannot_hold
+            from sparsify_fx.passes.shrink.to_source import config_cannot_hold
             fixed = config_cannot_hold(gm)  # e.g. a pooler: its config has no width for it
             if fixed:
                 options["exclude"] = [*(r["exclude"] or []), *fixed]

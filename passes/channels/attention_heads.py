@@ -1,6 +1,6 @@
 """Attention heads as channel groups (part of the channel analysis; read-only).
 
-Called by :mod:`sparsify_fx.passes.channel_analysis` for two self-attention forms:
+Called by :mod:`sparsify_fx.passes.channels.analysis` for two self-attention forms:
 
 * an ``nn.MultiheadAttention`` leaf call (vit_b_16 and other torchvision models):
   packed ``in_proj_weight`` (q, k, v rows), ``out_proj``;
@@ -33,8 +33,8 @@ from torch.nn.utils import parametrize
 
 from sparsify_fx.mask import SharedChannelMask
 
-from sparsify_fx.passes.channel_layout_rules import OPAQUE, weight_source
-from sparsify_fx.passes.channel_types import AttentionSite, Layout, Producer
+from sparsify_fx.passes.channels.layout_rules import OPAQUE, weight_source
+from sparsify_fx.passes.channels.graph_types import AttentionSite, Layout, Producer
 
 #: names of the windowed attention functions handled (torchvision swin v1)
 WINDOW_FUNCTIONS = ("shifted_window_attention", "pruned_window_attention")

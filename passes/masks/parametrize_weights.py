@@ -13,8 +13,8 @@ from torch.nn.utils import parametrize
 
 from sparsify_fx.mask import Mask
 
-from sparsify_fx.passes.find_weights import WeightSite
-from sparsify_fx.passes.insert_masks import MaskFactory
+from sparsify_fx.passes.masks.find_weights import WeightSite
+from sparsify_fx.passes.masks.insert_masks import MaskFactory
 from sparsify_fx.passes.pass_base import PassResult, SparsifyPass
 
 

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx
 
-from sparsify_fx.passes.aten_values import ParamRef, Tracked, concrete_shape, op_name
-from sparsify_fx.passes.channel_types import Producer
+from sparsify_fx.passes.aten.values import ParamRef, Tracked, concrete_shape, op_name
+from sparsify_fx.passes.channels.graph_types import Producer
 
 if TYPE_CHECKING:
-    from sparsify_fx.passes.aten_channel_walk import AtenChannelWalk
+    from sparsify_fx.passes.aten.channel_walk import AtenChannelWalk
 
 
 def _weight_shape(walk: "AtenChannelWalk", ref: ParamRef) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ where a Conv/Linear consumes it while pruned (e.g. straight after a sigmoid).
 
 Here: the walk over the graph (dispatch per node kind) and the grouping of tied ids;
 the op tables and the layout rules of each op live in
-:mod:`~sparsify_fx.passes.channel_layout_rules`.
+:mod:`~sparsify_fx.passes.channels.layout_rules`.
 
 Zero contract: a pruned channel is exactly zero wherever it is consumed,
 because the coupling pass gates producer weights *and biases* and every
@@ -38,15 +38,15 @@ from torch import fx, nn
 
 from sparsify_fx.mask import MaskSet
 
-from sparsify_fx.passes import attention_heads
-from sparsify_fx.passes.aten_channel_walk import AtenChannelWalk
-from sparsify_fx.passes.channel_layout_rules import (ADD_OPS, BINARY_METHODS, CONV_FUNCS, DIV_OPS, LINEAR_FUNCS,
+from sparsify_fx.passes.channels import attention_heads
+from sparsify_fx.passes.aten.channel_walk import AtenChannelWalk
+from sparsify_fx.passes.channels.layout_rules import (ADD_OPS, BINARY_METHODS, CONV_FUNCS, DIV_OPS, LINEAR_FUNCS,
                                    MUL_OPS, NONTENSOR, NONZERO_FUNCS, NONZERO_METHODS,
                                    NONZERO_MODULES, NORM_TYPES, OPAQUE, REDUCE_FUNCS,
                                    REDUCE_METHODS, SHAPE_METHODS, ZERO_KEEPING_FUNCS,
                                    ZERO_KEEPING_METHODS, ZERO_KEEPING_MODULES, LayoutRules,
                                    Opaque, weight_source)
-from sparsify_fx.passes.channel_types import AttentionSite, ChannelGraph, ChannelGroup, Layout, NormSite, Producer
+from sparsify_fx.passes.channels.graph_types import AttentionSite, ChannelGraph, ChannelGroup, Layout, NormSite, Producer
 
 
 class _Analyzer(LayoutRules):
@@ -221,7 +221,7 @@ def _is_aten(gm: fx.GraphModule) -> bool:
 
 def analyze_channels(gm: fx.GraphModule, masked: set[str] | None = None) -> ChannelGraph:
     """Channel dependency groups of ``gm``: a module graph (torch.fx) or an ATen graph
-    (a torch.export capture, walked by :mod:`~sparsify_fx.passes.aten_channel_walk`).
+    (a torch.export capture, walked by :mod:`~sparsify_fx.passes.aten.channel_walk`).
 
     ``masked``: qualified weight names whose producers may lose channels
     (default: every weight reached through a mask node). Read-only.

@@ -1,4 +1,4 @@
-"""How each op maps channel layouts, for :mod:`sparsify_fx.passes.channel_analysis`.
+"""How each op maps channel layouts, for :mod:`sparsify_fx.passes.channels.analysis`.
 
 The op tables (which functions, methods and modules keep, zero or tie channels),
 the value markers for tensors whose channels are not tracked, and the layout rules of
@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from sparsify_fx.mask import MaskSet
 
-from sparsify_fx.passes.channel_types import Layout, Producer
+from sparsify_fx.passes.channels.graph_types import Layout, Producer
 
 CONV_FUNCS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3,
               F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}

@@ -1,14 +1,14 @@
 """Remove pruned attention heads from a folded copy (called by ``shrink``; mutates it).
 
-For every :class:`~sparsify_fx.passes.channel_types.AttentionSite` that loses a
+For every :class:`~sparsify_fx.passes.channels.graph_types.AttentionSite` that loses a
 head (or an input channel), the kept q/k/v rows, out-projection columns and
 (Swin) bias-table columns are sliced out:
 
 * ``nn.MultiheadAttention`` leaves are replaced by a
-  :class:`~sparsify_fx.passes.pruned_attention.PrunedSelfAttention` at the same path
+  :class:`~sparsify_fx.passes.shrink.pruned_attention.PrunedSelfAttention` at the same path
   (the graph's call node is unchanged);
 * ``shifted_window_attention`` calls are retargeted to
-  :func:`~sparsify_fx.passes.pruned_attention.pruned_window_attention` with the kept
+  :func:`~sparsify_fx.passes.shrink.pruned_attention.pruned_window_attention` with the kept
   head count and ``head_dim`` (weights sliced in place of the ``get_attr`` targets).
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor, fx, nn
 
-from sparsify_fx.passes.channel_types import AttentionSite, ChannelGraph, Producer
-from sparsify_fx.passes.pruned_attention import PrunedSelfAttention, pruned_window_attention
+from sparsify_fx.passes.channels.graph_types import AttentionSite, ChannelGraph, Producer
+from sparsify_fx.passes.shrink.pruned_attention import PrunedSelfAttention, pruned_window_attention
 
 
 def _param(gm: fx.GraphModule, name: str | None) -> Tensor | None:

@@ -3,7 +3,7 @@
 ``shrink_to_source(model, plan)``: ``model`` is a channel-coupled
 :class:`~sparsify_fx.capture.exported_module.ExportedModule` (it keeps the module it
 was captured from as ``source_module``, tensors shared), ``plan`` the
-:class:`~sparsify_fx.passes.shrink.ShrinkPlan` of its train graph. Returns a deep
+:class:`~sparsify_fx.passes.shrink.shrink_graph.ShrinkPlan` of its train graph. Returns a deep
 copy of the source module (e.g. a smaller ``LlamaForCausalLM``, so ``forward``,
 ``generate()`` and ``save_pretrained`` are the class's own) where
 
@@ -22,7 +22,7 @@ copy of the source module (e.g. a smaller ``LlamaForCausalLM``, so ``forward``,
   round-trip; with ragged widths the top-level config stays as it was and each shrunk
   block holding it gets its own copy with its widths (code that reads
   ``self.config.num_attention_heads`` in ``forward`` runs); see
-  :mod:`sparsify_fx.passes.shrink_config` and docs/transformers.md.
+  :mod:`sparsify_fx.passes.shrink.hf_config` and docs/transformers.md.
 
 The result is checked against the hard-masked capture on the capture's example
 inputs; a difference raises :class:`ShrinkError` (never a silent wrong shrink).
@@ -39,8 +39,8 @@ from torch import nn
 from sparsify_fx.errors import ShrinkError
 from sparsify_fx.mask_index import hard_masks, main_graph, unwrap
 
-from sparsify_fx.passes.channel_types import ChannelGraph, Producer
-from sparsify_fx.passes.shrink_config import (config_cannot_hold, layer_configs, record_gaps,
+from sparsify_fx.passes.channels.graph_types import ChannelGraph, Producer
+from sparsify_fx.passes.shrink.hf_config import (config_cannot_hold, layer_configs, record_gaps,
                                                scale_width, update_config)
 from sparsify_fx.passes.stored_analysis import channel_graph_of
 

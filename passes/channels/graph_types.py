@@ -1,6 +1,6 @@
 """What the channel analysis produces: layouts, producers, norm sites, groups.
 
-Plain data (numpy arrays of channel ids); :func:`sparsify_fx.passes.channel_analysis.analyze_channels`
+Plain data (numpy arrays of channel ids); :func:`sparsify_fx.passes.channels.analysis.analyze_channels`
 builds a :class:`ChannelGraph`, the coupling and shrink passes read it.
 """
 from __future__ import annotations

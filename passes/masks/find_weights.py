@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from sparsify_fx.passes.trace import TRACED_THROUGH
+from sparsify_fx.capture.fx_trace import TRACED_THROUGH
 
 ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from sparsify_fx.mask import MaskSet
-from sparsify_fx.passes.rng_guard import refuse_random_draws
+from sparsify_fx.capture.rng_guard import refuse_random_draws
 
 Dim = torch.export.Dim
 _UNBOUNDED = ("int_oo", "oo")

@@ -1,5 +1,5 @@
 """What a Hugging Face ``config`` can describe of a shrunk model (read by
-:mod:`sparsify_fx.passes.shrink_source`).
+:mod:`sparsify_fx.passes.shrink.to_source`).
 
 * :func:`config_cannot_hold`: the channel groups whose shrunk width no config field
   holds (a pooler; heads of a model deriving ``head_dim = hidden / heads``), to keep

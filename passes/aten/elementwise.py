@@ -1,6 +1,6 @@
 """Elementwise, reduction and normalisation rules of the ATen channel walk (read-only).
 
-A mixin of :class:`~sparsify_fx.passes.aten_channel_walk.AtenChannelWalk`: each rule
+A mixin of :class:`~sparsify_fx.passes.aten.channel_walk.AtenChannelWalk`: each rule
 reads the walk's values and ties or keeps whole its channel ids (see that module's
 doc for the rules); nothing here touches the graph.
 
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import fx
 
-from sparsify_fx.passes.aten_values import ParamRef, Tracked, hint, op_name
-from sparsify_fx.passes.channel_types import NormSite
+from sparsify_fx.passes.aten.values import ParamRef, Tracked, hint, op_name
+from sparsify_fx.passes.channels.graph_types import NormSite
 
 
 class ElementwiseRules:

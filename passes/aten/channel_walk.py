@@ -1,6 +1,6 @@
 """Channel walk over ATen graphs (torch.export captures); read-only.
 
-The module-graph walk (:mod:`~sparsify_fx.passes.channel_analysis`) tracks one
+The module-graph walk (:mod:`~sparsify_fx.passes.channels.analysis`) tracks one
 channel dimension per value. Here every tracked value carries a whole *id
 tensor* of its concrete shape (int64, ``-1`` where no producer channel flows)
 and a *zero tensor* (bool: this element is exactly 0 when its channel is
@@ -33,7 +33,7 @@ exactly, whatever the model's code calls them. Other rules:
 
 Concrete sizes come from each node's ``meta["val"]`` (symbolic dims at their
 example hints). Result: :class:`AtenWalk`, grouped by
-:func:`~sparsify_fx.passes.channel_analysis.analyze_channels`.
+:func:`~sparsify_fx.passes.channels.analysis.analyze_channels`.
 """
 from __future__ import annotations
 
@@ -46,10 +46,10 @@ import torch
 from torch import fx
 
 from sparsify_fx.mask import MaskSet
-from sparsify_fx.passes.aten_elementwise import ElementwiseRules
-from sparsify_fx.passes.aten_producers import visit_matmul, visit_sdpa
-from sparsify_fx.passes.aten_values import ParamRef, Tracked, concrete_shape, hint, op_name
-from sparsify_fx.passes.channel_types import NormSite, Producer
+from sparsify_fx.passes.aten.elementwise import ElementwiseRules
+from sparsify_fx.passes.aten.producers import visit_matmul, visit_sdpa
+from sparsify_fx.passes.aten.values import ParamRef, Tracked, concrete_shape, hint, op_name
+from sparsify_fx.passes.channels.graph_types import NormSite, Producer
 
 aten = torch.ops.aten
 

@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from sparsify_fx.mask import Mask, MaskSet
 
-from sparsify_fx.passes.find_weights import WeightSite
+from sparsify_fx.passes.masks.find_weights import WeightSite
 from sparsify_fx.passes.pass_base import PassResult, SparsifyPass
 
 MaskFactory = Callable[[WeightSite], Mask]

@@ -1,7 +1,7 @@
-"""Values of the ATen channel walk (:mod:`~sparsify_fx.passes.aten_channel_walk`).
+"""Values of the ATen channel walk (:mod:`~sparsify_fx.passes.aten.channel_walk`).
 
 Plain data shared by the walk and its producer rules
-(:mod:`~sparsify_fx.passes.aten_producers`); nothing here reads a graph.
+(:mod:`~sparsify_fx.passes.aten.producers`); nothing here reads a graph.
 """
 from __future__ import annotations
 

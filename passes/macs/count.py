@@ -50,8 +50,8 @@ from sparsify_fx.errors import InputError
 from sparsify_fx.mask import Mask
 from sparsify_fx.mask_index import masks as mask_entries
 
-from sparsify_fx.passes.macs_tally import MacCount, NodeMacs, OtherOp, Tally, WeightUse, conv_kind
-from sparsify_fx.passes.trace import SparsifyTracer, absent_defaults
+from sparsify_fx.passes.macs.tally import MacCount, NodeMacs, OtherOp, Tally, WeightUse, conv_kind
+from sparsify_fx.capture.fx_trace import SparsifyTracer, absent_defaults
 
 aten = torch.ops.aten
 #: ``node.meta`` key of the :class:`NodeMacs` a node computed

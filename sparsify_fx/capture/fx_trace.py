@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from torch import fx, nn
 
 from sparsify_fx.errors import TraceError
-from sparsify_fx.passes.rng_guard import refuse_random_draws
+from sparsify_fx.capture.rng_guard import refuse_random_draws
 
 #: Module types whose forward is traced through so the weight is a get_attr node.
 TRACED_THROUGH: tuple[type[nn.Module], ...] = (

@@ -1,13 +1,13 @@
 """``shrink``: physically remove pruned channels from a channel-masked model.
 
 Input: a model from ``transform(..., granularity="channel")`` (coupled channel
-masks, see :mod:`sparsify_fx.passes.couple_channels`), trained or with frozen
+masks, see :mod:`sparsify_fx.passes.channels.couple`), trained or with frozen
 masks. Output: a new plain ``torch.fx.GraphModule`` (no masks, no
 parametrizations, no config) whose Conv/Linear weights and biases, grouped-conv
 ``groups`` arguments and BatchNorm modules hold only the kept channels, and
 whose outputs equal the hard-masked input model's (the masks' fold factors are
 multiplied into the kept weights first). Attention calls lose their pruned heads
-(:mod:`sparsify_fx.passes.shrink_attention`: the residual width stays, the inner
+(:mod:`sparsify_fx.passes.shrink.attention`: the residual width stays, the inner
 width shrinks). The input model is not mutated.
 
 Raises :class:`ShrinkError` when the model has no coupled channel masks, or
@@ -27,11 +27,11 @@ from sparsify_fx.errors import ShrinkError
 from sparsify_fx.mask import SharedChannelMask
 from sparsify_fx.mask_index import main_graph, masks, unwrap
 
-from sparsify_fx.passes.channel_analysis import ChannelGraph
-from sparsify_fx.passes.fold_masks import fold_masks_inplace
+from sparsify_fx.passes.channels.analysis import ChannelGraph
+from sparsify_fx.passes.masks.fold_masks import fold_masks_inplace
 from sparsify_fx.passes.stored_analysis import channel_graph_of, coupled_producers
-from sparsify_fx.passes.shrink_attention import shrink_attention
-from sparsify_fx.passes.shrink_source import shrink_to_source
+from sparsify_fx.passes.shrink.attention import shrink_attention
+from sparsify_fx.passes.shrink.to_source import shrink_to_source
 
 
 @dataclass
@@ -147,7 +147,7 @@ def _new_norm(bn: nn.Module, keep: torch.Tensor) -> nn.Module:
 def shrink(model: nn.Module) -> nn.Module:
     """Return a smaller plain GraphModule without the pruned channels (see module doc); a
     torch.export capture shrinks into its source class
-    (:func:`~sparsify_fx.passes.shrink_source.shrink_to_source`)."""
+    (:func:`~sparsify_fx.passes.shrink.to_source.shrink_to_source`)."""
     require_target_applied(unwrap(model), "shrink")
     if main_graph(model) is not unwrap(model):
         plan = plan_shrink(model)

@@ -44,7 +44,7 @@ class OtherOp:
 @dataclass
 class NodeMacs:
     """Dense MACs one graph node computes (``node.meta["sparsify_macs"]``, written by
-    :class:`~sparsify_fx.passes.count_macs.GraphCounter`): ``weights`` maps each weight
+    :class:`~sparsify_fx.passes.macs.count.GraphCounter`): ``weights`` maps each weight
     name the node multiplies with to its MACs, ``other`` sums ops without a prunable
     weight. Dense: the same for a masked and an unmasked weight of one shape."""
 

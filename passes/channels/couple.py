@@ -3,7 +3,7 @@
 Run after ``transform(..., granularity="channel")`` has put one channel mask on
 every Conv/Linear weight. Mutates the GraphModule it is given:
 
-* one *group mask* per :class:`~sparsify_fx.passes.channel_analysis.ChannelGroup`
+* one *group mask* per :class:`~sparsify_fx.passes.channels.analysis.ChannelGroup`
   (built by ``make_group_mask(K, name)``, score shape ``(K,)``) is stored as
   ``sparsify_masks.channel_group_<i>``;
 * every producer weight mask is replaced by a :class:`SharedChannelMask` that
@@ -13,8 +13,8 @@ every Conv/Linear weight. Mutates the GraphModule it is given:
   channels gets its weight and bias parametrized with the same gate
   (``kind`` "bias" / "batchnorm", ``auxiliary=True``): a pruned channel is then
   exactly zero wherever it flows, in soft and hard mode, and removing it
-  (:func:`sparsify_fx.passes.shrink.shrink`) is exact;
-* attention heads (:mod:`sparsify_fx.passes.attention_heads`) are groups too: a
+  (:func:`sparsify_fx.passes.shrink.shrink_graph.shrink`) is exact;
+* attention heads (:mod:`sparsify_fx.passes.channels.attention_heads`) are groups too: a
   ``nn.MultiheadAttention``'s ``in_proj_weight`` / ``in_proj_bias`` get a
   :class:`SharedChannelMask` parametrization (one slot per head), a windowed
   attention's ``qkv`` weight and bias mask nodes;
@@ -39,7 +39,7 @@ from sparsify_fx.mask_index import MaskEntry, masks, unwrap
 
 from sparsify_fx.passes.pass_base import PassResult, SparsifyPass
 from sparsify_fx.passes.stored_analysis import channel_graph_of
-from sparsify_fx.passes.channel_analysis import ChannelGraph, analyze_channels
+from sparsify_fx.passes.channels.analysis import ChannelGraph, analyze_channels
 
 GROUP_PREFIX = "channel_group_"
 PRODUCER_KINDS = ("conv", "linear", "depthwise_conv", "grouped_conv", "matmul")

@@ -1,0 +1,28 @@
+"""Shrink: slice pruned channels out of a folded model.
+
+``shrink_graph`` (Conv / BatchNorm / Linear of a GraphModule), ``attention`` +
+``pruned_attention`` (fewer heads, same embed_dim), ``to_source`` (a torch.export
+capture shrunk back into its source class) and ``hf_config`` (what a Hugging Face
+config can describe after the cut). Each returns a new module; inputs are not mutated
+unless a function's doc says so.
+
+May import: the core modules, ``passes.channels``, ``passes.masks``,
+``passes.stored_analysis``.
+
+``from sparsify_fx.passes.shrink import shrink`` (the flat module of earlier
+releases) keeps working: names of ``shrink_graph`` are looked up on first use.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    if name.startswith("__"):
+        raise AttributeError(name)
+    shrink_graph = importlib.import_module("sparsify_fx.passes.shrink.shrink_graph")
+    try:
+        return getattr(shrink_graph, name)
+    except AttributeError:
+        raise AttributeError(f"module 'sparsify_fx.passes.shrink' has no attribute {name!r}") from None
