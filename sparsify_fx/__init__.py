@@ -52,6 +52,8 @@ _LAZY = {
     "config_cannot_hold": "sparsify_fx.passes.shrink.hf_config",
     "channel_latency": "sparsify_fx.budgets.cost_model",
     "channel_macs": "sparsify_fx.budgets.cost_model",
+    "capture_latency": "sparsify_fx.latency.capture_latency",
+    "DecodeStep": "sparsify_fx.latency.decoder_timing", "ForwardPass": "sparsify_fx.latency.decoder_timing",
 }
 
 __all__ = sorted([*_LAZY, "SparsifyError", "InputError", "ConfigError", "TraceError",

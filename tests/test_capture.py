@@ -264,12 +264,12 @@ def test_capture_option_errors():
     with pytest.raises(ConfigError, match="dynamic_shapes"):
         sparsify_fx.transform(Functional(), capture="fx", example_inputs=torch.randn(2, 3, 6, 6),
                               dynamic_shapes=({0: torch.export.Dim.AUTO},))
-    # channel structure works on a capture (the ATen walk); the latency table does not
+    # channel structure works on a capture (the ATen walk); latency needs a stated workload
     from sparsify_fx.budgets.cost_model import channel_latency
     x = torch.randn(2, 3, 6, 6)
     gm = _transform(ShapeBranch(), example_inputs=x, granularity="channel", method="magnitude")
     assert type(gm).__name__.startswith("Exported")
-    with pytest.raises(ConfigError, match="target_latency is not available on a torch.export"):
+    with pytest.raises(ConfigError, match="target_latency on a torch.export capture is measured for a stated workload"):
         channel_latency(gm, x)
 
 

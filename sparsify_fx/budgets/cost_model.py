@@ -260,6 +260,9 @@ def channel_latency(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor,
     ``verify`` (default): the cost can measure (``ChannelCost.measure``, with
     ``model_timer``), and a final :func:`~sparsify_fx.budgets.exact_cut.apply_budget` against it
     checks its cut in onnxruntime and corrects it.
+
+    A torch.export capture is refused (:class:`ConfigError`): its latency is measured for
+    a stated workload by :func:`~sparsify_fx.latency.capture_latency.capture_latency`.
     """
     from tqdm.auto import tqdm
 
@@ -267,9 +270,11 @@ def channel_latency(model: nn.Module, example_inputs: Sequence[Tensor] | Tensor,
     from sparsify_fx.latency.table import LatencyTable, ort_timer
     gm = _graph(model)
     if gm is not unwrap(model):
-        raise ConfigError("target_latency is not available on a torch.export capture: the "
-                          "latency table times the Conv/Linear/attention calls of torch.fx "
-                          "module graphs; budget this model with target_macs")
+        raise ConfigError(
+            "target_latency on a torch.export capture is measured for a stated workload: "
+            "pass cost=sparsify_fx.capture_latency(model, sparsify_fx.DecodeStep("
+            "past_length=128)) (one generated token with a cache) or sparsify_fx.ForwardPass("
+            "sequence_length=128) (a forward pass) to apply_budget")
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     table = LatencyTable.load(threads, cache_dir)
     sigs = op_signatures(gm, inputs)

@@ -37,8 +37,8 @@ class LatencyCheck:
 
 
 def verified_cut(target: float, cut: Callable[[float], object], estimate: Callable[[], float],
-                 measure: Callable[[], float], tol: float = TOLERANCE,
-                 max_rounds: int = MAX_ROUNDS) -> tuple[object, list[LatencyCheck]]:
+                 measure: Callable[[], float], tol: float | None = None,
+                 max_rounds: int | None = None) -> tuple[object, list[LatencyCheck]]:
     """Cut to ``target`` (a fraction of the dense latency) until a measurement agrees.
 
     ``cut(aim)`` freezes the masks to the table's cut at fraction ``aim`` and returns its
@@ -46,7 +46,11 @@ def verified_cut(target: float, cut: Callable[[float], object], estimate: Callab
     times the current masks' shrunk model against the dense one (fraction). Stops when
     ``|measured / target - 1| <= tol`` or after ``max_rounds`` cuts, then leaves the masks
     at the round measured closest to the target. Returns (its cut result, every round).
+    ``tol`` / ``max_rounds`` default to :data:`TOLERANCE` / :data:`MAX_ROUNDS` (read at
+    call time).
     """
+    tol = TOLERANCE if tol is None else tol
+    max_rounds = MAX_ROUNDS if max_rounds is None else max_rounds
     checks: list[LatencyCheck] = []
     results: list[object] = []
     aim = target
