@@ -256,13 +256,14 @@ def hf_data(hf: HFModel, recipe: dict[str, Any]) -> tuple[Data, Task]:
 
 
 def save_pruned(hf: HFModel, final: nn.Module, folder: os.PathLike | str,
-                example: Tensor) -> None:
+                example: Tensor) -> nn.Module:
     """Write ``final`` (the folded adapter) as the source HF class into ``folder``.
 
     Every tensor of ``final`` is mapped by name onto a deep copy of ``hf.source``
     (masks are folded in already); the copy must reproduce ``final`` on ``example``
     (ExportError otherwise) before ``save_pretrained`` writes it and the
-    tokenizer / processor files. ``hf.source`` is never changed.
+    tokenizer / processor files. ``hf.source`` is never changed. Returns the model
+    written (the pruned source class, eval mode).
     """
     if isinstance(final, TaskAdapter):  # channel: shrink returned the (smaller) source class
         if not final.__dict__.get("sparsify_uniform_widths", False):
@@ -271,7 +272,7 @@ def save_pruned(hf: HFModel, final: nn.Module, folder: os.PathLike | str,
                               "cut with uniform widths (the prune job does for hf: models)")
         model = copy.deepcopy(getattr(final, ATTRIBUTE)).eval()
         _check_and_save(hf, model, final, example, folder)
-        return
+        return model
     prefix = getattr(final, "logical_name_prefix", "") + ATTRIBUTE + "."
     state = {k[len(prefix):]: v for k, v in final.state_dict().items() if k.startswith(prefix)}
     model = copy.deepcopy(hf.source).eval()
@@ -288,6 +289,7 @@ def save_pruned(hf: HFModel, final: nn.Module, folder: os.PathLike | str,
         raise ExportError(f"the pruned model has no tensor for {', '.join(lost[:3])} of "
                           f"{type(model).__name__}; cannot save it with save_pretrained")
     _check_and_save(hf, model, final, example, folder)
+    return model
 
 
 def _check_and_save(hf: HFModel, model: nn.Module, final: nn.Module, example: Tensor,

@@ -3,7 +3,8 @@
 Layout: ``recipe.toml`` (the run's identity, written first), ``checkpoints/``
 (``train.pt``, ``cut.pt``, ``finetune.pt``, ``final.pt``: resume points), then
 the outputs ``model.pt``, ``report.md``, ``report.json``, ``sparsity.png``,
-``model.onnx``, ``hf/`` (``hf:DIR`` runs: the ``save_pretrained`` folder) and,
+``model.onnx``, ``hf/`` (``hf:DIR`` runs: the ``save_pretrained`` folder),
+``decoder.onnx`` (``--task causal-lm``: the decoder with past key/values) and,
 last, ``summary.json`` (its presence means complete).
 Outputs are staged in ``.staging/`` and moved in with ``os.replace``, so no
 output is ever half-written. Only these names are ever removed.
@@ -25,6 +26,8 @@ OUTPUTS = ("model.pt", "report.md", "report.json", "sparsity.png", "model.onnx",
 INT8_FILE = "model_int8.onnx"
 #: written by hf:DIR runs: the pruned model as its Hugging Face class (save_pretrained)
 HF_FOLDER = "hf"
+#: written by hf:DIR --task causal-lm runs: the ONNX decoder with past key/values
+DECODER_FILE = "decoder.onnx"
 RECIPE, CHECKPOINTS, STAGING = "recipe.toml", "checkpoints", ".staging"
 
 
@@ -45,7 +48,7 @@ class OutDir:
         return self.file("summary.json").is_file()
 
     def _ours(self) -> set[str]:
-        return {RECIPE, CHECKPOINTS, STAGING, INT8_FILE, HF_FOLDER, *OUTPUTS}
+        return {RECIPE, CHECKPOINTS, STAGING, INT8_FILE, HF_FOLDER, DECODER_FILE, *OUTPUTS}
 
     def prepare(self, recipe: dict[str, Any], overwrite: bool, writer: bool) -> bool:
         """Check OUTDIR against ``recipe``; returns True when resuming an existing run.

@@ -7,7 +7,8 @@ and ``masked_state_dict`` (the transformed model after training, from which
 ``load_pruned`` rebuilds the exact architecture, shrunk channels included).
 ``hf:DIR`` runs also write ``hf/``: the pruned model as its source Hugging Face
 class (``save_pretrained``) with the tokenizer / image processor files, which
-``load_pruned`` loads.
+``load_pruned`` loads; ``--task causal-lm`` runs also ``decoder.onnx`` and tokens/s
+(:mod:`sparsify_fx.prune.decoder_outputs`).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from sparsify_fx.errors import ExportError, InputError
-from sparsify_fx.prune.outdir import HF_FOLDER, INT8_FILE, OUTPUTS, OutDir
+from sparsify_fx.prune.outdir import DECODER_FILE, HF_FOLDER, INT8_FILE, OUTPUTS, OutDir
 
 #: training batches the static int8 export calibrates on
 CALIBRATION_BATCHES = 8
@@ -73,11 +74,15 @@ def write_outputs(ctx: "Context", original: nn.Module, gm: nn.Module, data: "Dat
     (stage / "report.json").write_text(rep.to_json() + "\n", encoding="utf-8")
     rep.plot(str(stage / "sparsity.png"))
     batch = next(iter(task.loader(data.val, 8)))[0]
+    decoder = None
     try:
         onnx = export_onnx(final, (batch,), stage / "model.onnx")
         if ctx.hf is not None:
             from sparsify_fx.prune.hf_task import save_pruned
-            save_pruned(ctx.hf, final, stage / HF_FOLDER, batch)
+            saved = save_pruned(ctx.hf, final, stage / HF_FOLDER, batch)
+            if ctx.hf.task == "causal-lm":  # the generation file, timed beside dense
+                from sparsify_fx.prune.decoder_outputs import write_decoder
+                decoder = write_decoder(ctx.hf.source, saved, stage)
     except ExportError as exc:
         raise ExportError(f"{exc} (the pruned model is kept in "
                           f"{ctx.out.checkpoint('final.pt')}; rerun resumes there)") from exc
@@ -85,8 +90,13 @@ def write_outputs(ctx: "Context", original: nn.Module, gm: nn.Module, data: "Dat
     onnx_metric = task.evaluate_onnx(onnx.run, data.val)
     int8 = _quantized(final, batch, data, ctx, stage) if r["quantize"] else None
     dense_onnx = _dense_onnx(original, batch, stage)
+    generation = ""
+    if decoder is not None:
+        from sparsify_fx.prune.decoder_outputs import generation_markdown
+        generation = "\n\n" + generation_markdown(decoder)
     (stage / "report.md").write_text(rep.to_markdown() + "\n\n"
-                                     + _artefacts(dense_onnx, onnx, int8) + "\n", encoding="utf-8")
+                                     + _artefacts(dense_onnx, onnx, int8) + generation + "\n",
+                                     encoding="utf-8")
     spec = {"model": r["model"], "weights": r["weights"],
             "transform": {**{k: r[k] for k in TRANSFORM_KEYS}, **ctx.method_options},
             "output": "shrink" if r["granularity"] == "channel" else "fold", "task": r["task"],
@@ -116,6 +126,7 @@ def write_outputs(ctx: "Context", original: nn.Module, gm: nn.Module, data: "Dat
         "onnx": {"max_abs_diff": onnx.max_abs_diff, "tolerance": onnx.tolerance},
         "dense_onnx": {"bytes": dense_onnx.bytes, "latency_ms": dense_onnx.latency_ms},
         "int8": int8,
+        "decoder": decoder,
         "epochs": {"train": r["epochs"], "finetune": r["finetune_epochs"]},
         "wall_time_s": 0.0, "resumed": resumed, "world_size": ctx.world,
         "masks_equal_across_ranks": masks_equal, "notes": ctx.notes,
@@ -123,7 +134,8 @@ def write_outputs(ctx: "Context", original: nn.Module, gm: nn.Module, data: "Dat
     summary["wall_time_s"] = round(wall_s + time.monotonic() - t0, 3)
     (stage / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     ctx.out.publish(stage, list(OUTPUTS) + ([INT8_FILE] if int8 else [])
-                    + ([HF_FOLDER] if ctx.hf is not None else []))
+                    + ([HF_FOLDER] if ctx.hf is not None else [])
+                    + ([DECODER_FILE] if decoder is not None else []))
     return summary
 
 
