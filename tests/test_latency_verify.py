@@ -149,3 +149,16 @@ def test_on_rank_zero_shares_rank_zeros_measurement(tmp_path) -> None:
         port = s.getsockname()[1]
     mp.spawn(_rank_worker, args=(port, str(tmp_path / "m")), nprocs=2, join=True)
     assert [float((tmp_path / f"m.{r}").read_text()) for r in (0, 1)] == [0.4, 0.4]
+
+
+def test_next_aim_interpolates_between_rounds_on_both_sides() -> None:
+    """Rounds measured below and above the target: the next aim lies between their aims
+    (a steep measured curve would make the multiplicative step oscillate)."""
+    from sparsify_fx.latency.verify import LatencyCheck, next_aim
+    below, above = LatencyCheck(0.5, 0.5, 0.414), LatencyCheck(0.603, 0.603, 0.562)
+    aim = next_aim([below, above], 0.5)
+    assert aim == pytest.approx(0.5 + (0.5 - 0.414) / (0.562 - 0.414) * 0.103)
+    assert 0.5 < aim < 0.603
+    # one side only: the multiplicative step from the last round
+    assert next_aim([below], 0.5) == pytest.approx(0.5 * 0.5 / 0.414)
+    assert next_aim([LatencyCheck(0.9, 0.9, 0.4)], 0.5) == 1.0  # never above the dense model

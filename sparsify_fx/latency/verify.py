@@ -6,7 +6,9 @@ that shrink with the channels, kernels picked per width). :func:`verified_cut` t
 the prediction into a measurement, as NetAdapt does (Yang et al. 2018): cut, export
 and time the shrunk model interleaved with the dense one, and when the measured
 fraction misses the target by more than ``tol`` (relative), cut again aiming at
-``aim x target / measured`` (a multiplicative secant step on the measured curve).
+``aim x target / measured`` (a multiplicative secant step on the measured curve), or,
+once rounds were measured on both sides of the target, between the two closest
+(:func:`next_aim`).
 The round whose measurement is closest to the target is kept. Mutates the masks
 (through ``cut``) only.
 """
@@ -64,14 +66,31 @@ def verified_cut(target: float, cut: Callable[[float], object], estimate: Callab
         checks.append(LatencyCheck(aim, estimate(), measure()))
         if abs(checks[-1].measured / target - 1.0) <= tol:
             return results[-1], checks
-        nxt = min(1.0, aim * target / max(checks[-1].measured, 1e-9))
-        if any(abs(nxt - c.aimed) < 1e-6 for c in checks):
+        nxt = next_aim(checks, target)
+        if any(abs(nxt - c.aimed) < 1e-4 for c in checks):
             break  # the correction repeats an earlier round (e.g. clamped at 1.0)
         aim = nxt
     best = checks.index(closest(checks, target))
     if best != len(checks) - 1:
         results[best] = cut(checks[best].aimed)
     return results[best], checks
+
+
+def next_aim(checks: list[LatencyCheck], target: float) -> float:
+    """The next round's aim: when rounds were measured on both sides of ``target``,
+    linear interpolation between the closest round below and the closest above (regula
+    falsi: a noisy, steep measured curve does not make it oscillate); else the last
+    aim times ``target / measured`` (at most 1)."""
+    below = [c for c in checks if c.measured < target]
+    above = [c for c in checks if c.measured > target]
+    if below and above:
+        lo = max(below, key=lambda c: c.measured)
+        hi = min(above, key=lambda c: c.measured)
+        if hi.aimed != lo.aimed:
+            t = (target - lo.measured) / (hi.measured - lo.measured)
+            return min(1.0, max(1e-6, lo.aimed + t * (hi.aimed - lo.aimed)))
+    last = checks[-1]
+    return min(1.0, last.aimed * target / max(last.measured, 1e-9))
 
 
 def closest(checks: list[LatencyCheck], target: float) -> LatencyCheck:
