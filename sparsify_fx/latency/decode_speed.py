@@ -71,12 +71,23 @@ def _check(prompt_length: int, decode_tokens: int, batch: int, runs: int) -> Non
 
 def measure_decode(path: str | os.PathLike, *, prompt_length: int = 128,
                    decode_tokens: int = 64, batch: int = 1, threads: int | None = 2,
-                   runs: int = 3, seed: int = 0) -> DecodeSpeed:
+                   runs: int = 3, seed: int = 0,
+                   session_config: Mapping[str, str] | None = None) -> DecodeSpeed:
     """Time greedy generation over the decoder at ``path`` in this process (module
-    docstring): one warm-up generation, then ``runs``."""
+    docstring): one warm-up generation, then ``runs``. ``session_config``: onnxruntime
+    session config entries (e.g. ``{"session.intra_op.allow_spinning": "0"}``)."""
     from sparsify_fx.export.onnx_generate import OnnxDecoder, greedy_generate
     _check(prompt_length, decode_tokens, batch, runs)
-    decoder = OnnxDecoder(path, threads)
+    source: Any = path
+    if session_config:
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        for key, value in session_config.items():
+            so.add_session_config_entry(str(key), str(value))
+        source = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    decoder = OnnxDecoder(source, threads)
     vocab = decoder.vocab or 2
     prompt = np.random.default_rng(seed).integers(0, vocab, (batch, prompt_length))
     prefill, decode = [], []
@@ -90,12 +101,15 @@ def measure_decode(path: str | os.PathLike, *, prompt_length: int = 128,
 
 def decode_speed(path: str | os.PathLike, *, prompt_length: int = 128, decode_tokens: int = 64,
                  batch: int = 1, threads: int | None = 2, runs: int = 3, seed: int = 0,
-                 timeout: float = 1800) -> DecodeSpeed:
+                 timeout: float = 1800,
+                 session_config: Mapping[str, str] | None = None) -> DecodeSpeed:
     """:func:`measure_decode` in a child process of its own. Raises
     :class:`ConfigError` with the child's error when it fails."""
     _check(prompt_length, decode_tokens, batch, runs)
     request = dict(path=str(path), prompt_length=prompt_length, decode_tokens=decode_tokens,
                    batch=batch, threads=threads, runs=runs, seed=seed)
+    if session_config:
+        request["session_config"] = dict(session_config)
     done = subprocess.run([sys.executable, "-m", "sparsify_fx.latency.decode_speed",
                            json.dumps(request)], capture_output=True, text=True,
                           timeout=timeout)
