@@ -149,3 +149,117 @@ def test_budget_error_names_the_layers_and_ops_that_hold_the_macs() -> None:
                           example_inputs=(torch.randn(3, 16),), capture="export")
     with pytest.raises(sf.BudgetError, match=r"most in a\.weight 0\.\d+.*kept whole at .*i0"):
         apply_budget(gm, target_macs=0.3)
+
+
+class StridedAttention(nn.Module):
+    """Attention whose output is merged by ``transpose(1, 2).view(b, s, -1)``: legal in eager
+    because SDPA returns it in (batch, seq, heads, dim) memory order, so the capture holds
+    a ``view`` of a transposed value (the walk replays it as a reshape)."""
+
+    def __init__(self, d: int = 32, num_heads: int = 4) -> None:
+        super().__init__()
+        self.h, self.hd = num_heads, d // num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, -1, self.hd).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = F.scaled_dot_product_attention(q, k, v)
+        return x + self.o(a.transpose(1, 2).view(b, s, -1))
+
+
+def test_a_view_of_a_transposed_attention_output_keeps_heads_prunable() -> None:
+    torch.manual_seed(0)
+    model = StridedAttention().eval()
+    gm, small, coupling = _cut_and_shrink(model, torch.randn(2, 6, 32))
+    assert not coupling
+    assert len(group_masks(gm)) == 1
+    assert small.q.out_features == small.o.in_features < 32
+    _assert_parity(gm, small, lambda: torch.randn(2, 6, 32))
+
+
+class ComplexRotary(StridedAttention):
+    """Rotary embeddings through complex numbers: ``view_as_complex`` of (..., d/2, 2) pairs,
+    a product with complex frequencies, ``view_as_real`` back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, -1, self.hd) for p in (self.q, self.k, self.v))
+        angles = torch.arange(s, dtype=torch.float)[:, None] * torch.arange(1, self.hd // 2 + 1)
+        freqs = torch.polar(torch.ones_like(angles), angles)[None, :, None, :]
+
+        def rope(t: torch.Tensor) -> torch.Tensor:
+            c = torch.view_as_complex(t.float().reshape(b, s, -1, self.hd // 2, 2))
+            return torch.view_as_real(c * freqs).flatten(3)
+        q, k, v = (t.transpose(1, 2) for t in (rope(q), rope(k), v))
+        a = F.scaled_dot_product_attention(q, k, v)
+        return x + self.o(a.transpose(1, 2).reshape(b, s, -1))
+
+
+def test_complex_rotary_embeddings_keep_heads_prunable() -> None:
+    torch.manual_seed(0)
+    model = ComplexRotary().eval()
+    gm, small, coupling = _cut_and_shrink(model, torch.randn(2, 6, 32))
+    assert not coupling
+    assert len(group_masks(gm)) == 1
+    assert small.q.out_features == small.k.out_features < 32
+    _assert_parity(gm, small, lambda: torch.randn(2, 6, 32))
+
+
+class PerChannelScale(nn.Module):
+    """A learned per-channel scale on the MLP units and a per-channel shift on the query
+    heads' channels (1-D parameters along the last dim): shrink slices them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 48), nn.Linear(48, 16)
+        self.scale = nn.Parameter(torch.rand(48) + 0.5)
+        self.shift = nn.Parameter(torch.randn(48))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.up(x) * self.scale)
+        h = F.gelu(h + self.shift)
+        return self.head(x + self.down(h))
+
+
+def test_a_per_channel_parameter_is_sliced_with_its_channels() -> None:
+    torch.manual_seed(0)
+    model = PerChannelScale().eval()
+    gm, small, coupling = _cut_and_shrink(model, torch.randn(4, 16))
+    assert not coupling
+    assert len(group_masks(gm)) == 1
+    kept = small.up.out_features
+    assert kept < 48 and small.scale.shape == small.shift.shape == (kept,)
+    _assert_parity(gm, small, lambda: torch.randn(3, 16))
+
+
+class UnitSphereMLP(nn.Module):
+    """A gated MLP whose units are scaled by parameters times a constant (``suv * c``) and
+    L2-normalised over the units (``h * rsqrt(h.pow(2).sum(-1))``): a pruned unit adds 0 to
+    the sum, so the units stay prunable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(16, 48), nn.Linear(16, 48), nn.Linear(48, 16)
+        self.suv_gate = nn.Parameter(torch.rand(48) + 0.5)
+        self.suv_up = nn.Parameter(torch.rand(48) + 0.5)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.gate(x) * (self.suv_gate * 4.0)
+        u = self.up(x) * (self.suv_up * 4.0)
+        h = F.silu(g) * u
+        h = h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + 1e-6)
+        return self.head(x + self.down(h))
+
+
+def test_units_scaled_by_computed_parameters_and_l2_normalised_stay_prunable() -> None:
+    torch.manual_seed(0)
+    model = UnitSphereMLP().eval()
+    gm, small, coupling = _cut_and_shrink(model, torch.randn(4, 16))
+    assert not coupling
+    assert len(group_masks(gm)) == 1
+    kept = small.gate.out_features
+    assert kept < 48 and small.suv_gate.shape == small.suv_up.shape == (kept,)
+    _assert_parity(gm, small, lambda: torch.randn(3, 16))

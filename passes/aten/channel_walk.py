@@ -48,7 +48,8 @@ from torch import fx
 from sparsify_fx.mask import MaskSet
 from sparsify_fx.passes.aten.elementwise import ElementwiseRules
 from sparsify_fx.passes.aten.producers import visit_matmul, visit_sdpa
-from sparsify_fx.passes.aten.values import ParamRef, Tracked, concrete_shape, hint, op_name
+from sparsify_fx.passes.aten.values import (DerivedParam, ParamRef, Tracked, concrete_shape, hint,
+                                            op_name)
 from sparsify_fx.passes.channels.graph_types import NormSite, Producer
 
 aten = torch.ops.aten
@@ -85,6 +86,9 @@ REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "var_mean",
           "norm", "linalg_vector_norm", "prod", "argmax", "argmin", "any", "all"}
 NORMALIZE = {"_softmax", "softmax", "_log_softmax", "log_softmax", "layer_norm", "native_layer_norm",
              "rms_norm", "_fused_rms_norm", "group_norm", "native_group_norm", "cumsum"}
+#: ops whose result carries no channel (sizes, fresh tensors of a given shape)
+NO_CHANNELS = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "new_zeros",
+               "new_empty", "new_ones", "new_full", "new_empty_strided", "scalar_tensor"}
 MATMUL = {"matmul", "mm", "bmm", "linear", "addmm", "baddbmm"}
 CONV = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution"}
 BATCH_NORM = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit",
@@ -252,8 +256,12 @@ class AtenChannelWalk(ElementwiseRules):
         if not isinstance(node.target, torch._ops.OpOverload):
             values = self._tracked_in(self.value(list(node.args)))
             return self.reject(node, "python function in the graph") if values else None
+        name = op_name(node.target)
         try:
-            return self.call(node, op_name(node.target))
+            if name == "copy_" or (name.endswith("_") and name[:-1] in (
+                    BINARY | ZERO_KEEPING | NONZERO_UNARY) and name not in ZERO_KEEPING):
+                return self.in_place(node, name)
+            return self.call(node, name)
         except (TypeError, ValueError, IndexError, RuntimeError) as exc:
             # a form of the op no rule expects: its channels stay whole, named
             return self.reject(node, f"form not understood ({type(exc).__name__}: {exc})")
@@ -268,12 +276,16 @@ class AtenChannelWalk(ElementwiseRules):
             return visit_sdpa(self, node)
         if name in BATCH_NORM:
             return self.batch_norm(node, name)
+        if name in NO_CHANNELS:
+            return None
         if not tracked:
             return self.param_op(node, name, params)
         if name in IDENTITY_OPS:
             return self.value(args[0])
         if name in SHAPE_OPS:
             return self.shape_op(node)
+        if name in ("view_as_complex", "view_as_real"):
+            return self.complex_view(node, name)
         if name in ZERO_KEEPING or name in NONZERO_UNARY:
             x = self.value(args[0])
             if not isinstance(x, Tracked) or any(isinstance(a, Tracked) for a in self.value(list(args[1:]))):
@@ -291,12 +303,27 @@ class AtenChannelWalk(ElementwiseRules):
             return self.normalize(node, name)
         return self.reject(node, "op not understood by the channel analysis")
 
+    def in_place(self, node: fx.Node, name: str) -> Any:
+        """``x.add_(y)``, ``x.copy_(y)``, ...: the out-of-place rule (``copy_``: the source's
+        ids broadcast to the target), and the mutated value takes the result's ids."""
+        if name == "copy_":
+            src = self.value(node.args[1])
+            out = self.broadcast(src, self.shape(node)) if isinstance(src, Tracked) else None
+        else:
+            out = self.call(node, name[:-1])
+        if isinstance(node.args[0], fx.Node):
+            self.values[node.args[0].name] = out
+        return out
+
     # -- rules ------------------------------------------------------------------------
     def param_op(self, node: fx.Node, name: str, params: list[ParamRef]) -> Any:
         """An op on a weight (no activation channels): a 2-D transpose (``t``, ``.T``,
         ``transpose``, ``permute(1, 0)``) or a copy keeps it a :class:`ParamRef`; any other
         op reading a masked weight is not followed (its channels stay whole, warned)."""
         first = self.value(node.args[0]) if node.args else None
+        derived = self._derived(node, name, first)
+        if derived is not None:
+            return derived
         if not isinstance(first, ParamRef):
             first = None
         if first is not None and name in PARAM_COPY_OPS:
@@ -316,6 +343,36 @@ class AtenChannelWalk(ElementwiseRules):
                                     f"{', '.join(masked)} in a way the analysis does not follow")
         return None
 
+    def complex_view(self, node: fx.Node, name: str) -> Any:
+        """``view_as_complex`` (last dim of 2 -> one complex element: the pair is tied) and
+        ``view_as_real`` (each element -> a pair), as complex rotary embeddings use them."""
+        x = self.value(node.args[0])
+        if not isinstance(x, Tracked):
+            return self.reject(node, "complex view of a non-first operand")
+        if name == "view_as_complex":
+            self.tie_pairs(x.ids[..., 0], x.ids[..., 1])
+            return Tracked(x.ids[..., 0].contiguous(), x.zero.all(-1))
+        shape = (*x.ids.shape, 2)
+        return Tracked(x.ids.unsqueeze(-1).expand(shape).contiguous(),
+                       x.zero.unsqueeze(-1).expand(shape).contiguous())
+
+    def _derived(self, node: fx.Node, name: str, first: Any) -> DerivedParam | None:
+        """An elementwise op of one parameter and constants (scalars, 0-d tensors) keeping
+        its shape: a :class:`DerivedParam` (a per-channel scale computed from a parameter)."""
+        if not isinstance(first, (ParamRef, DerivedParam)) or name not in (
+                ZERO_KEEPING | NONZERO_UNARY | {"mul", "add", "sub", "div", "pow", "rsub"}) \
+                or name in ("fill", "zeros_like", "ones_like", "full_like", "empty_like",
+                            "rand_like", "randn_like"):
+            return None
+        shape = concrete_shape(node)
+        for a in node.args[1:]:
+            other = a.meta.get("val") if isinstance(a, fx.Node) else None
+            if isinstance(a, fx.Node) and not (isinstance(other, torch.Tensor) and other.dim() == 0):
+                return None
+        if shape is None or shape != concrete_shape(node.args[0]):
+            return None
+        return DerivedParam(first.name)
+
     def broadcast(self, t: Tracked, shape: tuple[int, ...]) -> Tracked:
         return Tracked(t.ids.broadcast_to(shape), t.zero.broadcast_to(shape))
 
@@ -333,16 +390,19 @@ class AtenChannelWalk(ElementwiseRules):
         if any(isinstance(v, torch.Tensor) for v in kwargs.values()):
             return self.reject(node, "shape op with tensor keyword arguments")
 
+        name = op_name(node.target)
+        # the id tensors' strides are not the real tensor's: a view replays as a reshape
+        target = aten.reshape.default if name in ("view", "_unsafe_view") else node.target
+
         def run(field_name: str) -> Any:
             real = [[getattr(x, field_name) for x in a] if isinstance(a, list) and a and isinstance(
                 a[0], Tracked) else getattr(a, field_name) if isinstance(a, Tracked) else a for a in args]
-            return node.target(*real, **kwargs)
+            return target(*real, **kwargs)
         try:
             ids, zero = run("ids"), run("zero")
         except (RuntimeError, TypeError, IndexError) as exc:
             return self.reject(node, f"could not follow the shape op ({exc})")
         out = self._wrap(ids, zero)
-        name = op_name(node.target)
         if name in ("view", "_unsafe_view", "reshape", "unflatten") and isinstance(out, Tracked):
             src = args[0]
             if out.ids.dim() and src.ids.dim() and out.ids.shape[-1] < src.ids.shape[-1]:

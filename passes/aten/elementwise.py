@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from sparsify_fx.passes.aten.values import ParamRef, Tracked, hint, op_name
+from sparsify_fx.passes.aten.values import DerivedParam, ParamRef, Tracked, hint, op_name
 from sparsify_fx.passes.channels.graph_types import NormSite
 
 
@@ -65,13 +65,17 @@ class ElementwiseRules:
                 ) -> Tracked | None:
         vals = [self.value(a) for a in operands]
         ts = [self.broadcast(v, out_shape) if isinstance(v, Tracked) else None for v in vals]
+        per_channel = self._per_channel_param(node, name, operands, vals, ts)
+        if per_channel is not None:
+            return per_channel
         for i, t in enumerate(ts):
             other = operands[1 - i] if len(operands) > 1 else None
             if t is not None and ts[1 - i] is None and isinstance(other, fx.Node):
                 val = other.meta.get("val")
                 if isinstance(val, torch.Tensor):
                     self.check_untracked_operand(t, tuple(hint(s) for s in val.shape), node,
-                                                 isinstance(self.value(other), ParamRef))
+                                                 isinstance(self.value(other),
+                                                            (ParamRef, DerivedParam)))
         a, b = ts[0], ts[1] if len(ts) > 1 else None
         if a is not None and b is not None:
             self.tie_pairs(a.ids, b.ids)
@@ -90,12 +94,50 @@ class ElementwiseRules:
         scalar_other = len(operands) < 2 or not isinstance(operands[1 if first else 0], fx.Node)
         if name == "mul" or (name in ("div", "true_divide") and first) or (
                 name == "pow" and first and scalar_other and float(operands[1]) > 0) or (
-                name == "masked_fill" and float(node.args[2]) == 0.0):
+                name == "masked_fill" and not isinstance(node.args[2], fx.Node)
+                and float(node.args[2]) == 0.0):
             return t
         return Tracked(t.ids, torch.zeros_like(t.zero))
 
+    def _per_channel_param(self, node: fx.Node, name: str, operands: list, vals: list,
+                           ts: list) -> Tracked | None:
+        """``x * p``, ``x + p``, ``x - p`` with ``p`` a 1-D parameter along the
+        last dim whose every position holds one tied set of ``x``'s channels (a learned
+        per-channel scale or shift): recorded as a site that shrink slices and that a
+        follower mask zeroes with its channels, so the result is zero when they are
+        pruned. None when the pattern does not hold (the general rules apply)."""
+        if name not in ("mul", "add", "sub") or len(vals) < 2:
+            return None
+        params = (ParamRef, DerivedParam)
+        i = 0 if isinstance(vals[0], params) else 1 if isinstance(vals[1], params) else None
+        if i is None or ts[1 - i] is None:
+            return None
+        ref, t = vals[i], ts[1 - i]
+        if isinstance(ref, DerivedParam) and name != "mul":
+            return None  # no follower mask on a computed value: only a product stays 0
+        try:  # read from the module: behind a mask node the operand has no meta value
+            val = self.gm.get_parameter(ref.name)
+        except AttributeError:
+            return None
+        if val.dim() != 1 or val.shape[0] != t.ids.shape[-1] or val.shape[0] < 2:
+            return None
+        columns = t.ids.reshape(-1, t.ids.shape[-1]).T
+        per_index = []
+        for col in columns:
+            if self.n_components(col) > 1:
+                return None
+            tracked = col[col >= 0]
+            per_index.append(int(tracked[0]) if len(tracked) else -1)
+        ids = torch.tensor(per_index, dtype=torch.long)
+        if set(torch.unique(ids[ids >= 0]).tolist()) <= self.whole:
+            return None  # nothing prunable flows here: the general rules
+        self.norms[node.name] = NormSite(node.name, ref.name.rpartition(".")[0], self.emit(ids),
+                                         (ref.name, None, None, None))
+        return Tracked(t.ids, t.zero.clone())
+
     def _dims(self, node: fx.Node, rank: int, default_all: bool = True) -> list[int]:
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        at = 2 if op_name(node.target) in ("linalg_vector_norm", "norm") else 1  # (x, ord, dim)
+        dims = node.args[at] if len(node.args) > at else node.kwargs.get("dim")
         if dims is None:
             return list(range(rank)) if default_all else []
         dims = [dims] if isinstance(dims, int) else list(dims)
@@ -106,15 +148,33 @@ class ElementwiseRules:
         if not isinstance(x, Tracked) or name in ("var_mean",):
             return self.reject(node, "reduction form not understood")
         dims = self._dims(node, x.ids.dim())
-        self._mixing(node, x, dims, tie=(name == "sum"))
         keep = [d for d in range(x.ids.dim()) if d not in dims]
         fib = x.ids.permute(*keep, *dims).reshape(*[x.ids.shape[d] for d in keep], -1)
         zf = x.zero.permute(*keep, *dims).reshape(*[x.ids.shape[d] for d in keep], -1)
         ids, zero = fib.amax(-1), zf.all(-1)
+        if self._sum_of_zeros(node, name, x):
+            # a pruned channel adds exactly 0: nothing to tie; a fibre of several channels
+            # carries none of them (an L2 norm over an MLP's units, x.pow(2).sum(-1))
+            single = fib.amin(-1) == ids
+            ids, zero = torch.where(single, ids, torch.full_like(ids, -1)), zero & single
+        else:
+            self._mixing(node, x, dims, tie=(name == "sum"))
         out_shape = self.shape(node) if isinstance(node.meta.get("val"), torch.Tensor) else None
         if out_shape is None:
             return None
         return Tracked(ids.reshape(out_shape), zero.reshape(out_shape))
+
+    def _sum_of_zeros(self, node: fx.Node, name: str, x: Tracked) -> bool:
+        """A sum (or a p-norm, p > 0) whose every tracked element is exactly 0 when its
+        channel is pruned: removing the channel leaves the result as it is."""
+        if name == "linalg_vector_norm" or name == "norm":
+            p = node.args[1] if len(node.args) > 1 else node.kwargs.get("ord", 2)
+            if not isinstance(p, (int, float)) or not p > 0:
+                return False
+        elif name != "sum":
+            return False
+        tracked = x.ids >= 0
+        return bool(tracked.any()) and bool(x.zero[tracked].all())
 
     def _mixing(self, node: fx.Node, x: Tracked, dims: list[int], tie: bool) -> None:
         """Reduce over ``dims``: several tied sets in one fiber are tied (sum) or whole."""

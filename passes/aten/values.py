@@ -33,6 +33,15 @@ class ParamRef:
     transposed: bool = False
 
 
+@dataclass
+class DerivedParam:
+    """A parameter ``name`` through elementwise ops with constants only (``p * 2``,
+    ``softplus(p)``): same shape, each element computed from the same element of ``p``, so
+    slicing ``p`` slices it. Never a producer's weight."""
+
+    name: str
+
+
 def op_name(target: Any) -> str:
     """``aten.view.default`` -> ``"view"``."""
     return getattr(target, "__name__", str(target)).split(".")[0]
@@ -53,4 +62,4 @@ def concrete_shape(node: Any) -> tuple[int, ...] | None:
     return tuple(hint(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
 
 
-__all__ = ["Tracked", "ParamRef", "op_name", "hint", "concrete_shape"]
+__all__ = ["Tracked", "ParamRef", "DerivedParam", "op_name", "hint", "concrete_shape"]

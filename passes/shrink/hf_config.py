@@ -45,28 +45,81 @@ def _uniform(blocks: dict[str, dict]) -> bool:
 
 def config_cannot_hold(model: nn.Module) -> list[str]:
     """Producer weights of the channel groups a Hugging Face config cannot describe once
-    shrunk: groups that are no attention and whose width is not the config's
-    ``intermediate_size`` / ``n_inner`` (a pooler, a classifier's hidden layer). Empty for
-    a model without an HF config. Read-only."""
+    shrunk: attention whose heads the config cannot hold at the same ``head_dim``, and
+    groups that are no attention and whose width no config field holds (found by
+    building the class from a config with that field halved: a field holds a group when
+    the group's weights, and only MLP weights, change shape; a pooler, a classifier's
+    hidden layer hold none). Empty for a model without an HF config. Read-only."""
     gm = main_graph(model)
     source = unwrap(model).__dict__.get("source_module")
     found = _config_owner(source) if source is not None else None
     if gm is None or found is None:
         return []
     path, hf_model = found
-    config = hf_model.config
     cg = channel_graph_of(gm)
-    widths = set(_inner_widths(config).values())
     attention = {int(g) for p in cg.producers.values() if p.kind == "attention_matmul"
                  for g in cg.slots(p.out_ids)[0] if g >= 0}
     heads_ok = _config_holds_fewer_heads(hf_model)
+    mlp = [g for g in cg.groups if g.index not in attention]
+    owners = {_owner(w) for g in mlp for w in _group_weights(cg, g, consumers=True)}
+    fields = mlp_fields(hf_model, path, owners)
     out = []
     for group in cg.groups:
-        holds = heads_ok if group.index in attention else len(group.components) in widths
+        mine = set(_group_weights(cg, group))
+        holds = heads_ok if group.index in attention else any(
+            mine <= changed for _, changed in fields.values())
         if not holds:
-            out += [cg.producers[p].weight for p in group.producers
-                    if cg.producers[p].kind in ("linear", "conv")]
+            out += sorted(mine)
     return sorted(set(out))
+
+
+def _owner(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _group_weights(cg: Any, group: Any, consumers: bool = False) -> list[str]:
+    """Weights of a group's producers (and, with ``consumers``, of the layers reading it)."""
+    out = [cg.producers[p].weight for p in group.producers
+           if cg.producers[p].kind in ("linear", "conv")]
+    if consumers:
+        out += [p.weight for p in cg.producers.values() if p.kind in ("linear", "conv")
+                and p.in_ids is not None and group.index in set(cg.slots(p.in_ids)[0].tolist())]
+    return out
+
+
+def mlp_fields(hf_model: nn.Module, prefix: str, owners: set[str]) -> dict[str, tuple]:
+    """Config fields holding an MLP width: ``{field: (value, changed weights)}`` for every
+    integer field whose halving makes the class (built on the meta device) change the
+    shape of weights only under ``owners`` (module paths of MLP producers and their
+    consumers; ``prefix``: ``hf_model``'s path in the model). Field names are whatever the
+    config calls them (``intermediate_size``, ``decoder_ffn_dim``, ``n_inner`` ...)."""
+    config = hf_model.config
+    dense = _builds(hf_model, config)
+    if dense is None:
+        return {}
+    out = {}
+    for attr, value in _int_fields(config).items():
+        trial = copy.deepcopy(config)
+        try:
+            setattr(trial, attr, value // 2)
+        except Exception:  # noqa: BLE001  a field the config refuses to change
+            continue
+        small = _builds(hf_model, trial)
+        if small is None:
+            continue
+        changed = {f"{prefix}.{k}" if prefix else k for k, v in dense.items() if small.get(k) != v}
+        if changed and all(any(_owner(c) == o or _owner(c).startswith(o + ".") for o in owners)
+                           for c in changed):
+            out[attr] = (value, frozenset(changed))
+    return out
+
+
+def _int_fields(config: Any) -> dict[str, int]:
+    """The config's integer fields (>= 2), GPT-2's unset ``n_inner`` as four times ``n_embd``."""
+    out = {k: v for k, v in config.to_dict().items()
+           if isinstance(v, int) and not isinstance(v, bool) and v >= 2}
+    out.update(_inner_widths(config))
+    return out
 
 
 def _config_owner(src: nn.Module) -> tuple[str, nn.Module] | None:
@@ -106,7 +159,13 @@ def _config_holds_fewer_heads(hf_model: nn.Module) -> bool:
     if dense is None or small is None:
         return False
     shrunk = [k for k in dense if small.get(k) != dense[k]]
-    return bool(shrunk) and all(len(small.get(k, ())) == len(dense[k]) for k in shrunk)
+    # each changed dim must lose exactly one KV group of heads (q, o: heads // kv of
+    # ``heads``; k, v: one of ``kv``); BERT-like classes re-derive head_dim instead
+    ratios = {(heads - heads // kv, heads), (kv - 1, kv)}
+    return bool(shrunk) and all(
+        len(small.get(k, ())) == len(dense[k]) and all(
+            a == b or any(b * num == a * den for num, den in ratios)
+            for a, b in zip(small[k], dense[k])) for k in shrunk)
 
 
 def update_config(src: nn.Module, blocks: dict[str, dict]) -> bool:
@@ -117,12 +176,13 @@ def update_config(src: nn.Module, blocks: dict[str, dict]) -> bool:
     found = _config_owner(src)
     if found is None or not blocks:
         return found is None and bool(blocks) and _uniform(blocks)
-    hf_model = found[1]
+    hf_path, hf_model = found
     config = hf_model.config
+    widths = _mlp_fields_of(hf_path, hf_model, blocks)
     fields: dict[str, int] = {}
     for block in blocks.values():  # every block must give each field the same value
         try:
-            block_fields = _block_fields(config, block)
+            block_fields = _block_fields(config, block, widths)
         except ShrinkError:  # a width no whole field value describes
             return False
         for attr, value in block_fields.items():
@@ -153,9 +213,18 @@ def _inner_widths(config: Any) -> dict[str, int]:
     return out
 
 
-def _block_fields(config: Any, block: dict) -> dict[str, int]:
+def _mlp_fields_of(path: str, hf_model: nn.Module, blocks: dict[str, dict]) -> dict[str, tuple]:
+    """:func:`mlp_fields` for the MLP blocks of a shrink (none when no MLP shrank)."""
+    mlp = [b for b in blocks.values() if b["_kind"] == "mlp"]
+    if all(b["_kept"] == b["_total"] for b in mlp):
+        return {}
+    owners = {_owner(w) for b in mlp for w in b.get("_weights", ())}
+    return mlp_fields(hf_model, path, owners)
+
+
+def _block_fields(config: Any, block: dict, widths: dict[str, tuple]) -> dict[str, int]:
     """The config fields (and values) one shrunk block's widths give; empty when the
-    config has no field for that kind of block."""
+    config has no field for that kind of block (``widths``: :func:`mlp_fields`)."""
     out: dict[str, int] = {}
     if block["_kind"] == "attention":
         heads = getattr(config, "num_attention_heads", None)
@@ -173,8 +242,15 @@ def _block_fields(config: Any, block: dict) -> dict[str, int]:
     # only a field holding this group's width (or a fused multiple) describes it: a
     # pooler is no MLP
     return {attr: scale_width(value, block["_kept"], block["_total"])
-            for attr, value in _inner_widths(config).items()
-            if value and block["_total"] % value == 0}  # or a fused gate/up of 2 x value
+            for attr, value in _holding(block, widths).items()}
+
+
+def _holding(block: dict, widths: dict[str, tuple]) -> dict[str, int]:
+    """The MLP width fields whose change reshapes this block's producers, at a value its
+    width is (or a fused gate/up of 2 x value)."""
+    producers = set(block.get("_producers", ()))
+    return {attr: value for attr, (value, changed) in widths.items()
+            if producers and producers <= changed and block["_total"] in (value, 2 * value)}
 
 
 def layer_configs(src: nn.Module, blocks: dict[str, dict]) -> None:
@@ -185,11 +261,12 @@ def layer_configs(src: nn.Module, blocks: dict[str, dict]) -> None:
     if found is None:
         return
     shared = found[1].config
+    widths = _mlp_fields_of(found[0], found[1], blocks)
     for path, block in blocks.items():
         if block["_kept"] == block["_total"] and block["_kv_kept"] == block["_kv_total"]:
             continue  # this block kept its widths: the shared config describes it
         try:
-            fields = _block_fields(shared, block)
+            fields = _block_fields(shared, block, widths)
         except ShrinkError:
             continue  # no whole field value: the block's own attributes (checked after)
         root = src.get_submodule(path) if path else src

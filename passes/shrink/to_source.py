@@ -173,7 +173,8 @@ def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple]
                         setattr(owner, attr, new[attr])
         kind = "attention" if group.index in attention_groups else "mlp"
         changed[path] = dict(new, _kind=kind, _kept=q_kept, _total=q_total, _kv_kept=kv_kept,
-                             _kv_total=kv_total)
+                             _kv_total=kv_total, _producers=tuple(weights),
+                             _weights=tuple(weights + consumers))
     return changed
 
 
