@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 import warnings
 from typing import Any, Mapping
@@ -185,7 +186,7 @@ def capture_latency(model: nn.Module, workload: Workload, *, threads: int = 2,
     for path in probes:
         path.unlink(missing_ok=True)
     shares, rest = fit_shares(measured, kept)
-    dense_ms = sorted(timer.dense_ms)[len(timer.dense_ms) // 2]
+    dense_ms = statistics.median(timer.dense_ms)
     layers = []
     for lay, s in zip(macs.layers, layer_of):
         unit = 0.0
