@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sparsify_fx.cli.prune import main as prune_main
+from sparsify_fx.prune import decoder_outputs
 from tests.test_prune_hf import gpt2_folder, lm_text
 
 transformers = pytest.importorskip("transformers")
@@ -27,10 +28,15 @@ def lm_run(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     (root / "corpus.txt").write_text(text, encoding="utf-8")
     model = gpt2_folder(root / "gpt2", text.splitlines(), hidden=64)
     out = root / "run"
-    assert prune_main([f"hf:{model}", "--task", "causal-lm", "--data", f"text:{root / 'corpus.txt'}",
-                       "-o", str(out), "--method", "magnitude", "--target-sparsity", "0.5",
-                       "--block-size", "16", "--epochs", "0",
-                       "--finetune-epochs", "0", "--batch-size", "8", "--quiet"]) == 0
+    with pytest.MonkeyPatch.context() as mp:  # one timing round: the fields, not their noise
+        mp.setattr(decoder_outputs, "ROUNDS", 1)
+        mp.setattr(decoder_outputs, "RUNS", 1)
+        code = prune_main([
+            f"hf:{model}", "--task", "causal-lm", "--data", f"text:{root / 'corpus.txt'}",
+            "-o", str(out), "--method", "magnitude", "--target-sparsity", "0.5",
+            "--block-size", "16", "--epochs", "0", "--finetune-epochs", "0",
+            "--batch-size", "8", "--quiet"])
+    assert code == 0
     return out
 
 
@@ -67,5 +73,6 @@ def test_summary_and_report_hold_tokens_per_second(lm_run: pathlib.Path) -> None
     assert dec["prefill_ratio"] > 0 and dec["decode_ratio"] > 0
     t = dec["timing"]
     assert t["prompt_length"] + t["decode_tokens"] < 64  # the GPT-2's 64 positions
+    assert t["rounds"] == 1 and len(dec["verified"]) == 2  # two prompts verified
     report = (lm_run / "report.md").read_text()
     assert "## Generation" in report and "decode tokens/s" in report
