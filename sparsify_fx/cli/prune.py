@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoint every epoch), exact cut, fine-tune, fold (element) or shrink "
                     "(channel), then write model.pt, report.md/json, sparsity.png, a verified "
                     "model.onnx and summary.json into OUTDIR (hf:DIR models also hf/, the "
-                    "save_pretrained folder). Rerun the same command to resume.")
+                    "save_pretrained folder; --task causal-lm also decoder.onnx, the verified "
+                    "decoder with past key/values, and its prefill / decode tokens/s beside "
+                    "dense). Rerun the same command to resume.")
     p.add_argument("model", nargs="?", default=None, metavar="MODEL",
                    help=MODEL_HELP + ", or hf:DIR (a Hugging Face save_pretrained folder; "
                    "with --task)")
