@@ -213,10 +213,11 @@ class _Stats:
     def add(self, name: str, x: Tensor) -> None:
         if name != self.group.names[0]:
             return  # the group's weights read the same tensor: count it once
-        rows = rows_of(x, self.group.width, name)
-        if self.statistic == "hessian":
-            self.sum.addmm_(rows.t(), rows)
+        if self.statistic == "hessian":  # one batch's product in float32, summed in float64
+            rows = rows_of(x, self.group.width, name, torch.float32)
+            self.sum.add_((rows.t() @ rows).to(torch.float64))
         else:
+            rows = rows_of(x, self.group.width, name)
             self.sum.add_(rows.pow(2).sum(0))
         self.tokens += rows.shape[0]
 
@@ -248,13 +249,72 @@ def _collect(model: nn.Module, entries: Sequence[MaskEntry], groups: Sequence[Gr
     return stats
 
 
+@dataclass
+class LayerStatistics:
+    """Every masked weight's input statistic from one pass over calibration batches
+    (:func:`collect_statistics`): ``sums[name]`` (float64; the weights of one group share
+    one tensor) over ``tokens[name]`` rows. A Hessian also serves ``"norms"`` methods
+    (Wanda's ``sum_t x_tj^2`` is its diagonal), so one pass can cut Wanda and SparseGPT
+    models at any target."""
+
+    statistic: str
+    sums: dict[str, Tensor]
+    tokens: dict[str, int]
+    groups: list[list[str]]
+    seconds: float = 0.0
+
+    def for_pruner(self, name: str, statistic: str) -> tuple[Tensor, int]:
+        """``(sum, tokens)`` of weight ``name`` as a pruner reads it."""
+        if name not in self.sums:
+            raise ConfigError(f"the calibration statistics hold no input of {name}; collect "
+                              "them on a model transformed with the same include/exclude")
+        stat = self.sums[name]
+        if statistic == self.statistic:
+            return stat, self.tokens[name]
+        if statistic == "norms" and self.statistic == "hessian":
+            return torch.diagonal(stat).clone(), self.tokens[name]
+        raise ConfigError(f"statistics of kind {self.statistic!r} cannot give {statistic!r}; "
+                          "collect_statistics(model, batches, statistic='hessian') serves both")
+
+
+def collect_statistics(model: nn.Module, batches: Iterable[Any],
+                       statistic: str = "hessian") -> LayerStatistics:
+    """One pass of ``batches`` through ``model`` (a ``wanda`` / ``sparsegpt`` transform,
+    eval mode, no grad, mode restored): every masked weight's input statistic, taken from
+    the model as it is (no cut, nothing mutated). Pass the result to
+    ``calibrate(other, statistics=...)`` of models transformed from the same source with
+    ``sequential=False``, to cut several methods or targets from one pass."""
+    if statistic not in ("norms", "hessian"):
+        raise ConfigError(f"statistic must be 'norms' or 'hessian', got {statistic!r}")
+    root = unwrap(model)
+    cfg = config_of(root)
+    if cfg is None:
+        raise InputError("collect_statistics needs a model returned by sparsify_fx.transform")
+    entries = [e for e in masks(root) if not e.mask.auxiliary]
+    check_kinds(entries, cfg.method)
+    items = normalize_batches(root, cfg, batches)
+    start = time.perf_counter()
+    was_training = root.training
+    root.eval()
+    try:
+        with torch.no_grad():
+            groups = discover_groups(entries, lambda: _run(root, items[0], 0))
+            stats = _collect(root, entries, groups, items, statistic)
+    finally:
+        root.train(was_training)
+    sums = {n: st.sum for st in stats for n in st.group.names}
+    tokens = {n: st.tokens for st in stats for n in st.group.names}
+    return LayerStatistics(statistic, sums, tokens, [g.names for g in groups],
+                           time.perf_counter() - start)
+
+
 @torch.no_grad()
-def _cut(entry: MaskEntry, stat: _Stats, target: LayerTarget, pruner: Pruner,
+def _cut(entry: MaskEntry, stat: Tensor, tokens: int, target: LayerTarget, pruner: Pruner,
          options: Mapping[str, Any]) -> None:
     weight = entry.weight
     matmul = entry.kind == "matmul"
     canon = (weight.t() if matmul else weight).detach().to(torch.float64).contiguous()
-    new, keep = pruner.prune(canon, stat.sum, stat.tokens, target, options)
+    new, keep = pruner.prune(canon, stat, tokens, target, options)
     if new is not None:
         new = torch.where(keep, new, torch.zeros_like(new))
         weight.copy_((new.t() if matmul else new).to(weight.dtype))
@@ -262,8 +322,13 @@ def _cut(entry: MaskEntry, stat: _Stats, target: LayerTarget, pruner: Pruner,
     entry.mask.at_target.fill_(True)
 
 
-def calibrate(model: nn.Module, batches: Iterable[Any]) -> CalibrationResult:
+def calibrate(model: nn.Module, batches: Iterable[Any] | None = None, *,
+              statistics: LayerStatistics | None = None) -> CalibrationResult:
     """Cut the masks of a ``method="wanda" | "sparsegpt"`` model on calibration ``batches``.
+
+    ``statistics`` (instead of ``batches``): the layer inputs of one earlier
+    :func:`collect_statistics` pass; every layer is then cut from them without running the
+    model, which needs ``sequential=False`` (ConfigError otherwise).
 
     ``batches``: an iterable of example-input tuples (or single tensors, or dicts of keyword
     tensors) matching ``transform``'s capture. Mutates ``model`` (masks frozen at the exact
@@ -287,6 +352,10 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> CalibrationResult:
     entries = [e for e in masks(root) if not e.mask.auxiliary]
     check_kinds(entries, cfg.method)
     targets = layer_targets(entries, cfg)
+    if statistics is not None:
+        return _cut_from(root, cfg.method, entries, targets, pruner, cfg.options, statistics)
+    if batches is None:
+        raise InputError("calibrate needs batches (or statistics= from collect_statistics)")
     items = normalize_batches(root, cfg, batches)
     start = time.perf_counter()
     was_training = root.training
@@ -303,7 +372,8 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> CalibrationResult:
                 for stat in _collect(root, entries, step, items, pruner.statistic):
                     tokens = max(tokens, stat.tokens)
                     for name in stat.group.names:
-                        _cut(by_name[name], stat, targets[name], pruner, cfg.options)
+                        _cut(by_name[name], stat.sum, stat.tokens, targets[name], pruner,
+                             cfg.options)
     finally:
         root.train(was_training)
     per_layer = sparsity(root, per_layer=True)
@@ -312,5 +382,29 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> CalibrationResult:
                              [g.names for g in groups], tokens, time.perf_counter() - start)
 
 
-__all__ = ["calibrate", "CalibrationResult", "LayerTarget", "Pruner", "register_pruner",
+def _cut_from(root: nn.Module, method: str, entries: Sequence[MaskEntry],
+              targets: Mapping[str, LayerTarget], pruner: Pruner, options: Mapping[str, Any],
+              statistics: LayerStatistics) -> CalibrationResult:
+    """``calibrate(statistics=...)``: every layer cut from the given statistics."""
+    if options.get("sequential", True):
+        raise ConfigError(f"calibrate(statistics=...) cuts every layer from one pass over the "
+                          f"unpruned model; transform with method={method!r}, "
+                          "sequential=False (or pass batches instead)")
+    start = time.perf_counter()
+    read = {e.name: statistics.for_pruner(e.name, pruner.statistic) for e in entries}
+    for e in entries:  # every statistic checked before the first cut
+        want = e.mask.weight_shape[0 if e.kind == "matmul" else 1]
+        if read[e.name][0].shape[0] != want:
+            raise ConfigError(f"the statistics of {e.name} have width "
+                              f"{read[e.name][0].shape[0]}, its input has {want} features")
+    for e in entries:
+        _cut(e, read[e.name][0], read[e.name][1], targets[e.name], pruner, options)
+    per_layer = sparsity(root, per_layer=True)
+    assert isinstance(per_layer, dict)
+    return CalibrationResult(method, float(sparsity(root)), per_layer, statistics.groups,
+                             max(statistics.tokens.values(), default=0),
+                             time.perf_counter() - start)
+
+
+__all__ = ["calibrate", "collect_statistics", "LayerStatistics", "CalibrationResult", "LayerTarget", "Pruner", "register_pruner",
            "calibrated_methods", "split_counts", "layer_targets", "normalize_batches"]

@@ -98,12 +98,13 @@ def watch_inputs(entries: Sequence[MaskEntry], on_input: OnInput) -> Iterator[No
         produced.clear()
 
 
-def rows_of(x: Tensor, width: int, name: str) -> Tensor:
-    """``x`` ``(..., width)`` as a float64 ``(tokens, width)`` matrix; ConfigError otherwise."""
+def rows_of(x: Tensor, width: int, name: str, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``x`` ``(..., width)`` as a ``(tokens, width)`` matrix of ``dtype`` (float64 by
+    default); ConfigError otherwise."""
     if x.shape[-1] != width:
         raise ConfigError(f"the input of {name} has last dim {x.shape[-1]}, expected its "
                           f"{width} input features; exclude it with exclude=[{name!r}]")
-    return x.detach().reshape(-1, width).to(torch.float64)
+    return x.detach().reshape(-1, width).to(dtype)
 
 
 @dataclass
