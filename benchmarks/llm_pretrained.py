@@ -6,23 +6,30 @@ Text: the pydocs corpus (``--corpus``; document ``i`` is validation iff ``i % 10
 tokenized with the checkpoint's own tokenizer, an end-of-text token after each document.
 Perplexity on the first ``--val-windows`` x ``--seq`` tokens of the validation stream.
 
-Element part (``--parts element``), per seed, at 50 % (every layer) and 2:4:
+Element part (``--parts element``), per seed, for each of ``--targets`` (2:4 first, then
+50 % of every layer):
 
-* one-shot magnitude (per layer), Wanda and SparseGPT (``calibrate`` on ``--calib`` random
-  training windows of ``--seq`` tokens, drawn per seed; ``sequential=False``: every
-  layer's statistic from the dense model in one forward, see the note in docs/llm.md);
-* ``oneshot + fine-tune``: the best one-shot mask (lowest ppl) fixed, weights trained for
-  ``--steps`` x ``--batch`` x ``--seq`` tokens;
-* ``cs (learned, from <best>)``: CS masks and weights trained on the same token budget,
-  scores started from that mask (``init_cs_from_masks``, ``s_init``, no rescale); at 2:4
-  the mask is learned as a pattern (every group's 4 scores compete for 2 places;
-  ``Granularity.pattern_threshold``), ``mask_bits_changed`` counted by the scheduler.
+* one-shot magnitude (per layer), Wanda and SparseGPT. Calibration: ``--calib`` random
+  training windows of ``--seq`` tokens (drawn per seed), **one** pass through the dense
+  model collects every layer's input Hessian (``collect_statistics``); each Wanda /
+  SparseGPT model is cut from it (``calibrate(gm, statistics=...)``, ``sequential=False``:
+  every layer's statistic from the dense model; Wanda reads the Hessian's diagonal);
+* ``cs (learned, from <best>)``: CS masks and weights trained for ``--steps`` x ``--batch``
+  x ``--train-seq`` tokens, scores started from the best one-shot mask
+  (``init_cs_from_masks``, ``+-s_init``); at 2:4 every group's 4 scores compete for 2
+  places (``Granularity.pattern_threshold``); ``mask_bits_changed`` from the scheduler;
+* ``<best> + fine-tune (mask fixed)``: the same mask and token budget, weights only.
+
+Masks on the HF model are parametrized Linear weights (``transform(capture="fx")``: the
+model does not trace whole, so each Linear is masked in place, ~10 s) rather than a
+30-layer torch.export capture (~3 min each); element and N:M masks need no graph.
+Results are rewritten after every row (``"complete": false`` until the end).
 
 Structured part (``--parts structured``): heads / KV groups / MLP units of a torch.export
 capture cut to ``--block-keep`` of the blocks' MACs: one-shot L1, L1 + fine-tune, CS from
 the L1 cut (same token budget), perplexity of the shrunk source-class model.
 
-    .venv/bin/python benchmarks/llm_pretrained.py [--seeds 0] [--parts element structured]
+    nice -n 15 .venv/bin/python benchmarks/llm_pretrained.py --parts element [--seeds 0]
 """
 from __future__ import annotations
 
@@ -68,10 +75,15 @@ class Text:
 
 
 def capture(model: torch.nn.Module, seq: int, method: str, granularity: str,
-            **options: Any) -> torch.nn.Module:
-    """``transform`` of ``model`` on a torch.export capture, batch dynamic."""
+            how: str = "fx", **options: Any) -> torch.nn.Module:
+    """``transform`` of ``model``. ``how="fx"``: the HF model does not trace whole, so every
+    Linear weight is masked by parametrization (about 10 s; element and N:M masks need no
+    graph); ``"export"``: a torch.export capture, batch dynamic (about 3 min for 30 layers)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        if how == "fx":
+            return sf.transform(model, method=method, granularity=granularity, capture="fx",
+                                **options)
         return sf.transform(model, method=method, granularity=granularity,
                             example_inputs=(torch.zeros(2, seq, dtype=torch.long),),
                             dynamic_shapes=({0: torch.export.Dim.AUTO},), **options)
@@ -79,10 +91,11 @@ def capture(model: torch.nn.Module, seq: int, method: str, granularity: str,
 
 def train(gm: torch.nn.Module, text: Text, args: argparse.Namespace, seed: int,
           mask_lr: float | None = None, sched: Any = None) -> float:
-    """``--steps`` of LM loss (+ the CS penalty and beta step with ``sched``); seconds."""
+    """``--steps`` of LM loss on ``--batch`` x ``--train-seq`` windows (+ the CS penalty and
+    beta step with ``sched``); seconds."""
     t0 = time.perf_counter()
     lr = args.cs_lr if sched is not None else args.ft_lr
-    train_lm(gm, windows(text.train, text.seq, args.batch, 3000 + seed), args.steps, lr,
+    train_lm(gm, windows(text.train, args.train_seq, args.batch, 3000 + seed), args.steps, lr,
              groups=weight_groups(gm, lr, mask_lr), warmup=max(1, args.steps // 10),
              penalty=sched.penalty if sched is not None else None,
              after_step=(lambda _s: sched.step()) if sched is not None else None,
@@ -91,21 +104,42 @@ def train(gm: torch.nn.Module, text: Text, args: argparse.Namespace, seed: int,
 
 
 def element_rows(model: torch.nn.Module, text: Text, args: argparse.Namespace, seed: int,
-                 dense_ppl: float) -> list[dict[str, Any]]:
+                 dense_ppl: float, flush: Any = None) -> list[dict[str, Any]]:
+    """One-shot, CS (learned from the best one-shot mask) and that mask fixed + fine-tune,
+    per target of ``--targets``. Calibration: one pass of ``--calib`` windows through the
+    dense model gives every layer's input Hessian (``collect_statistics``); Wanda (its
+    diagonal) and SparseGPT at every target are cut from it (``sequential=False``).
+    ``flush(rows)`` after each row."""
+    from sparsify_fx.baselines.calibration import collect_statistics
     rows: list[dict[str, Any]] = []
 
     def record(row: dict[str, Any], gm: torch.nn.Module) -> None:
-        row.update(seed=seed, sparsity=float(sf.sparsity(gm)), gap=row["ppl"] - dense_ppl)
+        t0 = time.perf_counter()
+        row["ppl"] = perplexity(gm, text.val, batch=args.eval_batch)
+        row.update(seed=seed, sparsity=float(sf.sparsity(gm)), gap=row["ppl"] - dense_ppl,
+                   eval_seconds=time.perf_counter() - t0, load_average=os.getloadavg()[0])
         if row["target"] == "2:4":
             row["pattern_ok"] = nm_ok(gm)
         rows.append(row)
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()},
               flush=True)
+        if flush is not None:
+            flush(rows)
 
-    calib = windows(text.train, text.seq, args.calib, 500 + seed)
-    seqs = next(calib)
-    batches = [(seqs[i:i + 8],) for i in range(0, seqs.shape[0], 8)]
-    for target, (gran, sparsity) in TARGETS.items():
+    stats = None
+    if any(m != "magnitude" for m in args.oneshot):
+        t0 = time.perf_counter()
+        seqs = next(windows(text.train, text.seq, args.calib, 500 + seed))
+        batches = [(seqs[i:i + 8],) for i in range(0, seqs.shape[0], 8)]
+        probe = capture(model, text.seq, "sparsegpt", "2:4", args.capture, sequential=False)
+        stats = collect_statistics(probe, batches)
+        del probe
+        calib_seconds = time.perf_counter() - t0
+        print(f"calibration statistics: {args.calib} x {text.seq} tokens, "
+              f"{calib_seconds:.0f} s", flush=True)
+    budget = args.steps * args.batch * args.train_seq
+    for target in args.targets:
+        gran, sparsity = TARGETS[target]
         oneshot: dict[str, tuple[torch.nn.Module, float]] = {}
         for method in args.oneshot:
             t0 = time.perf_counter()
@@ -114,34 +148,40 @@ def element_rows(model: torch.nn.Module, text: Text, args: argparse.Namespace, s
                 options["scope"] = "layer"
             if method in ("wanda", "sparsegpt"):
                 options["sequential"] = False
-            gm = capture(model, text.seq, method, gran, **options)
+            gm = capture(model, text.seq, method, gran, args.capture, **options)
             if method != "magnitude":
-                sf.calibrate(gm, batches)
-            seconds = time.perf_counter() - t0
-            ppl = perplexity(gm, text.val)
-            oneshot[method] = (gm, ppl)
-            record({"method": method, "target": target, "ppl": ppl, "seconds": seconds,
-                    "tokens": 0 if method == "magnitude" else args.calib * text.seq}, gm)
-        best = min(oneshot, key=lambda m: oneshot[m][1])
-        budget = args.steps * args.batch * text.seq
-        torch.manual_seed(seed)
-        cs = capture(model, text.seq, "cs", gran, target_sparsity=sparsity,
-                     s_init=args.s_init, rescale=False, per_layer=True)
-        init_cs_from_masks(cs, oneshot[best][0])
-        sched = sf.CSScheduler(cs, epochs=1, per_step=True, steps_per_epoch=args.steps,
-                               beta_final=args.beta_final)
-        seconds = train(cs, text, args, seed, args.mask_lr, sched)
-        if sched.cut is None:
-            raise RuntimeError("the CS schedule did not make its exact cut")
-        record({"method": f"cs (learned, from {best})", "target": target,
-                "ppl": perplexity(cs, text.val), "seconds": seconds, "tokens": budget,
-                "mask_bits_changed": sched.mask_bits_changed(),
-                "mask_bits": sum(e.mask.numel() for e in sf.masks(cs))}, cs)
-        del cs
-        fixed = copy.deepcopy(oneshot[best][0])
+                sf.calibrate(gm, statistics=stats)
+            row = {"method": method, "target": target, "seconds": time.perf_counter() - t0,
+                   "tokens": 0 if method == "magnitude" else args.calib * text.seq}
+            if method != "magnitude":
+                row["calibration_pass_seconds"] = calib_seconds
+            record(row, gm)
+            best_so_far = min(oneshot.values(), key=lambda v: v[1])[1] if oneshot else None
+            if best_so_far is None or rows[-1]["ppl"] < best_so_far:
+                oneshot = {method: (gm, rows[-1]["ppl"])}  # keep only the best model
+            del gm
+        best = next(iter(oneshot))
+        if args.steps <= 0:
+            continue
+        if not args.no_cs:
+            torch.manual_seed(seed)
+            cs = capture(model, text.seq, "cs", gran, args.capture, target_sparsity=sparsity,
+                         s_init=args.s_init, rescale=not args.no_rescale, per_layer=True)
+            init_cs_from_masks(cs, oneshot[best][0])
+            sched = sf.CSScheduler(cs, epochs=1, per_step=True, steps_per_epoch=args.steps,
+                                   beta_final=args.beta_final)
+            seconds = train(cs, text, args, seed, args.mask_lr, sched)
+            if sched.cut is None:
+                raise RuntimeError("the CS schedule did not make its exact cut")
+            record({"method": f"cs (learned, from {best})", "target": target,
+                    "seconds": seconds, "tokens": budget,
+                    "mask_bits_changed": sched.mask_bits_changed(),
+                    "mask_bits": sum(e.mask.numel() for e in sf.masks(cs))}, cs)
+            del cs, sched
+        fixed = oneshot[best][0]
         seconds = train(fixed, text, args, seed)
         record({"method": f"{best} + fine-tune (mask fixed)", "target": target,
-                "ppl": perplexity(fixed, text.val), "seconds": seconds, "tokens": budget}, fixed)
+                "seconds": seconds, "tokens": budget}, fixed)
         del fixed, oneshot
     return rows
 
@@ -153,10 +193,10 @@ def structured_rows(model: torch.nn.Module, text: Text, args: argparse.Namespace
     from sparsify_fx.passes.channels.couple import channel_l1_scores, group_masks
     rows: list[dict[str, Any]] = []
     x = (torch.zeros(1, text.seq, dtype=torch.long),)
-    budget = args.steps * args.batch * text.seq
+    budget = args.steps * args.batch * args.train_seq
     for keep in args.block_keep:
         t0 = time.perf_counter()
-        oneshot = capture(model, text.seq, "magnitude", "channel", capture="export").eval()
+        oneshot = capture(model, text.seq, "magnitude", "channel", "export").eval()
         blocks = sf.report(oneshot, x).blocks
         dense = channel_macs(oneshot, weight_costs(oneshot, x)).dense
         target = (keep * blocks["dense_macs"] + dense - blocks["dense_macs"]) / dense
@@ -177,7 +217,7 @@ def structured_rows(model: torch.nn.Module, text: Text, args: argparse.Namespace
         print(rows[-1], flush=True)
         del small
         torch.manual_seed(seed)
-        cs = capture(model, text.seq, "cs", "channel", capture="export", target_macs=target,
+        cs = capture(model, text.seq, "cs", "channel", "export", target_macs=target,
                      s_init=1.0, rescale=False)
         init_cs_from_masks(cs, oneshot)
         sched = sf.CSScheduler(cs, epochs=1, per_step=True, steps_per_epoch=args.steps)
@@ -199,7 +239,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for key in dict.fromkeys((r["method"], r["target"]) for r in rows):
         sel = [r for r in rows if (r["method"], r["target"]) == key]
         stat: dict[str, Any] = {"method": key[0], "target": key[1], "n": len(sel)}
-        for col in ("ppl", "gap", "seconds", "tokens", "mask_bits_changed", "changed_slots"):
+        for col in ("ppl", "gap", "seconds", "tokens", "mask_bits_changed", "mask_bits",
+                    "changed_slots", "load_average", "calibration_pass_seconds"):
             vals = [r[col] for r in sel if col in r]
             if vals:
                 stat[col] = statistics.mean(vals)
@@ -223,36 +264,44 @@ def goal(summary: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def markdown(result: dict[str, Any]) -> str:
     a = result["args"]
+    budget = a["steps"] * a["batch"] * a["train_seq"]
     lines = ["# SmolLM2-135M (pretrained) pruned on pydocs", "",
              f"`{result['command']}` — {result['machine']}", "",
              f"Model: {result['model']}. Validation: {result['val_tokens']:,} tokens "
-             f"({a['val_windows']} x {a['seq']}); seeds {a['seeds']}. Calibration: {a['calib']} "
-             f"x {a['seq']} = {a['calib'] * a['seq']:,} training tokens. Training rows: "
-             f"{a['steps']} steps x {a['batch']} x {a['seq']} = "
-             f"{a['steps'] * a['batch'] * a['seq']:,} tokens (lr: CS weights {a['cs_lr']}, "
-             f"fine-tune {a['ft_lr']}, CS scores {a['mask_lr']} (element / 2:4), "
-             f"{a['channel_mask_lr']} (channels); s_init {a['s_init']}, beta 1 -> "
-             f"{a['beta_final']}).", "",
-             f"Dense perplexity: **{result['dense_ppl']:.3f}**.", "",
-             "| method | target | ppl | gap to dense | training tokens | mask bits / slots "
-             "changed | seconds |", "|---|---|---|---|---|---|---|"]
+             f"({a['val_windows']} windows x {a['seq']}) of the held-out documents; seeds "
+             f"{a['seeds']}. Calibration: {a['calib']} x {a['seq']} = "
+             f"{a['calib'] * a['seq']:,} training tokens, one pass through the dense model "
+             "(every layer's input Hessian; Wanda reads its diagonal; `sequential=False`). "
+             f"Training rows: {a['steps']} steps x {a['batch']} x {a['train_seq']} = "
+             f"{budget:,} tokens (lr: CS weights {a['cs_lr']}, fine-tune {a['ft_lr']}, CS "
+             f"scores {a['mask_lr']}; s_init {a['s_init']}, rescale "
+             f"{not a['no_rescale']}, beta 1 -> {a['beta_final']}). Masks: "
+             f"{'parametrized Linear weights (capture=fx)' if a['capture'] == 'fx' else 'torch.export capture'}.",
+             "", f"Dense perplexity: **{result['dense_ppl']:.3f}**.", "",
+             "| method | target | ppl | gap to dense | training tokens | mask bits changed "
+             "| seconds (prune / train) | load avg |", "|---|---|---|---|---|---|---|---|"]
     for s in result["summary"]:
         sd = f" ± {s['ppl_sd']:.3f}" if s["n"] > 1 else ""
         changed = ""
         if "mask_bits_changed" in s:
-            changed = f"{s['mask_bits_changed']:,.0f}"
+            changed = f"{s['mask_bits_changed']:,.0f} of {s.get('mask_bits', 0):,.0f}"
         elif "changed_slots" in s:
             changed = f"{s['changed_slots']:,.0f} slots"
+        load = f"{s['load_average']:.1f}" if "load_average" in s else ""
         lines.append(f"| {s['method']} | {s['target']} | {s['ppl']:.3f}{sd} | {s['gap']:+.3f} | "
-                     f"{s['tokens']:,.0f} | {changed} | {s['seconds']:.0f} |")
+                     f"{s['tokens']:,.0f} | {changed} | {s['seconds']:.0f} | {load} |")
     g = result.get("goal")
     if g:
         ratio = "undefined" if g["ratio"] is None else f"{g['ratio']:.2f}"
         lines += ["", f"Goal: learned 2:4 gap {g['cs_gap']:+.3f} vs best one-shot "
                   f"({g['best_oneshot']}) {g['best_gap']:+.3f}: ratio {ratio} "
                   f"({'met' if g['met'] else 'not met'}; goal <= 0.5)."]
-    lines += ["", f"Total wall time {result['seconds']:.0f} s (load average after: "
-              f"{result['load_average']:.1f})."]
+    if "calibration_pass_seconds" in result:
+        lines += ["", f"The calibration pass took {result['calibration_pass_seconds']:.0f} s "
+                  "(shared by every Wanda and SparseGPT row; not in their seconds)."]
+    state = "complete" if result.get("complete") else "partial (rows so far)"
+    lines += ["", f"Wall time {result['seconds']:.0f} s, {state}; load average now "
+              f"{result['load_average']:.1f} (2 cores shared with other jobs)."]
     return "\n".join(lines) + "\n"
 
 
@@ -262,19 +311,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="benchmarks/results/llm_pretrained")
     p.add_argument("--parts", nargs="+", default=["element", "structured"],
                    choices=["element", "structured"])
+    p.add_argument("--targets", nargs="+", default=["2:4", "50%"], choices=list(TARGETS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--seq", type=int, default=256, help="validation / calibration window")
     p.add_argument("--val-windows", type=int, default=16)
-    p.add_argument("--calib", type=int, default=32, help="calibration windows of --seq tokens")
+    p.add_argument("--eval-batch", type=int, default=4)
+    p.add_argument("--calib", type=int, default=128, help="calibration windows of --seq tokens")
     p.add_argument("--oneshot", nargs="+", default=list(ONESHOT), choices=ONESHOT)
+    p.add_argument("--capture", default="fx", choices=["fx", "export"],
+                   help="element / N:M masks: parametrized weights (fx) or torch.export")
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--train-seq", type=int, default=128)
     p.add_argument("--cs-lr", type=float, default=2e-5)
     p.add_argument("--ft-lr", type=float, default=2e-5)
-    p.add_argument("--mask-lr", type=float, default=0.05)
+    p.add_argument("--mask-lr", type=float, default=0.5)
     p.add_argument("--channel-mask-lr", type=float, default=0.2)
-    p.add_argument("--s-init", type=float, default=1.0)
-    p.add_argument("--beta-final", type=float, default=20.0)
+    p.add_argument("--s-init", type=float, default=4.0)
+    p.add_argument("--no-rescale", action="store_true")
+    p.add_argument("--no-cs", action="store_true", help="skip the CS rows")
+    p.add_argument("--beta-final", type=float, default=10.0)
     p.add_argument("--block-keep", type=float, nargs="+", default=[0.75, 0.5])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=0)
@@ -287,24 +343,35 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_pretrained(pretrained_path("smollm2"), "causal-lm")
     model.config.use_cache = False
     text = Text(tokenizer, args.corpus, args.seq, args.val_windows)
-    dense_ppl = perplexity(model, text.val)
-    print(f"dense ppl {dense_ppl:.3f} ({text.val.numel()} tokens)", flush=True)
-    rows: list[dict[str, Any]] = []
+    dense_ppl = perplexity(model, text.val, batch=args.eval_batch)
+    print(f"dense ppl {dense_ppl:.3f} ({text.val.numel()} tokens, "
+          f"{time.perf_counter() - t0:.0f} s)", flush=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    done: list[dict[str, Any]] = []
+
+    def write(rows: list[dict[str, Any]], complete: bool = False) -> None:
+        summary = summarize(done + rows)
+        result = {"command": command_line("llm_pretrained.py", argv),
+                  "machine": machine(args.threads), "args": vars(args),
+                  "model": CHECKPOINTS["smollm2"].description,
+                  "params": sum(p.numel() for p in model.parameters()),
+                  "train_tokens": int(text.train.numel()), "val_tokens": int(text.val.numel()),
+                  "dense_ppl": dense_ppl, "rows": done + rows, "summary": summary,
+                  "goal": goal(summary), "seconds": time.perf_counter() - t0,
+                  "load_average": os.getloadavg()[0], "complete": complete}
+        calib = [r["calibration_pass_seconds"] for r in done + rows
+                 if "calibration_pass_seconds" in r]
+        if calib:
+            result["calibration_pass_seconds"] = calib[0]
+        write_results(args.out, result, markdown(result))
+
     for seed in args.seeds:
         if "element" in args.parts:
-            rows += element_rows(model, text, args, seed, dense_ppl)
+            done += element_rows(model, text, args, seed, dense_ppl, write)
         if "structured" in args.parts:
-            rows += structured_rows(model, text, args, seed, dense_ppl)
-    summary = summarize(rows)
-    result = {"command": command_line("llm_pretrained.py", argv), "machine": machine(args.threads),
-              "args": vars(args), "model": CHECKPOINTS["smollm2"].description,
-              "params": sum(p.numel() for p in model.parameters()),
-              "train_tokens": int(text.train.numel()), "val_tokens": int(text.val.numel()),
-              "dense_ppl": dense_ppl, "rows": rows, "summary": summary,
-              "goal": goal(summary), "seconds": time.perf_counter() - t0,
-              "load_average": os.getloadavg()[0]}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    write_results(args.out, result, markdown(result))
+            done += structured_rows(model, text, args, seed, dense_ppl)
+            write([])
+    write([], complete=True)
 
 
 if __name__ == "__main__":
