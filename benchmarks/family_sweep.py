@@ -77,8 +77,8 @@ SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_to
                "sep_token_id", "cls_token_id", "mask_token_id", "unk_token_id")
 
 
-class FamilyTimeout(Exception):
-    """A family ran past its time limit."""
+class FamilyTimeout(BaseException):
+    """A family ran past its time limit (no `except Exception` in the path swallows it)."""
 
 
 def families(transformers: Any) -> list[tuple[str, str, str]]:
@@ -271,7 +271,8 @@ def run_family(family: str, class_name: str, kind: str, seed: int = 0) -> dict[s
             row["checks"]["generate"] = True
         step = "uniform_save"
         row["checks"]["uniform_save"] = _uniform_save(model, gm, x, kind, vocab, options,
-                                                      dynamic if row["dynamic"] else None, seed)
+                                                      dynamic if row["dynamic"] else None, seed,
+                                                      row["target"])
         saved = row["checks"]["uniform_save"]
         row["result"] = "pass" if saved is True or str(saved).startswith("after exclude") \
             else "pass (save refused)"
@@ -342,11 +343,13 @@ def _build(model_class: type, kind: str, seed: int, row: dict) -> tuple:
 
 
 def _uniform_save(model: Any, gm: Any, x: Any, kind: str, vocab: int, options: dict,
-                  dynamic: Any, seed: int) -> bool | str:
+                  dynamic: Any, seed: int, first: float = TARGET) -> bool | str:
     """A uniform cut, shrink, save + reload equal (True); when the save is refused (the
     config cannot describe the widths), the documented fix: transform again with
     ``exclude=config_cannot_hold(gm)``, uniform cut, save + reload ("after exclude"); a
-    refusal of that too is returned as text. A folder written but not reloading raises."""
+    refusal of that too is returned as text. A folder written but not reloading raises.
+    The uniform cut is at ``first`` (the target the exact cut met), or the next fallback
+    target that can be met (one width per layer kind can put it out of reach)."""
     import sparsify_fx as sf
     from sparsify_fx.budgets.exact_cut import apply_budget
     from sparsify_fx.errors import SparsifyError
@@ -366,12 +369,13 @@ def _uniform_save(model: Any, gm: Any, x: Any, kind: str, vocab: int, options: d
                 return f"{refused} [no group the config can hold]"[:300]
         g = torch.Generator().manual_seed(seed + 2)
         scores = {k: torch.rand(m.score_shape, generator=g) for k, m in group_masks(uni).items()}
-        for target in (0.5, 0.7, 0.9):  # keeping groups whole may put 0.5 out of reach
+        targets = [t for t in (TARGET, *FALLBACK_TARGETS) if t >= first]
+        for target in targets:  # keeping groups whole may put the first out of reach
             try:
                 apply_budget(uni, target_macs=target, scores=scores, uniform=True)
                 break
             except SparsifyError:
-                if attempt == "uniform" or target == 0.9:
+                if target == targets[-1]:
                     raise
         if attempt != "uniform":
             attempt = f"after exclude (target {target})"
@@ -507,6 +511,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", help="family names (default: all)")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per family")
     parser.add_argument("--fresh", action="store_true", help="ignore rows already in <out>.jsonl")
+    parser.add_argument("--shard", default="0/1",
+                        help="I/N: run every N-th family from the I-th (parallel runs, one log)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write <out>.json / .md from <out>.jsonl")
     parser.add_argument("--out", default="benchmarks/results/family_sweep")
@@ -518,6 +524,8 @@ def main(argv: list[str] | None = None) -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     todo = [] if args.report_only else families(transformers)
+    shard, shards = (int(v) for v in args.shard.split("/"))
+    todo = todo[shard::shards]
     if args.only:  # rerun these, whatever the log holds (their new rows replace the old)
         todo = [t for t in todo if t[0] in set(args.only)]
     done: dict[tuple, dict] = {}

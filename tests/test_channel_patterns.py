@@ -263,3 +263,29 @@ def test_units_scaled_by_computed_parameters_and_l2_normalised_stay_prunable() -
     kept = small.gate.out_features
     assert kept < 48 and small.suv_gate.shape == small.suv_up.shape == (kept,)
     _assert_parity(gm, small, lambda: torch.randn(3, 16))
+
+
+class LoopedMLP(nn.Module):
+    """The same MLP applied three times (a loop over shared layers): each weight is read by
+    several calls (a per-unit scale too), and a unit is removed from every pass at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 48), nn.Linear(48, 16)
+        self.scale = nn.Parameter(torch.rand(48) + 0.5)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(3):
+            x = x + self.down(F.gelu(self.up(x) * self.scale))
+        return self.head(x)
+
+
+def test_a_weight_read_by_several_calls_keeps_its_units_prunable() -> None:
+    torch.manual_seed(0)
+    model = LoopedMLP().eval()
+    gm, small, coupling = _cut_and_shrink(model, torch.randn(4, 16))
+    assert not coupling
+    assert len(group_masks(gm)) == 1
+    assert small.up.out_features == small.down.in_features == small.scale.shape[0] < 48
+    _assert_parity(gm, small, lambda: torch.randn(3, 16))

@@ -149,6 +149,7 @@ class AtenChannelWalk(ElementwiseRules):
         self.norms: dict[str, NormSite] = {}
         self.unsupported: list[str] = []
         self.values: dict[str, Any] = {}
+        self.weight_uses: dict[str, tuple] = {}  # weight -> its first call's (out, in) ids
         self.new_ids(1, -1)  # id 0: UNTRACKED
         self.whole.add(self.UNTRACKED)
 

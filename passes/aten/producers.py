@@ -75,6 +75,7 @@ def _producer(walk: "AtenChannelWalk", node: fx.Node, x_arg: Any, ref: ParamRef,
     if groups > 1:  # a conv group's inputs and outputs are removed as one unit
         for g_in, g_out in zip(in_ids.reshape(groups, -1), out_ids.numpy().reshape(groups, -1)):
             walk.tie_all(torch.as_tensor([*g_in.tolist(), *g_out.tolist()]))
+    _tie_reuse(walk, ref.name, out_ids, in_ids)
     layout = "oi" if (kind != "io") != ref.transposed else "io"
     walk.producers[node.name] = Producer(
         node.name, ref.name, _bias_name(walk, bias), ref.masked, "conv" if conv else "linear",
@@ -84,6 +85,19 @@ def _producer(walk: "AtenChannelWalk", node: fx.Node, x_arg: Any, ref: ParamRef,
     view[dim] = out_ch
     ids = out_ids.reshape(view).expand(out_shape)
     return Tracked(ids, torch.ones(out_shape, dtype=torch.bool))
+
+
+def _tie_reuse(walk: "AtenChannelWalk", weight: str, out_ids: torch.Tensor, in_ids: Any) -> None:
+    """A weight read by several calls (a loop over the same layers): row ``i`` is removed
+    from every use at once, so each use's output channel ``i`` is tied to the first use's,
+    and so are the input channels (a use whose input stays whole keeps them whole)."""
+    first = walk.weight_uses.setdefault(weight, (out_ids, in_ids))
+    if first[0] is out_ids:
+        return
+    walk.tie_pairs(first[0], out_ids)
+    a, b = torch.as_tensor(first[1]), torch.as_tensor(in_ids)
+    if a.shape == b.shape:
+        walk.tie_pairs(a, b)
 
 
 def _contract(walk: "AtenChannelWalk", node: fx.Node, a: Tracked | None, b: Tracked | None,

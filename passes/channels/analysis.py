@@ -214,7 +214,8 @@ def _target_name(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def _is_aten(gm: fx.GraphModule) -> bool:
+def is_aten(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` is an ATen graph (a torch.export capture)."""
     return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
                for n in gm.graph.nodes)
 
@@ -229,7 +230,7 @@ def analyze_channels(gm: fx.GraphModule, masked: set[str] | None = None) -> Chan
     if masked is None:
         masked = {w for n in gm.graph.nodes for w in [weight_source(gm, n)[0]]
                   if n.op == "call_module" and w is not None}
-    if _is_aten(gm):
+    if is_aten(gm):
         walk = AtenChannelWalk(gm, masked).run()
         return group_channels(walk.n_ids, walk.owner, walk.whole, walk.edges, walk.producers,
                               walk.norms, {}, walk.unsupported, {})

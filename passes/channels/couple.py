@@ -39,7 +39,7 @@ from sparsify_fx.mask_index import MaskEntry, masks, unwrap
 
 from sparsify_fx.passes.pass_base import PassResult, SparsifyPass
 from sparsify_fx.passes.stored_analysis import channel_graph_of
-from sparsify_fx.passes.channels.analysis import ChannelGraph, analyze_channels
+from sparsify_fx.passes.channels.analysis import ChannelGraph, analyze_channels, is_aten
 
 GROUP_PREFIX = "channel_group_"
 PRODUCER_KINDS = ("conv", "linear", "depthwise_conv", "grouped_conv", "matmul")
@@ -107,7 +107,9 @@ def couple_channels(gm: nn.Module, make_group_mask: GroupMaskFactory, *,
     uses: dict[str, int] = {}
     for p in cg.producers.values():
         uses[p.weight] = uses.get(p.weight, 0) + 1
-    shared = {w for w, n in uses.items() if n > 1 and w in masked}
+    # the fx walk cannot tie a weight's several uses: keep such weights whole (the ATen
+    # walk ties them, see passes.aten.producers)
+    shared = set() if is_aten(gm) else {w for w, n in uses.items() if n > 1 and w in masked}
     if shared:
         masked -= shared
         cg = analyze_channels(gm, masked)

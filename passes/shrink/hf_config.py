@@ -27,6 +27,22 @@ from sparsify_fx.mask_index import main_graph, unwrap
 from sparsify_fx.passes.stored_analysis import channel_graph_of
 
 
+def _attr(config: Any, name: str) -> Any:
+    """``config.name``, None when absent or refused (a per-layer field of a heterogeneous
+    config raises on global access: no global value describes it)."""
+    try:
+        return getattr(config, name, None)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _has(config: Any, name: str) -> bool:
+    try:
+        return hasattr(config, name)
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def scale_width(value: int, kept: int, total: int) -> int:
     """``value x kept / total``; ShrinkError unless it is a whole number."""
     if total == 0 or (value * kept) % total:
@@ -61,13 +77,14 @@ def config_cannot_hold(model: nn.Module) -> list[str]:
                  for g in cg.slots(p.out_ids)[0] if g >= 0}
     heads_ok = _config_holds_fewer_heads(hf_model)
     mlp = [g for g in cg.groups if g.index not in attention]
-    owners = {_owner(w) for g in mlp for w in _group_weights(cg, g, consumers=True)}
+    owners = {_owner(_owner(w)) for g in mlp for w in _group_weights(cg, g, consumers=True)}
     fields = mlp_fields(hf_model, path, owners)
     out = []
     for group in cg.groups:
         mine = set(_group_weights(cg, group))
+        width = len(group.components)
         holds = heads_ok if group.index in attention else any(
-            mine <= changed for _, changed in fields.values())
+            mine <= changed and width in (value, 2 * value) for value, changed in fields.values())
         if not holds:
             out += sorted(mine)
     return sorted(set(out))
@@ -90,8 +107,8 @@ def _group_weights(cg: Any, group: Any, consumers: bool = False) -> list[str]:
 def mlp_fields(hf_model: nn.Module, prefix: str, owners: set[str]) -> dict[str, tuple]:
     """Config fields holding an MLP width: ``{field: (value, changed weights)}`` for every
     integer field whose halving makes the class (built on the meta device) change the
-    shape of weights only under ``owners`` (module paths of MLP producers and their
-    consumers; ``prefix``: ``hf_model``'s path in the model). Field names are whatever the
+    shape of weights only under ``owners`` (the modules holding the MLP producers and
+    their consumers, with their per-unit parameters; ``prefix``: ``hf_model``'s path). Field names are whatever the
     config calls them (``intermediate_size``, ``decoder_ffn_dim``, ``n_inner`` ...)."""
     config = hf_model.config
     dense = _builds(hf_model, config)
@@ -144,16 +161,16 @@ def _config_holds_fewer_heads(hf_model: nn.Module) -> bool:
     class built from it has smaller query projections (models that derive ``head_dim``
     from ``hidden_size / heads``, such as BERT or GPT-2, cannot)."""
     config = hf_model.config
-    heads = getattr(config, "num_attention_heads", None)
-    hidden = getattr(config, "hidden_size", None)
+    heads = _attr(config, "num_attention_heads")
+    hidden = _attr(config, "hidden_size")
     if not isinstance(heads, int) or not isinstance(hidden, int) or heads < 2:
         return False
-    kv = getattr(config, "num_key_value_heads", None) or heads
+    kv = _attr(config, "num_key_value_heads") or heads
     trial = copy.deepcopy(config)
     if not isinstance(getattr(type(config), "head_dim", None), property):  # Falcon derives it
-        trial.head_dim = getattr(config, "head_dim", None) or hidden // heads
+        trial.head_dim = _attr(config, "head_dim") or hidden // heads
     trial.num_attention_heads = heads - heads // kv
-    if hasattr(config, "num_key_value_heads"):
+    if _has(config, "num_key_value_heads"):
         trial.num_key_value_heads = kv - 1
     dense, small = _builds(hf_model, config), _builds(hf_model, trial)
     if dense is None or small is None:
@@ -205,8 +222,8 @@ def _inner_widths(config: Any) -> dict[str, int]:
     four times ``n_embd``)."""
     out = {}
     for attr in ("intermediate_size", "n_inner"):
-        value = getattr(config, attr, None)
-        if attr == "n_inner" and value is None and isinstance(getattr(config, "n_embd", None), int):
+        value = _attr(config, attr)
+        if attr == "n_inner" and value is None and isinstance(_attr(config, "n_embd"), int):
             value = 4 * config.n_embd
         if isinstance(value, int):
             out[attr] = value
@@ -218,7 +235,7 @@ def _mlp_fields_of(path: str, hf_model: nn.Module, blocks: dict[str, dict]) -> d
     mlp = [b for b in blocks.values() if b["_kind"] == "mlp"]
     if all(b["_kept"] == b["_total"] for b in mlp):
         return {}
-    owners = {_owner(w) for b in mlp for w in b.get("_weights", ())}
+    owners = {_owner(_owner(w)) for b in mlp for w in b.get("_weights", ())}
     return mlp_fields(hf_model, path, owners)
 
 
@@ -227,16 +244,16 @@ def _block_fields(config: Any, block: dict, widths: dict[str, tuple]) -> dict[st
     config has no field for that kind of block (``widths``: :func:`mlp_fields`)."""
     out: dict[str, int] = {}
     if block["_kind"] == "attention":
-        heads = getattr(config, "num_attention_heads", None)
+        heads = _attr(config, "num_attention_heads")
         if not isinstance(heads, int):
             return out
-        hidden = getattr(config, "hidden_size", None)
-        head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden else None)
+        hidden = _attr(config, "hidden_size")
+        head_dim = _attr(config, "head_dim") or (hidden // heads if hidden else None)
         if head_dim and not isinstance(getattr(type(config), "head_dim", None), property):
             out["head_dim"] = int(head_dim)  # pinned, unless the class derives it (Falcon)
         out["num_attention_heads"] = scale_width(heads, block["_kept"], block["_total"])
-        if hasattr(config, "num_key_value_heads"):  # unset (None): as many as query heads
-            kv = getattr(config, "num_key_value_heads") or heads
+        if _has(config, "num_key_value_heads"):  # unset (None): as many as query heads
+            kv = _attr(config, "num_key_value_heads") or heads
             out["num_key_value_heads"] = scale_width(kv, block["_kv_kept"], block["_kv_total"])
         return out
     # only a field holding this group's width (or a fused multiple) describes it: a
@@ -286,7 +303,7 @@ def _fields_of(config: Any, block: dict | None) -> str:
         return "no config field (a width the config does not store)"
     if block["_kind"] == "attention":
         names = [a for a in ("num_attention_heads", "num_key_value_heads", "head_dim")
-                 if hasattr(config, a)]
+                 if _has(config, a)]
         return ", ".join(f"`{a}`" for a in names) or "no attention field"
     names = [a for a, v in _inner_widths(config).items() if v and block["_total"] % v == 0]
     return ", ".join(f"`{a}`" for a in names) or \

@@ -124,12 +124,14 @@ def _slice_producers(src: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) -> d
 
 def _slice_norms(src: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) -> None:
     """Slice every ATen batch norm's weight, bias and running statistics (mutates ``src``)."""
+    done: set[str] = set()  # a parameter read at several sites (a loop) is sliced once
     for norm in cg.norms.values():
         keep = torch.from_numpy(keep_id[norm.ids])
         if not norm.params or bool(keep.all()):
             continue
         for name in norm.params:
-            if name is not None:
+            if name is not None and name not in done:
+                done.add(name)
                 _set_tensor(src, name, src.get_parameter(name).detach()[keep]
                             if name in dict(src.named_parameters()) else src.get_buffer(name)[keep])
         owner = src.get_submodule(norm.module) if norm.module else src
