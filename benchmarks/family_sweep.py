@@ -53,6 +53,8 @@ MIN_VOCAB = 96
 #: the MACs target of the cut; when channels kept whole put it out of reach, the first
 #: reachable fallback is cut instead (the row says so)
 TARGET, FALLBACK_TARGETS = 0.5, (0.7, 0.9)
+#: a built model over this many parameters is no tiny config (skipped, named)
+MAX_PARAMS = 20_000_000
 #: generic config fields (and values) set where the config class has the field
 FIELDS: dict[str, Any] = {
     "hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
@@ -264,6 +266,13 @@ def run_family(family: str, class_name: str, kind: str, seed: int = 0) -> dict[s
         if kind == "lm":
             step = "generate"
             prompt = _inputs("lm", vocab, 1, 6, seed=3)[0]
+            try:
+                _generate(model, prompt)
+            except Exception as exc:  # noqa: BLE001  the class's generate() needs more inputs
+                row["reason"] = (f"generate() of the dense model fails as built: "
+                                 f"{type(exc).__name__}: {str(exc)[:160]}")
+                row["result"] = "skipped"
+                return row
             want = _generate(fold_to_source(gm).eval(), prompt)
             got = _generate(small, prompt)
             if not torch.equal(got, want):
@@ -324,6 +333,17 @@ def _build(model_class: type, kind: str, seed: int, row: dict) -> tuple:
             config = tiny_config(model_class, leave_out)
         except ValueError as exc:
             first = first or str(exc)[:300]
+            continue
+        try:  # counted on the meta device first: a default left large (a per-layer
+            # vocabulary of 262k) would not be tiny
+            with torch.device("meta"):
+                n_params = sum(p.numel() for p in model_class(config).parameters())
+        except Exception as exc:  # noqa: BLE001
+            first = first or f"does not build: {type(exc).__name__}: {str(exc)[:200]}"
+            continue
+        if n_params > MAX_PARAMS:
+            first = first or (f"the tiny config still has {n_params / 1e6:.0f}M parameters "
+                              f"(a field left at its default), over {MAX_PARAMS / 1e6:.0f}M")
             continue
         torch.manual_seed(seed)
         try:
