@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import json
 import os
 import signal
@@ -48,139 +47,13 @@ from typing import Any
 
 import torch
 
-HIDDEN, LAYERS, HEADS, KV_HEADS, HEAD_DIM, INTER = 64, 2, 4, 2, 16, 96
-MIN_VOCAB = 96
-#: the MACs target of the cut; when channels kept whole put it out of reach, the first
-#: reachable fallback is cut instead (the row says so)
-TARGET, FALLBACK_TARGETS = 0.5, (0.7, 0.9)
-#: a built model over this many parameters is no tiny config (skipped, named)
-MAX_PARAMS = 20_000_000
-#: generic config fields (and values) set where the config class has the field
-FIELDS: dict[str, Any] = {
-    "hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
-    "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM, "intermediate_size": INTER,
-    "max_position_embeddings": 64, "use_cache": False, "num_labels": 3,
-    # mixture of experts, kept small
-    "moe_intermediate_size": 32, "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4,
-    "num_experts_per_tok": 2, "shared_expert_intermediate_size": 32, "n_shared_experts": 1,
-    "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
-    # encoder-decoder style configs used as decoders
-    "decoder_layers": LAYERS, "encoder_layers": LAYERS, "decoder_attention_heads": HEADS,
-    "encoder_attention_heads": HEADS, "d_model": HIDDEN, "decoder_ffn_dim": INTER,
-    "encoder_ffn_dim": INTER, "num_layers": LAYERS,
-    # attention windows and chunked attention bigger than the test sequences
-    # multi-head latent attention and partial rotary, at head_dim 16
-    "kv_lora_rank": 32, "q_lora_rank": 48, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16,
-    "v_head_dim": 16, "rotary_dim": 8,
-    "sliding_window": 64, "attention_dropout": 0.0, "hidden_dropout": 0.0,
-    "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "dropout": 0.0,
-}
-SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id",
-               "sep_token_id", "cls_token_id", "mask_token_id", "unk_token_id")
+from family_configs import (FALLBACK_TARGETS, TARGET, build_family, families,  # noqa: F401
+                            make_inputs, run_logits, tiny_config)
+from family_table import markdown, outcome, summarize  # noqa: F401
 
 
 class FamilyTimeout(BaseException):
     """A family ran past its time limit (no `except Exception` in the path swallows it)."""
-
-
-def families(transformers: Any) -> list[tuple[str, str, str]]:
-    """``(family, class name, kind)`` with kind ``"lm"`` for every ``*ForCausalLM`` and
-    ``"cls"`` for every ``*ForSequenceClassification`` of a family without a causal LM."""
-    names = [n for n in dir(transformers) if not n.startswith(("Auto", "TF", "Flax"))]
-    causal = {n[:-len("ForCausalLM")]: n for n in names if n.endswith("ForCausalLM")}
-    rows = [(fam, cls, "lm") for fam, cls in sorted(causal.items())]
-    for n in names:
-        if n.endswith("ForSequenceClassification"):
-            fam = n[:-len("ForSequenceClassification")]
-            if fam not in causal:
-                rows.append((fam, n, "cls"))
-    return rows
-
-
-def _config_fields(config_class: type) -> set[str]:
-    params = inspect.signature(config_class.__init__).parameters
-    return {p for p in params if p not in ("self", "kwargs", "args")}
-
-
-#: what a retry leaves out when the first tiny config is refused or does not run: the
-#: KV head count (classes needing as many as query heads: latent attention), the layer
-#: count (per-layer lists sized for the default depth)
-VARIANTS: tuple[tuple[str, ...], ...] = ((), ("num_key_value_heads",),
-                                         ("num_hidden_layers", "num_layers", "decoder_layers"),
-                                         ("num_key_value_heads", "num_hidden_layers", "num_layers",
-                                          "decoder_layers"))
-
-
-def tiny_config(model_class: type, leave_out: tuple[str, ...] = ()) -> Any:
-    """A tiny random config for ``model_class`` from its own ``config_class`` (see module
-    doc), without the generic fields ``leave_out`` (class defaults instead); ValueError
-    naming why when it cannot be built generically."""
-    config_class = getattr(model_class, "config_class", None)
-    if config_class is None:
-        raise ValueError("the class names no config_class")
-    fields = _config_fields(config_class)
-    mapping = getattr(config_class, "attribute_map", {}) or {}
-    kwargs: dict[str, Any] = {}
-    for name, value in FIELDS.items():
-        if name in leave_out:
-            continue
-        target = name if name in fields else mapping.get(name)
-        if target in fields and target not in kwargs:
-            kwargs[target] = value
-    if not any(k in kwargs for k in ("hidden_size", mapping.get("hidden_size"), "d_model")):
-        raise ValueError(f"{config_class.__name__} has no hidden size field")
-    try:
-        default = config_class()
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"{config_class.__name__}() fails: {type(exc).__name__}: {exc}") from exc
-    if hasattr(default, "text_config") and getattr(default, "text_config") is not None and \
-            "hidden_size" not in fields:
-        raise ValueError(f"{config_class.__name__} nests a text_config (multimodal)")
-    # special tokens: small ids (0, 1, 2, ...) so the vocabulary stays small; the
-    # vocabulary is at least every special id the config keeps
-    ids = []
-    for i, attr in enumerate(SPECIAL_IDS):
-        v = getattr(default, attr, None)
-        if attr in fields and (v is not None or attr == "pad_token_id"):
-            kwargs[attr] = [i] if isinstance(v, (list, tuple)) else i
-            ids.append(i)
-        elif isinstance(v, int):
-            ids.append(v)
-    vocab = max([MIN_VOCAB, *(i + 1 for i in ids)])
-    if "vocab_size" in fields:
-        kwargs["vocab_size"] = vocab
-    try:
-        config = config_class(**kwargs)
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"{config_class.__name__}(tiny) fails: {type(exc).__name__}: "
-                         f"{str(exc)[:200]}") from exc
-    return config
-
-
-def _inputs(kind: str, vocab: int, batch: int, seq: int, seed: int) -> tuple:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, min(vocab, 96), (batch, seq), generator=g)
-    if kind == "cls":
-        mask = torch.ones(batch, seq, dtype=torch.long)
-        mask[0, -2:] = 0
-        return {"input_ids": ids, "attention_mask": mask}  # by keyword: any signature
-    return (ids,)
-
-
-def _run(model: Any, x: Any) -> torch.Tensor:
-    """The logits of ``model`` on inputs ``x`` (a tuple, or a dict of keyword tensors)."""
-    return _logits(model(**x) if isinstance(x, dict) else model(*x))
-
-
-def _logits(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.logits if "logits" in out else out[0]
-
-
-def _vocab(config: Any) -> int:
-    v = getattr(config, "vocab_size", None)
-    return int(v) if isinstance(v, int) else MIN_VOCAB
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-4) -> None:
@@ -224,7 +97,7 @@ def run_family(family: str, class_name: str, kind: str, seed: int = 0) -> dict[s
     step = "config"
     try:
         model_class = getattr(transformers, class_name)
-        model, config, x, vocab = _build(model_class, kind, seed, row)
+        model, config, x, vocab = build_family(model_class, kind, seed, row)
         if model is None:
             return row
         spec = {0: Dim.AUTO, 1: Dim.AUTO}
@@ -256,16 +129,16 @@ def run_family(family: str, class_name: str, kind: str, seed: int = 0) -> dict[s
         dense_n = sum(p.numel() for p in model.parameters())
         row["params_fraction"] = round(sum(p.numel() for p in small.parameters()) / dense_n, 4)
         step = "parity"
-        xb, other = _inputs(kind, vocab, 3, 11, seed=1), _inputs(kind, vocab, 3, 11, seed=2)
+        xb, other = make_inputs(kind, vocab, 3, 11, seed=1), make_inputs(kind, vocab, 3, 11, seed=2)
         with torch.no_grad():
             ref, ref_other = _hard_masked(gm, xb), _hard_masked(gm, other)
             if not float((ref - ref_other).abs().max()) > 1e-4:
                 raise AssertionError("the hard-masked output does not follow the input")
-            _close(_run(small, xb), ref, "shrunk vs hard-masked")
+            _close(run_logits(small, xb), ref, "shrunk vs hard-masked")
         row["checks"]["parity"] = True
         if kind == "lm":
             step = "generate"
-            prompt = _inputs("lm", vocab, 1, 6, seed=3)[0]
+            prompt = make_inputs("lm", vocab, 1, 6, seed=3)[0]
             try:
                 _generate(model, prompt)
             except Exception as exc:  # noqa: BLE001  the class's generate() needs more inputs
@@ -322,46 +195,6 @@ def _cut(gm: Any, scores: dict, groups: dict, row: dict) -> float:
                 continue
         raise
 
-
-def _build(model_class: type, kind: str, seed: int, row: dict) -> tuple:
-    """``(model, config, inputs, vocab)`` of the first of :data:`VARIANTS` whose config
-    builds and whose model runs (``row["config_variant"]``: what it left out); Nones with
-    the first failure in ``row["reason"]`` when none does."""
-    first = ""
-    for leave_out in VARIANTS:
-        try:
-            config = tiny_config(model_class, leave_out)
-        except ValueError as exc:
-            first = first or str(exc)[:300]
-            continue
-        try:  # counted on the meta device first: a default left large (a per-layer
-            # vocabulary of 262k) would not be tiny
-            with torch.device("meta"):
-                n_params = sum(p.numel() for p in model_class(config).parameters())
-        except Exception as exc:  # noqa: BLE001
-            first = first or f"does not build: {type(exc).__name__}: {str(exc)[:200]}"
-            continue
-        if n_params > MAX_PARAMS:
-            first = first or (f"the tiny config still has {n_params / 1e6:.0f}M parameters "
-                              f"(a field left at its default), over {MAX_PARAMS / 1e6:.0f}M")
-            continue
-        torch.manual_seed(seed)
-        try:
-            model = model_class(config).eval()
-            vocab = _vocab(config)
-            x = _inputs(kind, vocab, 2, 8, seed=0)
-            with torch.no_grad():
-                _run(model, x)
-        except Exception as exc:  # noqa: BLE001  the family does not run as built
-            first = first or f"does not run as built: {type(exc).__name__}: {str(exc)[:200]}"
-            continue
-        if leave_out:
-            row["config_variant"] = "class default " + ", ".join(leave_out)
-        return model, config, x, vocab
-    row["reason"] = first
-    return None, None, None, None
-
-
 def _uniform_save(model: Any, gm: Any, x: Any, kind: str, vocab: int, options: dict,
                   dynamic: Any, seed: int, first: float = TARGET) -> bool | str:
     """A uniform cut, shrink, save + reload equal (True); when the save is refused (the
@@ -409,10 +242,10 @@ def _uniform_save(model: Any, gm: Any, x: Any, kind: str, vocab: int, options: d
                 refused = f"refused: {exc}"[:300]
                 continue
             loaded = type(small).from_pretrained(tmp, local_files_only=True).eval()
-            x9 = _inputs(kind, vocab, 2, 9, seed=4)
+            x9 = make_inputs(kind, vocab, 2, 9, seed=4)
             with torch.no_grad():
-                _close(_run(loaded, x9), _run(small, x9), "reloaded vs shrunk", 1e-5)
-                _close(_run(small, x9), _hard_masked(uni, x9), "uniform shrunk vs hard-masked")
+                _close(run_logits(loaded, x9), run_logits(small, x9), "reloaded vs shrunk", 1e-5)
+                _close(run_logits(small, x9), _hard_masked(uni, x9), "uniform shrunk vs hard-masked")
             return True if attempt == "uniform" else attempt
     return refused
 
@@ -424,9 +257,9 @@ def _hard_masked(gm: Any, x: Any) -> torch.Tensor:
     from sparsify_fx.passes.shrink.to_source import fold_to_source
     try:
         with hard_masks(gm):
-            return _run(gm, x)
+            return run_logits(gm, x)
     except Exception:  # noqa: BLE001  a static capture
-        return _run(fold_to_source(gm).eval(), x)
+        return run_logits(fold_to_source(gm).eval(), x)
 
 
 def _save(model: Any, folder: str) -> None:
@@ -455,75 +288,6 @@ def run_with_timeout(family: str, class_name: str, kind: str, timeout: int) -> d
         signal.signal(signal.SIGALRM, old)
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
-
-
-def outcome(row: dict[str, Any]) -> str:
-    """One of: ``pass`` (target 0.5: parity, generate() equal, a uniform save that reloads,
-    possibly after ``exclude=config_cannot_hold``), ``pass_higher_target`` (the same at a
-    fallback target: 0.5 refused with a BudgetError), ``save_refused`` (shrinks with parity,
-    the save refused before writing: ShrinkError), ``named_failure`` (a SparsifyError),
-    ``timeout``, ``unnamed_failure`` (anything else: a wrong output or a crash), ``skipped``."""
-    result = row["result"]
-    if result == "skipped":
-        return "skipped"
-    if result.startswith("pass"):
-        if "refused" in result:
-            return "save_refused"
-        return "pass_higher_target" if "at target" in result else "pass"
-    if row.get("reason") == "timed out":
-        return "timeout"
-    return "named_failure" if row.get("named") else "unnamed_failure"
-
-
-OUTCOMES = ("pass", "pass_higher_target", "save_refused", "named_failure", "timeout",
-            "unnamed_failure", "skipped")
-
-
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Counts per kind: classes, built (covered), each :func:`outcome`, and how many of the
-    covered ones kept some channels whole with a warning."""
-    out: dict[str, Any] = {}
-    for kind in ("lm", "cls"):
-        sel = [r for r in rows if r["kind"] == kind]
-        built = [r for r in sel if r["result"] != "skipped"]
-        counts = {o: sum(outcome(r) == o for r in sel) for o in OUTCOMES}
-        out[kind] = {"families": len(sel), "built": len(built), **counts,
-                     "whole_kept_warning": sum(bool(r.get("warning")) for r in built),
-                     "pass_fraction": round(counts["pass"] / len(built), 3) if built else None}
-    return out
-
-
-def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], runs: list[dict]) -> str:
-    lines = ["# Structured path on every transformers family (issue 34)", "",
-             "Made by (each run reruns only its families; later rows replace earlier ones):", ""]
-    lines += [f"- `{r['command']}`: {r['families']} families, wall {r['wall_s']:.0f} s "
-              f"({r['started']})" for r in runs]
-    lines += ["", f"Total wall time of these runs: {sum(r['wall_s'] for r in runs):.0f} s "
-              "(2 shared CPU cores, torch 1 thread).", "",
-              "Tiny random configs (hidden 64, 2 layers, 4 heads, 2 KV heads), random CS scores, "
-              f"exact cut at `target_macs={TARGET}` (when channels kept whole put it out of "
-              f"reach: the BudgetError is the reason and the first reachable of "
-              f"{FALLBACK_TARGETS} is cut, so the rest is still checked), shrink, parity at batch "
-              "3 x length 11, greedy `generate()`, uniform cut + `save_pretrained` + "
-              "`from_pretrained` (or, when the config cannot hold a group, the same after "
-              "`exclude=config_cannot_hold(gm)`).", ""]
-    for kind, label in (("lm", "causal LM"), ("cls", "encoder (sequence classification)")):
-        s = summary[kind]
-        lines.append(f"- {label}: {s['families']} classes, {s['built']} covered (built and run): "
-                     f"{s['pass']} pass ({s['pass_fraction']}), {s['pass_higher_target']} pass "
-                     f"only at a higher target, {s['save_refused']} save refused (named), "
-                     f"{s['named_failure']} named failure, {s['timeout']} timed out, "
-                     f"{s['unnamed_failure']} unnamed failure; {s['whole_kept_warning']} kept "
-                     f"some channels whole with a warning; {s['skipped']} skipped")
-    lines += ["", "| family | kind | result | target | params | blocks' MACs | s | reason |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        reason = str(r.get("reason", "")).replace("|", "/").replace("\n", " ")[:200]
-        lines.append(f"| {r['family']} | {r['kind']} | {r['result']} | {r.get('target', '')} | "
-                     f"{'' if r['params_fraction'] is None else r['params_fraction']} | "
-                     f"{'' if r['blocks_macs_fraction'] is None else r['blocks_macs_fraction']} | "
-                     f"{r.get('seconds', '')} | {reason} |")
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:

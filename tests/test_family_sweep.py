@@ -18,6 +18,7 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the sweep imports its sibling modules
 _spec = importlib.util.spec_from_file_location("family_sweep", ROOT / "benchmarks" / "family_sweep.py")
 sweep = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("family_sweep", sweep)
