@@ -34,7 +34,7 @@ the L1 cut (same token budget), perplexity of the shrunk source-class model.
 from __future__ import annotations
 
 import argparse
-import copy
+import gc
 import os
 import statistics
 import time
@@ -161,9 +161,12 @@ def element_rows(model: torch.nn.Module, text: Text, args: argparse.Namespace, s
                 oneshot = {method: (gm, rows[-1]["ppl"])}  # keep only the best model
             del gm
         best = next(iter(oneshot))
+        if target == args.targets[-1]:
+            stats = None  # the last target is cut: the Hessians (~0.8 GB) are not needed
+        gc.collect()
         if args.steps <= 0:
             continue
-        if not args.no_cs:
+        if target in args.cs_targets:
             torch.manual_seed(seed)
             cs = capture(model, text.seq, "cs", gran, args.capture, target_sparsity=sparsity,
                          s_init=args.s_init, rescale=not args.no_rescale, per_layer=True)
@@ -178,11 +181,13 @@ def element_rows(model: torch.nn.Module, text: Text, args: argparse.Namespace, s
                     "mask_bits_changed": sched.mask_bits_changed(),
                     "mask_bits": sum(e.mask.numel() for e in sf.masks(cs))}, cs)
             del cs, sched
+            gc.collect()  # mask parametrizations hold reference cycles: free the CS model now
         fixed = oneshot[best][0]
         seconds = train(fixed, text, args, seed)
         record({"method": f"{best} + fine-tune (mask fixed)", "target": target,
                 "seconds": seconds, "tokens": budget}, fixed)
         del fixed, oneshot
+        gc.collect()
     return rows
 
 
@@ -329,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--channel-mask-lr", type=float, default=0.2)
     p.add_argument("--s-init", type=float, default=4.0)
     p.add_argument("--no-rescale", action="store_true")
-    p.add_argument("--no-cs", action="store_true", help="skip the CS rows")
+    p.add_argument("--cs-targets", nargs="*", default=list(TARGETS), choices=list(TARGETS),
+                   help="targets that get a CS row (default: all)")
     p.add_argument("--beta-final", type=float, default=10.0)
     p.add_argument("--block-keep", type=float, nargs="+", default=[0.75, 0.5])
     p.add_argument("--threads", type=int, default=2)
