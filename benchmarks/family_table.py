@@ -20,8 +20,8 @@ def outcome(row: dict[str, Any]) -> str:
         if "refused" in result:
             return "save_refused"
         return "pass_higher_target" if "at target" in result else "pass"
-    if row.get("reason") == "timed out":
-        return "timeout"
+    if row.get("reason") == "timed out" or "FamilyTimeout" in str(row.get("reason")):
+        return "timeout"  # (also when a capture error wrapped the time limit)
     return "named_failure" if row.get("named") else "unnamed_failure"
 
 

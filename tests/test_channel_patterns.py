@@ -289,3 +289,28 @@ def test_a_weight_read_by_several_calls_keeps_its_units_prunable() -> None:
     assert len(group_masks(gm)) == 1
     assert small.up.out_features == small.down.in_features == small.scale.shape[0] < 48
     _assert_parity(gm, small, lambda: torch.randn(3, 16))
+
+
+class NoGradGate(nn.Module):
+    """Part of ``forward`` under ``torch.no_grad()`` (a ``wrap_with_set_grad_enabled``
+    region in the capture) reading the units' channels: walked with their ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 48), nn.Linear(48, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        with torch.no_grad():
+            gate = torch.sigmoid(h) * 2.0
+        return x + self.down(h * gate)
+
+
+def test_a_no_grad_region_on_unit_channels_keeps_units_prunable() -> None:
+    torch.manual_seed(0)
+    model = NoGradGate().eval()
+    gm, small, coupling = _cut_and_shrink(model, torch.randn(2, 5, 16))
+    assert not coupling
+    assert len(group_masks(gm)) == 1
+    assert small.up.out_features == small.down.in_features < 48
+    _assert_parity(gm, small, lambda: torch.randn(2, 5, 16))

@@ -150,6 +150,7 @@ class AtenChannelWalk(ElementwiseRules):
         self.unsupported: list[str] = []
         self.values: dict[str, Any] = {}
         self.weight_uses: dict[str, tuple] = {}  # weight -> its first call's (out, in) ids
+        self.region = False  # walking inside a no-grad region's subgraph
         self.new_ids(1, -1)  # id 0: UNTRACKED
         self.whole.add(self.UNTRACKED)
 
@@ -240,7 +241,8 @@ class AtenChannelWalk(ElementwiseRules):
         if node.op == "placeholder":
             return None
         if node.op == "get_attr":
-            return ParamRef(str(node.target))
+            # inside a no-grad region an attribute is the region's own constant
+            return None if self.region else ParamRef(str(node.target))
         if node.op == "output":
             self.make_whole(self.value(node.args))
             return None
@@ -251,6 +253,8 @@ class AtenChannelWalk(ElementwiseRules):
             return self.reject(node, "module call inside an exported graph")
         if node.op != "call_function":
             return self.reject(node, f"{node.op} is not understood")
+        if node.target is torch.ops.higher_order.wrap_with_set_grad_enabled:
+            return self.grad_region(node)
         if node.target is operator.getitem:
             v = self.value(node.args[0])
             return v[node.args[1]] if isinstance(v, (list, tuple)) else None
@@ -303,6 +307,35 @@ class AtenChannelWalk(ElementwiseRules):
         if name in NORMALIZE:
             return self.normalize(node, name)
         return self.reject(node, "op not understood by the channel analysis")
+
+    def grad_region(self, node: fx.Node) -> Any:
+        """``wrap_with_set_grad_enabled(enabled, submod, *args)`` (a ``torch.no_grad()``
+        block in ``forward``): its subgraph is walked with its inputs' ids, unless it holds a
+        producer or attention (those stay whole, named)."""
+        sub = node.args[1]
+        sub = getattr(self.gm, str(sub.target), None) if isinstance(sub, fx.Node) else None
+        if not isinstance(sub, fx.GraphModule) or self.region:
+            return self.reject(node, "no-grad region not understood")
+        calls = [op_name(n.target) for n in sub.graph.nodes if n.op == "call_function"]
+        if any(c in MATMUL or c in CONV or c in SDPA for c in calls) or any(
+                n.op == "call_module" for n in sub.graph.nodes):
+            return self.reject(node, "a no-grad region holding a product or module call")
+        outer = self.values
+        inputs = [self.value(a) for a in node.args[2:]]
+        self.values, self.region = {}, True
+        out = None
+        try:
+            placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+            for ph, v in zip(placeholders, inputs):
+                self.values[ph.name] = v
+            for n in sub.graph.nodes:
+                if n.op == "output":
+                    out = self.value(n.args[0])
+                elif n.op != "placeholder":
+                    self.values[n.name] = self.visit(n)
+        finally:
+            self.values, self.region = outer, False
+        return out
 
     def in_place(self, node: fx.Node, name: str) -> Any:
         """``x.add_(y)``, ``x.copy_(y)``, ...: the out-of-place rule (``copy_``: the source's

@@ -106,8 +106,8 @@ class ElementwiseRules:
         per-channel scale or shift): recorded as a site that shrink slices and that a
         follower mask zeroes with its channels, so the result is zero when they are
         pruned. None when the pattern does not hold (the general rules apply)."""
-        if name not in ("mul", "add", "sub") or len(vals) < 2:
-            return None
+        if name not in ("mul", "add", "sub") or len(vals) < 2 or self.region:
+            return None  # (a region's attributes are its own constants)
         params = (ParamRef, DerivedParam)
         i = 0 if isinstance(vals[0], params) else 1 if isinstance(vals[1], params) else None
         if i is None or ts[1 - i] is None:
