@@ -48,8 +48,9 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], runs: list[dic
              "Made by (each run reruns only its families; later rows replace earlier ones):", ""]
     lines += [f"- `{r['command']}`: {r['families']} families, wall {r['wall_s']:.0f} s "
               f"({r['started']})" for r in runs]
-    lines += ["", f"Total wall time of these runs: {sum(r['wall_s'] for r in runs):.0f} s "
-              "(2 shared CPU cores, torch 1 thread).", "",
+    lines += ["", f"Sum of these runs' wall times: {sum(r['wall_s'] for r in runs):.0f} s (runs "
+              "with `--shard I/N` ran side by side, so they overlap in time; 2 CPU cores shared "
+              "with other jobs, torch 1 thread per process).", "",
               "Tiny random configs (hidden 64, 2 layers, 4 heads, 2 KV heads), random CS scores, "
               f"exact cut at `target_macs={TARGET}` (when channels kept whole put it out of "
               f"reach: the BudgetError is the reason and the first reachable of "
