@@ -47,54 +47,15 @@ from torch import fx
 
 from sparsify_fx.mask import MaskSet
 from sparsify_fx.passes.aten.elementwise import ElementwiseRules
+from sparsify_fx.passes.aten.op_tables import (BATCH_NORM, BINARY, CONV, IDENTITY_OPS, MATMUL,
+                                               NO_CHANNELS, NONZERO_UNARY, NORMALIZE, REDUCE, SDPA,
+                                               SHAPE_OPS, ZERO_KEEPING)
 from sparsify_fx.passes.aten.producers import visit_matmul, visit_sdpa
-from sparsify_fx.passes.aten.values import (DerivedParam, ParamRef, Tracked, concrete_shape, hint,
-                                            op_name)
+from sparsify_fx.passes.aten.special_ops import SpecialOpRules
+from sparsify_fx.passes.aten.values import ParamRef, Tracked, concrete_shape, hint, op_name
 from sparsify_fx.passes.channels.graph_types import NormSite, Producer
 
 aten = torch.ops.aten
-
-#: ops that only move data: applied to the id and zero tensors as they are
-SHAPE_OPS = {"view", "_unsafe_view", "reshape", "transpose", "permute", "t", "expand", "unsqueeze",
-             "squeeze", "slice", "select", "cat", "concat", "stack", "split", "split_with_sizes",
-             "chunk", "unbind", "clone", "contiguous", "alias", "detach", "flatten", "unflatten",
-             "repeat", "narrow", "movedim", "roll", "flip", "lift_fresh_copy", "expand_as",
-             "view_as", "reshape_as", "unsafe_split", "tensor_split", "repeat_interleave"}
-#: identity on ids (dtype or device changes, dropout in eval form)
-IDENTITY_OPS = {"to", "_to_copy", "type_as", "_assert_tensor_metadata", "dropout", "feature_dropout",
-                "alpha_dropout", "detach_"}
-#: ops that leave a weight as it is (a weight read through them is still a producer's)
-PARAM_COPY_OPS = IDENTITY_OPS | {"clone", "contiguous", "detach", "alias", "lift_fresh_copy"}
-#: 2-D transposes of a weight (``W.t()``, ``W.T``, ``W.transpose(0, 1)``, ``W.permute(1, 0)``)
-PARAM_TRANSPOSE_OPS = {"t", "numpy_T", "transpose", "permute", "mT", "mH", "adjoint"}
-#: f(0) == 0 elementwise
-ZERO_KEEPING = {"neg", "relu", "relu_", "gelu", "silu", "silu_", "tanh", "abs", "erf", "sqrt",
-                "hardtanh", "leaky_relu", "hardswish", "elu", "mish", "sin", "relu6", "dropout",
-                "native_dropout", "sign", "celu", "selu", "gelu_", "hardtanh_", "sgn", "square",
-                "softsign", "tanhshrink", "hardshrink", "softshrink", "sinh", "asinh", "atanh",
-                "tan", "atan", "asin", "trunc", "round", "floor", "ceil", "frac", "erfinv",
-                "expm1", "log1p", "square_", "mish_"}
-#: elementwise, f(0) != 0
-NONZERO_UNARY = {"sigmoid", "exp", "cos", "rsqrt", "log", "hardsigmoid", "softplus", "reciprocal",
-                 "erfc", "cosh", "bitwise_not", "logical_not", "clamp", "clamp_min",
-                 "clamp_max", "nan_to_num", "fill", "zeros_like", "ones_like", "full_like",
-                 "empty_like", "rand_like", "randn_like"}
-BINARY = {"add", "sub", "rsub", "mul", "div", "where", "maximum", "minimum", "pow", "masked_fill",
-          "true_divide", "floor_divide", "fmod", "remainder", "atan2", "copysign", "hypot",
-          "gt", "lt", "ge", "le", "eq", "ne", "logical_and", "logical_or", "logical_xor"}
-REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "var_mean", "logsumexp",
-          "norm", "linalg_vector_norm", "prod", "argmax", "argmin", "any", "all"}
-NORMALIZE = {"_softmax", "softmax", "_log_softmax", "log_softmax", "layer_norm", "native_layer_norm",
-             "rms_norm", "_fused_rms_norm", "group_norm", "native_group_norm", "cumsum"}
-#: ops whose result carries no channel (sizes, fresh tensors of a given shape)
-NO_CHANNELS = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "new_zeros",
-               "new_empty", "new_ones", "new_full", "new_empty_strided", "scalar_tensor"}
-MATMUL = {"matmul", "mm", "bmm", "linear", "addmm", "baddbmm"}
-CONV = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution"}
-BATCH_NORM = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit",
-              "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional"}
-SDPA = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention"}
 
 
 @dataclass
@@ -134,7 +95,7 @@ class _DSU:
         return np.array([self.find(int(i)) for i in ids], dtype=np.int64)
 
 
-class AtenChannelWalk(ElementwiseRules):
+class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
     """One walk over an ATen ``gm``; ``masked``: weight names whose rows may be removed."""
 
     UNTRACKED = 0  # one whole id stands for "no producer channel" in emitted id arrays
@@ -307,105 +268,6 @@ class AtenChannelWalk(ElementwiseRules):
         if name in NORMALIZE:
             return self.normalize(node, name)
         return self.reject(node, "op not understood by the channel analysis")
-
-    def grad_region(self, node: fx.Node) -> Any:
-        """``wrap_with_set_grad_enabled(enabled, submod, *args)`` (a ``torch.no_grad()``
-        block in ``forward``): its subgraph is walked with its inputs' ids, unless it holds a
-        producer or attention (those stay whole, named)."""
-        sub = node.args[1]
-        sub = getattr(self.gm, str(sub.target), None) if isinstance(sub, fx.Node) else None
-        if not isinstance(sub, fx.GraphModule) or self.region:
-            return self.reject(node, "no-grad region not understood")
-        calls = [op_name(n.target) for n in sub.graph.nodes if n.op == "call_function"]
-        if any(c in MATMUL or c in CONV or c in SDPA for c in calls) or any(
-                n.op == "call_module" for n in sub.graph.nodes):
-            return self.reject(node, "a no-grad region holding a product or module call")
-        outer = self.values
-        inputs = [self.value(a) for a in node.args[2:]]
-        self.values, self.region = {}, True
-        out = None
-        try:
-            placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
-            for ph, v in zip(placeholders, inputs):
-                self.values[ph.name] = v
-            for n in sub.graph.nodes:
-                if n.op == "output":
-                    out = self.value(n.args[0])
-                elif n.op != "placeholder":
-                    self.values[n.name] = self.visit(n)
-        finally:
-            self.values, self.region = outer, False
-        return out
-
-    def in_place(self, node: fx.Node, name: str) -> Any:
-        """``x.add_(y)``, ``x.copy_(y)``, ...: the out-of-place rule (``copy_``: the source's
-        ids broadcast to the target), and the mutated value takes the result's ids."""
-        if name == "copy_":
-            src = self.value(node.args[1])
-            out = self.broadcast(src, self.shape(node)) if isinstance(src, Tracked) else None
-        else:
-            out = self.call(node, name[:-1])
-        if isinstance(node.args[0], fx.Node):
-            self.values[node.args[0].name] = out
-        return out
-
-    # -- rules ------------------------------------------------------------------------
-    def param_op(self, node: fx.Node, name: str, params: list[ParamRef]) -> Any:
-        """An op on a weight (no activation channels): a 2-D transpose (``t``, ``.T``,
-        ``transpose``, ``permute(1, 0)``) or a copy keeps it a :class:`ParamRef`; any other
-        op reading a masked weight is not followed (its channels stay whole, warned)."""
-        first = self.value(node.args[0]) if node.args else None
-        derived = self._derived(node, name, first)
-        if derived is not None:
-            return derived
-        if not isinstance(first, ParamRef):
-            first = None
-        if first is not None and name in PARAM_COPY_OPS:
-            return first
-        if first is not None and name in PARAM_TRANSPOSE_OPS and len(self.shape(node)) == 2:
-            if name == "permute":
-                swaps = [int(d) % 2 for d in node.args[1]] == [1, 0]
-            elif name == "transpose":
-                swaps = int(node.args[1]) % 2 != int(node.args[2]) % 2
-            else:
-                swaps = True
-            if swaps:
-                return ParamRef(first.name, first.masked, not first.transposed)
-        masked = sorted({p.name for p in params if p.masked is not None})
-        if masked:
-            self.unsupported.append(f"{node.name} ({name}): reads the masked weight(s) "
-                                    f"{', '.join(masked)} in a way the analysis does not follow")
-        return None
-
-    def complex_view(self, node: fx.Node, name: str) -> Any:
-        """``view_as_complex`` (last dim of 2 -> one complex element: the pair is tied) and
-        ``view_as_real`` (each element -> a pair), as complex rotary embeddings use them."""
-        x = self.value(node.args[0])
-        if not isinstance(x, Tracked):
-            return self.reject(node, "complex view of a non-first operand")
-        if name == "view_as_complex":
-            self.tie_pairs(x.ids[..., 0], x.ids[..., 1])
-            return Tracked(x.ids[..., 0].contiguous(), x.zero.all(-1))
-        shape = (*x.ids.shape, 2)
-        return Tracked(x.ids.unsqueeze(-1).expand(shape).contiguous(),
-                       x.zero.unsqueeze(-1).expand(shape).contiguous())
-
-    def _derived(self, node: fx.Node, name: str, first: Any) -> DerivedParam | None:
-        """An elementwise op of one parameter and constants (scalars, 0-d tensors) keeping
-        its shape: a :class:`DerivedParam` (a per-channel scale computed from a parameter)."""
-        if not isinstance(first, (ParamRef, DerivedParam)) or name not in (
-                ZERO_KEEPING | NONZERO_UNARY | {"mul", "add", "sub", "div", "pow", "rsub"}) \
-                or name in ("fill", "zeros_like", "ones_like", "full_like", "empty_like",
-                            "rand_like", "randn_like"):
-            return None
-        shape = concrete_shape(node)
-        for a in node.args[1:]:
-            other = a.meta.get("val") if isinstance(a, fx.Node) else None
-            if isinstance(a, fx.Node) and not (isinstance(other, torch.Tensor) and other.dim() == 0):
-                return None
-        if shape is None or shape != concrete_shape(node.args[0]):
-            return None
-        return DerivedParam(first.name)
 
     def broadcast(self, t: Tracked, shape: tuple[int, ...]) -> Tracked:
         return Tracked(t.ids.broadcast_to(shape), t.zero.broadcast_to(shape))

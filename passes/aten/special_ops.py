@@ -1,0 +1,119 @@
+"""Rules of the ATen channel walk for ops that are neither shapes, products nor plain
+elementwise maths (a mixin of :class:`~sparsify_fx.passes.aten.channel_walk.AtenChannelWalk`;
+read-only): a ``torch.no_grad()`` region (walked inside), in-place ops, ops on a weight
+(transposes keep it a producer's weight; elementwise maths with constants make a
+:class:`~sparsify_fx.passes.aten.values.DerivedParam`), complex views.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import fx
+
+from sparsify_fx.passes.aten.op_tables import (BINARY, CONV, MATMUL, NONZERO_UNARY,
+                                               PARAM_COPY_OPS, PARAM_TRANSPOSE_OPS, SDPA,
+                                               ZERO_KEEPING)
+from sparsify_fx.passes.aten.values import DerivedParam, ParamRef, Tracked, concrete_shape, op_name
+
+
+class SpecialOpRules:
+    """Rules that read the walk's values (``self.value``, ``self.visit``, ``self.reject``)."""
+
+    def grad_region(self, node: fx.Node) -> Any:
+        """``wrap_with_set_grad_enabled(enabled, submod, *args)`` (a ``torch.no_grad()``
+        block in ``forward``): its subgraph is walked with its inputs' ids, unless it holds a
+        producer or attention (those stay whole, named)."""
+        sub = node.args[1]
+        sub = getattr(self.gm, str(sub.target), None) if isinstance(sub, fx.Node) else None
+        if not isinstance(sub, fx.GraphModule) or self.region:
+            return self.reject(node, "no-grad region not understood")
+        calls = [op_name(n.target) for n in sub.graph.nodes if n.op == "call_function"]
+        if any(c in MATMUL or c in CONV or c in SDPA for c in calls) or any(
+                n.op == "call_module" for n in sub.graph.nodes):
+            return self.reject(node, "a no-grad region holding a product or module call")
+        outer = self.values
+        inputs = [self.value(a) for a in node.args[2:]]
+        self.values, self.region = {}, True
+        out = None
+        try:
+            placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+            for ph, v in zip(placeholders, inputs):
+                self.values[ph.name] = v
+            for n in sub.graph.nodes:
+                if n.op == "output":
+                    out = self.value(n.args[0])
+                elif n.op != "placeholder":
+                    self.values[n.name] = self.visit(n)
+        finally:
+            self.values, self.region = outer, False
+        return out
+
+    def in_place(self, node: fx.Node, name: str) -> Any:
+        """``x.add_(y)``, ``x.copy_(y)``, ...: the out-of-place rule (``copy_``: the source's
+        ids broadcast to the target), and the mutated value takes the result's ids."""
+        if name == "copy_":
+            src = self.value(node.args[1])
+            out = self.broadcast(src, self.shape(node)) if isinstance(src, Tracked) else None
+        else:
+            out = self.call(node, name[:-1])
+        if isinstance(node.args[0], fx.Node):
+            self.values[node.args[0].name] = out
+        return out
+
+    # -- rules ------------------------------------------------------------------------
+    def param_op(self, node: fx.Node, name: str, params: list[ParamRef]) -> Any:
+        """An op on a weight (no activation channels): a 2-D transpose (``t``, ``.T``,
+        ``transpose``, ``permute(1, 0)``) or a copy keeps it a :class:`ParamRef`; any other
+        op reading a masked weight is not followed (its channels stay whole, warned)."""
+        first = self.value(node.args[0]) if node.args else None
+        derived = self._derived(node, name, first)
+        if derived is not None:
+            return derived
+        if not isinstance(first, ParamRef):
+            first = None
+        if first is not None and name in PARAM_COPY_OPS:
+            return first
+        if first is not None and name in PARAM_TRANSPOSE_OPS and len(self.shape(node)) == 2:
+            if name == "permute":
+                swaps = [int(d) % 2 for d in node.args[1]] == [1, 0]
+            elif name == "transpose":
+                swaps = int(node.args[1]) % 2 != int(node.args[2]) % 2
+            else:
+                swaps = True
+            if swaps:
+                return ParamRef(first.name, first.masked, not first.transposed)
+        masked = sorted({p.name for p in params if p.masked is not None})
+        if masked:
+            self.unsupported.append(f"{node.name} ({name}): reads the masked weight(s) "
+                                    f"{', '.join(masked)} in a way the analysis does not follow")
+        return None
+
+    def complex_view(self, node: fx.Node, name: str) -> Any:
+        """``view_as_complex`` (last dim of 2 -> one complex element: the pair is tied) and
+        ``view_as_real`` (each element -> a pair), as complex rotary embeddings use them."""
+        x = self.value(node.args[0])
+        if not isinstance(x, Tracked):
+            return self.reject(node, "complex view of a non-first operand")
+        if name == "view_as_complex":
+            self.tie_pairs(x.ids[..., 0], x.ids[..., 1])
+            return Tracked(x.ids[..., 0].contiguous(), x.zero.all(-1))
+        shape = (*x.ids.shape, 2)
+        return Tracked(x.ids.unsqueeze(-1).expand(shape).contiguous(),
+                       x.zero.unsqueeze(-1).expand(shape).contiguous())
+
+    def _derived(self, node: fx.Node, name: str, first: Any) -> DerivedParam | None:
+        """An elementwise op of one parameter and constants (scalars, 0-d tensors) keeping
+        its shape: a :class:`DerivedParam` (a per-channel scale computed from a parameter)."""
+        if not isinstance(first, (ParamRef, DerivedParam)) or name not in (
+                ZERO_KEEPING | NONZERO_UNARY | {"mul", "add", "sub", "div", "pow", "rsub"}) \
+                or name in ("fill", "zeros_like", "ones_like", "full_like", "empty_like",
+                            "rand_like", "randn_like"):
+            return None
+        shape = concrete_shape(node)
+        for a in node.args[1:]:
+            other = a.meta.get("val") if isinstance(a, fx.Node) else None
+            if isinstance(a, fx.Node) and not (isinstance(other, torch.Tensor) and other.dim() == 0):
+                return None
+        if shape is None or shape != concrete_shape(node.args[0]):
+            return None
+        return DerivedParam(first.name)
