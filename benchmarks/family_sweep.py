@@ -339,7 +339,10 @@ def main(argv: list[str] | None = None) -> None:
             f.write(json.dumps({"command": command, "families": ran, "started": started,
                                 "wall_s": round(time.perf_counter() - start, 1)}) + "\n")
     runs = [json.loads(line) for line in open(runs_path)] if os.path.exists(runs_path) else []
-    rows = [done[(f, k)] for f, _, k in families(transformers) if (f, k) in done]
+    rows = [done.get((f, k)) or {"family": f, "class": c, "kind": k, "result": "not run",
+                                  "params_fraction": None, "blocks_macs_fraction": None,
+                                  "reason": "not reached in the time of these runs", "checks": {}}
+            for f, c, k in families(transformers)]
     summary = summarize(rows)
     result = {"runs": runs, "transformers": transformers.__version__,
               "torch": torch.__version__, "summary": summary,

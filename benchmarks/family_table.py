@@ -12,10 +12,11 @@ def outcome(row: dict[str, Any]) -> str:
     possibly after ``exclude=config_cannot_hold``), ``pass_higher_target`` (the same at a
     fallback target: 0.5 refused with a BudgetError), ``save_refused`` (shrinks with parity,
     the save refused before writing: ShrinkError), ``named_failure`` (a SparsifyError),
-    ``timeout``, ``unnamed_failure`` (anything else: a wrong output or a crash), ``skipped``."""
+    ``timeout``, ``unnamed_failure`` (anything else: a wrong output or a crash), ``skipped``,
+    ``not_run`` (not reached in the time the runs had)."""
     result = row["result"]
-    if result == "skipped":
-        return "skipped"
+    if result in ("skipped", "not run"):
+        return result.replace(" ", "_")
     if result.startswith("pass"):
         if "refused" in result:
             return "save_refused"
@@ -26,7 +27,7 @@ def outcome(row: dict[str, Any]) -> str:
 
 
 OUTCOMES = ("pass", "pass_higher_target", "save_refused", "named_failure", "timeout",
-            "unnamed_failure", "skipped")
+            "unnamed_failure", "skipped", "not_run")
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -35,7 +36,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kind in ("lm", "cls"):
         sel = [r for r in rows if r["kind"] == kind]
-        built = [r for r in sel if r["result"] != "skipped"]
+        built = [r for r in sel if r["result"] not in ("skipped", "not run")]
         counts = {o: sum(outcome(r) == o for r in sel) for o in OUTCOMES}
         out[kind] = {"families": len(sel), "built": len(built), **counts,
                      "whole_kept_warning": sum(bool(r.get("warning")) for r in built),
@@ -65,7 +66,8 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], runs: list[dic
                      f"only at a higher target, {s['save_refused']} save refused (named), "
                      f"{s['named_failure']} named failure, {s['timeout']} timed out, "
                      f"{s['unnamed_failure']} unnamed failure; {s['whole_kept_warning']} kept "
-                     f"some channels whole with a warning; {s['skipped']} skipped")
+                     f"some channels whole with a warning; {s['skipped']} skipped; "
+                     f"{s['not_run']} not run (time)")
     lines += ["", "| family | kind | result | target | params | blocks' MACs | s | reason |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
