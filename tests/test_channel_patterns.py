@@ -244,11 +244,12 @@ class UnitSphereMLP(nn.Module):
         self.gate, self.up, self.down = nn.Linear(16, 48), nn.Linear(16, 48), nn.Linear(48, 16)
         self.suv_gate = nn.Parameter(torch.rand(48) + 0.5)
         self.suv_up = nn.Parameter(torch.rand(48) + 0.5)
+        self.register_buffer("c", torch.tensor(4.0))  # a 0-d constant tensor
         self.head = nn.Linear(16, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = self.gate(x) * (self.suv_gate * 4.0)
-        u = self.up(x) * (self.suv_up * 4.0)
+        u = self.up(x) * (self.suv_up * self.c)
         h = F.silu(g) * u
         h = h * torch.rsqrt(h.pow(2).sum(-1, keepdim=True) + 1e-6)
         return self.head(x + self.down(h))

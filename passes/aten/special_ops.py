@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import fx
 
 from sparsify_fx.passes.aten.op_tables import (BINARY, CONV, MATMUL, NONZERO_UNARY,
