@@ -23,11 +23,24 @@ run per block with an empty past, every position's logits).
     .venv/bin/python benchmarks/llm_decode_speed.py [--model auto|pretrained|random]
         [--keeps 0.75 0.5] [--rounds 3] [--runs 2] [--prompt 128] [--decode 64]
         [--corpus ../shared/data/text/pydocs.txt] [--ppl-blocks 32]
+        [--variants dynamic_pc nbits8] [--timings default no-spin]
+        [--work /tmp/llm_decode_speed] [--skip-timing] [--no-dense]
         [--out benchmarks/results/llm_decode_speed]
 
-Dynamic int8 is verified with ``--int8-rtol`` (0.5; the default ``Int8Tolerance`` 0.2
-failed the pretrained dense model: teacher-forced max |diff| 8.6 at logit scale 36, fp32
-tokens equal); each file's perplexity says what int8 costs.
+Files and rows are kept in ``--work`` (``<form>.json`` per form: fp32 + int8 rows with
+their checks and perplexity); a form found there is reused, so the exports can run
+first (``--skip-timing``; ``--no-dense --keeps 0.5`` in a second process beside the
+first) and the timing later over all files. ``--out`` is rewritten as forms finish and
+after each timing configuration. ``--variants``: further int8 forms quantized from each
+fp32 file (``sparsify_fx.export.int8_forms``: per-channel dynamic; 8-bit MatMulNBits +
+int8 embedding table), verified teacher-forced against the fp32 file. ``--timings``:
+each a full alternating comparison: ``default`` session options, or ``no-spin``
+(``session.intra_op.allow_spinning=0``; spinning threads starve each other on a shared
+2-core machine). Ratios are within one configuration's rounds.
+
+Dynamic int8 is exported with the teacher-forced logits measured and compared with
+``--int8-rtol`` (0.5 of the logit scale) afterwards, reported per row (a file past it is
+kept and flagged, not exported twice); each file's perplexity says what int8 costs.
 
 Goals: structured 0.5 decode tokens/s >= 1.7x dense fp32; + dynamic int8 >= 3x.
 """
@@ -285,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.variants:
             key = f"{name}_{variant}"
             if key not in new:
-                new[key] = {**{k: v for k, v in new[name].items() if k not in ("checks",)},
+                new[key] = {**{k: v for k, v in new[name].items()
+                               if k not in ("checks", "perplexity", "timing")},
                             **quantize_variant(Path(new[name]["file"]), variant, args.int8_rtol)}
                 saved.write_text(json.dumps(new, indent=1))
         for key, row in new.items():
