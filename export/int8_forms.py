@@ -66,7 +66,7 @@ def quantize_form(fp32: Path, dst: Path, variant: str) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from sparsify_fx.export.quantize import _preprocess
+    from sparsify_fx.export.quantize import preprocess_for_quantization
     if variant not in INT8_VARIANTS:
         raise ConfigError(f"int8 variant {variant!r} is unknown; use one of "
                           f"{', '.join(INT8_VARIANTS)}")
@@ -76,7 +76,7 @@ def quantize_form(fp32: Path, dst: Path, variant: str) -> Path:
     mid = work / f"{dst.stem}.mid.onnx"
     try:
         onnx.save(densify(onnx.load(str(fp32))), str(dense))
-        _preprocess(dense, pre, False)
+        preprocess_for_quantization(dense, pre, False)
         if variant == "dynamic_pc":
             quantize_dynamic(str(pre), str(dst), op_types_to_quantize=["MatMul", "Gemm"],
                              per_channel=True, weight_type=QuantType.QInt8)

@@ -172,7 +172,10 @@ def _graph_inputs(path: Path) -> list[str]:
     return [i.name for i in model.graph.input if i.name not in inits]
 
 
-def _preprocess(src: Path, dst: Path, external: bool) -> str:
+def preprocess_for_quantization(src: Path, dst: Path, external: bool) -> str:
+    """onnxruntime's ``quant_pre_process`` of ``src`` into ``dst`` (weights in ``dst.data``
+    when ``external``); retried without symbolic shape inference. Returns which form ran;
+    ExportError when both fail. Reads ``src`` only."""
     from onnxruntime.quantization import quant_pre_process
     kw = dict(save_as_external_data=external, all_tensors_to_one_file=True,
               external_data_location=dst.name + ".data" if external else None)
@@ -248,7 +251,7 @@ def stage_int8(request: QuantizeRequest, dense_fp32: Path, work: Path, name: str
     are written and run alike). Raises :class:`ExportError`."""
     big = dense_fp32.with_name(dense_fp32.name + ".data").exists()
     pre, raw = work / "int8_pre.onnx", work / "int8_raw.onnx"
-    how = _preprocess(dense_fp32, pre, big)
+    how = preprocess_for_quantization(dense_fp32, pre, big)
     _quantize(request, pre, raw, big)
     proto = onnx.load(str(raw), load_external_data=True)
     dense_bytes = proto.ByteSize()
