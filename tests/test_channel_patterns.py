@@ -315,3 +315,37 @@ def test_a_no_grad_region_on_unit_channels_keeps_units_prunable() -> None:
     assert len(group_masks(gm)) == 1
     assert small.up.out_features == small.down.in_features < 48
     _assert_parity(gm, small, lambda: torch.randn(2, 5, 16))
+
+
+class KeywordAfterOptional(nn.Module):
+    """``forward(x, cache=None, mask=None)`` called with keywords ``x`` and ``mask``: the
+    capture takes them positionally, the source class must get them by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 48), nn.Linear(48, 16)
+
+    def forward(self, x: torch.Tensor, cache: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        if cache is not None:
+            raise TypeError("a mask passed as the cache")
+        return self.down(F.relu(self.up(x))) * mask[..., None]
+
+
+def test_keyword_inputs_reach_the_shrunk_source_class_by_name() -> None:
+    torch.manual_seed(0)
+    make = lambda: {"x": torch.randn(2, 5, 16), "mask": (torch.rand(2, 5) > 0.3).float()}  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = sf.transform(KeywordAfterOptional().eval(), granularity="channel", target_macs=0.5,
+                          example_inputs=make(), capture="export")
+    apply_budget(gm, target_macs=0.5, scores=channel_l1_scores(gm))
+    gm.eval()
+    small = sf.shrink(gm).eval()
+    assert small.up.out_features < 48
+    a, b = make(), make()
+    with torch.no_grad(), hard_masks(gm):
+        ref = gm(a["x"], a["mask"])
+        assert (ref - gm(b["x"], b["mask"])).abs().max() > 1e-3
+    with torch.no_grad():
+        torch.testing.assert_close(small(**a), ref, rtol=1e-5, atol=1e-5)

@@ -30,6 +30,7 @@ inputs; a difference raises :class:`ShrinkError` (never a silent wrong shrink).
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any
 
 import numpy as np
@@ -192,6 +193,22 @@ def _outputs(out: Any) -> list[torch.Tensor]:
     return []
 
 
+def _by_name(model: nn.Module, small: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The capture's positional example inputs as keywords of the source class (named as
+    the capture's inputs): a keyword input the capture took positionally may sit at
+    another position of the source ``forward`` (``attention_mask`` after
+    ``past_key_values``)."""
+    gm = main_graph(model)
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"] if gm is not None else []
+    try:
+        accepted = inspect.signature(small.forward).parameters
+    except (TypeError, ValueError):
+        return args, kwargs
+    if not args or len(names) != len(args) or not all(n in accepted for n in names):
+        return args, kwargs
+    return (), {**dict(zip(names, args)), **kwargs}
+
+
 def _check(model: nn.Module, small: nn.Module, inputs: Any) -> None:
     if inputs is None:
         return
@@ -199,10 +216,11 @@ def _check(model: nn.Module, small: nn.Module, inputs: Any) -> None:
     was = model.training
     model.eval()
     small.eval()
+    small_args, small_kwargs = _by_name(model, small, args, kwargs)
     try:
         with torch.no_grad(), hard_masks(model):
             ref = _outputs(model(*args, **kwargs))
-            got = _outputs(small(*args, **kwargs))
+            got = _outputs(small(*small_args, **small_kwargs))
     except RuntimeError as exc:
         raise ShrinkError(f"the shrunk {type(small).__name__} does not run on the example inputs "
                           f"({exc}); its code reads a width this shrink does not update") from exc
