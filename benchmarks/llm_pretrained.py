@@ -315,7 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--corpus", default=CORPUS)
     p.add_argument("--out", default="benchmarks/results/llm_pretrained")
     p.add_argument("--parts", nargs="+", default=["element", "structured"],
-                   choices=["element", "structured"])
+                   choices=["element", "structured", "dense-finetune"],
+                   help="dense-finetune: the dense model trained on the same token budget "
+                        "(the reference for the training rows: in-domain adaptation)")
     p.add_argument("--targets", nargs="+", default=["2:4", "50%"], choices=list(TARGETS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--seq", type=int, default=256, help="validation / calibration window")
@@ -373,6 +375,18 @@ def main(argv: list[str] | None = None) -> None:
         write_results(args.out, result, markdown(result))
 
     for seed in args.seeds:
+        if "dense-finetune" in args.parts:
+            import copy
+            tuned = copy.deepcopy(model)
+            seconds = train(tuned, text, args, seed)
+            ppl = perplexity(tuned, text.val, batch=args.eval_batch)
+            done.append({"method": "dense + fine-tune", "target": "-", "seed": seed,
+                         "ppl": ppl, "gap": ppl - dense_ppl, "seconds": seconds,
+                         "tokens": args.steps * args.batch * args.train_seq,
+                         "load_average": os.getloadavg()[0]})
+            print(done[-1], flush=True)
+            del tuned
+            write([])
         if "element" in args.parts:
             done += element_rows(model, text, args, seed, dense_ppl, write)
         if "structured" in args.parts:
