@@ -16,7 +16,7 @@ MIN_VOCAB = 96
 #: reachable fallback is cut instead (the row says so)
 TARGET, FALLBACK_TARGETS = 0.5, (0.7, 0.9)
 #: a built model over this many parameters is no tiny config (skipped, named)
-MAX_PARAMS = 20_000_000
+MAX_PARAMS = 150_000_000
 #: generic config fields (and values) set where the config class has the field
 FIELDS: dict[str, Any] = {
     "hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
