@@ -19,10 +19,11 @@ Methods plug in with :func:`register_pruner` (see ``wanda.py``, ``sparsegpt.py``
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +38,18 @@ from sparsify_fx.mask_index import MaskEntry, masks, sparsity, unwrap
 from sparsify_fx.methods import available_methods, get_method
 
 Batch = tuple[Tensor, ...] | dict[str, Tensor]
+
+
+@contextlib.contextmanager
+def _inference(root: nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients for the calibration forwards; ``root``'s mode restored."""
+    was_training = root.training
+    root.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        root.train(was_training)
 
 
 @dataclass(frozen=True)
@@ -294,14 +307,9 @@ def collect_statistics(model: nn.Module, batches: Iterable[Any],
     check_kinds(entries, cfg.method)
     items = normalize_batches(root, cfg, batches)
     start = time.perf_counter()
-    was_training = root.training
-    root.eval()
-    try:
-        with torch.no_grad():
-            groups = discover_groups(entries, lambda: _run(root, items[0], 0))
-            stats = _collect(root, entries, groups, items, statistic)
-    finally:
-        root.train(was_training)
+    with _inference(root):
+        groups = discover_groups(entries, lambda: _run(root, items[0], 0))
+        stats = _collect(root, entries, groups, items, statistic)
     sums = {n: st.sum for st in stats for n in st.group.names}
     tokens = {n: st.tokens for st in stats for n in st.group.names}
     return LayerStatistics(statistic, sums, tokens, [g.names for g in groups],
@@ -358,24 +366,19 @@ def calibrate(model: nn.Module, batches: Iterable[Any] | None = None, *,
         raise InputError("calibrate needs batches (or statistics= from collect_statistics)")
     items = normalize_batches(root, cfg, batches)
     start = time.perf_counter()
-    was_training = root.training
-    root.eval()
-    try:
-        with torch.no_grad():
-            groups = discover_groups(entries, lambda: _run(root, items[0], 0))
-            for i, batch in enumerate(items[1:], 1):  # every batch runs before any cut
-                _run(root, batch, i)
-            by_name = {e.name: e for e in entries}
-            steps = [[g] for g in groups] if cfg.options.get("sequential", True) else [groups]
-            tokens = 0
-            for step in steps:
-                for stat in _collect(root, entries, step, items, pruner.statistic):
-                    tokens = max(tokens, stat.tokens)
-                    for name in stat.group.names:
-                        _cut(by_name[name], stat.sum, stat.tokens, targets[name], pruner,
-                             cfg.options)
-    finally:
-        root.train(was_training)
+    with _inference(root):
+        groups = discover_groups(entries, lambda: _run(root, items[0], 0))
+        for i, batch in enumerate(items[1:], 1):  # every batch runs before any cut
+            _run(root, batch, i)
+        by_name = {e.name: e for e in entries}
+        steps = [[g] for g in groups] if cfg.options.get("sequential", True) else [groups]
+        tokens = 0
+        for step in steps:
+            for stat in _collect(root, entries, step, items, pruner.statistic):
+                tokens = max(tokens, stat.tokens)
+                for name in stat.group.names:
+                    _cut(by_name[name], stat.sum, stat.tokens, targets[name], pruner,
+                         cfg.options)
     per_layer = sparsity(root, per_layer=True)
     assert isinstance(per_layer, dict)
     return CalibrationResult(cfg.method, float(sparsity(root)), per_layer,
