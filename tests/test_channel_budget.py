@@ -266,3 +266,37 @@ def test_controller_tracks_the_macs_the_cut_counts() -> None:
     assert cs._density(cs.entries) == pytest.approx(want, rel=1e-12)
     small, ratio = _shrunk_ratio(gm, _model("digits"))
     assert ratio == pytest.approx(want, rel=1e-9)
+
+
+def test_channel_sums_read_the_mask_channel_axis_of_every_weight_layout() -> None:
+    """|w| summed per channel: Linear (C, in) with (C,) scores, Conv (C, in, k, k) with
+    (C, 1, 1, 1), and a transposed Conv1D weight (in, C) with (1, C) scores (GPT-2)."""
+    from sparsify_fx.budgets.channel_cut import _channel_sums
+
+    g = torch.Generator().manual_seed(0)
+    linear, conv, conv1d = (torch.randn(6, 5, generator=g), torch.randn(6, 3, 2, 2, generator=g),
+                            torch.randn(5, 6, generator=g))
+    assert torch.allclose(_channel_sums(linear, (6,)), linear.abs().sum(1))
+    assert torch.allclose(_channel_sums(conv, (6, 1, 1, 1)), conv.abs().sum((1, 2, 3)))
+    assert torch.allclose(_channel_sums(conv1d, (1, 6)), conv1d.abs().sum(0))
+    scores = torch.randn(1, 6, generator=g)  # already score-shaped
+    assert torch.allclose(_channel_sums(scores, (1, 6)), scores.abs().reshape(-1))
+
+
+def test_magnitude_channel_cut_of_gpt2_conv1d_meets_the_macs_target() -> None:
+    """One-shot magnitude channels on a GPT-2 capture (Conv1D weights are (in, out)):
+    the cut ranks each group by its channels' L1 and lands on the MACs target
+    (an IndexError before: the (1, C) mask was read as one channel)."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64, use_cache=False)).eval()
+    ids = torch.randint(3, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    gm = sf.transform(model, method="magnitude", granularity="channel", target_macs=0.5,
+                      example_inputs=(ids,), capture="export")
+    kept = sf.report(gm, example_inputs=(ids,)).blocks["fraction"]
+    assert 0.4 <= kept <= 0.52, kept
+    other = torch.randint(3, 96, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = gm(ids), gm(other)
+    logits = a.logits if hasattr(a, "logits") else a[0]
+    assert not torch.allclose(logits, b.logits if hasattr(b, "logits") else b[0])

@@ -119,11 +119,21 @@ def _slot_scores(entries: list[MaskEntry], scores: Mapping[str, Tensor],
     for e in entries:
         if e.name not in scores:
             continue
-        s = scores[e.name].detach().double().cpu()
-        per_channel = s.reshape(e.mask.score_shape[0], -1).abs().sum(1)
+        per_channel = _channel_sums(scores[e.name].detach().double().cpu(), e.mask.score_shape)
         glob = slots_of[e.name]
         out.index_add_(0, glob[glob >= 0], per_channel[glob >= 0])
     return out.float()
+
+
+def _channel_sums(s: Tensor, score_shape: Sequence[int]) -> Tensor:
+    """``|s|`` summed per channel of a channel mask of ``score_shape``: ``s`` is either
+    score-shaped or weight-shaped. The channel axis is the mask's one non-1 axis when the
+    mask has the weight's rank (``(1, C)`` on a ``Conv1D`` weight ``(in, C)``), else 0."""
+    n = math.prod(score_shape)
+    axis = 0
+    if len(score_shape) == s.dim() and sum(d != 1 for d in score_shape) == 1:
+        axis = next(i for i, d in enumerate(score_shape) if d != 1)
+    return s.abs().movedim(axis, 0).reshape(n, -1).sum(1)
 
 
 def _blocks(ranking: Tensor, spans: Sequence[tuple[int, int, int]], round_to: int
