@@ -12,6 +12,7 @@ models are not degenerate (the tokens follow the prompt and are not one repeated
 from __future__ import annotations
 
 import functools
+import statistics
 import warnings
 
 import numpy as np
@@ -143,7 +144,14 @@ def test_decode_speed_reports_both_phases_in_own_processes(tmp) -> None:
         assert len(speeds) == 2
         assert all(s.prefill_tokens_per_s > 0 and s.decode_tokens_per_s > 0 for s in speeds)
     assert comparison.decode_ratio["a"] == 1.0
-    assert 0.2 < comparison.decode_ratio["b"] < 5  # the same file, timed twice
+    # a ratio is the median over rounds of the file's tokens/s over the first file's in
+    # the same round (how fast is not asserted here: timings belong in benchmarks/)
+    a, b = comparison.rounds["a"], comparison.rounds["b"]
+    for phase in ("decode", "prefill"):
+        per_round = [getattr(y, f"{phase}_tokens_per_s") / getattr(x, f"{phase}_tokens_per_s")
+                     for x, y in zip(a, b)]
+        ratio = getattr(comparison, f"{phase}_ratio")["b"]
+        assert ratio == pytest.approx(statistics.median(per_round)) and ratio > 0
 
 
 def test_decoder_refuses_what_it_cannot_export(tmp_path) -> None:
