@@ -348,8 +348,10 @@ class SharedChannelMask(Mask):
                  weight_name: str = "", kind: str = "", auxiliary: bool = False,
                  channel_dim: int = 0) -> None:
         super().__init__(weight_shape, "channel", weight_name)
-        if channel_dim == 1:  # a weight stored (in, out), as HF Conv1D keeps it
-            self.score_shape = (1, self.weight_shape[1], *(1,) * (len(self.weight_shape) - 2))
+        if channel_dim:  # a weight stored (in, out) as HF Conv1D keeps it; (E, out, in) experts
+            shape = [1] * len(self.weight_shape)
+            shape[channel_dim] = self.weight_shape[channel_dim]
+            self.score_shape = tuple(shape)
         self.channel_dim = int(channel_dim)
         self.sources = nn.ModuleList(sources)
         index = torch.as_tensor(index, dtype=torch.long).reshape(-1)

@@ -47,6 +47,7 @@ from torch import fx
 
 from sparsify_fx.mask import MaskSet
 from sparsify_fx.passes.aten.elementwise import ElementwiseRules
+from sparsify_fx.passes.aten.experts import EXPERT_OPS, visit_expert_op
 from sparsify_fx.passes.aten.op_tables import (BATCH_NORM, BINARY, CONV, IDENTITY_OPS, MATMUL,
                                                NO_CHANNELS, NONZERO_UNARY, NORMALIZE, REDUCE, SDPA,
                                                SHAPE_OPS, ZERO_KEEPING)
@@ -236,6 +237,8 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
         args = node.args
         tracked = self._tracked_in(self.value(list(args) + list(node.kwargs.values())))
         params = [v for v in self.value(list(args)) if isinstance(v, ParamRef)]
+        if name in EXPERT_OPS:  # grouped matmuls over expert weights, routing
+            return visit_expert_op(self, node, name)
         if name in MATMUL or name in CONV:
             return visit_matmul(self, node, name)
         if name in SDPA:

@@ -74,13 +74,15 @@ class SpecialOpRules:
             first = None
         if first is not None and name in PARAM_COPY_OPS:
             return first
-        if first is not None and name in PARAM_TRANSPOSE_OPS and len(self.shape(node)) == 2:
+        rank = len(self.shape(node))
+        if first is not None and name in PARAM_TRANSPOSE_OPS and rank in (2, 3):
+            # 3-D: (E, a, b) expert weights with their last two dims swapped
             if name == "permute":
-                swaps = [int(d) % 2 for d in node.args[1]] == [1, 0]
+                swaps = [int(d) % rank for d in node.args[1]] == [*range(rank - 2), rank - 1, rank - 2]
             elif name == "transpose":
-                swaps = int(node.args[1]) % 2 != int(node.args[2]) % 2
+                swaps = {int(node.args[1]) % rank, int(node.args[2]) % rank} == {rank - 2, rank - 1}
             else:
-                swaps = True
+                swaps = rank == 2 or name in ("mT", "mH", "adjoint")
             if swaps:
                 return ParamRef(first.name, first.masked, not first.transposed)
         masked = sorted({p.name for p in params if p.masked is not None})

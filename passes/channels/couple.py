@@ -39,10 +39,11 @@ from sparsify_fx.mask_index import MaskEntry, masks, unwrap
 
 from sparsify_fx.passes.pass_base import PassResult, SparsifyPass
 from sparsify_fx.passes.stored_analysis import channel_graph_of
+from sparsify_fx.passes.aten.experts import mask_channel_dim
 from sparsify_fx.passes.channels.analysis import ChannelGraph, analyze_channels, is_aten
 
 GROUP_PREFIX = "channel_group_"
-PRODUCER_KINDS = ("conv", "linear", "depthwise_conv", "grouped_conv", "matmul")
+PRODUCER_KINDS = ("conv", "linear", "depthwise_conv", "grouped_conv", "matmul", "experts")
 GroupMaskFactory = Callable[[int, str], Mask]
 
 
@@ -142,7 +143,7 @@ def couple_channels(gm: nn.Module, make_group_mask: GroupMaskFactory, *,
         sources, index = made
         mask_set[_key_of(e)] = SharedChannelMask(
             e.mask.weight_shape, sources, index.to(device), e.name, e.kind,
-            channel_dim=1 if prod.weight_layout == "io" else 0).to(device)
+            channel_dim=mask_channel_dim(prod)).to(device)
         if prod.bias is not None:
             _mask_bias(gm, prod, sources, index, device)
     for e in leaf_entries:  # inside leaf modules: attention heads, else kept whole

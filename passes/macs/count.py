@@ -50,6 +50,7 @@ from sparsify_fx.errors import InputError
 from sparsify_fx.mask import Mask
 from sparsify_fx.mask_index import masks as mask_entries
 
+from sparsify_fx.passes.aten.experts import GROUPED_MM
 from sparsify_fx.passes.macs.tally import MacCount, NodeMacs, OtherOp, Tally, WeightUse, conv_kind
 from sparsify_fx.capture.fx_trace import SparsifyTracer, absent_defaults
 
@@ -87,6 +88,8 @@ class AtenCounter(TorchDispatchMode):
             t.add_conv(self.label(), args[0], args[1], out, int(args[8]), bool(args[6]))
         elif packet.__name__ in _SDPA_ATEN:
             t.add_attention(self.label(), args[0], args[1], args[2], out)
+        elif packet.__name__ in GROUPED_MM:  # (S, in) x (E, in, out): one expert per row
+            t.add_matmul(self.label(), "grouped_mm", args[0], args[1], out)
         elif packet is aten._native_multi_head_attention:
             q, k, v, embed, heads, qkv_w, _, proj_w = args[:8]
             t.add_mha(self.label(), int(embed), int(heads), q.numel() // embed,

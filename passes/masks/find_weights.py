@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from sparsify_fx.capture.fx_trace import TRACED_THROUGH
+from sparsify_fx.passes.aten.experts import expert_weight_kind
 
 ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
@@ -241,7 +242,7 @@ def find_weight_sites(root: nn.Module, original: nn.Module,
             except AttributeError:
                 owner = None
             kind = weight_kind(owner, attr) if owner is not None else None
-            kind = kind or operand_kind(node, tensor.shape)
+            kind = kind or operand_kind(node, tensor.shape) or expert_weight_kind(node, tensor.shape)
             if kind is None:
                 continue
             sites[id(tensor)] = WeightSite(_join(prefix, node.target), kind, tuple(tensor.shape),

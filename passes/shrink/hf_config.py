@@ -97,9 +97,9 @@ def _owner(name: str) -> str:
 def _group_weights(cg: Any, group: Any, consumers: bool = False) -> list[str]:
     """Weights of a group's producers (and, with ``consumers``, of the layers reading it)."""
     out = [cg.producers[p].weight for p in group.producers
-           if cg.producers[p].kind in ("linear", "conv")]
+           if cg.producers[p].kind in ("linear", "conv", "experts")]
     if consumers:
-        out += [p.weight for p in cg.producers.values() if p.kind in ("linear", "conv")
+        out += [p.weight for p in cg.producers.values() if p.kind in ("linear", "conv", "experts")
                 and p.in_ids is not None and group.index in set(cg.slots(p.in_ids)[0].tolist())]
     return out
 

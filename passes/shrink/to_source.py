@@ -41,6 +41,7 @@ from sparsify_fx.errors import ShrinkError
 from sparsify_fx.mask_index import hard_masks, main_graph, unwrap
 
 from sparsify_fx.passes.channels.graph_types import ChannelGraph, Producer
+from sparsify_fx.passes.shrink.experts import pad_expert_units, slice_experts
 from sparsify_fx.passes.shrink.hf_config import (config_cannot_hold, layer_configs, record_gaps,
                                                scale_width, update_config)
 from sparsify_fx.passes.stored_analysis import channel_graph_of
@@ -97,6 +98,7 @@ def _slice_producers(src: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) -> d
     ``(kept out, total out)``."""
     done: dict[str, tuple] = {}
     for prod in cg.producers.values():
+        slice_experts(src, prod, keep_id, done)  # fused 3-D expert weights
         if prod.kind not in ("linear", "conv") or prod.weight in done:
             continue
         out_keep = torch.from_numpy(keep_id[prod.out_ids])
@@ -148,12 +150,12 @@ def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple]
                         for g in cg.slots(p.out_ids)[0] if g >= 0}
     for group in cg.groups:
         weights = [cg.producers[p].weight for p in group.producers
-                   if cg.producers[p].kind in ("linear", "conv")]
+                   if cg.producers[p].kind in ("linear", "conv", "experts")]
         if not weights:
             continue
         sizes = sorted((widths[w] for w in weights), key=lambda kt: kt[1])
         (kv_kept, kv_total), (q_kept, q_total) = sizes[0], sizes[-1]
-        consumers = [p.weight for p in cg.producers.values() if p.kind in ("linear", "conv")
+        consumers = [p.weight for p in cg.producers.values() if p.kind in ("linear", "conv", "experts")
                      and p.in_ids is not None and group.index in set(cg.slots(p.in_ids)[0].tolist())]
         top = _common_prefix([_owner_path(w) for w in weights + consumers])
         low = _common_prefix([_owner_path(w) for w in weights])
@@ -255,6 +257,7 @@ def shrink_to_source(model: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) ->
             value = folded.get(name, state.get(name))
             if value is not None:
                 _set_tensor(src, name, value.clone())
+        keep_id = pad_expert_units(src, cg, keep_id)  # 16-byte aligned expert widths
         widths = _slice_producers(src, cg, keep_id)
         _slice_norms(src, cg, keep_id)
         blocks = _sync_block_attrs(src, cg, widths)

@@ -1,0 +1,212 @@
+"""Mixture-of-experts rules of the ATen channel walk (read-only).
+
+Experts stored as fused 3-D parameters (``gate_up_proj`` ``(E, 2I, H)``, ``down_proj``
+``(E, H, I)``, or transposed ``(E, in, out)``) and called through a *grouped matmul*
+(``transformers::grouped_mm_fallback``, ``aten._grouped_mm``: ``(S, in) x (E, in, out)``,
+the rows of ``S`` sorted by expert, ``offs`` the cumulative rows per expert):
+
+* a grouped matmul with a 3-D parameter operand is a *producer* of kind ``"experts"``:
+  its ``out`` channels get new ids **shared by every expert** (unit ``i`` is removed
+  from all experts of the layer at once, so the fused tensor stays one tensor of the
+  same width per expert, and a uniform cut is a config width); its input channels are
+  read like a linear's. Its MACs follow the weight: the parameter's expert count is
+  recorded as a trailing "kernel" dim of :attr:`Producer.shape`, so the weight cost
+  (dense MACs / (batch x numel)) times ``E`` is the MACs of one (out, in) pair;
+* routing reads only the router's output: ``topk`` / ``sort`` / ``kthvalue`` /
+  ``argsort`` of a tracked value keep the channels ranked over whole (the router's
+  columns: experts are never removed here) and carry no channel further;
+* ``index`` / ``gather`` / ``index_select`` picking positions along dims where every
+  position holds the same channel ids (tokens routed to experts: ``x[perm // k]``)
+  keep the channel ids; picking along a dim whose ids vary keeps those whole (named,
+  unless they are whole already, as the router's probabilities after ``topk``).
+
+An expert parameter read by anything else (a per-expert loop ``w[e]``, a bias picked
+per token) stays whole, named by the walk's usual rules.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import fx
+
+from sparsify_fx.passes.aten.values import DerivedParam, ParamRef, Tracked, concrete_shape
+from sparsify_fx.passes.channels.graph_types import Producer
+
+if TYPE_CHECKING:
+    from sparsify_fx.passes.aten.channel_walk import AtenChannelWalk
+
+#: grouped matmuls over per-expert weights ``(S, in) x (E, in, out) -> (S, out)``
+GROUPED_MM = {"grouped_mm_fallback", "_grouped_mm", "grouped_mm"}
+#: selection by value (router top-k): the ranked channels stay whole
+SELECT_OPS = {"topk", "sort", "argsort", "kthvalue", "msort"}
+#: picking positions by an index tensor
+GATHER_OPS = {"index", "gather", "index_select"}
+EXPERT_OPS = GROUPED_MM | SELECT_OPS | GATHER_OPS
+#: the producer kind of a grouped matmul over 3-D expert weights
+EXPERTS = "experts"
+
+
+def visit_expert_op(walk: "AtenChannelWalk", node: fx.Node, name: str) -> Any:
+    """Dispatch of :data:`EXPERT_OPS` (see module doc)."""
+    if name in GROUPED_MM:
+        return _grouped_mm(walk, node)
+    if name in SELECT_OPS:
+        return _select(walk, node)
+    if name == "index":
+        return _index(walk, node)
+    return _gather(walk, node, name)
+
+
+# -- grouped matmul --------------------------------------------------------------------
+def _param_shape(walk: "AtenChannelWalk", name: str) -> tuple[int, ...]:
+    owner, _, attr = name.rpartition(".")
+    mod = walk.gm.get_submodule(owner) if owner else walk.gm
+    return tuple(getattr(mod, attr).shape)
+
+
+def _input_ids(walk: "AtenChannelWalk", x: Any, width: int) -> Any:
+    """Ids of the contracted (last) input dim, or whole ones; ids that may be non-zero
+    while pruned stay whole (as for a linear's input)."""
+    if not isinstance(x, Tracked):
+        return walk.emit(torch.full((width,), -1, dtype=torch.long))
+    ids = x.ids.reshape(-1, x.ids.shape[-1])
+    zero = x.zero.reshape(-1, x.ids.shape[-1])
+    walk.whole.update(torch.unique(ids[(ids >= 0) & ~zero]).tolist())
+    if ids.shape[-1] != width or not bool((ids == ids[0]).all()):
+        walk.make_whole(x)
+        return walk.emit(torch.full((width,), -1, dtype=torch.long))
+    return walk.emit(ids[0])
+
+
+def _grouped_mm(walk: "AtenChannelWalk", node: fx.Node) -> Any:
+    ref = walk.value(node.args[1])
+    if not isinstance(ref, ParamRef):
+        if isinstance(walk.value(node.args[0]), Tracked) or isinstance(ref, Tracked):
+            return walk.reject(node, "grouped matmul whose weight is not a 3-D parameter")
+        return None
+    stored = _param_shape(walk, ref.name)
+    if len(stored) != 3:
+        return walk.reject(node, "grouped matmul whose weight is not a 3-D parameter")
+    experts = stored[0]
+    # the operand is (E, in, out): the parameter itself ("io"), or (E, out, in) transposed
+    in_ch, out_ch = (stored[2], stored[1]) if ref.transposed else (stored[1], stored[2])
+    layout = "oi" if ref.transposed else "io"
+    index = len(walk.producers)
+    masked = ref.name in walk.masked
+    out_ids = walk.new_ids(out_ch, index if masked else -1)
+    if not masked:
+        walk.whole.update(out_ids.tolist())
+    in_ids = _input_ids(walk, walk.value(node.args[0]), in_ch)
+    walk.producers[node.name] = Producer(node.name, ref.name, None, ref.masked, EXPERTS, 1,
+                                         out_ids.numpy(), in_ids, (out_ch, in_ch, experts),
+                                         weight_layout=layout)
+    out_shape = walk.shape(node)
+    view = [1] * (len(out_shape) - 1) + [out_ch]
+    return Tracked(out_ids.reshape(view).expand(out_shape), torch.ones(out_shape, dtype=torch.bool))
+
+
+# -- routing ---------------------------------------------------------------------------
+def _select(walk: "AtenChannelWalk", node: fx.Node) -> Any:
+    """Values ranked along a dim: what is ranked stays whole; nothing flows on."""
+    walk.make_whole(walk.value(node.args[0]))
+    val = node.meta.get("val")
+    return tuple(None for _ in val) if isinstance(val, (list, tuple)) else None
+
+
+def _constant_along(t: Tracked, dims: list[int]) -> bool:
+    for d in dims:
+        if t.ids.shape[d] > 1 and not (bool((t.ids == t.ids.narrow(d, 0, 1)).all())
+                                       and bool((t.zero == t.zero.narrow(d, 0, 1)).all())):
+            return False
+    return True
+
+
+def _vary(walk: "AtenChannelWalk", node: fx.Node, x: Tracked, what: str) -> Any:
+    """Positions picked along a dim whose channel ids vary: those stay whole (named
+    unless they are whole already)."""
+    ids = set(torch.unique(x.ids[x.ids >= 0]).tolist())
+    if ids <= walk.whole:
+        return None
+    return walk.reject(node, f"{what} picks positions along a channel dim")
+
+
+def _index(walk: "AtenChannelWalk", node: fx.Node) -> Any:
+    """``x[..., idx, ...]`` (``aten.index.Tensor``) with one index tensor."""
+    x = walk.value(node.args[0])
+    indices = list(node.args[1])
+    if isinstance(x, ParamRef):  # a parameter picked per token (an expert bias b[ids]):
+        return DerivedParam(x.name)  # an operand varying along channels keeps them whole
+    if not isinstance(x, Tracked):
+        return walk.reject(node, "index with channels in its index tensors")
+    if any(isinstance(walk.value(i), Tracked) for i in indices):
+        return walk.reject(node, "index with channels in its index tensors")
+    at = [d for d, i in enumerate(indices) if i is not None]
+    out_shape = concrete_shape(node)
+    if len(at) != 1 or out_shape is None:
+        return walk.reject(node, "index with several index tensors")
+    d = at[0]
+    if not _constant_along(x, [d]):
+        return _vary(walk, node, x, "index")
+    idx_rank = len(out_shape) - x.ids.dim() + 1
+    shape = (*x.ids.shape[:d], *(1,) * idx_rank, *x.ids.shape[d + 1:])
+    ids = x.ids.narrow(d, 0, 1).reshape(shape).expand(out_shape)
+    zero = x.zero.narrow(d, 0, 1).reshape(shape).expand(out_shape)
+    return Tracked(ids.contiguous(), zero.contiguous())
+
+
+def _gather(walk: "AtenChannelWalk", node: fx.Node, name: str) -> Any:
+    """``gather(x, dim, idx)`` / ``index_select(x, dim, idx)``."""
+    x = walk.value(node.args[0])
+    if isinstance(x, ParamRef):
+        return DerivedParam(x.name)
+    if not isinstance(x, Tracked) or isinstance(walk.value(node.args[2]), Tracked):
+        return walk.reject(node, f"{name} with channels in its index")
+    d = int(node.args[1]) % x.ids.dim()
+    out_shape = concrete_shape(node)
+    if out_shape is None:
+        return walk.reject(node, f"{name} output shape unknown")
+    if not _constant_along(x, [d]):
+        return _vary(walk, node, x, name)
+    ids, zero = x.ids.narrow(d, 0, 1), x.zero.narrow(d, 0, 1)
+    for other in range(x.ids.dim()):
+        if other != d and out_shape[other] != ids.shape[other]:
+            ids, zero = ids.narrow(other, 0, out_shape[other]), zero.narrow(other, 0, out_shape[other])
+    return Tracked(ids.expand(out_shape).contiguous(), zero.expand(out_shape).contiguous())
+
+
+# -- weights and masks -------------------------------------------------------------------
+def _op(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
+def expert_weight_kind(node: fx.Node, shape: Any) -> str | None:
+    """:data:`EXPERTS` when the ``get_attr`` ``node`` (a 3-D parameter) is the weight
+    operand of a grouped matmul, directly or through a transpose of its last two dims."""
+    if len(tuple(shape)) != 3:
+        return None
+    frontier = [node]
+    for _ in range(2):
+        nxt = []
+        for n in frontier:
+            for user in n.users:
+                if user.op != "call_function":
+                    continue
+                if _op(user) in GROUPED_MM and len(user.args) > 1 and user.args[1] is n:
+                    return EXPERTS
+                if _op(user) in ("transpose", "permute", "mT"):
+                    nxt.append(user)
+        frontier = nxt
+    return None
+
+
+def mask_channel_dim(prod: Producer) -> int:
+    """The weight dim a producer's channel mask gates: 0 for ``(out, in)``, 1 for
+    ``(in, out)``; expert weights: 1 for ``(E, out, in)``, 2 for ``(E, in, out)``."""
+    if prod.kind == EXPERTS:
+        return 1 if prod.weight_layout == "oi" else 2
+    return 1 if prod.weight_layout == "io" else 0
+
+
+__all__ = ["visit_expert_op", "expert_weight_kind", "mask_channel_dim", "EXPERT_OPS",
+           "GROUPED_MM", "SELECT_OPS", "GATHER_OPS", "EXPERTS"]
