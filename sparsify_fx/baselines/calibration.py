@@ -12,8 +12,10 @@ weights for SparseGPT; the user's source model is untouched.
 Layers are processed in execution order (``sequential=True``, the published methods'
 setting): the weights that read one input tensor (q/k/v, gate/up) form a group; each
 group's statistic is collected with every earlier group already pruned, so later layers
-calibrate on the pruned model's activations. Memory: one group's statistic (SparseGPT:
-one ``in x in`` Hessian) at a time; each group runs the batches up to that layer.
+calibrate on the pruned model's activations. ``sequential="block"``: the groups of one
+repeated block (``layers.3``) share a pass (about 4x fewer passes on a Llama). Memory:
+one step's statistics (SparseGPT: an ``in x in`` Hessian per group) at a time; each step
+runs the batches up to its layers.
 
 Methods plug in with :func:`register_pruner` (see ``wanda.py``, ``sparsegpt.py``).
 """
@@ -330,6 +332,42 @@ def _cut(entry: MaskEntry, stat: Tensor, tokens: int, target: LayerTarget, prune
     entry.mask.at_target.fill_(True)
 
 
+def block_of(name: str) -> str | None:
+    """The repeated block a weight name lies in: its path up to the first integer part
+    (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.3``); None outside any."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return None
+
+
+def calibration_steps(groups: Sequence[Group], sequential: Any) -> list[list[Group]]:
+    """The groups cut together after one collection pass. ``True``: one group per pass
+    (each calibrates on every earlier group pruned; a pass re-runs the batches up to that
+    group, so a model with ``G`` groups costs about ``G / 2`` full forwards); ``"block"``:
+    the consecutive groups of one repeated block (:func:`block_of`) share a pass (they see
+    the block's input with every earlier block pruned, as the reference code's per-block
+    loop; about ``blocks / 2`` forwards); ``False``: one pass over the unpruned model."""
+    if sequential is False:
+        return [list(groups)]
+    if sequential is True:
+        return [[g] for g in groups]
+    if sequential != "block":
+        raise ConfigError(f"option sequential must be True, False or 'block', got "
+                          f"{sequential!r}")
+    steps: list[list[Group]] = []
+    last: str | None = None
+    for g in groups:
+        key = block_of(g.names[0])
+        if steps and key is not None and key == last:
+            steps[-1].append(g)
+        else:
+            steps.append([g])
+        last = key
+    return steps
+
+
 def calibrate(model: nn.Module, batches: Iterable[Any] | None = None, *,
               statistics: LayerStatistics | None = None) -> CalibrationResult:
     """Cut the masks of a ``method="wanda" | "sparsegpt"`` model on calibration ``batches``.
@@ -371,7 +409,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any] | None = None, *,
         for i, batch in enumerate(items[1:], 1):  # every batch runs before any cut
             _run(root, batch, i)
         by_name = {e.name: e for e in entries}
-        steps = [[g] for g in groups] if cfg.options.get("sequential", True) else [groups]
+        steps = calibration_steps(groups, cfg.options.get("sequential", True))
         tokens = 0
         for step in steps:
             for stat in _collect(root, entries, step, items, pruner.statistic):
@@ -410,4 +448,4 @@ def _cut_from(root: nn.Module, method: str, entries: Sequence[MaskEntry],
 
 
 __all__ = ["calibrate", "collect_statistics", "LayerStatistics", "CalibrationResult", "LayerTarget", "Pruner", "register_pruner",
-           "calibrated_methods", "split_counts", "layer_targets", "normalize_batches"]
+           "calibrated_methods", "calibration_steps", "block_of", "split_counts", "layer_targets", "normalize_batches"]

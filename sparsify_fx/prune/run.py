@@ -156,7 +156,9 @@ def _train_and_cut(ctx: Context, gm: nn.Module, data: Data, example: torch.Tenso
         loader = DataLoader(data.train, batch_size=r["batch_size"], shuffle=False,
                             collate_fn=ctx.task.collate)
         count = max(1, -(-int(r["calibration_samples"]) // r["batch_size"]))
-        batches = [(x.to(ctx.device),) for x, _ in islice(loader, count)]
+        wanted = int(r["calibration_samples"])  # the last batch cut to exactly that many
+        batches = [(x[:wanted - i * r["batch_size"]].to(ctx.device),)
+                   for i, (x, _) in enumerate(islice(loader, count))]
         result = calibrate(gm, batches)
         ctx.notes.append(f"{r['method']}: calibrated on {result.tokens} tokens / samples of "
                          f"{len(batches)} training batches in {result.seconds:.1f} s "
@@ -325,6 +327,9 @@ def run(ctx: Context, overwrite: bool) -> dict[str, Any] | None:
                        capture=task.capture, dynamic_shapes=task.dynamic_shapes)
         if _cs_start(ctx) == "l1":  # kept slots at +1, pruned at -1, kept channels tend to 1
             ctx.method_options = {"s_init": 1.0, "rescale": False}
+        from sparsify_fx.prune.recipe import CALIBRATED
+        if r["method"] in CALIBRATED:  # one calibration pass per repeated block, not per group
+            ctx.method_options = {"sequential": "block"}
         gm = transform(model, **options, **ctx.method_options)
         if ctx.hf is not None and r["granularity"] == "channel":
             from sparsify_fx.passes.shrink.to_source import config_cannot_hold
