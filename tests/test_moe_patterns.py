@@ -32,9 +32,10 @@ class GroupedExperts(nn.Module):
     ``(E, in, out)`` (``transposed=True``); a dense residual stream and output head."""
 
     def __init__(self, hidden: int = 16, units: int = 12, experts: int = 4, top_k: int = 2,
-                 transposed: bool = False) -> None:
+                 transposed: bool = False, clamped: bool = False) -> None:
         super().__init__()
         self.top_k, self.experts, self.transposed = top_k, experts, transposed
+        self.clamped = clamped
         self.intermediate_dim = units
         self.router = nn.Linear(hidden, experts, bias=False)
         shape_up = (experts, hidden, 2 * units) if transposed else (experts, 2 * units, hidden)
@@ -58,7 +59,12 @@ class GroupedExperts(nn.Module):
         counts = torch.histc(expert_ids.float(), bins=self.experts, min=0, max=self.experts - 1)
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         gate, up = grouped_mm(tokens, self._weight(self.gate_up_proj), offs).chunk(2, dim=-1)
-        out = grouped_mm(F.silu(gate) * up, self._weight(self.down_proj), offs)
+        if self.clamped:  # a swiglu with a limit: clamps around 0, (up + 1) * glu
+            gate, up = gate.clamp(max=0.5), up.clamp(min=-0.5, max=0.5)
+            act = (up + 1) * (gate * torch.sigmoid(gate * 1.702))
+        else:
+            act = F.silu(gate) * up
+        out = grouped_mm(act, self._weight(self.down_proj), offs)
         out = out * weights.unsqueeze(-1)
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel())
@@ -85,14 +91,16 @@ def _assert_parity(gm: nn.Module, small: nn.Module, make) -> None:
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-def test_grouped_matmul_experts_units_are_groups_and_shrink_exactly(transposed: bool) -> None:
+@pytest.mark.parametrize("transposed,clamped", [(False, False), (True, False), (False, True)])
+def test_grouped_matmul_experts_units_are_groups_and_shrink_exactly(transposed: bool,
+                                                                      clamped: bool) -> None:
     """Each expert's MLP units are channel groups (unit i shared by every expert of the
     layer, so the fused 3-D tensors stay one tensor); routing (softmax, topk, sort, the
     index of tokens and of routing weights) only reads the router: no warning, the hidden
-    size stays whole, the router keeps its expert columns."""
+    size stays whole, the router keeps its expert columns. ``clamped``: a gate clamped
+    below a positive limit and an up clamped around 0 keep a pruned unit at 0."""
     torch.manual_seed(0)
-    model = GroupedExperts(transposed=transposed).eval()
+    model = GroupedExperts(transposed=transposed, clamped=clamped).eval()
     x = torch.randn(2, 8, 16)
     gm, warned = _transform(model, x)
     assert not warned, [str(w.message) for w in warned]

@@ -47,7 +47,7 @@ from torch import fx
 
 from sparsify_fx.mask import MaskSet
 from sparsify_fx.passes.aten.elementwise import ElementwiseRules
-from sparsify_fx.passes.aten.experts import EXPERT_OPS, visit_expert_op
+from sparsify_fx.passes.aten.experts import EXPERT_OPS, clamp_keeps_zero, visit_expert_op
 from sparsify_fx.passes.aten.op_tables import (BATCH_NORM, BINARY, CONV, IDENTITY_OPS, MATMUL,
                                                NO_CHANNELS, NONZERO_UNARY, NORMALIZE, REDUCE, SDPA,
                                                SHAPE_OPS, ZERO_KEEPING)
@@ -262,7 +262,9 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
             out = self.broadcast(x, self.shape(node)) if self.shape(node) != tuple(x.ids.shape) else x
             if name == "native_dropout":
                 return (out, None)
-            return out if name in ZERO_KEEPING else Tracked(out.ids, torch.zeros_like(out.zero))
+            if name in ZERO_KEEPING or clamp_keeps_zero(node, name):
+                return out
+            return Tracked(out.ids, torch.zeros_like(out.zero))
         if name in BINARY or (name in ("max", "min") and len(args) > 1 and isinstance(
                 args[1], fx.Node) and isinstance(args[1].meta.get("val"), torch.Tensor)):
             return self.binary(node, name)  # max.other / min.other: elementwise

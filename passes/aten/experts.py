@@ -175,6 +175,23 @@ def _gather(walk: "AtenChannelWalk", node: fx.Node, name: str) -> Any:
     return Tracked(ids.expand(out_shape).contiguous(), zero.expand(out_shape).contiguous())
 
 
+def clamp_keeps_zero(node: fx.Node, name: str) -> bool:
+    """``clamp`` / ``clamp_min`` / ``clamp_max`` with constant bounds around 0 maps 0 to 0
+    (a gated expert's ``gate.clamp(max=limit)``, ``up.clamp(-limit, limit)``)."""
+    if name not in ("clamp", "clamp_min", "clamp_max"):
+        return False
+    args = list(node.args[1:]) + [None] * 2
+    low = node.kwargs.get("min", args[0] if name != "clamp_max" else None)
+    high = node.kwargs.get("max", args[1] if name == "clamp" else args[0] if name == "clamp_max"
+                           else None)
+    for bound, ok in ((low, lambda v: v <= 0), (high, lambda v: v >= 0)):
+        if isinstance(bound, fx.Node) or (bound is not None and not isinstance(bound, (int, float))):
+            return False
+        if bound is not None and not ok(float(bound)):
+            return False
+    return True
+
+
 # -- weights and masks -------------------------------------------------------------------
 def _op(node: fx.Node) -> str:
     return getattr(node.target, "__name__", str(node.target)).split(".")[0]
@@ -208,5 +225,5 @@ def mask_channel_dim(prod: Producer) -> int:
     return 1 if prod.weight_layout == "io" else 0
 
 
-__all__ = ["visit_expert_op", "expert_weight_kind", "mask_channel_dim", "EXPERT_OPS",
+__all__ = ["visit_expert_op", "clamp_keeps_zero", "expert_weight_kind", "mask_channel_dim", "EXPERT_OPS",
            "GROUPED_MM", "SELECT_OPS", "GATHER_OPS", "EXPERTS"]
