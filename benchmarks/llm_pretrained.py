@@ -30,6 +30,7 @@ capture cut to ``--block-keep`` of the blocks' MACs: one-shot L1, L1 + fine-tune
 the L1 cut (same token budget), perplexity of the shrunk source-class model.
 
     nice -n 15 .venv/bin/python benchmarks/llm_pretrained.py --parts element [--seeds 0]
+    .venv/bin/python benchmarks/llm_pretrained.py --merge a.json b.json --out merged
 """
 from __future__ import annotations
 
@@ -286,14 +287,15 @@ def markdown(result: dict[str, Any]) -> str:
              "| method | target | ppl | gap to dense | training tokens | mask bits changed "
              "| seconds (prune / train) | load avg |", "|---|---|---|---|---|---|---|---|"]
     for s in result["summary"]:
-        sd = f" ± {s['ppl_sd']:.3f}" if s["n"] > 1 else ""
+        sd = f" ± {s['ppl_sd']:.3f} (n={s['n']})" if s["n"] > 1 else ""
         changed = ""
         if "mask_bits_changed" in s:
             changed = f"{s['mask_bits_changed']:,.0f} of {s.get('mask_bits', 0):,.0f}"
         elif "changed_slots" in s:
             changed = f"{s['changed_slots']:,.0f} slots"
         load = f"{s['load_average']:.1f}" if "load_average" in s else ""
-        lines.append(f"| {s['method']} | {s['target']} | {s['ppl']:.3f}{sd} | {s['gap']:+.3f} | "
+        gsd = f" ± {s['gap_sd']:.3f}" if s["n"] > 1 else ""
+        lines.append(f"| {s['method']} | {s['target']} | {s['ppl']:.3f}{sd} | {s['gap']:+.3f}{gsd} | "
                      f"{s['tokens']:,.0f} | {changed} | {s['seconds']:.0f} | {load} |")
     g = result.get("goal")
     if g:
@@ -308,6 +310,34 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", f"Wall time {result['seconds']:.0f} s, {state}; load average now "
               f"{result['load_average']:.1f} (2 cores shared with other jobs)."]
     return "\n".join(lines) + "\n"
+
+
+def merge(paths: list[str], out: str, argv: list[str] | None) -> None:
+    """One table from runs of single seeds (separate processes, same arguments otherwise):
+    their rows together, mean and spread per row; each run's command, wall time and load."""
+    import json
+    runs = [json.load(open(p)) for p in paths]
+    rows = [r for run in runs for r in run["rows"]]
+    keys = ("calib", "seq", "val_windows", "steps", "batch", "train_seq", "targets")
+    for run in runs[1:]:
+        if any(run["args"][k] != runs[0]["args"][k] for k in keys):
+            raise SystemExit(f"merge: the runs differ in {keys}; merge only like runs")
+    result = dict(runs[0])
+    result["args"] = {**runs[0]["args"], "seeds": sorted({r["seed"] for r in rows})}
+    result.update(command=command_line("llm_pretrained.py", argv), rows=rows,
+                  summary=summarize(rows), complete=all(r.get("complete") for r in runs),
+                  seconds=max(r["seconds"] for r in runs),
+                  load_average=os.getloadavg()[0],
+                  runs=[{"command": r["command"], "seconds": r["seconds"],
+                         "load_average": r["load_average"], "complete": r.get("complete"),
+                         "seeds": r["args"]["seeds"]} for r in runs])
+    result["goal"] = goal(result["summary"])
+    text = markdown(result)
+    text += "\nMerged from runs in parallel processes (1 torch thread each):\n\n" + "\n".join(
+        f"- `{r['command']}`: seeds {r['seeds']}, {r['seconds']:.0f} s, "
+        f"{'complete' if r['complete'] else 'partial'}, load average at its last write "
+        f"{r['load_average']:.1f}" for r in result["runs"]) + "\n"
+    write_results(out, result, text)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -343,7 +373,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (on a loaded 2-core machine 1 was faster than 2)")
     p.add_argument("--log-every", type=int, default=0)
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="only merge these single-seed results into --out (no run)")
     args = p.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out, argv)
+        return
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     from sparsify_fx.hf.checkpoint_files import load_pretrained
