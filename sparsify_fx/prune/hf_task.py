@@ -251,8 +251,21 @@ def hf_data(hf: HFModel, recipe: dict[str, Any]) -> tuple[Data, Task]:
     block = _positions(hf.source, recipe.get("block_size"), DEFAULT_BLOCK_SIZE)
     train, val, desc = lm_data(path, tok, block, frac)
     example = torch.stack([val[i % len(val)][0] for i in range(2)])
+    vocab = int(getattr(hf.source.config, "vocab_size", 0) or 0)
     return Data(train, val, desc), Task("perplexity", example=example, capture="export",
+                                        eval_batch_size=lm_eval_batch(block, vocab),
                                         dynamic_shapes=({0: auto, 1: auto},))
+
+
+#: float32 logits one causal-lm evaluation batch may hold (batch x block x vocab): 256 MB
+LOGIT_BUDGET = 1 << 26
+
+
+def lm_eval_batch(block: int, vocab: int, most: int = 256) -> int:
+    """Blocks per causal-lm evaluation batch: at most ``most``, and no more than keep the
+    batch's logits within :data:`LOGIT_BUDGET` floats (a 49k vocabulary at 256 tokens: 5
+    blocks; 256 blocks held 4.5 GB of logits and the softmax as much again)."""
+    return max(1, min(most, LOGIT_BUDGET // max(1, block * vocab)))
 
 
 def save_pruned(hf: HFModel, final: nn.Module, folder: os.PathLike | str,
