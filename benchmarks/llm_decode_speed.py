@@ -192,7 +192,8 @@ def export_form(name: str, m: torch.nn.Module, work: Path, info: dict[str, Any],
     base = {**info, "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
             "intermediate": c.intermediate_size, "params": sum(p.numel() for p in m.parameters()),
             "decode_macs_at_context": decode_macs(m, prompt + decode // 2),
-            "export_s": time.perf_counter() - t0}
+            "export_s": time.perf_counter() - t0,
+            "fusion": None if res.fusion is None else res.fusion.describe()}
     rows = {name: {**base, "file": str(fp32), "bytes": fp32.stat().st_size,
                    "checks": [c.to_dict() for c in res.fp32_checks]},
             f"{name}_int8": {**base, "file": str(int8), "bytes": res.bytes,
@@ -221,7 +222,8 @@ def quantize_variant(fp32: Path, variant: str, rtol: float) -> dict[str, Any]:
             "teacher_forced_max_abs_diff": check["max_abs_diff"],
             "logit_scale": check["logit_scale"], "int8_rtol": rtol,
             "int8_within_rtol": check["ratio"] <= rtol, "checks": [check],
-            "export_s": time.perf_counter() - t0}
+            "export_s": time.perf_counter() - t0,
+            "fusion": None if res.fusion is None else res.fusion.describe()}
 
 
 def result_dict(args: argparse.Namespace, argv: list[str] | None, description: str,

@@ -35,8 +35,9 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -47,6 +48,7 @@ from sparsify_fx.export.decoder_module import (CacheDecoder, CacheLayout, cache_
 from sparsify_fx.export.decoder_verify import GenerationCheck, Prompt, verify_decoder
 from sparsify_fx.export.onnx_check import checked_session
 from sparsify_fx.export.onnx_generate import Generation, OnnxDecoder, greedy_generate
+from sparsify_fx.export.ort_fusions import FusionResult, fuse_for_onnxruntime
 from sparsify_fx.export.sparse_initializers import InitializerStorage, sparsify_initializers
 
 if TYPE_CHECKING:
@@ -67,7 +69,8 @@ class DecoderExport:
     :class:`GenerationCheck` per verified prompt (empty with ``verify=False``);
     ``quantized``: the int8 side (``None`` without ``quantize=``), its ``max_abs_diff``
     / ``tolerance`` from the teacher-forced check; ``fp32_checks``: the fp32 file's
-    checks when ``quantize=`` (it is verified first)."""
+    checks when ``quantize=`` (it is verified first); ``fusion``: the onnxruntime
+    fusions applied (``None`` with ``fuse=False``)."""
 
     path: Path
     bytes: int
@@ -78,6 +81,7 @@ class DecoderExport:
     external_data: Path | None = None
     quantized: QuantizedExport | None = None
     fp32_checks: list[GenerationCheck] = field(default_factory=list)
+    fusion: FusionResult | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -104,8 +108,9 @@ class DecoderExport:
                     f"verified on {len(self.checks)} prompts x {self.checks[0].new_tokens} "
                     f"tokens, worst logit diff {max(c.max_abs_diff for c in self.checks):.3g}")
         int8 = "" if self.quantized is None else f" ({self.quantized.mode} int8)"
+        fused = "" if self.fusion is None else f"; {self.fusion.describe()}"
         return (f"{self.path}{int8}: {self.bytes:,} bytes; {layout.layers} layers, KV heads "
-                f"{'/'.join(map(str, heads))}; {verified}")
+                f"{'/'.join(map(str, heads))}; {verified}{fused}")
 
 
 def _destination(path: str | os.PathLike) -> Path:
@@ -181,6 +186,39 @@ def _place(staged: Path, data: Path | None, target: Path) -> Path | None:
     return final_data
 
 
+def _matches_reference(wrapper: CacheDecoder, args: tuple, work: Path, rtol: float,
+                       atol: float) -> Callable[[onnx.ModelProto], str | None]:
+    """The fusion pass's acceptance check: the fused graph loads in onnxruntime and
+    every output on ``args`` is within ``atol + rtol * max |reference|`` of PyTorch's
+    (the full generation check still runs on the written file)."""
+    import onnxruntime as ort
+    with torch.no_grad():
+        reference = [t.detach().numpy() for t in wrapper(*args)]
+    feeds = dict(zip(wrapper.layout.input_names(), (a.numpy() for a in args)))
+
+    def accept(proto: onnx.ModelProto) -> str | None:
+        file = work / "fused_check.onnx"
+        data = save_proto(proto, file, None)
+        try:
+            session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+            outputs = session.run(None, feeds)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types
+            return f"onnxruntime refuses the fused graph: {exc}"[:300]
+        finally:
+            file.unlink(missing_ok=True)
+            if data is not None:
+                data.unlink(missing_ok=True)
+        for name, got, want in zip(wrapper.layout.output_names(), outputs, reference):
+            bound = atol + rtol * float(np.abs(want).max(initial=0.0))
+            diff = float(np.abs(got - want).max(initial=0.0)) if got.shape == want.shape else None
+            if diff is None or diff > bound:
+                return (f"output {name} differs from PyTorch's "
+                        f"({'shape ' + str(got.shape) if diff is None else f'{diff:.3g}'} "
+                        f"vs bound {bound:.3g})")
+        return None
+    return accept
+
+
 def _size(file: Path, data: Path | None) -> int:
     return file.stat().st_size + (data.stat().st_size if data else 0)
 
@@ -191,7 +229,7 @@ def export_decoder(model: nn.Module, path: str | os.PathLike, *, quantize: str |
                    rtol: float = 1e-4, atol: float = 1e-5,
                    int8_tolerance: Int8Tolerance | None = None,
                    fp32_path: str | os.PathLike | None = None, opset: int | None = None,
-                   external_data: bool | None = None) -> DecoderExport:
+                   external_data: bool | None = None, fuse: bool = True) -> DecoderExport:
     """Write ``model`` (a Hugging Face causal LM, dense, element-pruned or shrunk; or a
     ``transform`` capture of one) as a verified ONNX decoder with past key/values at
     ``path`` (module docstring). ``quantize="dynamic"``: dynamic int8 (``fp32_path``:
@@ -200,7 +238,10 @@ def export_decoder(model: nn.Module, path: str | os.PathLike, *, quantize: str |
     :func:`~sparsify_fx.export.decoder_verify.default_prompts`) against
     ``model.generate``; :class:`~sparsify_fx.errors.GenerationMismatchError` on a
     difference. ``sparse`` / ``min_sparsity`` / ``only_if_smaller`` / ``external_data``
-    / ``opset``: as :func:`~sparsify_fx.export.onnx_export.export_onnx`. Raises
+    / ``opset``: as :func:`~sparsify_fx.export.onnx_export.export_onnx`. ``fuse``:
+    rewrite RMSNorm / rotary / attention patterns into onnxruntime's fused ops
+    (:mod:`sparsify_fx.export.ort_fusions`; the file then needs onnxruntime; verified
+    like the unfused one; ``False`` keeps standard ONNX ops only). Raises
     :class:`ExportError` (nothing is left at ``path``), :class:`ConfigError` for an
     unsupported model or option."""
     if quantize not in (None, "dynamic"):
@@ -225,6 +266,10 @@ def export_decoder(model: nn.Module, path: str | os.PathLike, *, quantize: str |
         wrapper = CacheDecoder(model, layout).eval()
         args = example_inputs(layout)
         proto = _torch_export(wrapper, args, opset)
+        fusion = (fuse_for_onnxruntime(proto, _matches_reference(wrapper, args, work, rtol,
+                                                                 atol)) if fuse else None)
+        if fusion is not None:
+            proto = fusion.proto
         dense_bytes = proto.ByteSize()
         request = dense_file = None
         if quantize is not None:
@@ -241,8 +286,11 @@ def export_decoder(model: nn.Module, path: str | os.PathLike, *, quantize: str |
         del proto
         checks: list[GenerationCheck] = []
         if verify:
-            session = checked_session(staged, "the exported decoder", OnnxDecoder)
-            checks = verify_decoder(model, session, what="the fp32 decoder", prompts=prompts,
+            session = checked_session(staged, "the exported decoder", OnnxDecoder,
+                                      runtime_ops=fuse)
+            what = "the fp32 decoder" + (" (fused for onnxruntime: fuse=False exports it "
+                                         "unfused)" if fusion and fusion.counts else "")
+            checks = verify_decoder(model, session, what=what, prompts=prompts,
                                     new_tokens=new_tokens, rtol=rtol, atol=atol)
         written = _size(staged, data)
         quantized = None
@@ -262,7 +310,7 @@ def export_decoder(model: nn.Module, path: str | os.PathLike, *, quantize: str |
         for module, mode in flags:
             module.training = mode
     return DecoderExport(target, written, dense_bytes, layout, storage, checks, final_data,
-                         quantized, fp32_checks)
+                         quantized, fp32_checks, fusion)
 
 
 def _int8(request: Any, dense_file: Path, work: Path, target: Path, wrapper: CacheDecoder,
@@ -281,7 +329,7 @@ def _int8(request: Any, dense_file: Path, work: Path, target: Path, wrapper: Cac
                    save=save_proto, open_session=OnnxDecoder)
     q_checks: list[GenerationCheck] = []
     if verify:
-        session = checked_session(q.file, "the int8 decoder", OnnxDecoder)
+        session = checked_session(q.file, "the int8 decoder", OnnxDecoder, runtime_ops=True)
         q_checks = verify_decoder(wrapper.model, session, what="the dynamic int8 decoder",
                                   prompts=prompts, new_tokens=new_tokens, int8=request.tolerance)
     q_written = _size(q.file, q.data)

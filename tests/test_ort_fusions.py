@@ -1,0 +1,98 @@
+"""onnxruntime operator fusions in exported decoders (issue 33: the non-MatMul ops of a
+decode step): ``export_decoder(fuse=True)`` (the default) rewrites RMSNorm, rotary and
+attention patterns into onnxruntime's fused ops, keeps the generation check, falls back
+level by level when a fused graph is refused, and never changes what the file computes.
+"""
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import sparsify_fx as sf
+from sparsify_fx.errors import ExportError
+from sparsify_fx.export.onnx_check import checked_session
+from sparsify_fx.export.onnx_generate import greedy_generate
+from sparsify_fx.export.ort_fusions import FusionWarning, fuse_for_onnxruntime
+
+transformers = pytest.importorskip("transformers")
+VOCAB = 256
+
+
+def _llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        use_cache=False)).eval()
+
+
+def _ops(path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fusions")
+    model = _llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused = sf.export_decoder(model, tmp / "fused.onnx")
+        plain = sf.export_decoder(model, tmp / "plain.onnx", fuse=False, sparse=False,
+                                   verify=False)
+    return model, fused, plain
+
+
+def test_fused_decoder_uses_runtime_ops_and_generates_the_unfused_tokens(exported) -> None:
+    model, fused, plain = exported
+    assert fused.fusion is not None and fused.fusion.skipped is None
+    assert fused.fusion.counts.get("rms_normalization", 0) >= 2, fused.fusion.counts
+    assert fused.fusion.nodes_after < fused.fusion.nodes_before
+    ops, plain_ops = _ops(fused.path), _ops(plain.path)
+    assert ops["SimplifiedLayerNormalization"] + ops["SkipSimplifiedLayerNormalization"] >= 2
+    assert "SimplifiedLayerNormalization" not in plain_ops and "Pow" in plain_ops
+    assert sum(ops.values()) < sum(plain_ops.values())
+    assert plain.fusion is None and all(c.tokens_equal for c in fused.checks)
+    # same tokens and logits as the unfused file, on prompts that lead to different text
+    outs = []
+    for seed in (1, 2):
+        ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
+        a = greedy_generate(fused.decoder(), ids, max_new_tokens=12)
+        b = greedy_generate(plain.decoder(), ids, max_new_tokens=12)
+        np.testing.assert_array_equal(a.sequences, b.sequences)
+        for x, y in zip(a.logits, b.logits):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+        outs.append(a.new_tokens)
+    assert not np.array_equal(outs[0], outs[1])
+
+
+def test_refused_levels_fall_back_then_leave_the_graph_unfused(exported, tmp_path) -> None:
+    _, _, plain = exported
+    proto = onnx.load(str(plain.path))
+    seen: list[set[str]] = []
+
+    def no_attention(p: onnx.ModelProto) -> str | None:
+        ops = {n.op_type for n in p.graph.node}
+        seen.append(ops)
+        return "attention refused by the test" if "MultiHeadAttention" in ops else None
+
+    result = fuse_for_onnxruntime(proto, no_attention)
+    assert "MultiHeadAttention" in seen[0]  # the first level fused attention
+    assert result.level == "norms" and result.refused and "by the test" in result.refused[0]
+    assert "MultiHeadAttention" not in {n.op_type for n in result.proto.graph.node}
+    assert result.counts.get("rms_normalization", 0) >= 2
+    with pytest.warns(FusionWarning, match="refused everything"):
+        none = fuse_for_onnxruntime(proto, lambda p: "refused everything")
+    assert none.proto is proto and none.skipped and none.counts == {}
+
+
+def test_checker_leaves_runtime_ops_to_onnxruntime(exported) -> None:
+    _, fused, _ = exported
+    with pytest.raises(ExportError, match="onnx.checker"):
+        checked_session(fused.path, "the fused decoder", lambda p: p)
+    assert checked_session(fused.path, "the fused decoder", lambda p: "opened",
+                           runtime_ops=True) == "opened"
