@@ -115,13 +115,24 @@ def tiny_config(model_class: type, leave_out: tuple[str, ...] = ()) -> Any:
     return config
 
 
-def make_inputs(kind: str, vocab: int, batch: int, seq: int, seed: int) -> tuple:
+def takes_mask(model_class: type) -> bool:
+    """Whether ``model_class.forward`` names ``attention_mask`` (FNet's takes none: passing
+    one through its ``**kwargs`` is refused by the capture)."""
+    return "attention_mask" in inspect.signature(model_class.forward).parameters
+
+
+def make_inputs(kind: str, vocab: int, batch: int, seq: int, seed: int,
+                mask: bool = True) -> tuple | dict:
+    """Token ids (``lm``: a tuple), or ids and a padding mask by keyword (``cls``; only the
+    ids when ``mask`` is false: a forward without ``attention_mask``)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, min(vocab, 96), (batch, seq), generator=g)
     if kind == "cls":
-        mask = torch.ones(batch, seq, dtype=torch.long)
-        mask[0, -2:] = 0
-        return {"input_ids": ids, "attention_mask": mask}  # by keyword: any signature
+        if not mask:
+            return {"input_ids": ids}
+        attention = torch.ones(batch, seq, dtype=torch.long)
+        attention[0, -2:] = 0
+        return {"input_ids": ids, "attention_mask": attention}  # by keyword: any signature
     return (ids,)
 
 
@@ -167,7 +178,7 @@ def build_family(model_class: type, kind: str, seed: int, row: dict) -> tuple:
         try:
             model = model_class(config).eval()
             vocab = vocab_of(config)
-            x = make_inputs(kind, vocab, 2, 8, seed=0)
+            x = make_inputs(kind, vocab, 2, 8, seed=0, mask=takes_mask(model_class))
             with torch.no_grad():
                 run_logits(model, x)
         except Exception as exc:  # noqa: BLE001  the family does not run as built

@@ -101,7 +101,8 @@ def run_family(family: str, class_name: str, kind: str, seed: int = 0) -> dict[s
         if model is None:
             return row
         spec = {0: Dim.AUTO, 1: Dim.AUTO}
-        dynamic = {"input_ids": spec, "attention_mask": spec} if kind == "cls" else (spec,)
+        dynamic = {k: spec for k in x} if kind == "cls" else (spec,)
+        mask = isinstance(x, dict) and "attention_mask" in x
         options = dict(method="cs", granularity="channel", target_macs=0.5, example_inputs=x,
                        capture="export")
         step = "transform"
@@ -129,7 +130,8 @@ def run_family(family: str, class_name: str, kind: str, seed: int = 0) -> dict[s
         dense_n = sum(p.numel() for p in model.parameters())
         row["params_fraction"] = round(sum(p.numel() for p in small.parameters()) / dense_n, 4)
         step = "parity"
-        xb, other = make_inputs(kind, vocab, 3, 11, seed=1), make_inputs(kind, vocab, 3, 11, seed=2)
+        xb, other = (make_inputs(kind, vocab, 3, 11, seed=1, mask=mask),
+                     make_inputs(kind, vocab, 3, 11, seed=2, mask=mask))
         with torch.no_grad():
             ref, ref_other = _hard_masked(gm, xb), _hard_masked(gm, other)
             if not float((ref - ref_other).abs().max()) > 1e-4:
@@ -154,7 +156,7 @@ def run_family(family: str, class_name: str, kind: str, seed: int = 0) -> dict[s
         step = "uniform_save"
         row["checks"]["uniform_save"] = _uniform_save(model, gm, x, kind, vocab, options,
                                                       dynamic if row["dynamic"] else None, seed,
-                                                      row["target"])
+                                                      row["target"], mask)
         saved = row["checks"]["uniform_save"]
         row["result"] = "pass" if saved is True or str(saved).startswith("after exclude") \
             else "pass (save refused)"
@@ -196,7 +198,8 @@ def _cut(gm: Any, scores: dict, groups: dict, row: dict) -> float:
         raise
 
 def _uniform_save(model: Any, gm: Any, x: Any, kind: str, vocab: int, options: dict,
-                  dynamic: Any, seed: int, first: float = TARGET) -> bool | str:
+                  dynamic: Any, seed: int, first: float = TARGET,
+                  mask: bool = True) -> bool | str:
     """A uniform cut, shrink, save + reload equal (True); when the save is refused (the
     config cannot describe the widths), the documented fix: transform again with
     ``exclude=config_cannot_hold(gm)``, uniform cut, save + reload ("after exclude"); a
@@ -242,7 +245,7 @@ def _uniform_save(model: Any, gm: Any, x: Any, kind: str, vocab: int, options: d
                 refused = f"refused: {exc}"[:300]
                 continue
             loaded = type(small).from_pretrained(tmp, local_files_only=True).eval()
-            x9 = make_inputs(kind, vocab, 2, 9, seed=4)
+            x9 = make_inputs(kind, vocab, 2, 9, seed=4, mask=mask)
             with torch.no_grad():
                 _close(run_logits(loaded, x9), run_logits(small, x9), "reloaded vs shrunk", 1e-5)
                 _close(run_logits(small, x9), _hard_masked(uni, x9), "uniform shrunk vs hard-masked")

@@ -50,6 +50,14 @@ def scale_width(value: int, kept: int, total: int) -> int:
     return value * kept // total
 
 
+def holds_width(value: int, width: int) -> bool:
+    """Whether a config field of ``value`` can hold a group of ``width`` units at any kept
+    count: the field is the width, half of it (a fused gate/up of ``2 x value``), or a
+    whole multiple of it (an MLP built with ``value // 2`` units). A field coarser than a
+    unit (``expansion_ratio x hidden`` units) cannot."""
+    return width in (value, 2 * value) or (width > 0 and value % width == 0)
+
+
 def _uniform(blocks: dict[str, dict]) -> bool:
     """Every attention block keeps the same widths, and every MLP block."""
     for kind in ("attention", "mlp"):
@@ -75,7 +83,7 @@ def config_cannot_hold(model: nn.Module) -> list[str]:
     cg = channel_graph_of(gm)
     attention = {int(g) for p in cg.producers.values() if p.kind == "attention_matmul"
                  for g in cg.slots(p.out_ids)[0] if g >= 0}
-    heads_ok = _config_holds_fewer_heads(hf_model)
+    heads = _fewer_heads_changes(hf_model, path)
     mlp = [g for g in cg.groups if g.index not in attention]
     owners = {_owner(_owner(w)) for g in mlp for w in _group_weights(cg, g, consumers=True)}
     fields = mlp_fields(hf_model, path, owners)
@@ -83,8 +91,9 @@ def config_cannot_hold(model: nn.Module) -> list[str]:
     for group in cg.groups:
         mine = set(_group_weights(cg, group))
         width = len(group.components)
-        holds = heads_ok if group.index in attention else any(
-            mine <= changed and width in (value, 2 * value) for value, changed in fields.values())
+        holds = (heads is not None and set(_group_weights(cg, group, consumers=True)) <= heads) \
+            if group.index in attention else any(
+            mine <= changed and holds_width(value, width) for value, changed in fields.values())
         if not holds:
             out += sorted(mine)
     return sorted(set(out))
@@ -156,6 +165,33 @@ def _builds(hf_model: nn.Module, config: Any) -> dict[str, tuple] | None:
     return {k: tuple(v.shape) for k, v in trial.state_dict().items()}
 
 
+def _fewer_heads_changes(hf_model: nn.Module, prefix: str) -> frozenset[str] | None:
+    """The weights (full names, ``prefix``: ``hf_model``'s path) whose shape changes when
+    the config describes one KV group fewer at the same ``head_dim``, each losing exactly
+    one group of heads; None when it cannot (models that derive ``head_dim`` from
+    ``hidden_size / heads``, such as BERT or GPT-2). An attention group is held only when
+    all its weights are among them: an output projection built ``hidden x hidden``
+    (whatever the heads) does not follow the heads."""
+    if not _config_holds_fewer_heads(hf_model):
+        return None
+    config = hf_model.config
+    dense, small = _builds(hf_model, config), _builds(hf_model, _fewer_heads_config(config))
+    return frozenset(f"{prefix}.{k}" if prefix else k for k in dense if small.get(k) != dense[k])
+
+
+def _fewer_heads_config(config: Any) -> Any:
+    """A copy of ``config`` with one KV group of heads fewer, ``head_dim`` pinned."""
+    heads, hidden = _attr(config, "num_attention_heads"), _attr(config, "hidden_size")
+    kv = _attr(config, "num_key_value_heads") or heads
+    trial = copy.deepcopy(config)
+    if not isinstance(getattr(type(config), "head_dim", None), property):  # Falcon derives it
+        trial.head_dim = _attr(config, "head_dim") or hidden // heads
+    trial.num_attention_heads = heads - heads // kv
+    if _has(config, "num_key_value_heads"):
+        trial.num_key_value_heads = kv - 1
+    return trial
+
+
 def _config_holds_fewer_heads(hf_model: nn.Module) -> bool:
     """Whether the config can describe one KV group fewer at the same ``head_dim``: the
     class built from it has smaller query projections (models that derive ``head_dim``
@@ -166,13 +202,7 @@ def _config_holds_fewer_heads(hf_model: nn.Module) -> bool:
     if not isinstance(heads, int) or not isinstance(hidden, int) or heads < 2:
         return False
     kv = _attr(config, "num_key_value_heads") or heads
-    trial = copy.deepcopy(config)
-    if not isinstance(getattr(type(config), "head_dim", None), property):  # Falcon derives it
-        trial.head_dim = _attr(config, "head_dim") or hidden // heads
-    trial.num_attention_heads = heads - heads // kv
-    if _has(config, "num_key_value_heads"):
-        trial.num_key_value_heads = kv - 1
-    dense, small = _builds(hf_model, config), _builds(hf_model, trial)
+    dense, small = _builds(hf_model, config), _builds(hf_model, _fewer_heads_config(config))
     if dense is None or small is None:
         return False
     shrunk = [k for k in dense if small.get(k) != dense[k]]
@@ -267,7 +297,7 @@ def _holding(block: dict, widths: dict[str, tuple]) -> dict[str, int]:
     width is (or a fused gate/up of 2 x value)."""
     producers = set(block.get("_producers", ()))
     return {attr: value for attr, (value, changed) in widths.items()
-            if producers and producers <= changed and block["_total"] in (value, 2 * value)}
+            if producers and producers <= changed and holds_width(value, block["_total"])}
 
 
 def layer_configs(src: nn.Module, blocks: dict[str, dict]) -> None:

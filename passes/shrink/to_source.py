@@ -177,10 +177,54 @@ def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple]
                         new[attr] = scale_width(value, kept, total)
                         setattr(owner, attr, new[attr])
         kind = "attention" if group.index in attention_groups else "mlp"
-        changed[path] = dict(new, _kind=kind, _kept=q_kept, _total=q_total, _kv_kept=kv_kept,
+        extra = _other_widths(src, owners[:1], q_kept, q_total, new)
+        changed[path] = dict(new, _kind=kind, _extra=extra, _kept=q_kept, _total=q_total, _kv_kept=kv_kept,
                              _kv_total=kv_total, _producers=tuple(weights),
                              _weights=tuple(weights + consumers))
     return changed
+
+
+def _other_widths(src: nn.Module, owner_paths: list[str], kept: int, total: int,
+                  done: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """Integer attributes of a group's owner module (no name of the known width
+    attributes) holding the group's whole width, e.g. ``self.embed_dim`` that BART-style
+    attention reshapes its output with: ``{"path:attr": (old, new)}``. Not set here;
+    :func:`_retry_widths` sets them only when the shrink does not run without them."""
+    out: dict[str, tuple[int, int]] = {}
+    if kept == total:
+        return out
+    for owner_path in owner_paths:
+        owner = src.get_submodule(owner_path) if owner_path else src
+        for attr, value in vars(owner).items():
+            if attr.startswith("_") or attr in done or attr == "training":
+                continue
+            if isinstance(value, int) and not isinstance(value, bool) and value == total:
+                out[f"{owner_path}:{attr}"] = (value, kept)
+    return out
+
+
+def _set_widths(src: nn.Module, blocks: dict, which: int) -> None:
+    """Every block's other width attributes at their old (``which=0``) or new value (1)."""
+    for block in blocks.values():
+        for key, values in block.get("_extra", {}).items():
+            path, _, attr = key.partition(":")
+            setattr(src.get_submodule(path) if path else src, attr, values[which])
+
+
+def _retry_widths(exported: nn.Module, src: nn.Module, blocks: dict, inputs: Any,
+                  error: ShrinkError) -> None:
+    """After the shrunk model failed its check (``error``): set the owner attributes
+    holding a group's whole width (:func:`_other_widths`) to the kept width and check
+    again; kept when the model then equals the hard-masked capture, else undone and
+    ``error`` raised."""
+    if inputs is None or not any(b.get("_extra") for b in blocks.values()):
+        raise error
+    _set_widths(src, blocks, 1)
+    try:
+        _check(exported, src, inputs)
+    except ShrinkError:
+        _set_widths(src, blocks, 0)
+        raise error from None
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:
@@ -267,7 +311,11 @@ def shrink_to_source(model: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) ->
     src.__dict__["sparsify_uniform_widths"] = uniform
     record_gaps(src, blocks)  # a config that cannot describe the model: no save
     cfg = getattr(exported, "sparsify_config", None)
-    _check(exported, src, getattr(cfg, "example_inputs", None))
+    inputs = getattr(cfg, "example_inputs", None)
+    try:
+        _check(exported, src, inputs)
+    except ShrinkError as exc:  # a width attribute of no known name: set it, check again
+        _retry_widths(exported, src, blocks, inputs, exc)
     src.train(exported.training)
     return src
 
