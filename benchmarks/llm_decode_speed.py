@@ -268,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="timing configurations, each a full alternating comparison")
     ap.add_argument("--no-dense", action="store_true",
                     help="leave the dense form out (a second export process beside a first)")
+    ap.add_argument("--unfused-work", default=None,
+                    help="a --work folder of files exported with fuse=False (an earlier "
+                         "run): its --unfused-forms are timed beside these as <form>_unfused")
+    ap.add_argument("--unfused-forms", nargs="*", default=["dense", "structured_0.5_int8"])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "llm_decode_speed"))
     args = ap.parse_args(argv)
     torch.set_num_threads(THREADS)
@@ -311,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                 saved.write_text(json.dumps(new, indent=1))
         rows.update(new)
         save_partial()
+    rows.update(unfused_rows(args))
     if args.skip_timing:
         return 0
     timing_s: dict[str, float] = {}
@@ -324,6 +329,24 @@ def main(argv: list[str] | None = None) -> int:
         r = result_dict(args, argv, description, model, rows, t_start, timing_s, loads)
         write_results(args.out, r, markdown(r))
     return 0
+
+
+def unfused_rows(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """``--unfused-forms`` read from ``--unfused-work``'s ``<form>.json`` files, keyed
+    ``<form>_unfused`` (their files were exported with ``fuse=False``)."""
+    if not args.unfused_work:
+        return {}
+    found: dict[str, dict[str, Any]] = {}
+    for saved in sorted(Path(args.unfused_work).glob("*.json")):
+        try:
+            rows = json.loads(saved.read_text())
+        except ValueError:
+            continue
+        for key, row in rows.items() if isinstance(rows, dict) else ():
+            if key in args.unfused_forms and isinstance(row, dict) and "file" in row:
+                found[f"{key}_unfused"] = {**{k: v for k, v in row.items() if k != "timing"},
+                                           "fusion": "unfused (fuse=False)"}
+    return found
 
 
 def sf_compare(paths: dict[str, Path], args: argparse.Namespace,
@@ -354,12 +377,13 @@ def markdown(r: dict[str, Any]) -> str:
              "(2 cores, shared)", ""]
     if not r["complete"]:
         lines += ["**Partial results: not every timing configuration has run.**", ""]
-    lines += ["| file | params | bytes | perplexity | blocks MACs | KV heads / heads / MLP |",
-              "|---|---|---|---|---|---|"]
+    lines += ["| file | params | bytes | perplexity | blocks MACs | KV heads / heads / MLP "
+              "| graph |", "|---|---|---|---|---|---|---|"]
     for k, row in r["rows"].items():
         lines.append(f"| {k} | {row['params'] / 1e6:.1f} M | {row['bytes'] / 2**20:.0f} MiB | "
                      f"{_fmt(row, 'perplexity', '.2f')} | {row.get('blocks_macs_ratio', 1.0):.3f}"
-                     f" | {row['kv_heads']} / {row['heads']} / {row['intermediate']} |")
+                     f" | {row['kv_heads']} / {row['heads']} / {row['intermediate']} | "
+                     f"{row.get('fusion') or '-'} |")
     for name in r["timings"]:
         if not any(name in row.get("timing", {}) for row in r["rows"].values()):
             continue

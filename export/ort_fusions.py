@@ -7,8 +7,10 @@ step (one token) each of those ops costs a kernel launch over a tiny tensor, so 
 non-MatMul ops take a large share of the step (issue 33: about 2,150 nodes per step on
 SmolLM2-135M). :func:`fuse_for_onnxruntime` rewrites them into onnxruntime's fused
 contrib ops (``SimplifiedLayerNormalization``, ``SkipSimplifiedLayerNormalization``,
-``RotaryEmbedding``, ``MultiHeadAttention``, ...) with the pattern rewriter that ships
-with the ONNX exporter (``onnxscript.rewriter.ort_fusions.optimize_for_ort``).
+``RotaryEmbedding``, ``MultiHeadAttention``, ...) with the fusion rules of the pattern
+rewriter that ships with the ONNX exporter (``onnxscript.rewriter.ort_fusions``), in
+the order of its ``optimize_for_ort`` but without its ``FusedMatMul`` rules (see
+:func:`_steps`).
 
 Contract: ``proto`` is not mutated; the result computes the same function up to
 float rounding (callers verify it: :func:`sparsify_fx.export.onnx_decoder.export_decoder`
@@ -65,39 +67,53 @@ LEVELS = ("attention", "norms")
 Accept = Callable[[onnx.ModelProto], "str | None"]
 
 
-def _fuse_norms(model: Any) -> dict[str, int]:
-    """Normalisation and rotary-embedding fusions only (no attention rewrite)."""
-    import onnx_ir.passes.common as common_passes
-    from onnxscript.optimizer import optimize
-    from onnxscript.rewriter.ort_fusions.cos_sin_cache import fuse_cos_sin_cache
-    from onnxscript.rewriter.ort_fusions.rms_normalization import fuse_rms_normalization
-    from onnxscript.rewriter.ort_fusions.rotary_embedding import (
-        fuse_partial_rotary_embedding, fuse_rotary_embedding)
-    from onnxscript.rewriter.ort_fusions.skip_normalization import (
-        fuse_skip_layer_normalization, fuse_skip_rms_normalization)
-    common_passes.ShapeInferencePass()(model)
-    optimize(model)
-    steps = {"rms_normalization": fuse_rms_normalization,
-             "skip_layer_normalization": fuse_skip_layer_normalization,
-             "skip_rms_normalization": fuse_skip_rms_normalization,
-             "rotary_embedding": fuse_rotary_embedding, "cos_sin_cache": fuse_cos_sin_cache,
-             "partial_rotary_embedding": fuse_partial_rotary_embedding}
-    counts = {name: step(model) for name, step in steps.items()}
-    optimize(model)
-    return counts
+def _steps(level: str) -> list[tuple[str, Callable[..., int]]]:
+    """The rewriter's fusions of ``level``, in the order onnxscript's own
+    ``optimize_for_ort`` applies them. Left out on purpose: its ``FusedMatMul`` /
+    softmax rule sets (a weight ``MatMul`` turned into ``FusedMatMul`` is no longer
+    quantized by ``quantize_dynamic``: the tied lm_head stayed fp32, 13 % of an int8
+    decode step; onnxruntime makes the same fusion itself when it loads the file)."""
+    from onnxscript.rewriter.ort_fusions import (attention, bias_gelu, cos_sin_cache, erfgelu,
+                                                 gelu, gqa, gqa_packed_qkv, mha, mha_bias,
+                                                 mha_scale, rms_normalization, rotary_embedding,
+                                                 sdpa, sdpa_via_mha, skip_normalization)
+    norms = [("erf_gelu", erfgelu.fuse_erfgelu),
+             ("rms_normalization", rms_normalization.fuse_rms_normalization),
+             ("skip_layer_normalization", skip_normalization.fuse_skip_layer_normalization),
+             ("skip_rms_normalization", skip_normalization.fuse_skip_rms_normalization),
+             ("rotary_embedding", rotary_embedding.fuse_rotary_embedding),
+             ("cos_sin_cache", cos_sin_cache.fuse_cos_sin_cache),
+             ("partial_rotary_embedding", rotary_embedding.fuse_partial_rotary_embedding)]
+    if level == "norms":
+        return norms
+    return norms + [
+        ("sdpa", lambda m: sdpa.fuse_sdpa(m, apply_shape_inference=True)),
+        ("gqa", gqa.fuse_gqa), ("packed_qkv_for_gqa", gqa_packed_qkv.fuse_qkv_gqa),
+        ("mha1", mha.fuse_mha1), ("mha2", mha.fuse_mha2), ("mha_scale", mha_scale.fuse_mha_scale),
+        ("mha_bias", mha_bias.fuse_mha_bias), ("attention", attention.fuse_attention),
+        ("gelu", gelu.fuse_gelu), ("bias_gelu", bias_gelu.fuse_bias_gelu),
+        ("sdpa_via_mha", sdpa_via_mha.replace_sdpa_by_mha)]
 
 
 def _fused(proto: onnx.ModelProto, level: str) -> tuple[onnx.ModelProto, dict[str, int]]:
     import onnx_ir as ir
+    import onnx_ir.passes.common as common_passes
+    from onnxscript.optimizer import optimize
+    from onnxscript.rewriter.ort_fusions import shape_optimization
     model = ir.serde.deserialize_model(proto)
+    counts: dict[str, int] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if level == "attention":
-            from onnxscript.rewriter.ort_fusions import optimize_for_ort
-            model, counts = optimize_for_ort(model)
-        else:
-            counts = _fuse_norms(model)
-    return ir.serde.serialize_model(model), {k: int(n) for k, n in counts.items() if n}
+        common_passes.ShapeInferencePass()(model)
+        optimize(model)
+        shape_optimization.rules.apply_to_model(model)
+        optimize(model)
+        for name, step in _steps(level):
+            if name in ("mha_bias", "attention") and not (counts.get("mha1") or counts.get("mha2")):
+                continue  # these complete an MHA fusion; without one they have nothing to do
+            counts[name] = int(step(model))
+        optimize(model)  # inline what no later fusion consumed, drop unused nodes
+    return ir.serde.serialize_model(model), {k: n for k, n in counts.items() if n}
 
 
 def fuse_for_onnxruntime(proto: onnx.ModelProto, accept: Accept | None = None) -> FusionResult:

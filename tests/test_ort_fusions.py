@@ -96,3 +96,15 @@ def test_checker_leaves_runtime_ops_to_onnxruntime(exported) -> None:
         checked_session(fused.path, "the fused decoder", lambda p: p)
     assert checked_session(fused.path, "the fused decoder", lambda p: "opened",
                            runtime_ops=True) == "opened"
+
+
+def test_weight_matmuls_stay_plain_so_int8_quantizes_them(exported) -> None:
+    """A weight MatMul rewritten as ``FusedMatMul`` is skipped by ``quantize_dynamic`` (the
+    tied lm_head stayed fp32): every MatMul reading an initializer stays ``MatMul``."""
+    _, _, plain = exported
+    fused = fuse_for_onnxruntime(onnx.load(str(plain.path))).proto
+    weights = {t.name for t in fused.graph.initializer}
+    readers = [n for n in fused.graph.node if set(n.input) & weights
+               and "MatMul" in n.op_type]
+    assert len(readers) >= 2 * 7 + 1  # q k v o gate up down per layer + lm_head
+    assert {n.op_type for n in readers} == {"MatMul"}
