@@ -32,10 +32,13 @@ class GroupedExperts(nn.Module):
     ``(E, in, out)`` (``transposed=True``); a dense residual stream and output head."""
 
     def __init__(self, hidden: int = 16, units: int = 12, experts: int = 4, top_k: int = 2,
-                 transposed: bool = False, clamped: bool = False) -> None:
+                 transposed: bool = False, clamped: bool = False, bias: bool = False) -> None:
         super().__init__()
         self.top_k, self.experts, self.transposed = top_k, experts, transposed
-        self.clamped = clamped
+        self.clamped, self.bias = clamped, bias
+        if bias:  # per-expert biases, picked per token: out.add_(b[expert_ids])
+            self.gate_up_bias = nn.Parameter(torch.randn(experts, 2 * units) * 0.3)
+            self.down_bias = nn.Parameter(torch.randn(experts, hidden) * 0.3)
         self.intermediate_dim = units
         self.router = nn.Linear(hidden, experts, bias=False)
         shape_up = (experts, hidden, 2 * units) if transposed else (experts, 2 * units, hidden)
@@ -58,13 +61,18 @@ class GroupedExperts(nn.Module):
         weights = top_w.reshape(-1)[perm]
         counts = torch.histc(expert_ids.float(), bins=self.experts, min=0, max=self.experts - 1)
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        gate, up = grouped_mm(tokens, self._weight(self.gate_up_proj), offs).chunk(2, dim=-1)
+        gate_up = grouped_mm(tokens, self._weight(self.gate_up_proj), offs)
+        if self.bias:
+            gate_up = gate_up.add_(self.gate_up_bias[expert_ids])
+        gate, up = gate_up.chunk(2, dim=-1)
         if self.clamped:  # a swiglu with a limit: clamps around 0, (up + 1) * glu
             gate, up = gate.clamp(max=0.5), up.clamp(min=-0.5, max=0.5)
             act = (up + 1) * (gate * torch.sigmoid(gate * 1.702))
         else:
             act = F.silu(gate) * up
         out = grouped_mm(act, self._weight(self.down_proj), offs)
+        if self.bias:
+            out = out.add_(self.down_bias[expert_ids])
         out = out * weights.unsqueeze(-1)
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel())
@@ -91,16 +99,20 @@ def _assert_parity(gm: nn.Module, small: nn.Module, make) -> None:
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("transposed,clamped", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("transposed,clamped,bias", [(False, False, False), (True, False, False),
+                                                    (False, True, False), (True, True, True)])
 def test_grouped_matmul_experts_units_are_groups_and_shrink_exactly(transposed: bool,
-                                                                      clamped: bool) -> None:
+                                                                      clamped: bool,
+                                                                      bias: bool) -> None:
     """Each expert's MLP units are channel groups (unit i shared by every expert of the
     layer, so the fused 3-D tensors stay one tensor); routing (softmax, topk, sort, the
     index of tokens and of routing weights) only reads the router: no warning, the hidden
     size stays whole, the router keeps its expert columns. ``clamped``: a gate clamped
-    below a positive limit and an up clamped around 0 keep a pruned unit at 0."""
+    below a positive limit and an up clamped around 0 keep a pruned unit at 0. ``bias``:
+    per-expert biases picked per token (``out.add_(b[expert_ids])``) are gated and sliced
+    with their units."""
     torch.manual_seed(0)
-    model = GroupedExperts(transposed=transposed, clamped=clamped).eval()
+    model = GroupedExperts(transposed=transposed, clamped=clamped, bias=bias).eval()
     x = torch.randn(2, 8, 16)
     gm, warned = _transform(model, x)
     assert not warned, [str(w.message) for w in warned]
@@ -117,6 +129,8 @@ def test_grouped_matmul_experts_units_are_groups_and_shrink_exactly(transposed: 
     assert small.down_proj.shape[down_dim] == width
     assert small.intermediate_dim == width
     assert small.router.weight.shape == (4, 16) and small.head.weight.shape == (5, 16)
+    if bias:
+        assert small.gate_up_bias.shape == (4, 2 * width) and small.down_bias.shape == (4, 16)
     _assert_parity(gm, small, lambda: torch.randn(3, 7, 16))
 
 
@@ -131,3 +145,42 @@ def test_expert_weight_costs_count_each_token_once_per_chosen_expert() -> None:
     name = next(k for k in costs if k.endswith("gate_up_proj"))
     assert costs[name] == pytest.approx(8 * 2 / 4)  # tokens per sample x top_k / experts
 
+
+
+class SharedExpertMoE(GroupedExperts):
+    """Routed experts plus a shared expert: a dense gated MLP of ``shared`` x the experts'
+    units, which a config holds with the same field (``moe_intermediate_size x
+    n_shared_experts``)."""
+
+    def __init__(self, shared: int) -> None:
+        super().__init__()
+        self.shared_gate = nn.Linear(16, 12 * shared, bias=False)
+        self.shared_up = nn.Linear(16, 12 * shared, bias=False)
+        self.shared_down = nn.Linear(12 * shared, 16, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shared = self.shared_down(F.silu(self.shared_gate(x)) * self.shared_up(x))
+        return super().forward(x) + self.head(shared)
+
+
+@pytest.mark.parametrize("shared", [1, 2])
+def test_a_uniform_cut_keeps_one_aligned_width_for_experts_and_their_shared_expert(
+        shared: int) -> None:
+    """``uniform=True``: the experts' units and a shared MLP of ``shared`` x as many units
+    keep one count per expert unit (one config field holds both), a multiple of the
+    grouped-matmul alignment (4 fp32 units), so shrink adds no padding and the widths
+    agree."""
+    torch.manual_seed(0)
+    model = SharedExpertMoE(shared).eval()
+    gm, _ = _transform(model, torch.randn(2, 8, 16))
+    groups = group_masks(gm)
+    assert sorted(m.score_shape for m in groups.values()) == sorted([(12,), (12 * shared,)])
+    apply_budget(gm, target_macs=0.6, scores=channel_l1_scores(gm), uniform=True)
+    kept = sorted(int(m.hard_mask().sum()) for m in groups.values())
+    width = kept[0]
+    assert width % 4 == 0 and 0 < width < 12 and kept[1] == shared * width
+    gm.eval()
+    small = sf.shrink(gm).eval()
+    assert small.shared_up.weight.shape == (shared * width, 16)
+    assert small.down_proj.shape[2] == width
+    _assert_parity(gm, small, lambda: torch.randn(3, 7, 16))

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx
 
+from sparsify_fx.mask import MaskSet, SharedChannelMask
 from sparsify_fx.passes.aten.values import DerivedParam, ParamRef, Tracked, concrete_shape
 from sparsify_fx.passes.channels.graph_types import Producer
 
@@ -98,7 +99,8 @@ def _grouped_mm(walk: "AtenChannelWalk", node: fx.Node) -> Any:
     if not masked:
         walk.whole.update(out_ids.tolist())
     in_ids = _input_ids(walk, walk.value(node.args[0]), in_ch)
-    walk.producers[node.name] = Producer(node.name, ref.name, None, ref.masked, EXPERTS, 1,
+    bias = walk.__dict__.get("expert_biases", {}).get(node.name)
+    walk.producers[node.name] = Producer(node.name, ref.name, bias, ref.masked, EXPERTS, 1,
                                          out_ids.numpy(), in_ids, (out_ch, in_ch, experts),
                                          weight_layout=layout)
     out_shape = walk.shape(node)
@@ -135,8 +137,9 @@ def _index(walk: "AtenChannelWalk", node: fx.Node) -> Any:
     """``x[..., idx, ...]`` (``aten.index.Tensor``) with one index tensor."""
     x = walk.value(node.args[0])
     indices = list(node.args[1])
-    if isinstance(x, ParamRef):  # a parameter picked per token (an expert bias b[ids]):
-        return DerivedParam(x.name)  # an operand varying along channels keeps them whole
+    if isinstance(x, ParamRef):  # a parameter picked per token (an expert bias b[ids])
+        bias = _expert_bias(walk, node, x)
+        return bias if bias is not None else DerivedParam(x.name)  # else: whole, named
     if not isinstance(x, Tracked):
         return walk.reject(node, "index with channels in its index tensors")
     if any(isinstance(walk.value(i), Tracked) for i in indices):
@@ -153,6 +156,46 @@ def _index(walk: "AtenChannelWalk", node: fx.Node) -> Any:
     ids = x.ids.narrow(d, 0, 1).reshape(shape).expand(out_shape)
     zero = x.zero.narrow(d, 0, 1).reshape(shape).expand(out_shape)
     return Tracked(ids.contiguous(), zero.contiguous())
+
+
+def _param_of(node: Any) -> tuple[str | None, bool]:
+    """The parameter an operand node reads (through mask nodes and transposes) and
+    whether it is read transposed."""
+    transposed = False
+    while isinstance(node, fx.Node) and (node.op == "call_module" or (
+            node.op == "call_function" and _op(node) in ("transpose", "permute", "mT"))):
+        transposed ^= node.op == "call_function"
+        node = node.args[0]
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return str(node.target), transposed
+    return None, False
+
+
+def _expert_bias(walk: "AtenChannelWalk", node: fx.Node, ref: ParamRef) -> Tracked | None:
+    """``b[expert_ids]`` of a ``(E, out)`` parameter added to a grouped matmul's output
+    (``out.add_(b[ids])``): that producer's bias (gated with its units, sliced with them);
+    the value carries no ids of its own and is 0 where a unit is pruned."""
+    shape = _param_shape(walk, ref.name)
+    out_shape = concrete_shape(node)
+    if len(shape) != 2 or len(node.args[1]) != 1 or out_shape is None:
+        return None
+    for user in node.users:
+        if _op(user) not in ("add", "add_") or len(user.args) != 2:
+            continue
+        mm = user.args[0] if user.args[1] is node else user.args[1]
+        if not (isinstance(mm, fx.Node) and _op(mm) in GROUPED_MM and len(mm.args) > 1):
+            continue
+        weight, transposed = _param_of(mm.args[1])
+        stored = _param_shape(walk, weight) if weight is not None else ()
+        if len(stored) != 3 or (stored[0], stored[1] if transposed else stored[2]) != shape:
+            continue
+        biases = walk.__dict__.setdefault("expert_biases", {})
+        biases[mm.name] = ref.name
+        if mm.name in walk.producers:  # the matmul came first in the graph
+            walk.producers[mm.name].bias = ref.name
+        return Tracked(torch.full(out_shape, -1, dtype=torch.long),
+                       torch.ones(out_shape, dtype=torch.bool))
+    return None
 
 
 def _gather(walk: "AtenChannelWalk", node: fx.Node, name: str) -> Any:
@@ -217,6 +260,70 @@ def expert_weight_kind(node: fx.Node, shape: Any) -> str | None:
     return None
 
 
+def mask_expert_bias(gm: fx.GraphModule, prod: Producer, sources: list, index: torch.Tensor,
+                     device: torch.device) -> None:
+    """A follower mask (gating dim 1 with the producer's units) between an expert bias
+    ``(E, out)`` and the ops reading it; mutates ``gm``."""
+    node = next((n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target) == prod.bias),
+                None)
+    if node is None or prod.bias is None:
+        return
+    mask_set = getattr(gm, MaskSet.ATTRIBUTE)
+    key = MaskSet.key_for(prod.bias)
+    while key in mask_set:
+        key += "_"
+    shape = tuple(gm.get_parameter(prod.bias).shape)
+    mask_set[key] = SharedChannelMask(shape, sources, index.to(device), prod.bias, "bias",
+                                      auxiliary=True, channel_dim=1).to(device)
+    users = [u for u in node.users if not (u.op == "call_module" and str(u.target).startswith(
+        MaskSet.ATTRIBUTE + "."))]
+    with gm.graph.inserting_after(node):
+        masked = gm.graph.call_module(f"{MaskSet.ATTRIBUTE}.{key}", (node,))
+    for user in users:
+        user.replace_input_with(node, masked)
+
+
+def uniform_classes(graph: fx.GraphModule, cg: Any, signature: Any
+                    ) -> tuple[dict[tuple, list[int]], dict[tuple, int], dict[int, int]]:
+    """Group indices of ``cg`` by what one uniform width must cover: ``(classes, steps,
+    multiples)``. Most groups: ``signature(group)`` (the structure), step 1. The experts
+    groups of ``n`` units form one class (step: the grouped-matmul alignment, ``16 /
+    itemsize`` units) with every MLP group inside the module holding experts (a shared
+    expert) whose unit count is a multiple ``m x n`` of theirs: the config field holding the
+    experts' width holds it too (``moe_intermediate_size x n_shared_experts``), so it keeps
+    ``m`` units per expert unit kept (``multiples[group index] = m``)."""
+    attention = {int(g) for p in cg.producers.values() if p.kind == "attention_matmul"
+                 for g in cg.slots(p.out_ids)[0] if g >= 0}
+    align: dict[int, int] = {}
+    parents: dict[str, int] = {}  # module holding an experts module -> its unit count
+    for g in cg.groups:
+        for p in g.producers:
+            prod = cg.producers[p]
+            if prod.kind == EXPERTS:
+                n = len(g.components)
+                size = graph.get_parameter(prod.weight).element_size()
+                align[n] = max(align.get(n, 1), 16 // size)
+                parents[prod.weight.rpartition(".")[0].rpartition(".")[0]] = n
+    classes: dict[tuple, list[int]] = {}
+    steps: dict[tuple, int] = {}
+    multiples: dict[int, int] = {}
+    for g in cg.groups:
+        n, key = len(g.components), None
+        kinds = {cg.producers[p].kind for p in g.producers}
+        if EXPERTS in kinds:
+            key = ("units", n)
+        elif g.index not in attention:
+            weights = [cg.producers[p].weight for p in g.producers]
+            for parent, units in parents.items():
+                prefix = parent + "." if parent else ""
+                if n % units == 0 and weights and all(w.startswith(prefix) for w in weights):
+                    key, multiples[g.index] = ("units", units), n // units
+        key = key or signature(g)
+        classes.setdefault(key, []).append(g.index)
+        steps[key] = align.get(key[1], 1) if key[0] == "units" else 1
+    return classes, steps, multiples
+
+
 def mask_channel_dim(prod: Producer) -> int:
     """The weight dim a producer's channel mask gates: 0 for ``(out, in)``, 1 for
     ``(in, out)``; expert weights: 1 for ``(E, out, in)``, 2 for ``(E, in, out)``."""
@@ -225,5 +332,5 @@ def mask_channel_dim(prod: Producer) -> int:
     return 1 if prod.weight_layout == "io" else 0
 
 
-__all__ = ["visit_expert_op", "clamp_keeps_zero", "expert_weight_kind", "mask_channel_dim", "EXPERT_OPS",
+__all__ = ["visit_expert_op", "uniform_classes", "mask_expert_bias", "clamp_keeps_zero", "expert_weight_kind", "mask_channel_dim", "EXPERT_OPS",
            "GROUPED_MM", "SELECT_OPS", "GATHER_OPS", "EXPERTS"]

@@ -39,7 +39,7 @@ from sparsify_fx.mask_index import MaskEntry, masks, unwrap
 
 from sparsify_fx.passes.pass_base import PassResult, SparsifyPass
 from sparsify_fx.passes.stored_analysis import channel_graph_of
-from sparsify_fx.passes.aten.experts import mask_channel_dim
+from sparsify_fx.passes.aten.experts import mask_channel_dim, mask_expert_bias
 from sparsify_fx.passes.channels.analysis import ChannelGraph, analyze_channels, is_aten
 
 GROUP_PREFIX = "channel_group_"
@@ -145,7 +145,8 @@ def couple_channels(gm: nn.Module, make_group_mask: GroupMaskFactory, *,
             e.mask.weight_shape, sources, index.to(device), e.name, e.kind,
             channel_dim=mask_channel_dim(prod)).to(device)
         if prod.bias is not None:
-            _mask_bias(gm, prod, sources, index, device)
+            (mask_expert_bias if prod.kind == "experts" else _mask_bias)(gm, prod, sources, index,
+                                                                      device)
     for e in leaf_entries:  # inside leaf modules: attention heads, else kept whole
         prod = producers.get(e.name)
         made = None if prod is None else _index_for(cg, prod.out_ids, group_masks)

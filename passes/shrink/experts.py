@@ -27,6 +27,8 @@ from sparsify_fx.passes.channels.graph_types import ChannelGraph, Producer
 
 #: substrings of an experts module's attribute names that hold its unit count
 WIDTH_NAMES = ("intermediate", "expert_dim", "ffn_dim", "moe_dim")
+#: the width attribute ``to_source`` scales on every group's owner itself
+SCALED_ELSEWHERE = ("intermediate_size",)
 
 
 def _set(src: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -42,7 +44,7 @@ def _sync_widths(owner: nn.Module, old: int, new: int) -> None:
     for attr, value in list(vars(owner).items()):
         if attr.startswith("_") or isinstance(value, bool) or not isinstance(value, int):
             continue
-        if value == old and any(w in attr for w in WIDTH_NAMES):
+        if value == old and attr not in SCALED_ELSEWHERE and any(w in attr for w in WIDTH_NAMES):
             setattr(owner, attr, int(new))
 
 
@@ -84,6 +86,8 @@ def slice_experts(src: nn.Module, prod: Producer, keep_id: np.ndarray,
     if in_keep is not None:
         w = w.index_select(in_dim, in_keep.nonzero().reshape(-1))
     _set(src, prod.weight, w)
+    if prod.bias is not None:  # an expert bias (E, out)
+        _set(src, prod.bias, src.get_parameter(prod.bias).detach()[:, out_keep])
     owner = src.get_submodule(prod.weight.rpartition(".")[0])
     _sync_widths(owner, len(out_keep), int(out_keep.sum()))
     if in_keep is not None:

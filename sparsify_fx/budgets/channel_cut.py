@@ -237,7 +237,11 @@ def equalize_groups(model: nn.Module, scores: Mapping[str, Tensor] | None = None
     a budget's cost, so a cut that met it still does. ``fits`` (the budget still holds
     under the current hard masks): then one more slot per group is given back to the
     structure with the smallest kept fraction, in turn, while it fits. Returns
-    ``{structure: slots kept}``. Mutates the group masks (``freeze``)."""
+    ``{structure: slots kept}``. Mixture of experts: the experts groups and the shared
+    experts beside them keep one count (``m`` slots per expert unit for a shared MLP of
+    ``m`` times their units), a multiple of the grouped-matmul alignment
+    (:func:`~sparsify_fx.passes.aten.experts.uniform_classes`). Mutates the group masks
+    (``freeze``)."""
     from sparsify_fx.mask_index import main_graph
     from sparsify_fx.passes.channels.couple import GROUP_PREFIX, group_masks
     from sparsify_fx.passes.stored_analysis import channel_graph_of
@@ -246,10 +250,14 @@ def equalize_groups(model: nn.Module, scores: Mapping[str, Tensor] | None = None
         raise BudgetError("uniform widths need a coupled channel model from transform")
     cg = channel_graph_of(graph)
     groups = group_masks(model)
-    classes: dict[tuple, list[str]] = {}
-    for g in cg.groups:
-        shapes = tuple(sorted(tuple(cg.producers[p].shape) for p in g.producers))
-        classes.setdefault((len(g.components), shapes), []).append(f"{GROUP_PREFIX}{g.index}")
+    from sparsify_fx.passes.aten.experts import uniform_classes
+
+    def structure(g) -> tuple:  # noqa: ANN001
+        return len(g.components), tuple(sorted(tuple(cg.producers[p].shape) for p in g.producers))
+    # experts and the MLPs their config field also holds keep one aligned count (MoE)
+    indices, steps, multiples = uniform_classes(graph, cg, structure)
+    classes = {sig: [f"{GROUP_PREFIX}{i}" for i in ids] for sig, ids in indices.items()}
+    mult = {f"{GROUP_PREFIX}{i}": m for i, m in multiples.items()}  # slots per counted slot
     order: dict[str, Tensor] = {}  # per group: slots best first (kept by the cut, then score)
     for keys in classes.values():
         for k in keys:
@@ -262,20 +270,25 @@ def equalize_groups(model: nn.Module, scores: Mapping[str, Tensor] | None = None
     def keep_n(keys: list[str], n: int) -> None:
         for k in keys:
             keep = torch.zeros(order[k].numel(), dtype=torch.bool)
-            keep[order[k][:n]] = True
+            keep[order[k][:n * mult.get(k, 1)]] = True
             groups[k].freeze(keep.reshape(groups[k].score_shape))
 
     kept_n: dict[tuple, int] = {}
     for signature, keys in classes.items():
-        kept_n[signature] = min(int(groups[k].hard_mask().sum()) for k in keys)
+        kept_n[signature] = min(int(groups[k].hard_mask().sum()) // mult.get(k, 1) for k in keys)
+        if kept_n[signature] >= steps[signature]:  # a multiple of the class's step
+            kept_n[signature] -= kept_n[signature] % steps[signature]
         keep_n(keys, kept_n[signature])
-    growing = {sig for sig in classes if kept_n[sig] < sig[0]} if fits is not None else set()
+    width = {sig: min(int(groups[k].hard_mask().numel()) // mult.get(k, 1) for k in keys)
+             for sig, keys in classes.items()}
+    growing = {sig for sig in classes if kept_n[sig] < width[sig]} if fits is not None else set()
     while growing:
-        sig = min(growing, key=lambda s: (kept_n[s] / s[0], list(classes).index(s)))
-        keep_n(classes[sig], kept_n[sig] + 1)
+        sig = min(growing, key=lambda s: (kept_n[s] / width[s], list(classes).index(s)))
+        step = min(steps[sig] - kept_n[sig] % steps[sig], width[sig] - kept_n[sig])
+        keep_n(classes[sig], kept_n[sig] + step)
         if fits():
-            kept_n[sig] += 1
-            if kept_n[sig] >= sig[0]:
+            kept_n[sig] += step
+            if kept_n[sig] >= width[sig]:
                 growing.discard(sig)
         else:
             keep_n(classes[sig], kept_n[sig])
