@@ -19,6 +19,7 @@ from torch import nn
 from torch.export import Dim
 
 import sparsify_fx as sf
+from sparsify_fx.budgets.cost_model import channel_macs
 from sparsify_fx.budgets.exact_cut import apply_budget, weight_costs
 from sparsify_fx.mask_index import hard_masks
 from sparsify_fx.passes.channels.couple import channel_l1_scores, group_masks
@@ -30,6 +31,8 @@ grouped_mm = torch.ops.transformers.grouped_mm_fallback
 class GroupedExperts(nn.Module):
     """Top-k routed experts, weights ``(E, out, in)`` (``transposed=False``) or stored
     ``(E, in, out)`` (``transposed=True``); a dense residual stream and output head."""
+
+    has_shared = False  # a shared expert MLP beside the routed ones (SharedExpertMoE)
 
     def __init__(self, hidden: int = 16, units: int = 12, experts: int = 4, top_k: int = 2,
                  transposed: bool = False, clamped: bool = False, bias: bool = False) -> None:
@@ -77,7 +80,7 @@ class GroupedExperts(nn.Module):
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.numel())
         y = out[inv].view(b * s, self.top_k, h).sum(1).view(b, s, h)
-        return self.head(x + y)
+        return self.head(x + y + self.shared(x)) if self.has_shared else self.head(x + y)
 
 
 def _transform(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, list]:
@@ -158,9 +161,10 @@ class SharedExpertMoE(GroupedExperts):
         self.shared_up = nn.Linear(16, 12 * shared, bias=False)
         self.shared_down = nn.Linear(12 * shared, 16, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shared = self.shared_down(F.silu(self.shared_gate(x)) * self.shared_up(x))
-        return super().forward(x) + self.head(shared)
+    has_shared = True
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared_down(F.silu(self.shared_gate(x)) * self.shared_up(x))
 
 
 @pytest.mark.parametrize("shared", [1, 2])
@@ -183,4 +187,9 @@ def test_a_uniform_cut_keeps_one_aligned_width_for_experts_and_their_shared_expe
     small = sf.shrink(gm).eval()
     assert small.shared_up.weight.shape == (shared * width, 16)
     assert small.down_proj.shape[2] == width
+    # the MACs the cut counted are the shrunk model's (its grouped matmuls counted in eager)
+    x = torch.randn(2, 8, 16)
+    fraction = channel_macs(gm, weight_costs(gm, (x,))).hard_fraction()
+    dense, shrunk = sf.report(model, (x,)).total_macs, sf.report(small, (x,)).total_macs
+    assert shrunk / dense == pytest.approx(fraction, rel=1e-9) and fraction < 0.95
     _assert_parity(gm, small, lambda: torch.randn(3, 7, 16))
