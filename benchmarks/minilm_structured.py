@@ -101,22 +101,26 @@ def agreement(model: torch.nn.Module, docs: Docs, dense: Tensor) -> tuple[float,
 
 def distill(student: torch.nn.Module, teacher: torch.nn.Module, docs: Docs,
             args: argparse.Namespace, seed: int, mask_lr: float | None = None,
-            sched: Any = None) -> tuple[float, int]:
+            sched: Any = None, steps: int | None = None, offset: int = 0
+            ) -> tuple[float, int]:
     """``--steps`` AdamW steps of ``1 - cos(student pooled, teacher pooled)`` (+ the CS
     penalty and schedule step with ``sched``), warmup then cosine lr; (seconds, real tokens)."""
     t0 = time.perf_counter()
+    steps = args.steps if steps is None else steps
     groups = weight_groups(student, args.lr, mask_lr)
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98))
     base = [g.get("lr", args.lr) for g in opt.param_groups]
-    warmup = max(1, args.steps // 10)
+    warmup = max(1, steps // 10)
     data = docs.batches(args.batch, 3000 + seed)
+    for _ in range(offset):  # continue the data order of an earlier phase
+        next(data)
     teacher.eval()
     student.train()
     tokens = 0
     recent: list[float] = []
-    for step in range(args.steps):
+    for step in range(steps):
         frac = min(1.0, (step + 1) / warmup) * 0.5 * (
-            1 + math.cos(math.pi * min(1.0, step / args.steps)))
+            1 + math.cos(math.pi * min(1.0, step / steps)))
         for g, b in zip(opt.param_groups, base):
             g["lr"] = b * frac
         ids, mask = next(data)
@@ -135,7 +139,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, docs: Docs,
             sched.step()
         recent = (recent + [float(loss.detach())])[-20:]
         if args.log_every and (step + 1) % args.log_every == 0:
-            print(f"  step {step + 1}/{args.steps} 1-cos {sum(recent) / len(recent):.4f} "
+            print(f"  step {step + 1}/{steps} 1-cos {sum(recent) / len(recent):.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
     student.eval()
     return time.perf_counter() - t0, tokens
@@ -194,13 +198,20 @@ def rows_for(model: torch.nn.Module, docs: Docs, dense: Tensor, keep: float, see
     torch.manual_seed(seed)
     cs = capture(model, x, "cs", target_macs=target, s_init=1.0, rescale=False)
     init_cs_from_masks(cs, oneshot)
-    sched = sf.CSScheduler(cs, epochs=1, per_step=True, steps_per_epoch=args.steps)
-    seconds, tokens = distill(cs, model, docs, args, seed, args.mask_lr, sched)
+    cs_steps = args.steps - args.cs_finetune_steps
+    sched = sf.CSScheduler(cs, epochs=1, per_step=True, steps_per_epoch=cs_steps)
+    seconds, tokens = distill(cs, model, docs, args, seed, args.mask_lr, sched, cs_steps)
     if sched.cut is None:
         raise RuntimeError("the CS schedule did not make its exact cut")
     changed = sum(int((m.hard_mask() != l1_keep[k]).sum()) for k, m in group_masks(cs).items())
     small, err = shrink_checked(cs.eval(), x)
-    record({**base, "method": "CS from the L1 cut (distill)", "seconds": seconds,
+    name = "CS from the L1 cut (distill)"
+    if args.cs_finetune_steps:  # the cut model trained on the rest of the same budget
+        more_s, more_t = distill(small, model, docs, args, seed, steps=args.cs_finetune_steps,
+                                 offset=cs_steps)
+        seconds, tokens = seconds + more_s, tokens + more_t
+        name = f"CS from the L1 cut ({cs_steps} steps) + distill ({args.cs_finetune_steps})"
+    record({**base, "method": name, "seconds": seconds,
             "tokens": tokens, "changed_slots": changed,
             "slots": sum(v.numel() for v in l1_keep.values()),
             "blocks_fraction": sf.report(cs, x).blocks.get("fraction"),
@@ -267,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--mask-lr", type=float, default=0.2)
+    p.add_argument("--cs-finetune-steps", type=int, default=0,
+                   help="of --steps: the last ones train the CS-cut model with its mask fixed")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=0)
     args = p.parse_args(argv)
