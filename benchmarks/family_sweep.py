@@ -222,7 +222,7 @@ def _uniform_save(model: Any, gm: Any, x: Any, kind: str, vocab: int, options: d
             extra = {} if dynamic is None else {"dynamic_shapes": dynamic}
             uni = sf.transform(model, exclude=exclude, **options, **extra).eval()
             if not group_masks(uni):
-                return f"{refused} [no group the config can hold]"[:300]
+                return f"[no group the config can hold] {refused}"[:300]
         g = torch.Generator().manual_seed(seed + 2)
         scores = {k: torch.rand(m.score_shape, generator=g) for k, m in group_masks(uni).items()}
         targets = [t for t in (TARGET, *FALLBACK_TARGETS) if t >= first]

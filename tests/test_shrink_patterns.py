@@ -86,10 +86,11 @@ class HiddenOutConfig(PreTrainedConfig):
 
     def __init__(self, vocab_size: int = 40, hidden_size: int = 32, num_attention_heads: int = 4,
                  num_key_value_heads: int = 2, head_dim: int = 8, intermediate_size: int = 48,
-                 half_mlp: bool = False, **kwargs) -> None:
+                 half_mlp: bool = False, pooler_hidden_size: int = 0, **kwargs) -> None:
         self.vocab_size, self.hidden_size, self.head_dim = vocab_size, hidden_size, head_dim
         self.num_attention_heads, self.num_key_value_heads = num_attention_heads, num_key_value_heads
         self.intermediate_size, self.half_mlp = intermediate_size, half_mlp
+        self.pooler_hidden_size = pooler_hidden_size
         super().__init__(**kwargs)
 
 
@@ -128,6 +129,18 @@ class HiddenOutMLP(nn.Module):
         return self.down(torch.relu(self.up(h)))
 
 
+class HiddenOutPooler(nn.Module):
+    """A dense built ``p x p`` from one field (so ``p`` cannot hold its output width alone)."""
+
+    def __init__(self, config: HiddenOutConfig) -> None:
+        super().__init__()
+        p = config.pooler_hidden_size
+        self.dense, self.proj = nn.Linear(p, p), nn.Linear(p, config.vocab_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.tanh(self.dense(h)))
+
+
 class HiddenOutLM(PreTrainedModel):
     """:class:`HiddenOutAttention` (its config cannot describe fewer heads) and an MLP of
     ``intermediate_size`` units (which it can)."""
@@ -139,28 +152,36 @@ class HiddenOutLM(PreTrainedModel):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.attn, self.mlp = HiddenOutAttention(config), HiddenOutMLP(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.pooler = HiddenOutPooler(config) if config.pooler_hidden_size else None
         self.post_init()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.embed(input_ids)
         h = h + self.attn(h)
-        return self.lm_head(h + self.mlp(h))
+        h = h + self.mlp(h)
+        if self.pooler is None:
+            return self.lm_head(h)
+        return self.lm_head(h) + self.pooler(h)
 
 
-@pytest.mark.parametrize("half_mlp", [False, True])
+@pytest.mark.parametrize("variant", ["plain", "half_mlp", "pooler"])
 def test_heads_an_output_projection_built_hidden_wide_cannot_follow_stay_whole(
-        tmp_path, half_mlp: bool) -> None:
+        tmp_path, variant: str) -> None:
     """``config_cannot_hold`` names the attention (its config builds ``o_proj`` at
     ``hidden x hidden`` for any head count) and not the MLP (also when the MLP has
-    ``intermediate_size // 2`` units); with the attention kept whole, a uniform cut shrinks
-    the MLP and the saved folder reloads equal."""
+    ``intermediate_size // 2`` units); a pooler built ``p x p`` from one field is named
+    too; with those kept whole, a uniform cut shrinks the MLP and the saved folder
+    reloads equal."""
     torch.manual_seed(0)
-    model = HiddenOutLM(HiddenOutConfig(half_mlp=half_mlp)).eval()
+    config = HiddenOutConfig(half_mlp=variant == "half_mlp",
+                             pooler_hidden_size=32 if variant == "pooler" else 0)
+    model = HiddenOutLM(config).eval()
     x = (torch.randint(0, 40, (2, 6)),)
     options = dict(granularity="channel", target_macs=0.85, example_inputs=x, capture="export")
     named = config_cannot_hold(sf.transform(model, **options))
     assert {"attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight"} <= set(named)
     assert not any(n.startswith("mlp.") for n in named)
+    assert ("pooler.dense.weight" in named) == (variant == "pooler")
     gm = sf.transform(model, exclude=named, **options).eval()
     apply_budget(gm, target_macs=0.85, scores=channel_l1_scores(gm), uniform=True)
     small = sf.shrink(gm).eval()
@@ -174,3 +195,26 @@ def test_heads_an_output_projection_built_hidden_wide_cannot_follow_stay_whole(
     with torch.no_grad():
         torch.testing.assert_close(small(*x), ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loaded(*x), small(*x), rtol=1e-6, atol=1e-6)
+
+
+class LowRankGate(nn.Module):
+    """A low-rank gate ``sigmoid(b(a(x))) * v(x)``; its ``num_heads`` (a count no group
+    here is a multiple of) is no width of the groups the cut shrinks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads = 3
+        self.a, self.b = nn.Linear(16, 8), nn.Linear(8, 32)
+        self.v, self.o = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.o(torch.sigmoid(self.b(self.a(x))) * self.v(x))
+
+
+def test_a_head_count_no_kept_width_scales_to_stays_and_the_check_decides() -> None:
+    torch.manual_seed(0)
+    model = LowRankGate().eval()
+    gm, small = _cut_and_shrink(model, torch.randn(2, 6, 16))
+    assert small.a.out_features < 8 or small.v.out_features < 32
+    assert small.num_heads == 3  # 3 x kept / total is no whole number: left as it is
+    _assert_parity(gm, small, lambda: torch.randn(2, 6, 16))

@@ -117,7 +117,8 @@ def mlp_fields(hf_model: nn.Module, prefix: str, owners: set[str]) -> dict[str, 
     """Config fields holding an MLP width: ``{field: (value, changed weights)}`` for every
     integer field whose halving makes the class (built on the meta device) change the
     shape of weights only under ``owners`` (the modules holding the MLP producers and
-    their consumers, with their per-unit parameters; ``prefix``: ``hf_model``'s path). Field names are whatever the
+    their consumers, with their per-unit parameters; ``prefix``: ``hf_model``'s path),
+    each along one dimension (a unit width). Field names are whatever the
     config calls them (``intermediate_size``, ``decoder_ffn_dim``, ``n_inner`` ...)."""
     config = hf_model.config
     dense = _builds(hf_model, config)
@@ -134,10 +135,18 @@ def mlp_fields(hf_model: nn.Module, prefix: str, owners: set[str]) -> dict[str, 
         if small is None:
             continue
         changed = {f"{prefix}.{k}" if prefix else k for k, v in dense.items() if small.get(k) != v}
+        if not all(_one_dim(v, small.get(k)) for k, v in dense.items() if small.get(k) != v):
+            continue  # a weight changing in and out width (a pooler's square dense): no unit width
         if changed and all(any(_owner(c) == o or _owner(c).startswith(o + ".") for o in owners)
                            for c in changed):
             out[attr] = (value, frozenset(changed))
     return out
+
+
+def _one_dim(dense: tuple, small: tuple | None) -> bool:
+    """Whether a shape changed along exactly one dimension."""
+    return small is not None and len(small) == len(dense) and \
+        sum(a != b for a, b in zip(dense, small)) == 1
 
 
 def _int_fields(config: Any) -> dict[str, int]:

@@ -174,7 +174,10 @@ def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple]
                 for attr in attrs:
                     value = getattr(owner, attr, None)
                     if isinstance(value, int) and not isinstance(value, bool) and kept != total:
-                        new[attr] = scale_width(value, kept, total)
+                        try:
+                            new[attr] = scale_width(value, kept, total)
+                        except ShrinkError:  # no width of this group (a count it does not
+                            continue  # scale): left as it is, the check after the shrink decides
                         setattr(owner, attr, new[attr])
         kind = "attention" if group.index in attention_groups else "mlp"
         extra = _other_widths(src, owners[:1], q_kept, q_total, new)
