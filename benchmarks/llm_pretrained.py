@@ -193,7 +193,9 @@ def element_rows(model: torch.nn.Module, text: Text, args: argparse.Namespace, s
 
 
 def structured_rows(model: torch.nn.Module, text: Text, args: argparse.Namespace, seed: int,
-                    dense_ppl: float) -> list[dict[str, Any]]:
+                    dense_ppl: float, flush: Any = None) -> list[dict[str, Any]]:
+    """L1 one-shot, L1 + fine-tune and CS from the L1 cut per ``--block-keep``;
+    ``flush(rows)`` after each row."""
     from sparsify_fx.budgets.cost_model import channel_macs
     from sparsify_fx.budgets.exact_cut import apply_budget, weight_costs
     from sparsify_fx.passes.channels.couple import channel_l1_scores, group_masks
@@ -216,11 +218,15 @@ def structured_rows(model: torch.nn.Module, text: Text, args: argparse.Namespace
         rows.append({**base, "method": "L1 one-shot", "ppl": ppl, "gap": ppl - dense_ppl,
                      "seconds": time.perf_counter() - t0, "tokens": 0})
         print(rows[-1], flush=True)
+        if flush is not None:
+            flush(rows)
         seconds = train(small, text, args, seed)
         ppl = perplexity(small, text.val)
         rows.append({**base, "method": "L1 + fine-tune", "ppl": ppl, "gap": ppl - dense_ppl,
                      "seconds": seconds, "tokens": budget})
         print(rows[-1], flush=True)
+        if flush is not None:
+            flush(rows)
         del small
         torch.manual_seed(seed)
         cs = capture(model, text.seq, "cs", "channel", "export", target_macs=target,
@@ -236,6 +242,8 @@ def structured_rows(model: torch.nn.Module, text: Text, args: argparse.Namespace
                      "slots": sum(v.numel() for v in l1_keep.values()),
                      "model_fraction": sf.report(cs, x).blocks["model_fraction"]})
         print(rows[-1], flush=True)
+        if flush is not None:
+            flush(rows)
         del cs, oneshot
     return rows
 
@@ -425,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
         if "element" in args.parts:
             done += element_rows(model, text, args, seed, dense_ppl, write)
         if "structured" in args.parts:
-            done += structured_rows(model, text, args, seed, dense_ppl)
+            done += structured_rows(model, text, args, seed, dense_ppl, write)
             write([])
     write([], complete=True)
 
