@@ -79,7 +79,8 @@ def capture(model: torch.nn.Module, seq: int, method: str, granularity: str,
             how: str = "fx", **options: Any) -> torch.nn.Module:
     """``transform`` of ``model``. ``how="fx"``: the HF model does not trace whole, so every
     Linear weight is masked by parametrization (about 10 s; element and N:M masks need no
-    graph); ``"export"``: a torch.export capture, batch dynamic (about 3 min for 30 layers)."""
+    graph); ``"export"``: a torch.export capture, batch and length dynamic (training windows
+    of ``--train-seq`` differ from the ``--seq`` example; about 3 min for 30 layers)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if how == "fx":
@@ -87,7 +88,8 @@ def capture(model: torch.nn.Module, seq: int, method: str, granularity: str,
                                 **options)
         return sf.transform(model, method=method, granularity=granularity,
                             example_inputs=(torch.zeros(2, seq, dtype=torch.long),),
-                            dynamic_shapes=({0: torch.export.Dim.AUTO},), **options)
+                            dynamic_shapes=({0: torch.export.Dim.AUTO,
+                                             1: torch.export.Dim.AUTO},), **options)
 
 
 def train(gm: torch.nn.Module, text: Text, args: argparse.Namespace, seed: int,
