@@ -230,9 +230,15 @@ def _uniform_save(model: Any, gm: Any, x: Any, kind: str, vocab: int, options: d
             try:
                 apply_budget(uni, target_macs=target, scores=scores, uniform=True)
                 break
-            except SparsifyError:
-                if target == targets[-1]:
+            except SparsifyError as exc:
+                if target != targets[-1]:
+                    continue
+                if attempt == "uniform" or not refused:
                     raise
+                # the save was refused (named) and the documented fix cannot meet any
+                # target: what is kept whole holds too much of the MACs
+                return (f"[exclude=config_cannot_hold keeps too much whole: "
+                        f"{type(exc).__name__}: {str(exc)[:120]}] {refused}")[:300]
         if attempt != "uniform":
             attempt = f"after exclude (target {target})"
         small = sf.shrink(uni).eval()
