@@ -315,9 +315,25 @@ def _check_and_save(hf: HFModel, model: nn.Module, final: nn.Module, example: Te
     if diff > 1e-4 * float(want.abs().max()) + 1e-5:
         raise ExportError(f"the saved {type(model).__name__} differs from the pruned model by "
                           f"{diff:.3g} on the example input; not written")
+    drop_dequantized_gguf(model)
     with _no_progress_bars():
         model.save_pretrained(folder)
         hf.preprocessor.save_pretrained(folder)
+
+
+def drop_dequantized_gguf(model: nn.Module) -> bool:
+    """Mark a model loaded from GGUF (transformers de-quantizes it to float tensors but keeps
+    its ``GgufHfQuantizer``, and ``save_pretrained`` then refuses: "quantized with gguf and
+    is not serializable") as the plain float model it is. Mutates ``model`` (and its config);
+    True when it did; False for any other model (left as is)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if str(getattr(method, "value", method)) != "gguf":
+        return False
+    if any(not t.is_floating_point() for t in model.state_dict().values()):
+        return False  # something still packed: leave transformers' refusal in place
+    quantizer.remove_quantization_config(model)  # transformers' own undoing of the marks
+    return True
 
 
 def load_saved(folder: os.PathLike | str, task: str) -> nn.Module:
