@@ -185,9 +185,13 @@ class Mask(nn.Module):
         self.at_target.fill_(False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # checkpoints written before these buffers existed: their masks were trained
-        state_dict.setdefault(prefix + "trained", torch.ones((), dtype=torch.bool))
-        state_dict.setdefault(prefix + "at_target", torch.zeros((), dtype=torch.bool))
+        # checkpoints written before these buffers existed: their masks were trained. Only
+        # where this mask's state is there at all: a mask whose keys were left out (the
+        # eval graph of an ExportedModule shares the train graph's buffers) must not load
+        # defaults over them (a reloaded calibrated cut lost its at_target)
+        if prefix + "keep" in state_dict or prefix + "frozen" in state_dict:
+            state_dict.setdefault(prefix + "trained", torch.ones((), dtype=torch.bool))
+            state_dict.setdefault(prefix + "at_target", torch.zeros((), dtype=torch.bool))
         incoming = state_dict.get(prefix + "keep")
         if incoming is not None and incoming.shape != self.keep.shape:
             self.keep = torch.empty_like(incoming, device=self.frozen.device)
