@@ -26,3 +26,19 @@ def assert_parameters_equal(a: nn.Module, b: nn.Module) -> None:
     assert list(sa) == list(sb)
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
+
+
+def assert_shrunk_parity(gm: nn.Module, small: nn.Module, make, rtol: float = 1e-5,
+                         atol: float = 1e-5) -> None:
+    """``small`` (``sf.shrink(gm)``) equals ``gm`` under its hard masks on a new input
+    ``make()``, after checking that ``gm``'s output follows its input (two inputs give
+    outputs more than 1e-3 apart): a parity check on a constant output proves nothing."""
+    from sparsify_fx.mask_index import hard_masks
+    x, other = make(), make()
+    with torch.no_grad(), hard_masks(gm):
+        ref, ref_other = gm(x), gm(other)
+    assert float((ref - ref_other).abs().max()) > 1e-3  # the output follows the input
+    with torch.no_grad():
+        got = small(x)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=rtol, atol=atol)

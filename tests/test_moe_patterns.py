@@ -21,8 +21,8 @@ from torch.export import Dim
 import sparsify_fx as sf
 from sparsify_fx.budgets.cost_model import channel_macs
 from sparsify_fx.budgets.exact_cut import apply_budget, weight_costs
-from sparsify_fx.mask_index import hard_masks
 from sparsify_fx.passes.channels.couple import channel_l1_scores, group_masks
+from tests.helpers import assert_shrunk_parity
 
 moe = pytest.importorskip("transformers.integrations.moe")  # registers the grouped matmul op
 grouped_mm = torch.ops.transformers.grouped_mm_fallback
@@ -91,17 +91,6 @@ def _transform(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, list]:
     return gm, [w for w in caught if "Coupling" in type(w.message).__name__]
 
 
-def _assert_parity(gm: nn.Module, small: nn.Module, make) -> None:
-    x, other = make(), make()
-    with torch.no_grad(), hard_masks(gm):
-        ref, ref_other = gm(x), gm(other)
-    assert float((ref - ref_other).abs().max()) > 1e-3  # the output follows the input
-    with torch.no_grad():
-        got = small(x)
-    assert got.shape == ref.shape
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize("transposed,clamped,bias", [(False, False, False), (True, False, False),
                                                     (False, True, False), (True, True, True)])
 def test_grouped_matmul_experts_units_are_groups_and_shrink_exactly(transposed: bool,
@@ -134,7 +123,7 @@ def test_grouped_matmul_experts_units_are_groups_and_shrink_exactly(transposed: 
     assert small.router.weight.shape == (4, 16) and small.head.weight.shape == (5, 16)
     if bias:
         assert small.gate_up_bias.shape == (4, 2 * width) and small.down_bias.shape == (4, 16)
-    _assert_parity(gm, small, lambda: torch.randn(3, 7, 16))
+    assert_shrunk_parity(gm, small, lambda: torch.randn(3, 7, 16), rtol=1e-4)
 
 
 def test_expert_weight_costs_count_each_token_once_per_chosen_expert() -> None:
@@ -192,4 +181,4 @@ def test_a_uniform_cut_keeps_one_aligned_width_for_experts_and_their_shared_expe
     fraction = channel_macs(gm, weight_costs(gm, (x,))).hard_fraction()
     dense, shrunk = sf.report(model, (x,)).total_macs, sf.report(small, (x,)).total_macs
     assert shrunk / dense == pytest.approx(fraction, rel=1e-9) and fraction < 0.95
-    _assert_parity(gm, small, lambda: torch.randn(3, 7, 16))
+    assert_shrunk_parity(gm, small, lambda: torch.randn(3, 7, 16), rtol=1e-4)

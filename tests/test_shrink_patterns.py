@@ -16,6 +16,7 @@ from sparsify_fx.budgets.exact_cut import apply_budget
 from sparsify_fx.mask_index import hard_masks
 from sparsify_fx.passes.channels.couple import channel_l1_scores, group_masks
 from sparsify_fx.passes.shrink.hf_config import config_cannot_hold
+from tests.helpers import assert_shrunk_parity
 
 
 def _cut_and_shrink(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, nn.Module]:
@@ -24,15 +25,6 @@ def _cut_and_shrink(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, nn.Mo
     apply_budget(gm, target_macs=0.5, scores=channel_l1_scores(gm))
     gm.eval()
     return gm, sf.shrink(gm).eval()
-
-
-def _assert_parity(gm: nn.Module, small: nn.Module, make) -> None:
-    x, other = make(), make()
-    with torch.no_grad(), hard_masks(gm):
-        ref, ref_other = gm(x), gm(other)
-    assert (ref - ref_other).abs().max() > 1e-3  # the output follows the input
-    with torch.no_grad():
-        torch.testing.assert_close(small(x), ref, rtol=1e-5, atol=1e-5)
 
 
 class EmbedDimAttention(nn.Module):
@@ -76,7 +68,7 @@ def test_an_attention_width_attribute_of_no_known_name_follows_the_kept_heads() 
     assert kept < 32 and kept % 8 == 0  # whole heads
     assert small.self_attn.embed_dim == kept == small.self_attn.num_heads * 8
     assert small.embed_dim == 32  # the residual width stays
-    _assert_parity(gm, small, lambda: torch.randn(2, 6, 32))
+    assert_shrunk_parity(gm, small, lambda: torch.randn(2, 6, 32))
 
 
 class HiddenOutConfig(PreTrainedConfig):
@@ -217,4 +209,4 @@ def test_a_head_count_no_kept_width_scales_to_stays_and_the_check_decides() -> N
     gm, small = _cut_and_shrink(model, torch.randn(2, 6, 16))
     assert small.a.out_features < 8 or small.v.out_features < 32
     assert small.num_heads == 3  # 3 x kept / total is no whole number: left as it is
-    _assert_parity(gm, small, lambda: torch.randn(2, 6, 16))
+    assert_shrunk_parity(gm, small, lambda: torch.randn(2, 6, 16))
