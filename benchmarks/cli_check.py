@@ -27,18 +27,21 @@ from bench_io import command_line, machine, write_results
 
 
 def nm_counts(model: torch.nn.Module, n: int, m: int) -> dict[str, Any]:
-    """Linear weights (lm_head / embeddings aside) whose every row keeps exactly ``n`` of
-    every ``m`` consecutive inputs, counted from the loaded tensors."""
-    ok, bad, zeros, total = [], [], 0, 0
+    """Linear weights (lm_head / embeddings aside) whose every group of ``m`` consecutive
+    inputs holds at most ``n`` non-zeros (the N:M constraint), counted from the loaded
+    tensors; ``groups_below_n``: groups with fewer (a kept weight that is exactly 0)."""
+    ok, bad, zeros, total, below = [], [], 0, 0, 0
     for name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.Linear) or name.endswith("lm_head"):
             continue
         w = mod.weight.detach()
         groups = (w != 0).reshape(w.shape[0], -1, m).sum(-1)
-        (ok if bool((groups == n).all()) else bad).append(name)
+        (ok if bool((groups <= n).all()) else bad).append(name)
+        below += int((groups < n).sum())
         zeros += int((w == 0).sum())
         total += w.numel()
-    return {"layers_exact": len(ok), "layers_not_exact": bad, "zero_fraction": zeros / total}
+    return {"layers_n_of_m": len(ok), "layers_violating": bad, "groups_below_n": below,
+            "zero_fraction": zeros / total}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,7 +71,9 @@ def main(argv: list[str] | None = None) -> None:
         dense_row = dense(ids).logits[0, -1]
     sess = ort.InferenceSession(os.fspath(out / "model.onnx"), providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: ids.numpy().astype(np.int64)}
-    want = torch.from_numpy(sess.run(None, feed)[0])[0, -1]
+    logits = torch.from_numpy(sess.run(None, feed)[0])
+    # the prune job's model.onnx returns (batch, vocab, sequence), as its loss reads it
+    want = logits[0, :, -1] if logits.shape[1] == got.shape[0] else logits[0, -1]
     n, m = (int(v) for v in args.pattern.split(":"))
     result = {
         "command": command_line("cli_check.py", argv), "machine": machine(1),
@@ -106,9 +111,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{result['logit_row_max_abs_diff_vs_onnx']:.2e} (row scale "
           f"{result['logit_row_scale']:.1f}, argmax equal: {result['argmax_equal_onnx']}) and "
           f"from the dense model's by {result['logit_row_max_abs_diff_vs_dense']:.2f}. "
-          f"{pat['layers_exact']} Linear weights keep exactly {n} of every {m} inputs"
-          f" ({len(pat['layers_not_exact'])} not), zero fraction "
-          f"{pat['zero_fraction']:.4f}.", "",
+          f"{pat['layers_n_of_m']} Linear weights keep at most {n} non-zeros in every {m} "
+          f"inputs ({len(pat['layers_violating'])} do not; {pat['groups_below_n']:,} groups "
+          f"hold fewer: a kept weight that is exactly 0), zero fraction "
+          f"{pat['zero_fraction']:.7f}.", "",
           "Notes of the run:", ""] + [f"- {x}" for x in summary.get("notes", [])]
     write_results(args.out, result, "\n".join(md) + "\n")
     print("\n".join(md))
