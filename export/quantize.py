@@ -172,14 +172,31 @@ def _graph_inputs(path: Path) -> list[str]:
     return [i.name for i in model.graph.input if i.name not in inits]
 
 
+class _SkipSymbolic(Exception):
+    """Go straight to the pre-process without symbolic shape inference."""
+
+
+def _holds_runtime_ops(path: Path) -> bool:
+    """Whether the file holds ops no ONNX schema describes (onnxruntime's fused ops)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    return any(n.domain not in ("", "ai.onnx") or not onnx.defs.has(n.op_type)
+               for n in proto.graph.node)
+
+
 def preprocess_for_quantization(src: Path, dst: Path, external: bool) -> str:
     """onnxruntime's ``quant_pre_process`` of ``src`` into ``dst`` (weights in ``dst.data``
-    when ``external``); retried without symbolic shape inference. Returns which form ran;
+    when ``external``); retried without symbolic shape inference, and run without it
+    from the start on a graph holding onnxruntime's fused ops (``ort_fusions``: there
+    it cannot finish and leaves the model in the current directory). Returns which form ran;
     ExportError when both fail. Reads ``src`` only."""
     from onnxruntime.quantization import quant_pre_process
     kw = dict(save_as_external_data=external, all_tensors_to_one_file=True,
               external_data_location=dst.name + ".data" if external else None)
     try:
+        if _holds_runtime_ops(src):
+            # symbolic shape inference cannot finish on onnxruntime's fused ops, and when
+            # it cannot it saves the whole model (weights too) into the current directory
+            raise _SkipSymbolic()
         quant_pre_process(str(src), str(dst), **kw)
         return "quant_pre_process"
     except Exception:  # noqa: BLE001 - symbolic shape inference fails on some graphs

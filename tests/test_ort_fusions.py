@@ -108,3 +108,20 @@ def test_weight_matmuls_stay_plain_so_int8_quantizes_them(exported) -> None:
                and "MatMul" in n.op_type]
     assert len(readers) >= 2 * 7 + 1  # q k v o gate up down per layer + lm_head
     assert {n.op_type for n in readers} == {"MatMul"}
+
+
+def test_int8_preprocess_of_a_fused_graph_skips_symbolic_shapes_and_leaves_no_files(
+        exported, tmp_path, monkeypatch) -> None:
+    """Symbolic shape inference cannot finish on fused ops and then saves the model into
+    the current directory (a 538 MB file for SmolLM2): a fused graph skips it."""
+    from sparsify_fx.export.quantize import preprocess_for_quantization
+    _, fused, plain = exported
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert "without symbolic" in preprocess_for_quantization(fused.path, out / "f.onnx", False)
+    assert preprocess_for_quantization(plain.path, out / "p.onnx", False) == "quant_pre_process"
+    assert list(cwd.iterdir()) == []
+    assert (out / "f.onnx").exists() and (out / "p.onnx").exists()
