@@ -111,12 +111,15 @@ def test_target_latency_on_a_capture_cuts_measures_and_records(
     assert all(0 < v < 3 for v in meta["probe_measured"].values())
     assert meta["probe_macs_kept"]["units"] == pytest.approx(0.25)
     assert cost.dense == pytest.approx(meta["dense_ms"])
-    result = sf.apply_budget(tiny, target_latency=0.9, cost=cost,
+    # a target the fit can reach: 0.9, or a quarter of the cuttable share when the timed
+    # probes put most of a 1-layer toy's latency in its fixed part (a noisy machine)
+    target = min(0.9, 1.0 - 0.25 * (1.0 - meta["remainder_share"]))
+    result = sf.apply_budget(tiny, target_latency=target, cost=cost,
                              scores=channel_l1_scores(tiny, per_weight=True))
     assert len(result.latency) == 1 and meta["verified"] == [result.latency[0].to_dict()]
     check = result.latency[0]
-    assert check.aimed == pytest.approx(0.9) and 0 < check.measured < 3
-    assert check.estimated <= 0.9 + 1e-9
+    assert check.aimed == pytest.approx(target) and 0 < check.measured < 3
+    assert check.estimated <= target + 1e-9
     assert cost.hard_fraction() == pytest.approx(check.estimated)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
