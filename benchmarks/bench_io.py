@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import sys
 from typing import Any
 
@@ -32,6 +33,24 @@ def write_results(out: str, result: dict[str, Any], markdown: str) -> None:
 
 
 @torch.no_grad()
+def mean_sd_by_method(rows: list[dict[str, Any]], columns: tuple[str, ...]
+                      ) -> list[dict[str, Any]]:
+    """One row per ``(method, target)`` (first-seen order): ``n`` and, for each of
+    ``columns`` the rows hold (not None), its mean and population sd (``<col>_sd``;
+    0.0 for one row): several seeds' rows as a table's row."""
+    out = []
+    for key in dict.fromkeys((r["method"], r["target"]) for r in rows):
+        sel = [r for r in rows if (r["method"], r["target"]) == key]
+        stat: dict[str, Any] = {"method": key[0], "target": key[1], "n": len(sel)}
+        for col in columns:
+            vals = [r[col] for r in sel if r.get(col) is not None]
+            if vals:
+                stat[col] = statistics.mean(vals)
+                stat[col + "_sd"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+        out.append(stat)
+    return out
+
+
 def shrink_checked(gm: torch.nn.Module, x: torch.Tensor, tol: float = 1e-4) -> tuple[Any, float]:
     """``sparsify_fx.shrink(gm)`` in eval mode, checked against the hard-masked ``gm`` on
     ``x``: returns ``(shrunk, max abs diff)``; AssertionError past ``tol``."""

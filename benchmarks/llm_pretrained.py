@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import statistics
 import time
 import warnings
 from typing import Any
@@ -45,7 +44,7 @@ from typing import Any
 import torch
 
 import sparsify_fx as sf
-from bench_io import command_line, machine, write_results
+from bench_io import command_line, machine, mean_sd_by_method, write_results
 from llm_pruning import CORPUS, nm_ok, weight_groups
 from llm_text import load_split, perplexity, train_lm, windows
 from sparsify_fx.baselines.mask_init import init_cs_from_masks
@@ -250,19 +249,13 @@ def structured_rows(model: torch.nn.Module, text: Text, args: argparse.Namespace
     return rows
 
 
+#: the row columns a summary averages over seeds
+SUMMARY_COLUMNS = ("ppl", "gap", "seconds", "tokens", "mask_bits_changed", "mask_bits",
+                   "changed_slots", "load_average", "calibration_pass_seconds")
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for key in dict.fromkeys((r["method"], r["target"]) for r in rows):
-        sel = [r for r in rows if (r["method"], r["target"]) == key]
-        stat: dict[str, Any] = {"method": key[0], "target": key[1], "n": len(sel)}
-        for col in ("ppl", "gap", "seconds", "tokens", "mask_bits_changed", "mask_bits",
-                    "changed_slots", "load_average", "calibration_pass_seconds"):
-            vals = [r[col] for r in sel if col in r]
-            if vals:
-                stat[col] = statistics.mean(vals)
-                stat[col + "_sd"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
-        out.append(stat)
-    return out
+    return mean_sd_by_method(rows, SUMMARY_COLUMNS)
 
 
 def goal(summary: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import sparsify_fx as sf
-from bench_io import command_line, machine, write_results
+from bench_io import command_line, machine, mean_sd_by_method, write_results
 from llm_pruning import CORPUS, weight_groups
 from llm_text import load_split
 from sparsify_fx.baselines.mask_init import init_cs_from_masks
@@ -219,19 +219,13 @@ def rows_for(model: torch.nn.Module, docs: Docs, dense: Tensor, keep: float, see
             "shrink_max_abs_diff": err}, small)
 
 
+#: the row columns a summary averages over seeds
+SUMMARY_COLUMNS = ("cosine", "min_cosine", "seconds", "tokens", "changed_slots", "slots",
+                   "blocks_fraction", "model_fraction", "load_average")
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    out = []
-    for key in dict.fromkeys((r["method"], r["target"]) for r in rows):
-        sel = [r for r in rows if (r["method"], r["target"]) == key]
-        stat: dict[str, Any] = {"method": key[0], "target": key[1], "n": len(sel)}
-        for col in ("cosine", "min_cosine", "seconds", "tokens", "changed_slots", "slots",
-                    "blocks_fraction", "model_fraction", "load_average"):
-            vals = [r[col] for r in sel if r.get(col) is not None]
-            if vals:
-                stat[col] = statistics.mean(vals)
-                stat[col + "_sd"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
-        out.append(stat)
-    return out
+    return mean_sd_by_method(rows, SUMMARY_COLUMNS)
 
 
 def markdown(result: dict[str, Any]) -> str:
