@@ -10,6 +10,15 @@ from sparsify_fx.errors import ExportError
 
 #: the domain onnx.checker leaves to its runtime (it checks only the standard domains)
 RUNTIME_DOMAIN = "com.microsoft"
+#: the domain names of the standard ONNX operator set
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def is_runtime_op(node: onnx.NodeProto) -> bool:
+    """A node no standard ONNX schema describes: a custom domain (onnxruntime's
+    ``com.microsoft``), or a default-domain op only onnxruntime registers
+    (``SimplifiedLayerNormalization`` and kin)."""
+    return node.domain not in STANDARD_DOMAINS or not onnx.defs.has(node.op_type)
 
 
 def _runtime_ops_aside(path: Path) -> onnx.ModelProto:
@@ -19,7 +28,7 @@ def _runtime_ops_aside(path: Path) -> onnx.ModelProto:
     proto = onnx.load(str(path), load_external_data=False)
     moved = False
     for node in proto.graph.node:
-        if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type):
+        if node.domain in STANDARD_DOMAINS and is_runtime_op(node):
             node.domain = RUNTIME_DOMAIN
             moved = True
     if moved and not any(o.domain == RUNTIME_DOMAIN for o in proto.opset_import):

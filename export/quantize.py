@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_leaves, tree_unflatten
 
 from sparsify_fx.errors import ExportError, InputError
-from sparsify_fx.export.onnx_check import checked_session
+from sparsify_fx.export.onnx_check import checked_session, is_runtime_op
 from sparsify_fx.export.int8_verify import (ARGMAX_MIN_ROWS, Int8Check, Int8Tolerance, Metric,
                                             Predict, verify_int8)
 from sparsify_fx.export.quantize_request import MODES, QuantizeRequest, quantize_request
@@ -172,17 +172,6 @@ def _graph_inputs(path: Path) -> list[str]:
     return [i.name for i in model.graph.input if i.name not in inits]
 
 
-class _SkipSymbolic(Exception):
-    """Go straight to the pre-process without symbolic shape inference."""
-
-
-def _holds_runtime_ops(path: Path) -> bool:
-    """Whether the file holds ops no ONNX schema describes (onnxruntime's fused ops)."""
-    proto = onnx.load(str(path), load_external_data=False)
-    return any(n.domain not in ("", "ai.onnx") or not onnx.defs.has(n.op_type)
-               for n in proto.graph.node)
-
-
 def preprocess_for_quantization(src: Path, dst: Path, external: bool) -> str:
     """onnxruntime's ``quant_pre_process`` of ``src`` into ``dst`` (weights in ``dst.data``
     when ``external``); retried without symbolic shape inference, and run without it
@@ -192,20 +181,21 @@ def preprocess_for_quantization(src: Path, dst: Path, external: bool) -> str:
     from onnxruntime.quantization import quant_pre_process
     kw = dict(save_as_external_data=external, all_tensors_to_one_file=True,
               external_data_location=dst.name + ".data" if external else None)
-    try:
-        if _holds_runtime_ops(src):
-            # symbolic shape inference cannot finish on onnxruntime's fused ops, and when
-            # it cannot it saves the whole model (weights too) into the current directory
-            raise _SkipSymbolic()
-        quant_pre_process(str(src), str(dst), **kw)
-        return "quant_pre_process"
-    except Exception:  # noqa: BLE001 - symbolic shape inference fails on some graphs
+    proto = onnx.load(str(src), load_external_data=False)
+    if not any(is_runtime_op(n) for n in proto.graph.node):
+        # on onnxruntime's fused ops symbolic shape inference cannot finish, and then it
+        # saves the whole model (weights too) into the current directory: not tried there
         try:
-            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True, **kw)
-            return "quant_pre_process (without symbolic shape inference)"
-        except Exception as exc:  # noqa: BLE001
-            raise ExportError(f"onnxruntime's quant_pre_process failed: {type(exc).__name__}: "
-                              f"{exc}"[:2000]) from exc
+            quant_pre_process(str(src), str(dst), **kw)
+            return "quant_pre_process"
+        except Exception:  # noqa: BLE001 - symbolic shape inference fails on some graphs
+            pass
+    try:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True, **kw)
+        return "quant_pre_process (without symbolic shape inference)"
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"onnxruntime's quant_pre_process failed: {type(exc).__name__}: "
+                          f"{exc}"[:2000]) from exc
 
 
 def _quantize(request: QuantizeRequest, src: Path, dst: Path, external: bool) -> None:

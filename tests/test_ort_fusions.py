@@ -18,17 +18,9 @@ from sparsify_fx.errors import ExportError
 from sparsify_fx.export.onnx_check import checked_session
 from sparsify_fx.export.onnx_generate import greedy_generate
 from sparsify_fx.export.ort_fusions import FusionWarning, fuse_for_onnxruntime
+from tests.test_onnx_decoder import VOCAB, _llama
 
-transformers = pytest.importorskip("transformers")
-VOCAB = 256
-
-
-def _llama() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        use_cache=False)).eval()
+pytest.importorskip("transformers")
 
 
 def _ops(path) -> Counter:
