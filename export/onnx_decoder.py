@@ -192,15 +192,15 @@ def _place(staged: Path, data: Path | None, target: Path) -> Path | None:
     return final_data
 
 
-def _matches_reference(wrapper: CacheDecoder, args: tuple, work: Path, rtol: float,
-                       atol: float) -> Callable[[onnx.ModelProto], str | None]:
+def _matches_reference(layout: CacheLayout, args: tuple, reference: list[torch.Tensor],
+                       work: Path, rtol: float, atol: float
+                       ) -> Callable[[onnx.ModelProto], str | None]:
     """The fusion pass's acceptance check: the fused graph loads in onnxruntime and
     every output on ``args`` is within ``atol + rtol * max |reference|`` of PyTorch's
     (the full generation check still runs on the written file)."""
     import onnxruntime as ort
-    with torch.no_grad():
-        reference = [t.detach().numpy() for t in wrapper(*args)]
-    feeds = dict(zip(wrapper.layout.input_names(), (a.numpy() for a in args)))
+    wanted = [t.numpy() for t in reference]
+    feeds = dict(zip(layout.input_names(), (a.numpy() for a in args)))
 
     def accept(proto: onnx.ModelProto) -> str | None:
         file = work / "fused_check.onnx"
@@ -214,7 +214,7 @@ def _matches_reference(wrapper: CacheDecoder, args: tuple, work: Path, rtol: flo
             file.unlink(missing_ok=True)
             if data is not None:
                 data.unlink(missing_ok=True)
-        for name, got, want in zip(wrapper.layout.output_names(), outputs, reference):
+        for name, got, want in zip(layout.output_names(), outputs, wanted):
             bound = atol + rtol * float(np.abs(want).max(initial=0.0))
             diff = float(np.abs(got - want).max(initial=0.0)) if got.shape == want.shape else None
             if diff is None or diff > bound:
@@ -273,8 +273,13 @@ def export_decoder(model: nn.Module, path: str | os.PathLike, *, quantize: str |
         wrapper = CacheDecoder(model, layout).eval()
         args = example_inputs(layout)
         proto = _torch_export(wrapper, args, opset)
+        reference: list[torch.Tensor] = []
+        if fuse or quantize is not None:  # PyTorch's outputs on the example inputs
+            with torch.no_grad():
+                reference = [t.detach() for t in wrapper(*args)]
         fusion = (fuse_for_onnxruntime(proto, _matches_reference(
-            wrapper, args, work, FUSED_RTOL if rtol is None else rtol, atol)) if fuse else None)
+            layout, args, reference, work, FUSED_RTOL if rtol is None else rtol, atol))
+            if fuse else None)
         if rtol is None:
             rtol = FUSED_RTOL if fusion is not None and fusion.counts else FP32_RTOL
         if fusion is not None:
@@ -306,7 +311,8 @@ def export_decoder(model: nn.Module, path: str | os.PathLike, *, quantize: str |
         fp32_checks: list[GenerationCheck] = []
         if request is not None:
             quantized, staged, data, storage, dense_bytes, fp32_checks, checks = _int8(
-                request, dense_file, work, target, wrapper, args, staged, data, written,
+                request, dense_file, work, target, wrapper, args, reference, staged, data,
+                written,
                 dense_bytes, checks, verify=verify, sparse=sparse, min_sparsity=min_sparsity,
                 only_if_smaller=only_if_smaller, external_data=external_data, prompts=prompts,
                 new_tokens=new_tokens)
@@ -323,14 +329,14 @@ def export_decoder(model: nn.Module, path: str | os.PathLike, *, quantize: str |
 
 
 def _int8(request: Any, dense_file: Path, work: Path, target: Path, wrapper: CacheDecoder,
-          args: tuple, staged: Path, data: Path | None, written: int, dense_bytes: int,
+          args: tuple, reference: list[torch.Tensor], staged: Path, data: Path | None,
+          written: int, dense_bytes: int,
           checks: list[GenerationCheck], *, verify: bool, sparse: bool, min_sparsity: float,
           only_if_smaller: bool, external_data: bool | None, prompts: list[Prompt] | None,
           new_tokens: int) -> tuple:
-    """Quantize the dense fp32 file, verify it teacher-forced; the int8 side's pieces."""
+    """Quantize the dense fp32 file, verify it teacher-forced; the int8 side's pieces
+    (``reference``: PyTorch's outputs on ``args``)."""
     from sparsify_fx.export.quantize import quantized_result, stage_int8
-    with torch.no_grad():
-        reference = [t.detach() for t in wrapper(*args)]
     q = stage_int8(request, dense_file, work, "int8_" + target.name, model=wrapper,
                    example_inputs=args, example_reference=reference, reference_given=False,
                    verify=False, sparse=sparse, min_sparsity=min_sparsity,
