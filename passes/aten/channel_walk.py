@@ -25,6 +25,13 @@ exactly, whatever the model's code calls them. Other rules:
   reads: a query head, the key/value head it reads (grouped-query attention:
   all query heads of one KV head) and their value rows become one unit.
   Their MACs are recorded as ``attention_matmul`` producers;
+* state-space mixers: a weight read through a view that only drops or inserts size-1
+  dims (``w.squeeze(1)``) is still that weight; ``W @ x`` is a producer along ``x``'s
+  dim -2; a per-channel parameter may lie along any dim (``D[None, :, None]``); an outer
+  product ``a[:, c, None] * b[:, None, s]`` ties nothing (the operand with fewer ids stays
+  whole); ``state @ C`` with channels down the rows only keeps them per row; ``zeros``
+  and friends vary along no dim; constant ``pad`` adds positions with no channel, and
+  ``tril`` / ``triu`` over positions keep ids;
 * reductions (softmax, mean, norms) over one tied set are fine (a head's
   softmax); over several sets they keep those channels whole (a LayerNorm or
   RMSNorm over the residual stream: it stays dense), ``sum`` ties them;
@@ -50,10 +57,12 @@ from sparsify_fx.passes.aten.elementwise import ElementwiseRules
 from sparsify_fx.passes.aten.experts import EXPERT_OPS, clamp_keeps_zero, visit_expert_op
 from sparsify_fx.passes.aten.op_tables import (BATCH_NORM, BINARY, CONV, IDENTITY_OPS, MATMUL,
                                                NO_CHANNELS, NONZERO_UNARY, NORMALIZE, REDUCE, SDPA,
+                                               UNIFORM_OPS,
                                                SHAPE_OPS, ZERO_KEEPING)
 from sparsify_fx.passes.aten.producers import visit_matmul, visit_sdpa
 from sparsify_fx.passes.aten.special_ops import SpecialOpRules
-from sparsify_fx.passes.aten.values import ParamRef, Tracked, concrete_shape, hint, op_name
+from sparsify_fx.passes.aten.values import (ParamRef, Tracked, Uniform, concrete_shape, hint,
+                                            op_name)
 from sparsify_fx.passes.channels.graph_types import NormSite, Producer
 
 aten = torch.ops.aten
@@ -245,6 +254,8 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
             return visit_sdpa(self, node)
         if name in BATCH_NORM:
             return self.batch_norm(node, name)
+        if name in UNIFORM_OPS:
+            return Uniform()
         if name in NO_CHANNELS:
             return None
         if not tracked:
@@ -253,6 +264,14 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
             return self.value(args[0])
         if name in SHAPE_OPS:
             return self.shape_op(node)
+        if name in ("pad", "constant_pad_nd"):
+            return self.constant_pad(node, name)
+        if name in ("tril", "triu"):  # a causal mask over positions: zeros kept, ids kept
+            x = self.value(args[0])
+            if isinstance(x, Tracked) and x.ids.dim() >= 2 and bool(
+                    (x.ids == x.ids[..., :1, :1]).all()):
+                return x
+            return self.reject(node, f"{name} over channel dims")
         if name in ("view_as_complex", "view_as_real"):
             return self.complex_view(node, name)
         if name in ZERO_KEEPING or name in NONZERO_UNARY:
@@ -312,6 +331,19 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
                 for row in torch.unique(fibers, dim=0):
                     self.tie_all(row)
         return out
+
+    def constant_pad(self, node: fx.Node, name: str) -> Any:
+        """``F.pad(x, pad, value=v)`` in constant mode (a chunked scan padding its length to
+        whole chunks): the new positions carry no channel (-1)."""
+        x = self.value(node.args[0])
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        if name == "pad" and mode != "constant" or not isinstance(x, Tracked):
+            return self.reject(node, f"pad in {mode!r} mode")
+        pad = [int(self.concrete(p)) for p in node.args[1]]
+        ids = torch.constant_pad_nd(x.ids, pad, -1)
+        if tuple(ids.shape) != self.shape(node):
+            return self.reject(node, "pad form not understood")
+        return Tracked(ids, torch.constant_pad_nd(x.zero, pad, 0))
 
     def _wrap(self, ids: Any, zero: Any) -> Any:
         if isinstance(ids, torch.Tensor):

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import fx
 
-from sparsify_fx.passes.aten.values import DerivedParam, ParamRef, Tracked, hint, op_name
+from sparsify_fx.passes.aten.values import (DerivedParam, ParamRef, Tracked, Uniform,
+                                            concrete_shape, hint, op_name)
 from sparsify_fx.passes.channels.graph_types import NormSite
 
 
@@ -70,13 +71,20 @@ class ElementwiseRules:
             return per_channel
         for i, t in enumerate(ts):
             other = operands[1 - i] if len(operands) > 1 else None
-            if t is not None and ts[1 - i] is None and isinstance(other, fx.Node):
+            if t is not None and ts[1 - i] is None and isinstance(other, fx.Node) \
+                    and not isinstance(self.value(other), Uniform):
                 val = other.meta.get("val")
                 if isinstance(val, torch.Tensor):
                     self.check_untracked_operand(t, tuple(hint(s) for s in val.shape), node,
                                                  isinstance(self.value(other),
                                                             (ParamRef, DerivedParam)))
         a, b = ts[0], ts[1] if len(ts) > 1 else None
+        if a is not None and b is not None and name == "mul":
+            outer = self._outer_product(operands, out_shape)
+            if outer is not None:  # a[c, :] * b[:, s]: no channel meets another
+                keep, drop = (a, b) if outer == 0 else (b, a)
+                self.make_whole(drop)
+                return Tracked(keep.ids, a.zero | b.zero)
         if a is not None and b is not None:
             self.tie_pairs(a.ids, b.ids)
             ids = torch.where(a.ids >= 0, a.ids, b.ids)
@@ -99,13 +107,40 @@ class ElementwiseRules:
             return t
         return Tracked(t.ids, torch.zeros_like(t.zero))
 
+    def _outer_product(self, operands: list, out_shape: tuple[int, ...]) -> int | None:
+        """``a * b`` where every dim along which one operand's ids vary is broadcast (size 1)
+        in the other (``dt[:, :, None] * B[:, None, :]``, a selective scan's outer product):
+        removing a channel of one slices a dim the other does not have, so nothing is tied.
+        One id per element is tracked: the operand with more distinct ids keeps its ids (its
+        index, 0 or 1) and the other's channels stay whole. None: not an outer product."""
+        shapes, vary = [], []
+        for arg in operands:
+            shape = concrete_shape(arg)
+            t = self.value(arg)
+            if shape is None or not isinstance(t, Tracked):
+                return None
+            shape = (1,) * (len(out_shape) - len(shape)) + shape
+            shapes.append(shape)
+            ids = t.ids.reshape(shape) if t.ids.dim() != len(shape) else t.ids
+            vary.append({d for d in range(len(shape)) if shape[d] > 1
+                         and not bool((ids == ids.narrow(d, 0, 1)).all())})
+        if not vary[0] or not vary[1]:
+            return None
+        if any(shapes[1][d] > 1 for d in vary[0]) or any(shapes[0][d] > 1 for d in vary[1]):
+            return None
+        counts = [len(torch.unique(self.value(arg).ids)) for arg in operands]
+        return 0 if counts[0] >= counts[1] else 1
+
     def _per_channel_param(self, node: fx.Node, name: str, operands: list, vals: list,
                            ts: list) -> Tracked | None:
-        """``x * p``, ``x + p``, ``x - p`` with ``p`` a 1-D parameter along the
-        last dim whose every position holds one tied set of ``x``'s channels (a learned
-        per-channel scale or shift): recorded as a site that shrink slices and that a
-        follower mask zeroes with its channels, so the result is zero when they are
-        pruned. None when the pattern does not hold (the general rules apply)."""
+        """``x * p``, ``x + p``, ``x - p`` with ``p`` a parameter whose dim 0 lies along one
+        dim of ``x`` (``p`` as it is along the last dim, or a view that only inserts size-1
+        dims: ``D[None, :, None]``, ``A[None, :, None, :]``), every index of that dim one
+        tied set of ``x``'s channels (a learned per-channel scale, shift or decay): recorded
+        as a site whose parameter shrink slices along dim 0. Read directly, a follower mask
+        zeroes it with its channels, so the result is zero when they are pruned; read
+        through a view or computed from it, only a product keeps ``x``'s zeros. None when the
+        pattern does not hold (the general rules apply)."""
         if name not in ("mul", "add", "sub") or len(vals) < 2 or self.region:
             return None  # (a region's attributes are its own constants)
         params = (ParamRef, DerivedParam)
@@ -119,9 +154,10 @@ class ElementwiseRules:
             val = self.gm.get_parameter(ref.name)
         except AttributeError:
             return None
-        if val.dim() != 1 or val.shape[0] != t.ids.shape[-1] or val.shape[0] < 2:
+        dim = self._param_dim(val, concrete_shape(operands[i]), t.ids.dim())
+        if dim is None or t.ids.shape[dim] != val.shape[0]:
             return None
-        columns = t.ids.reshape(-1, t.ids.shape[-1]).T
+        columns = t.ids.movedim(dim, -1).reshape(-1, t.ids.shape[dim]).T
         per_index = []
         for col in columns:
             if self.n_components(col) > 1:
@@ -131,9 +167,26 @@ class ElementwiseRules:
         ids = torch.tensor(per_index, dtype=torch.long)
         if set(torch.unique(ids[ids >= 0]).tolist()) <= self.whole:
             return None  # nothing prunable flows here: the general rules
+        direct = isinstance(operands[i], fx.Node) and operands[i].op in ("get_attr", "call_module")
         self.norms[node.name] = NormSite(node.name, ref.name.rpartition(".")[0], self.emit(ids),
                                          (ref.name, None, None, None))
+        if name != "mul" and not direct:  # no follower mask reaches a view: not zero
+            return Tracked(t.ids, torch.zeros_like(t.zero))
         return Tracked(t.ids, t.zero.clone())
+
+    @staticmethod
+    def _param_dim(val: torch.Tensor, seen: tuple[int, ...] | None, rank: int) -> int | None:
+        """The dim of a rank-``rank`` result that ``val``'s dim 0 lies along, when the
+        operand (of shape ``seen``; None: ``val`` itself) is ``val`` with size-1 dims
+        inserted or dropped only; None otherwise (or ``val``'s dim 0 is under 2)."""
+        seen = tuple(val.shape) if seen is None else seen
+        if val.dim() < 1 or val.shape[0] < 2 or not seen or len(seen) > rank:
+            return None
+        aligned = (1,) * (rank - len(seen)) + tuple(seen)
+        big = [k for k, size in enumerate(aligned) if size != 1]
+        if [aligned[k] for k in big] != [size for size in val.shape if size != 1]:
+            return None
+        return big[0] if aligned[big[0]] == val.shape[0] else None
 
     def _dims(self, node: fx.Node, rank: int, default_all: bool = True) -> list[int]:
         at = 2 if op_name(node.target) in ("linalg_vector_norm", "norm") else 1  # (x, ord, dim)

@@ -13,6 +13,9 @@ IDENTITY_OPS = {"to", "_to_copy", "type_as", "_assert_tensor_metadata", "dropout
                 "alpha_dropout", "detach_"}
 #: ops that leave a weight as it is (a weight read through them is still a producer's)
 PARAM_COPY_OPS = IDENTITY_OPS | {"clone", "contiguous", "detach", "alias", "lift_fresh_copy"}
+#: views of a weight that may only drop or insert size-1 dims (checked per node; a
+#: ``slice`` of the whole dim, as ``A[None, :]`` records it, keeps the shape)
+PARAM_UNIT_DIM_OPS = {"squeeze", "unsqueeze", "view", "_unsafe_view", "reshape", "slice"}
 #: 2-D transposes of a weight (``W.t()``, ``W.T``, ``W.transpose(0, 1)``, ``W.permute(1, 0)``)
 PARAM_TRANSPOSE_OPS = {"t", "numpy_T", "transpose", "permute", "mT", "mH", "adjoint"}
 #: f(0) == 0 elementwise
@@ -37,6 +40,8 @@ NORMALIZE = {"_softmax", "softmax", "_log_softmax", "log_softmax", "layer_norm",
 #: ops whose result carries no channel (sizes, fresh tensors of a given shape)
 NO_CHANNELS = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "new_zeros",
                "new_empty", "new_ones", "new_full", "new_empty_strided", "scalar_tensor"}
+#: fresh tensors of one value everywhere (a scan's zero initial state)
+UNIFORM_OPS = {"zeros", "ones", "full", "new_zeros", "new_ones", "new_full", "scalar_tensor"}
 MATMUL = {"matmul", "mm", "bmm", "linear", "addmm", "baddbmm"}
 CONV = {"conv1d", "conv2d", "conv3d", "convolution", "_convolution"}
 BATCH_NORM = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit",
@@ -44,4 +49,4 @@ BATCH_NORM = {"batch_norm", "native_batch_norm", "_native_batch_norm_legit",
 SDPA = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention"}
 
-__all__ = ["SHAPE_OPS", "IDENTITY_OPS", "PARAM_COPY_OPS", "PARAM_TRANSPOSE_OPS", "ZERO_KEEPING", "NONZERO_UNARY", "BINARY", "REDUCE", "NORMALIZE", "NO_CHANNELS", "MATMUL", "CONV", "BATCH_NORM", "SDPA"]
+__all__ = ["SHAPE_OPS", "IDENTITY_OPS", "PARAM_COPY_OPS", "PARAM_TRANSPOSE_OPS", "PARAM_UNIT_DIM_OPS", "ZERO_KEEPING", "NONZERO_UNARY", "BINARY", "REDUCE", "NORMALIZE", "NO_CHANNELS", "UNIFORM_OPS", "MATMUL", "CONV", "BATCH_NORM", "SDPA"]

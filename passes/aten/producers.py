@@ -7,7 +7,8 @@ whole); its input channels are read from the input's ids along the contracted
 dim (the same ids at every other position, else they stay whole) and stay whole
 where they may be non-zero while pruned. A weight is ``(out, in)`` for
 ``linear`` / conv and ``(in, out)`` for ``addmm`` / ``mm`` / ``matmul`` (HF
-``Conv1D``), flipped by a transpose in the graph. A product of two activations
+``Conv1D``), flipped by a transpose in the graph; ``matmul(W, x)`` (``W`` first, e.g.
+Mamba's ``dt_proj.weight @ dt``) reads and writes channels along ``x``'s dim -2. A product of two activations
 ties everything one batch entry reads (see the walk's module doc) and records
 its MACs as an ``attention_matmul`` producer (``macs_unit`` MACs per sample per
 id of its first tracked operand's fibre).
@@ -71,7 +72,8 @@ def _producer(walk: "AtenChannelWalk", node: fx.Node, x_arg: Any, ref: ParamRef,
     if not masked:
         walk.whole.update(out_ids.tolist())
     x = walk.value(x_arg)
-    in_ids = _input_ids(walk, x, 1 if conv else -1, in_per_group * groups)
+    left = kind == "left"  # W @ x: channels along the second-to-last dim
+    in_ids = _input_ids(walk, x, 1 if conv else -2 if left else -1, in_per_group * groups)
     if groups > 1:  # a conv group's inputs and outputs are removed as one unit
         for g_in, g_out in zip(in_ids.reshape(groups, -1), out_ids.numpy().reshape(groups, -1)):
             walk.tie_all(torch.as_tensor([*g_in.tolist(), *g_out.tolist()]))
@@ -80,7 +82,7 @@ def _producer(walk: "AtenChannelWalk", node: fx.Node, x_arg: Any, ref: ParamRef,
     walk.producers[node.name] = Producer(
         node.name, ref.name, _bias_name(walk, bias), ref.masked, "conv" if conv else "linear",
         groups, out_ids.numpy(), in_ids, (out_ch, in_per_group, *kernel), weight_layout=layout)
-    dim = 1 if conv else len(out_shape) - 1
+    dim = 1 if conv else len(out_shape) - (2 if left else 1)
     view = [1] * len(out_shape)
     view[dim] = out_ch
     ids = out_ids.reshape(view).expand(out_shape)
@@ -105,6 +107,9 @@ def _contract(walk: "AtenChannelWalk", node: fx.Node, a: Tracked | None, b: Trac
     """``a @ b`` of two activations (``a``: ``(..., M, K)``, ``b``: ``(..., K, N)``)."""
     batch = out_shape[:-2]
     m, n = out_shape[-2], out_shape[-1]
+    rows = _row_channels(walk, node, a, b, out_shape, record)
+    if rows is not None:
+        return rows
     parts = []
     for t in (a, b):
         if t is not None:
@@ -133,6 +138,36 @@ def _contract(walk: "AtenChannelWalk", node: fx.Node, a: Tracked | None, b: Trac
     return Tracked(ids.contiguous(), zero.contiguous())
 
 
+def _row_channels(walk: "AtenChannelWalk", node: fx.Node, a: Tracked | None,
+                  b: Tracked | None, out_shape: tuple[int, ...], record: bool) -> Tracked | None:
+    """``a @ b`` where ``a``'s channels run along its rows only (the same id across ``K``,
+    different ids down ``M``) and ``b``'s ids do not vary along ``N``: a per-channel state
+    read out by a shared vector (a selective scan's ``state @ C``). Each row is its own
+    channel's output row: nothing is tied; ``b``'s channels (along ``K``, which no channel
+    of ``a`` matches) stay whole. None when the pattern does not hold (attention's
+    ``q @ k^T``, whose channels run along ``K``)."""
+    if a is None:
+        return None
+    batch = out_shape[:-2]
+    ids = a.ids.broadcast_to((*batch, *a.ids.shape[-2:]))
+    if bool((ids == ids[..., :, :1]).all()) is False or bool((ids == ids[..., :1, :]).all()):
+        return None  # varies along K, or does not vary down M
+    if b is not None:
+        b_ids = b.ids.broadcast_to((*batch, *b.ids.shape[-2:]))
+        if not bool((b_ids == b_ids[..., :, :1]).all()):
+            return None
+        walk.make_whole(b)
+    k, n = a.ids.shape[-1], out_shape[-1]
+    if record:  # MACs: K x N per row of a channel
+        sample = ids.reshape(-1, *ids.shape[-2:])[0]
+        emitted = walk.emit(sample[:, 0])
+        walk.producers[node.name] = Producer(node.name, node.name, None, None, "attention_matmul",
+                                             1, emitted, None, (len(emitted), 1), float(k * n))
+    zero = a.zero.broadcast_to(ids.shape).all(-1, keepdim=True)
+    return Tracked(ids[..., :, :1].expand(out_shape).contiguous(),
+                   zero.expand(out_shape).contiguous())
+
+
 def visit_matmul(walk: "AtenChannelWalk", node: fx.Node, name: str) -> Any:
     args = node.args
     vals = [walk.value(a) for a in args]
@@ -157,6 +192,9 @@ def visit_matmul(walk: "AtenChannelWalk", node: fx.Node, name: str) -> Any:
         return walk.reject(node, "addmm form not understood")
     if name in ("mm", "matmul") and isinstance(vals[1], ParamRef) and not isinstance(vals[0], ParamRef):
         return _producer(walk, node, args[0], vals[1], None, "io")
+    if name in ("mm", "matmul") and isinstance(vals[0], ParamRef) and not isinstance(
+            vals[1], ParamRef) and len(concrete_shape(args[1]) or ()) >= 2:
+        return _producer(walk, node, args[1], vals[0], None, "left")  # W @ x
     if name == "baddbmm":
         return _baddbmm(walk, node, vals)
     if name in ("mm", "matmul", "bmm"):

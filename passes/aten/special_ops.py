@@ -12,9 +12,11 @@ import torch
 from torch import fx
 
 from sparsify_fx.passes.aten.op_tables import (BINARY, CONV, MATMUL, NONZERO_UNARY,
-                                               PARAM_COPY_OPS, PARAM_TRANSPOSE_OPS, SDPA,
-                                               ZERO_KEEPING)
-from sparsify_fx.passes.aten.values import DerivedParam, ParamRef, Tracked, concrete_shape, op_name
+                                               PARAM_COPY_OPS, PARAM_TRANSPOSE_OPS,
+                                               PARAM_UNIT_DIM_OPS, SDPA, SHAPE_OPS,
+                                               ZERO_KEEPING, IDENTITY_OPS)
+from sparsify_fx.passes.aten.values import (DerivedParam, ParamRef, Tracked, Uniform,
+                                            concrete_shape, op_name)
 
 
 class SpecialOpRules:
@@ -64,16 +66,26 @@ class SpecialOpRules:
     # -- rules ------------------------------------------------------------------------
     def param_op(self, node: fx.Node, name: str, params: list[ParamRef]) -> Any:
         """An op on a weight (no activation channels): a 2-D transpose (``t``, ``.T``,
-        ``transpose``, ``permute(1, 0)``) or a copy keeps it a :class:`ParamRef`; any other
+        ``transpose``, ``permute(1, 0)``), a copy, or a view that only drops or inserts
+        size-1 dims (``w.squeeze(1)``) keeps it a :class:`ParamRef` (a consumer checks the
+        shape it needs against the weight's own); any other
         op reading a masked weight is not followed (its channels stay whole, warned)."""
         first = self.value(node.args[0]) if node.args else None
+        if isinstance(first, Uniform) and (name in SHAPE_OPS or name in IDENTITY_OPS
+                                           or name in ZERO_KEEPING or name in NONZERO_UNARY):
+            return first  # still one value everywhere
         derived = self._derived(node, name, first)
         if derived is not None:
             return derived
+        if isinstance(first, DerivedParam) and name in PARAM_UNIT_DIM_OPS \
+                and self._only_unit_dims(node, first):
+            return first
         if not isinstance(first, ParamRef):
             first = None
         if first is not None and name in PARAM_COPY_OPS:
             return first
+        if first is not None and name in PARAM_UNIT_DIM_OPS and self._only_unit_dims(node, first):
+            return first  # w.squeeze(1).unsqueeze(1): a conv weight read through a view
         rank = len(self.shape(node))
         if first is not None and name in PARAM_TRANSPOSE_OPS and rank in (2, 3):
             # 3-D: (E, a, b) expert weights with their last two dims swapped
@@ -90,6 +102,21 @@ class SpecialOpRules:
             self.unsupported.append(f"{node.name} ({name}): reads the masked weight(s) "
                                     f"{', '.join(masked)} in a way the analysis does not follow")
         return None
+
+    def _only_unit_dims(self, node: fx.Node, ref: ParamRef | DerivedParam) -> bool:
+        """The op only drops or inserts size-1 dims of its weight operand (the sizes other
+        than 1 are the same, in order), so the value is still the weight's elements in
+        their own order."""
+        before, after = concrete_shape(node.args[0]), concrete_shape(node)
+        if before is None:  # behind a mask node: the weight's own shape
+            try:
+                before = tuple(self.gm.get_parameter(ref.name).shape)
+            except AttributeError:
+                return False
+            before = before[::-1] if getattr(ref, "transposed", False) else before
+        if before is None or after is None:
+            return False
+        return [s for s in before if s != 1] == [s for s in after if s != 1]
 
     def complex_view(self, node: fx.Node, name: str) -> Any:
         """``view_as_complex`` (last dim of 2 -> one complex element: the pair is tied) and

@@ -42,6 +42,12 @@ class DerivedParam:
     name: str
 
 
+@dataclass
+class Uniform:
+    """A tensor holding one value at every position, made from sizes alone (``zeros``,
+    ``full``, ``new_ones``): no channel flows in it and it varies along no dim."""
+
+
 def op_name(target: Any) -> str:
     """``aten.view.default`` -> ``"view"``."""
     return getattr(target, "__name__", str(target)).split(".")[0]
@@ -62,4 +68,4 @@ def concrete_shape(node: Any) -> tuple[int, ...] | None:
     return tuple(hint(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
 
 
-__all__ = ["Tracked", "ParamRef", "DerivedParam", "op_name", "hint", "concrete_shape"]
+__all__ = ["Tracked", "ParamRef", "DerivedParam", "Uniform", "op_name", "hint", "concrete_shape"]

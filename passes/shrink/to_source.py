@@ -142,7 +142,8 @@ def _slice_norms(src: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) -> None:
             owner.num_features = int(keep.sum())
 
 
-def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple]) -> dict:
+def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple],
+                      keep_id: np.ndarray | None = None) -> dict:
     """Scale the width attributes of each group's owner module; returns per owner path
     ``{attr: new value}`` (also the per-layer widths a uniform config needs)."""
     changed: dict[str, dict[str, int]] = {}
@@ -181,6 +182,12 @@ def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple]
                         setattr(owner, attr, new[attr])
         kind = "attention" if group.index in attention_groups else "mlp"
         extra = _other_widths(src, owners[:1], q_kept, q_total, new)
+        if keep_id is not None:  # a producer only part of whose rows are the group's
+            ids = np.asarray(cg.producers[group.producers[0]].out_ids)
+            mine = cg.group_of[cg.component[ids]] == group.index
+            if 0 < int(mine.sum()) < len(ids):
+                extra.update(_other_widths(src, owners[:1], int(keep_id[ids][mine].sum()),
+                                           int(mine.sum()), new))
         changed[path] = dict(new, _kind=kind, _extra=extra, _kept=q_kept, _total=q_total, _kv_kept=kv_kept,
                              _kv_total=kv_total, _producers=tuple(weights),
                              _weights=tuple(weights + consumers))
@@ -206,28 +213,35 @@ def _other_widths(src: nn.Module, owner_paths: list[str], kept: int, total: int,
     return out
 
 
-def _set_widths(src: nn.Module, blocks: dict, which: int) -> None:
-    """Every block's other width attributes at their old (``which=0``) or new value (1)."""
+def _set_widths(src: nn.Module, blocks: dict, which: int,
+                names: set[str] | None = None) -> None:
+    """Every block's other width attributes (those called one of ``names``; None: all) at
+    their old (``which=0``) or new value (1)."""
     for block in blocks.values():
         for key, values in block.get("_extra", {}).items():
             path, _, attr = key.partition(":")
-            setattr(src.get_submodule(path) if path else src, attr, values[which])
+            if names is None or attr in names:
+                setattr(src.get_submodule(path) if path else src, attr, values[which])
 
 
 def _retry_widths(exported: nn.Module, src: nn.Module, blocks: dict, inputs: Any,
                   error: ShrinkError) -> None:
     """After the shrunk model failed its check (``error``): set the owner attributes
     holding a group's whole width (:func:`_other_widths`) to the kept width and check
-    again; kept when the model then equals the hard-masked capture, else undone and
-    ``error`` raised."""
-    if inputs is None or not any(b.get("_extra") for b in blocks.values()):
+    again: all of them, then each attribute name alone (a module may hold another count
+    equal to the width by chance, e.g. a kernel size of 4 beside a rank of 4); kept when
+    the model then equals the hard-masked capture, else undone and ``error`` raised."""
+    names = sorted({key.partition(":")[2] for b in blocks.values() for key in b.get("_extra", {})})
+    if inputs is None or not names:
         raise error
-    _set_widths(src, blocks, 1)
-    try:
-        _check(exported, src, inputs)
-    except ShrinkError:
-        _set_widths(src, blocks, 0)
-        raise error from None
+    for chosen in [None] + ([{name} for name in names] if len(names) > 1 else []):
+        _set_widths(src, blocks, 1, chosen)
+        try:
+            _check(exported, src, inputs)
+            return
+        except ShrinkError:
+            _set_widths(src, blocks, 0, chosen)
+    raise error from None
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:
@@ -270,7 +284,7 @@ def _check(model: nn.Module, small: nn.Module, inputs: Any) -> None:
         with torch.no_grad(), hard_masks(model):
             ref = _outputs(model(*args, **kwargs))
             got = _outputs(small(*small_args, **small_kwargs))
-    except RuntimeError as exc:
+    except (RuntimeError, IndexError, ValueError) as exc:  # a width read from an attribute
         raise ShrinkError(f"the shrunk {type(small).__name__} does not run on the example inputs "
                           f"({exc}); its code reads a width this shrink does not update") from exc
     finally:
@@ -307,7 +321,7 @@ def shrink_to_source(model: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) ->
         keep_id = pad_expert_units(src, cg, keep_id)  # 16-byte aligned expert widths
         widths = _slice_producers(src, cg, keep_id)
         _slice_norms(src, cg, keep_id)
-        blocks = _sync_block_attrs(src, cg, widths)
+        blocks = _sync_block_attrs(src, cg, widths, keep_id)
         uniform = update_config(src, blocks)
         if not uniform:
             layer_configs(src, blocks)

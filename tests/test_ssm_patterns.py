@@ -1,0 +1,178 @@
+"""Hand-written state-space / short-convolution mixers, one per pattern the family sweep
+found in Mamba-style and linear-attention decoders (issue 34).
+
+Each: ``transform(capture="export", granularity="channel")``, an L1 cut at
+``target_macs=0.5``, ``shrink`` into the source class, outputs equal to the hard-masked
+capture on a new batch (after checking the output follows the input), and the inner
+width actually cut (counted from the shrunk weights).
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.export import Dim
+
+import sparsify_fx as sf
+from sparsify_fx.budgets.exact_cut import apply_budget
+from sparsify_fx.passes.channels.couple import channel_l1_scores, group_masks
+from tests.helpers import assert_shrunk_parity
+
+
+class Block(nn.Module):
+    """``x + mixer(norm(x))`` and a head: the residual stream stays whole."""
+
+    def __init__(self, mixer: nn.Module, d: int = 32) -> None:
+        super().__init__()
+        self.norm, self.mixer, self.head = nn.LayerNorm(d), mixer, nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x + self.mixer(self.norm(x)))
+
+
+class ShortConvMixer(nn.Module):
+    """A gated depthwise causal convolution whose weight is read through a view
+    (``w.squeeze(1)`` then ``unsqueeze(1)``, as the reference causal-conv1d path does)."""
+
+    def __init__(self, d: int = 32, inner: int = 48, k: int = 4) -> None:
+        super().__init__()
+        self.in_proj = nn.Linear(d, 2 * inner)
+        self.conv1d = nn.Conv1d(inner, inner, k, groups=inner, padding=k - 1)
+        self.out_proj = nn.Linear(inner, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        u, gate = self.in_proj(h).chunk(2, -1)
+        w = self.conv1d.weight.squeeze(1)
+        c = F.conv1d(u.transpose(1, 2), w.unsqueeze(1), self.conv1d.bias,
+                     padding=w.shape[-1] - 1, groups=u.shape[-1])[..., :h.shape[1]]
+        return self.out_proj(F.silu(c).transpose(1, 2) * F.silu(gate))
+
+
+class SelectiveScanMixer(nn.Module):
+    """A Mamba-style selective scan (the reference slow path): ``dt_proj.weight @ dt``,
+    per-channel ``A_log`` / ``D`` / ``dt`` bias read through ``p[None, :, None]`` views,
+    outer products ``dt[..., None] * B[:, None]``, a zero initial state, ``state @ C``,
+    gating by ``silu(z)``. ``dt_rank`` splits ``x_proj``'s output and equals
+    ``conv_kernel`` (the padding), so a shrink that rescales every attribute equal to a
+    width would break the convolution."""
+
+    def __init__(self, d: int = 32, inner: int = 48, state: int = 8, dt_rank: int = 4,
+                 k: int = 4) -> None:
+        super().__init__()
+        self.dt_rank, self.state, self.conv_kernel = dt_rank, state, k
+        self.in_proj = nn.Linear(d, 2 * inner, bias=False)
+        self.conv1d = nn.Conv1d(inner, inner, k, groups=inner)
+        self.x_proj = nn.Linear(inner, dt_rank + 2 * state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, inner)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, state + 1.0)).repeat(inner, 1)
+                                  + 0.1 * torch.randn(inner, state))
+        self.D = nn.Parameter(1 + 0.1 * torch.randn(inner))
+        self.out_proj = nn.Linear(inner, d, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = h.shape
+        x, z = self.in_proj(h).transpose(1, 2).chunk(2, dim=1)  # (B, I, L) each
+        x = F.silu(F.conv1d(x, self.conv1d.weight, self.conv1d.bias,
+                            padding=self.conv_kernel - 1, groups=x.shape[1])[..., :length])
+        params = self.x_proj(x.transpose(1, 2))
+        dt, b, c = torch.split(params, [self.dt_rank, self.state, self.state], dim=-1)
+        dt = F.softplus(self.dt_proj.weight @ dt.transpose(1, 2) + self.dt_proj.bias[:, None])
+        a = -torch.exp(self.A_log)
+        decay = torch.exp(a[None, :, None, :] * dt[:, :, :, None])  # (B, I, L, N)
+        drive = dt[:, :, :, None] * b[:, None, :, :] * x[:, :, :, None]
+        s = torch.zeros(batch, x.shape[1], self.state)
+        ys = []
+        for i in range(length):
+            s = decay[:, :, i, :] * s + drive[:, :, i, :]
+            ys.append(torch.matmul(s, c[:, i, :].unsqueeze(-1))[:, :, 0])
+        y = torch.stack(ys, dim=-1) + x * self.D[None, :, None]
+        return self.out_proj((y * F.silu(z)).transpose(1, 2))
+
+
+class ChunkPadMixer(nn.Module):
+    """Per-channel decay over chunks: the length is padded (``F.pad``, constant) to whole
+    chunks, summed per chunk, and cut back."""
+
+    def __init__(self, d: int = 32, inner: int = 48, chunk: int = 4) -> None:
+        super().__init__()
+        self.chunk = chunk
+        self.in_proj = nn.Linear(d, 2 * inner)
+        self.out_proj = nn.Linear(inner, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        u, gate = self.in_proj(h).chunk(2, -1)
+        length = h.shape[1]
+        pad = (-length) % self.chunk
+        v = F.pad(u.transpose(1, 2), (0, pad))  # (B, I, L + pad)
+        chunks = v.reshape(v.shape[0], v.shape[1], -1, self.chunk).cumsum(-1)
+        y = chunks.reshape(v.shape)[..., :length].transpose(1, 2)
+        return self.out_proj(torch.tanh(y) * F.silu(gate))
+
+
+def _cut_and_shrink(model: nn.Module, x: torch.Tensor, dynamic: dict
+                    ) -> tuple[nn.Module, nn.Module, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = sf.transform(model, granularity="channel", target_macs=0.5, example_inputs=(x,),
+                          capture="export", dynamic_shapes=(dynamic,))
+    apply_budget(gm, target_macs=0.5, scores=channel_l1_scores(gm))
+    gm.eval()
+    return gm, sf.shrink(gm).eval(), [str(w.message) for w in caught]
+
+
+def test_depthwise_conv_weight_read_through_a_view_is_cut() -> None:
+    torch.manual_seed(0)
+    model = Block(ShortConvMixer()).eval()
+    gm, small, warned = _cut_and_shrink(model, torch.randn(2, 7, 32), {0: Dim.AUTO, 1: Dim.AUTO})
+    assert not any("squeeze" in w for w in warned)
+    assert [m.score_shape for m in group_masks(gm).values()] == [(48,)]
+    conv = small.mixer.conv1d
+    assert conv.weight.shape[0] == conv.groups == conv.in_channels < 48
+    assert small.mixer.in_proj.weight.shape[0] == 2 * conv.groups
+    assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 32))
+
+
+def test_selective_scan_channels_are_cut_with_their_state_parameters() -> None:
+    torch.manual_seed(0)
+    model = Block(SelectiveScanMixer()).eval()
+    gm, small, warned = _cut_and_shrink(model, torch.randn(2, 6, 32), {0: Dim.AUTO})
+    assert not any("channel coupling" in w for w in warned), warned
+    mixer = small.mixer
+    inner = mixer.D.shape[0]
+    assert 0 < inner < 48  # the scan's channels were cut, not kept whole
+    assert mixer.A_log.shape == (inner, 8) and mixer.dt_proj.weight.shape[0] == inner
+    assert mixer.conv1d.weight.shape[0] == inner and mixer.out_proj.weight.shape[1] == inner
+    assert mixer.in_proj.weight.shape[0] == 2 * inner
+    # dt_rank follows x_proj's dt rows; the kernel size (the same number) is left alone
+    assert mixer.x_proj.weight.shape[0] == mixer.dt_rank + 16
+    assert mixer.dt_proj.weight.shape[1] == mixer.dt_rank and mixer.conv_kernel == 4
+    assert_shrunk_parity(gm, small, lambda: torch.randn(3, 6, 32))
+
+
+def test_constant_pad_along_the_length_keeps_channels_prunable() -> None:
+    torch.manual_seed(0)
+    model = Block(ChunkPadMixer()).eval()
+    gm, small, warned = _cut_and_shrink(model, torch.randn(2, 7, 32), {0: Dim.AUTO, 1: Dim.AUTO})
+    assert not any("pad" in w for w in warned), warned
+    assert small.mixer.out_proj.weight.shape[1] < 48
+    assert_shrunk_parity(gm, small, lambda: torch.randn(3, 10, 32))
+
+
+@pytest.mark.parametrize("mode", ["reflect"])
+def test_pad_in_another_mode_keeps_its_channels_whole_with_a_warning(mode: str) -> None:
+    class ReflectPad(ChunkPadMixer):
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            u, gate = self.in_proj(h).chunk(2, -1)
+            v = F.pad(u.transpose(1, 2), (1, 1), mode=mode)[..., 1:-1]
+            return self.out_proj(v.transpose(1, 2) * F.silu(gate))
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = sf.transform(Block(ReflectPad()).eval(), granularity="channel", target_macs=0.5,
+                          example_inputs=(torch.randn(2, 7, 32),), capture="export")
+    assert any("pad" in str(w.message) for w in caught)
+    assert not group_masks(gm) or all(m.score_shape != (48,) for m in group_masks(gm).values())
