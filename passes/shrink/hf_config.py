@@ -413,5 +413,13 @@ def record_gaps(src: nn.Module, blocks: dict[str, dict]) -> list[str]:
     return gaps
 
 
+#: public names of the config probes (read by :mod:`sparsify_fx.passes.shrink.uniform_fields`):
+#: the first module holding an HF config, the parameter shapes its class builds from a
+#: config (meta device), the config's integer fields
+config_owner = _config_owner
+class_shapes = _builds
+int_fields = _int_fields
+
 __all__ = ["config_cannot_hold", "update_config", "layer_configs", "scale_width",
-           "config_gaps", "record_gaps", "unsaveable", "RefuseSave", "GAPS_ATTRIBUTE"]
+           "config_gaps", "record_gaps", "unsaveable", "RefuseSave", "GAPS_ATTRIBUTE",
+           "config_owner", "class_shapes", "int_fields"]

@@ -10,7 +10,7 @@ budget (MACs or latency) the :class:`~sparsify_fx.budgets.cost_model.ChannelCost
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +19,9 @@ from sparsify_fx.budgets.cut_result import CutResult, cut_result, keep_top
 from sparsify_fx.budgets.cost_model import ChannelCost, ChannelMacs, channel_macs
 from sparsify_fx.errors import BudgetError
 from sparsify_fx.mask_index import MaskEntry
+
+if TYPE_CHECKING:
+    from sparsify_fx.passes.shrink.uniform_fields import UniformPlan
 
 
 def coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: float | None,
@@ -40,15 +43,12 @@ def coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: flo
         offset += math.prod(groups[key].score_shape)
     slot_units = torch.zeros(offset, dtype=torch.float64)  # weights gated per slot
     fixed = dense = 0.0
-    slots_of: dict[str, Tensor] = {}
+    slots_of = _slots_of(entries, start)
     for e in entries:
         unit = float(e.mask.weights_per_score)
         dense += unit * math.prod(e.mask.score_shape)
-        glob = torch.full((e.mask.index.numel(),), -1, dtype=torch.long)
-        for src, sel, slot in e.mask.source_slots():
-            glob[sel.cpu()] = slot.cpu() + start[id(src)]
+        glob = slots_of[e.name]
         fixed += unit * int((glob < 0).sum())
-        slots_of[e.name] = glob
         slot_units.index_add_(0, glob[glob >= 0], torch.full((int((glob >= 0).sum()),), unit,
                                                               dtype=torch.float64))
     if scores is not None and not any(k in scores for k in order) and any(
@@ -108,6 +108,18 @@ def coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: flo
         n = math.prod(m.score_shape)
         m.freeze(keep[start[id(m)]:start[id(m)] + n].reshape(m.score_shape))
     return cut_result(entries, changed)
+
+
+def _slots_of(entries: list[MaskEntry], start: Mapping[int, int]) -> dict[str, Tensor]:
+    """Per mask entry: the global slot (``start[id(group mask)]`` + slot) each of its
+    channels follows, -1 for channels kept whole."""
+    out = {}
+    for e in entries:
+        glob = torch.full((e.mask.index.numel(),), -1, dtype=torch.long)
+        for src, sel, slot in e.mask.source_slots():
+            glob[sel.cpu()] = slot.cpu() + start[id(src)]
+        out[e.name] = glob
+    return out
 
 
 def _slot_scores(entries: list[MaskEntry], scores: Mapping[str, Tensor],
@@ -228,36 +240,78 @@ def _export_hint(model: nn.Module) -> str:
             "fewer channels whole)")
 
 
-def equalize_groups(model: nn.Module, scores: Mapping[str, Tensor] | None = None,
-                    fits: Callable[[], bool] | None = None) -> dict[tuple, int]:
-    """Uniform widths: groups of the same structure (slot count and producer weight shapes,
-    e.g. every layer's attention, every layer's MLP) keep the same number of slots, the
-    smallest count any of them kept, each its own best ones (kept slots first, then by
-    ``scores[group key]`` when given, else the mask's ranking). Fewer kept slots only lower
-    a budget's cost, so a cut that met it still does. ``fits`` (the budget still holds
-    under the current hard masks): then one more slot per group is given back to the
-    structure with the smallest kept fraction, in turn, while it fits. Returns
-    ``{structure: slots kept}``. Mixture of experts: the experts groups and the shared
-    experts beside them keep one count (``m`` slots per expert unit for a shared MLP of
-    ``m`` times their units), a multiple of the grouped-matmul alignment
-    (:func:`~sparsify_fx.passes.aten.experts.uniform_classes`). Mutates the group masks
-    (``freeze``)."""
+def uniform_plan(model: nn.Module) -> "UniformPlan":
+    """The classes of channel groups one uniform width covers
+    (:func:`~sparsify_fx.passes.shrink.uniform_fields.uniform_plan`): groups of one
+    structure (slot count and producer weight shapes, each weight once however often a
+    loop calls it), the experts with the MLPs their config field also holds, merged
+    where one Hugging Face config field sizes groups of several structures, ``whole``
+    where a field also sizes channels kept whole. Read-only."""
     from sparsify_fx.mask_index import main_graph
-    from sparsify_fx.passes.channels.couple import GROUP_PREFIX, group_masks
+    from sparsify_fx.passes.shrink.uniform_fields import uniform_plan as plan_of
     from sparsify_fx.passes.stored_analysis import channel_graph_of
     graph = main_graph(model)
     if graph is None:
         raise BudgetError("uniform widths need a coupled channel model from transform")
     cg = channel_graph_of(graph)
-    groups = group_masks(model)
-    from sparsify_fx.passes.aten.experts import uniform_classes
 
     def structure(g) -> tuple:  # noqa: ANN001
-        return len(g.components), tuple(sorted(tuple(cg.producers[p].shape) for p in g.producers))
-    # experts and the MLPs their config field also holds keep one aligned count (MoE)
-    indices, steps, multiples = uniform_classes(graph, cg, structure)
-    classes = {sig: [f"{GROUP_PREFIX}{i}" for i in ids] for sig, ids in indices.items()}
-    mult = {f"{GROUP_PREFIX}{i}": m for i, m in multiples.items()}  # slots per counted slot
+        shapes = {cg.producers[p].weight: tuple(cg.producers[p].shape) for p in g.producers}
+        return len(g.components), tuple(sorted(shapes.values()))
+    return plan_of(model, graph, cg, structure)
+
+
+def pin_whole(model: nn.Module, entries: list[MaskEntry], scores: Mapping[str, Tensor] | None,
+              plan: "UniformPlan") -> Mapping[str, Tensor] | None:
+    """Scores for a uniform cut: ``scores`` as ``{group key: (K,) scores}`` (weight-name
+    scores summed into group slots as :func:`coupled_cut` does) with every slot of a
+    ``plan.whole`` class at ``inf``, so the cut keeps those groups whole and fits the
+    rest of the budget around them. ``scores`` itself when no class must stay whole."""
+    from sparsify_fx.passes.channels.couple import GROUP_PREFIX, group_masks
+    whole = {f"{GROUP_PREFIX}{i}" for key in plan.whole for i in plan.classes[key]}
+    if not whole:
+        return scores
+    groups = group_masks(model)
+    order = list(groups)
+    if scores is not None and not any(k in scores for k in order) and any(
+            e.name in scores for e in entries):
+        start, offset = {}, 0
+        for key in order:
+            start[id(groups[key])] = offset
+            offset += math.prod(groups[key].score_shape)
+        flat = _slot_scores(entries, scores, _slots_of(entries, start), offset)
+        out = {k: flat[start[id(groups[k])]:start[id(groups[k])] + math.prod(
+            groups[k].score_shape)].reshape(groups[k].score_shape) for k in order}
+    else:
+        out = {k: (scores[k] if scores is not None and k in scores
+                   else groups[k].ranking_scores()).detach().float().clone() for k in order}
+    for k in whole & set(out):
+        out[k] = torch.full_like(out[k], float("inf"))
+    return out
+
+
+def equalize_groups(model: nn.Module, scores: Mapping[str, Tensor] | None = None,
+                    fits: Callable[[], bool] | None = None,
+                    plan: "UniformPlan | None" = None) -> dict[tuple, int]:
+    """Uniform widths: the groups of one class of :func:`uniform_plan` (one structure, or
+    one config field across layer kinds) keep the same number of slots (``m`` per
+    counted slot for a group of ``m`` times the class's units), the smallest count any of
+    them kept, each its own best ones (kept slots first, then by ``scores[group key]``
+    when given, else the mask's ranking); a class whose config field also sizes
+    channels kept whole keeps every slot. Fewer kept slots only lower a budget's cost;
+    ``fits`` (the budget still holds under the current hard masks): when whole classes
+    broke it, the class with the largest kept fraction gives up a step in turn until it
+    holds (BudgetError if it cannot); then one step per group is given back to the class
+    with the smallest kept fraction, in turn, while it fits. Counts of an experts class
+    are multiples of the grouped-matmul alignment. Returns ``{class: slots kept}``.
+    ``plan``: :func:`uniform_plan` of ``model`` when the caller has it. Mutates the group
+    masks (``freeze``)."""
+    from sparsify_fx.passes.channels.couple import GROUP_PREFIX, group_masks
+    plan = plan if plan is not None else uniform_plan(model)
+    groups = group_masks(model)
+    classes = {sig: [f"{GROUP_PREFIX}{i}" for i in ids] for sig, ids in plan.classes.items()}
+    steps = plan.steps
+    mult = {f"{GROUP_PREFIX}{i}": m for i, m in plan.multiples.items()}  # slots per counted slot
     order: dict[str, Tensor] = {}  # per group: slots best first (kept by the cut, then score)
     for keys in classes.values():
         for k in keys:
@@ -267,21 +321,39 @@ def equalize_groups(model: nn.Module, scores: Mapping[str, Tensor] | None = None
             by_score = torch.sort(rank, descending=True, stable=True).indices
             order[k] = by_score[torch.sort((~kept[by_score]).to(torch.uint8), stable=True).indices]
 
-    def keep_n(keys: list[str], n: int) -> None:
+    def keep_n(keys: list[str], n: int | None) -> None:  # None: every slot
         for k in keys:
             keep = torch.zeros(order[k].numel(), dtype=torch.bool)
-            keep[order[k][:n * mult.get(k, 1)]] = True
+            keep[order[k][:None if n is None else n * mult.get(k, 1)]] = True
             groups[k].freeze(keep.reshape(groups[k].score_shape))
 
+    width = {sig: min(int(groups[k].hard_mask().numel()) // mult.get(k, 1) for k in keys)
+             for sig, keys in classes.items()}
     kept_n: dict[tuple, int] = {}
     for signature, keys in classes.items():
+        if signature in plan.whole:  # a config field also sizes channels kept whole
+            kept_n[signature] = width[signature]
+            keep_n(keys, None)
+            continue
         kept_n[signature] = min(int(groups[k].hard_mask().sum()) // mult.get(k, 1) for k in keys)
         if kept_n[signature] >= steps[signature]:  # a multiple of the class's step
             kept_n[signature] -= kept_n[signature] % steps[signature]
         keep_n(keys, kept_n[signature])
-    width = {sig: min(int(groups[k].hard_mask().numel()) // mult.get(k, 1) for k in keys)
-             for sig, keys in classes.items()}
-    growing = {sig for sig in classes if kept_n[sig] < width[sig]} if fits is not None else set()
+    free = [sig for sig in classes if sig not in plan.whole]
+    while fits is not None and plan.whole and not fits():
+        over = [s for s in free if kept_n[s] > min(steps[s], width[s])]
+        if not over:
+            raise BudgetError(
+                "uniform widths: config fields " + ", ".join(sorted({
+                    f for s in plan.whole for f in plan.fields.get(s, ())})) +
+                " also size channels kept whole (" + ", ".join(sorted({
+                    w for ws in plan.whole.values() for w in ws})[:3]) +
+                "), so the groups they size stay whole and the budget cannot be met; "
+                "raise the budget")
+        sig = max(over, key=lambda s: (kept_n[s] / width[s], -free.index(s)))
+        kept_n[sig] -= (kept_n[sig] % steps[sig]) or steps[sig]
+        keep_n(classes[sig], kept_n[sig])
+    growing = {sig for sig in free if kept_n[sig] < width[sig]} if fits is not None else set()
     while growing:
         sig = min(growing, key=lambda s: (kept_n[s] / width[s], list(classes).index(s)))
         step = min(steps[sig] - kept_n[sig] % steps[sig], width[sig] - kept_n[sig])

@@ -27,7 +27,7 @@ from sparsify_fx.errors import BudgetError, ConfigError, InputError
 from sparsify_fx.granularity import parse_granularity
 from sparsify_fx.budgets.cost_model import (ChannelCost, budget_cost, channel_graph, channel_macs,
                          is_coupled)
-from sparsify_fx.budgets.channel_cut import coupled_cut, equalize_groups
+from sparsify_fx.budgets.channel_cut import coupled_cut, equalize_groups, pin_whole, uniform_plan
 from sparsify_fx.budgets.cut_result import CutResult, cut_result, keep_top
 from sparsify_fx.mask_index import MaskEntry, main_graph, masks, unwrap
 from sparsify_fx.passes.aten.values import concrete_shape
@@ -122,9 +122,13 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
     intermediate cuts. Without ``costs``, a MACs budget counts them on the
     ``example_inputs`` given to ``transform``.
     ``uniform`` (coupled channel masks): groups of one structure (every layer's attention,
-    every layer's MLP) then keep the same number of slots, the fewest any kept
-    (:func:`~sparsify_fx.budgets.channel_cut.equalize_groups`): a Hugging Face config can
-    describe the shrunk model, so ``save_pretrained`` / ``from_pretrained`` round-trip.
+    every layer's MLP), and groups of several structures that one Hugging Face config
+    field sizes (sliding and full attention sharing ``num_attention_heads``, a dense MLP
+    and experts sharing ``intermediate_size``), then keep the same number of slots, the
+    fewest any kept (:func:`~sparsify_fx.budgets.channel_cut.equalize_groups`); groups
+    whose field also sizes channels kept whole stay whole (the cut fits the budget
+    around them): the config can describe the shrunk model, so ``save_pretrained`` /
+    ``from_pretrained`` round-trip.
     ``round_to`` (coupled channel masks): every channel group keeps a multiple of
     ``round_to`` channels (or all of them), taken in whole blocks of its ranking; onnxruntime
     runs ragged widths much slower (see docs/latency.md). Default: the cost model's
@@ -159,9 +163,13 @@ def apply_budget(model: nn.Module, target_sparsity: float | Mapping[str, float] 
         if not is_coupled(entries):
             raise ConfigError("uniform=True applies to coupled channel masks "
                               "(transform(..., granularity='channel'))")
+        # classes a config field ties to channels kept whole stay whole: the cut fits
+        # the budget around them (equalize only lowers the rest, then gives back)
+        plan = uniform_plan(model)
+        scores = pin_whole(model, entries, scores, plan)
         result = cut(target_macs)
         equalize_groups(model, scores, budget_holds(model, entries, target_sparsity,
-                                                     target_macs, costs))
+                                                     target_macs, costs), plan)
         return result
     if not verify:
         return cut(target_macs)

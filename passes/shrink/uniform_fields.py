@@ -1,0 +1,183 @@
+"""One uniform width per config field (read-only): which channel groups a uniform cut
+must give the same kept count, read from the model's Hugging Face config.
+
+A Hugging Face config holds one value per width field, whatever kind of layer reads
+it: ``num_attention_heads`` sizes a sliding-window and a full-attention layer alike
+(even with different ``head_dim`` fields), ``intermediate_size`` a dense MLP and the
+experts of an MoE layer, a layer run once and a layer run in a loop. Groups of
+different structure can therefore share one field. :func:`field_holds` finds, for each
+integer config field, the producers whose channel dimension changes when the field
+changes (the class built on the meta device from a copy with the field halved), and so
+the channel groups the field holds and whether it also holds channels kept whole (a
+layer whose channels the analysis cannot follow). :func:`uniform_plan` merges the
+structure classes of :func:`~sparsify_fx.passes.aten.experts.uniform_classes` that a
+field ties together (kept counts proportional to each group's units) and marks the
+classes a field ties to whole-kept channels: those must stay whole, or the saved config
+could not describe both.
+
+A field counts only when every weight it reshapes changes along one dimension: a
+residual width (``hidden_size`` of a model deriving ``head_dim`` from it) changes
+projections in both dims and holds no unit width. Heads are held only by the head-count
+fields (:data:`HEAD_FIELDS`), the ones the shrink rewrites; a head width (``head_dim``)
+stays. Without an HF config the plan is the structure classes alone.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import fx, nn
+
+from sparsify_fx.mask_index import unwrap
+from sparsify_fx.passes.aten.experts import EXPERTS, mask_channel_dim, uniform_classes
+from sparsify_fx.passes.shrink.hf_config import class_shapes, config_owner, int_fields
+
+#: producer kinds whose weight is a parameter of the source model
+WEIGHT_KINDS = ("linear", "conv", EXPERTS)
+#: the fields a cut of attention heads rewrites (``head_dim`` stays: the shrink pins it,
+#: so a head width field such as ``head_dim`` / ``global_head_dim`` ties no heads)
+HEAD_FIELDS = ("num_attention_heads", "num_key_value_heads")
+
+
+@dataclass
+class FieldHold:
+    """What one config field sizes: the channel groups (indices) whose producers change
+    along their channel dim with it, and the whole-kept producers that do (weights)."""
+
+    groups: set[int] = field(default_factory=set)
+    whole: set[str] = field(default_factory=set)
+
+
+@dataclass
+class UniformPlan:
+    """The classes one uniform width covers. ``classes``: key -> group indices;
+    ``steps``: key -> kept-count step (grouped-matmul alignment); ``multiples``: group
+    index -> slots per counted slot; ``fields``: key -> config fields tying the class;
+    ``whole``: key -> the whole-kept weights a field ties the class to (those classes
+    keep every slot)."""
+
+    classes: dict[tuple, list[int]]
+    steps: dict[tuple, int]
+    multiples: dict[int, int]
+    fields: dict[tuple, list[str]] = field(default_factory=dict)
+    whole: dict[tuple, list[str]] = field(default_factory=dict)
+
+
+def source_config_model(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(path, module) of the module holding an HF config inside the capture's source
+    model (``transform`` keeps it as ``source_module``); None without one."""
+    source = unwrap(model).__dict__.get("source_module")
+    return config_owner(source) if source is not None else None
+
+
+def field_holds(hf_model: nn.Module, prefix: str, cg: Any) -> dict[str, FieldHold]:
+    """``{field: FieldHold}`` for every integer field of ``hf_model.config`` that holds at
+    least one channel group of ``cg`` (``prefix``: ``hf_model``'s path in the captured
+    model). An attention group (heads: its channels reach an attention matmul) counts
+    as held only by :data:`HEAD_FIELDS`, the fields the shrink rewrites for fewer heads
+    (:func:`~sparsify_fx.passes.shrink.hf_config.update_config`). Builds the class once
+    per field on the meta device."""
+    config = hf_model.config
+    dense = class_shapes(hf_model, config)
+    if dense is None:
+        return {}
+    producers = [p for p in cg.producers.values() if p.kind in WEIGHT_KINDS]
+    attention = {int(g) for p in cg.producers.values() if p.kind == "attention_matmul"
+                 for g in cg.slots(p.out_ids)[0] if g >= 0}
+    out: dict[str, FieldHold] = {}
+    for attr, value in int_fields(config).items():
+        trial = copy.deepcopy(config)
+        try:
+            setattr(trial, attr, value // 2)
+        except Exception:  # noqa: BLE001  a field the config refuses to change
+            continue
+        small = class_shapes(hf_model, trial)
+        if small is None:
+            continue
+        changed = {k: (v, small[k]) for k, v in dense.items() if k in small and small[k] != v}
+        if not changed or any(len(a) != len(b) or sum(x != y for x, y in zip(a, b)) != 1
+                              for a, b in changed.values()):
+            continue  # no unit width: a residual width changes weights in two dims
+        hold = FieldHold()
+        for p in producers:
+            key = p.weight[len(prefix) + 1:] if prefix and p.weight.startswith(prefix + ".") \
+                else p.weight
+            if key not in changed:
+                continue
+            before, after = changed[key]
+            dim = mask_channel_dim(p)
+            if dim >= len(before) or before[dim] == after[dim]:
+                continue
+            owners = cg.slots(p.out_ids)[0]
+            hold.groups |= {int(g) for g in owners if g >= 0
+                            and (attr in HEAD_FIELDS or int(g) not in attention)}
+            if (owners < 0).any():
+                hold.whole.add(p.weight)
+        if hold.groups:
+            out[attr] = hold
+    return out
+
+
+def uniform_plan(model: nn.Module, graph: fx.GraphModule, cg: Any,
+                 signature: Callable[[Any], tuple]) -> UniformPlan:
+    """The structure classes (:func:`~sparsify_fx.passes.aten.experts.uniform_classes`)
+    merged where one config field holds groups of several (each group's kept count
+    proportional to its units: ``multiples``), and marked ``whole`` where a field also
+    holds channels kept whole. A merge whose unit counts are no whole multiples of each
+    other is left undone (the shrink then records the gap and refuses the save)."""
+    classes, steps, multiples = uniform_classes(graph, cg, signature)
+    plan = UniformPlan(dict(classes), dict(steps), dict(multiples))
+    found = source_config_model(model)
+    if found is None:
+        return plan
+    holds = field_holds(found[1], found[0], cg)
+    key_of = {g: key for key, ids in classes.items() for g in ids}
+    parent = {key: key for key in classes}
+
+    def root(key: tuple) -> tuple:
+        while parent[key] != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    for hold in holds.values():
+        keys = [key_of[g] for g in sorted(hold.groups) if g in key_of]
+        for key in keys[1:]:
+            parent[root(key)] = root(keys[0])
+    merged: dict[tuple, list[tuple]] = {}
+    for key in classes:
+        merged.setdefault(root(key), []).append(key)
+    width = {g.index: len(g.components) for g in cg.groups}
+    for keys in merged.values():
+        ids = [g for key in keys for g in classes[key]]
+        names = sorted(a for a, h in holds.items() if h.groups & set(ids))
+        whole = sorted({w for a in names for w in holds[a].whole})
+        new_key = keys[0]
+        if len(keys) > 1:
+            units = {g: width[g] // multiples.get(g, 1) for g in ids}
+            base = min(units.values())
+            if base > 0 and all(u % base == 0 for u in units.values()):
+                new_key = ("fields", tuple(names))
+                for key in keys:
+                    plan.classes.pop(key)
+                    plan.steps.pop(key)
+                plan.classes[new_key] = ids
+                plan.steps[new_key] = max(steps[key] for key in keys)
+                for g in ids:
+                    plan.multiples[g] = multiples.get(g, 1) * (units[g] // base)
+                    if plan.multiples[g] == 1:
+                        plan.multiples.pop(g)
+            elif whole:  # cannot be equalised, but the whole-kept tie still holds
+                for key in keys:
+                    plan.whole[key] = whole
+                    plan.fields[key] = names
+                continue
+        if names:
+            plan.fields[new_key] = names
+        if whole:
+            plan.whole[new_key] = whole
+    return plan
+
+
+__all__ = ["HEAD_FIELDS", "FieldHold", "UniformPlan", "field_holds", "source_config_model", "uniform_plan"]
