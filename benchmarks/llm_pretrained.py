@@ -317,10 +317,20 @@ def markdown(result: dict[str, Any]) -> str:
 
 def merge(paths: list[str], out: str, argv: list[str] | None) -> None:
     """One table from runs of single seeds (separate processes, same arguments otherwise):
-    their rows together, mean and spread per row; each run's command, wall time and load."""
+    their rows together, mean and spread per row; each run's command, wall time and load.
+    A seed found in several runs (one stopped part-way and run again) takes the rows of the
+    run that holds the most of them (the later on a tie); the others' rows of it are left
+    out. Complete when every seed has every row (``--targets`` x one-shot, CS, fine-tune)."""
     import json
     runs = [json.load(open(p)) for p in paths]
-    rows = [r for run in runs for r in run["rows"]]
+    chosen: dict[int, list[dict[str, Any]]] = {}  # a seed in several runs: its fullest run
+    for run in runs:
+        for seed in sorted({r["seed"] for r in run["rows"]}):
+            mine = [r for r in run["rows"] if r["seed"] == seed]
+            if len(mine) >= len(chosen.get(seed, [])):
+                chosen[seed] = mine
+    rows = [r for seed in sorted(chosen) for r in chosen[seed]]
+    per_seed = len(runs[0]["args"]["targets"]) * (len(ONESHOT) + 2)
     keys = ("calib", "seq", "val_windows", "steps", "batch", "train_seq", "targets")
     for run in runs[1:]:
         if any(run["args"][k] != runs[0]["args"][k] for k in keys):
@@ -328,7 +338,8 @@ def merge(paths: list[str], out: str, argv: list[str] | None) -> None:
     result = dict(runs[0])
     result["args"] = {**runs[0]["args"], "seeds": sorted({r["seed"] for r in rows})}
     result.update(command=command_line("llm_pretrained.py", argv), rows=rows,
-                  summary=summarize(rows), complete=all(r.get("complete") for r in runs),
+                  summary=summarize(rows),
+                  complete=all(len(v) == per_seed for v in chosen.values()),
                   seconds=max(r["seconds"] for r in runs),
                   load_average=os.getloadavg()[0],
                   runs=[{"command": r["command"], "seconds": r["seconds"],
@@ -336,7 +347,7 @@ def merge(paths: list[str], out: str, argv: list[str] | None) -> None:
                          "seeds": r["args"]["seeds"]} for r in runs])
     result["goal"] = goal(result["summary"])
     text = markdown(result)
-    text += "\nMerged from runs in parallel processes (1 torch thread each):\n\n" + "\n".join(
+    text += "\nMerged from these runs (1 torch thread each):\n\n" + "\n".join(
         f"- `{r['command']}`: seeds {r['seeds']}, {r['seconds']:.0f} s, "
         f"{'complete' if r['complete'] else 'partial'}, load average at its last write "
         f"{r['load_average']:.1f}" for r in result["runs"]) + "\n"
