@@ -112,6 +112,27 @@ class ChunkPadMixer(nn.Module):
         return self.out_proj(torch.tanh(y) * F.silu(gate))
 
 
+class HeadDecayMixer(nn.Module):
+    """A per-head decay stored as ``(1, 1, H, 1)`` (its channel dim is not dim 0) and a
+    per-channel bias read through ``view(1, 1, -1)`` before the heads are split."""
+
+    def __init__(self, d: int = 32, num_heads: int = 6, head_dim: int = 8) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.in_proj = nn.Linear(d, 2 * num_heads * head_dim)
+        self.dt_bias = nn.Parameter(0.1 * torch.randn(num_heads * head_dim))
+        self.A_log = nn.Parameter(0.5 + torch.rand(1, 1, num_heads, 1))
+        self.out_proj = nn.Linear(num_heads * head_dim, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, length, _ = h.shape
+        u, g = self.in_proj(h).chunk(2, -1)
+        g = (g + self.dt_bias.view(1, 1, -1)).view(b, length, self.num_heads, self.head_dim)
+        decay = -torch.exp(self.A_log.float()) * F.softplus(g)
+        y = u.view(b, length, self.num_heads, self.head_dim) * torch.exp(decay)
+        return self.out_proj(y.reshape(b, length, -1))
+
+
 def _cut_and_shrink(model: nn.Module, x: torch.Tensor, dynamic: dict
                     ) -> tuple[nn.Module, nn.Module, list[str]]:
     with warnings.catch_warnings(record=True) as caught:
@@ -176,3 +197,16 @@ def test_pad_in_another_mode_keeps_its_channels_whole_with_a_warning(mode: str) 
                           example_inputs=(torch.randn(2, 7, 32),), capture="export")
     assert any("pad" in str(w.message) for w in caught)
     assert not group_masks(gm) or all(m.score_shape != (48,) for m in group_masks(gm).values())
+
+
+def test_per_head_parameter_stored_along_a_later_dim_is_sliced_there() -> None:
+    torch.manual_seed(0)
+    model = Block(HeadDecayMixer()).eval()
+    gm, small, warned = _cut_and_shrink(model, torch.randn(2, 7, 32), {0: Dim.AUTO, 1: Dim.AUTO})
+    assert not any("channel coupling" in w for w in warned), warned
+    mixer = small.mixer
+    heads = mixer.A_log.shape[2]
+    assert 0 < heads < 6 and mixer.A_log.shape == (1, 1, heads, 1)
+    assert mixer.num_heads == heads and mixer.dt_bias.shape == (heads * 8,)
+    assert mixer.out_proj.weight.shape[1] == heads * 8
+    assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 32))

@@ -268,9 +268,14 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
             return self.constant_pad(node, name)
         if name in ("tril", "triu"):  # a causal mask over positions: zeros kept, ids kept
             x = self.value(args[0])
-            if isinstance(x, Tracked) and x.ids.dim() >= 2 and bool(
-                    (x.ids == x.ids[..., :1, :1]).all()):
-                return x
+            if isinstance(x, Tracked) and x.ids.dim() >= 2:
+                uniq, inverse = torch.unique(x.ids, return_inverse=True)
+                roots = torch.tensor([self.dsu.find(int(u)) if u >= 0 else -1 for u in uniq])
+                flat = roots[inverse].reshape(-1, x.ids.shape[-2] * x.ids.shape[-1])
+                hi = flat.amax(-1)  # one tied set (or none: padding) per matrix
+                lo = torch.where(flat >= 0, flat, hi.unsqueeze(-1)).amin(-1)
+                if bool(((hi == lo) | (hi < 0)).all()):
+                    return x
             return self.reject(node, f"{name} over channel dims")
         if name in ("view_as_complex", "view_as_real"):
             return self.complex_view(node, name)

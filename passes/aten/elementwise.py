@@ -155,7 +155,8 @@ class ElementwiseRules:
         except AttributeError:
             return None
         dim = self._param_dim(val, concrete_shape(operands[i]), t.ids.dim())
-        if dim is None or t.ids.shape[dim] != val.shape[0]:
+        along = next((d for d, size in enumerate(val.shape) if size != 1), 0)
+        if dim is None or t.ids.shape[dim] != val.shape[along]:
             return None
         columns = t.ids.movedim(dim, -1).reshape(-1, t.ids.shape[dim]).T
         per_index = []
@@ -167,7 +168,8 @@ class ElementwiseRules:
         ids = torch.tensor(per_index, dtype=torch.long)
         if set(torch.unique(ids[ids >= 0]).tolist()) <= self.whole:
             return None  # nothing prunable flows here: the general rules
-        direct = isinstance(operands[i], fx.Node) and operands[i].op in ("get_attr", "call_module")
+        direct = isinstance(operands[i], fx.Node) and along == 0 and operands[i].op in (
+            "get_attr", "call_module")  # (a follower mask masks dim 0)
         self.norms[node.name] = NormSite(node.name, ref.name.rpartition(".")[0], self.emit(ids),
                                          (ref.name, None, None, None))
         if name != "mul" and not direct:  # no follower mask reaches a view: not zero
@@ -176,17 +178,17 @@ class ElementwiseRules:
 
     @staticmethod
     def _param_dim(val: torch.Tensor, seen: tuple[int, ...] | None, rank: int) -> int | None:
-        """The dim of a rank-``rank`` result that ``val``'s dim 0 lies along, when the
+        """The dim of a rank-``rank`` result that ``val``'s first dim of size > 1 lies
+        along (dim 0, or the only one: ``A_log`` of shape ``(1, 1, H, 1)``), when the
         operand (of shape ``seen``; None: ``val`` itself) is ``val`` with size-1 dims
-        inserted or dropped only; None otherwise (or ``val``'s dim 0 is under 2)."""
+        inserted or dropped only; None otherwise."""
         seen = tuple(val.shape) if seen is None else seen
-        if val.dim() < 1 or val.shape[0] < 2 or not seen or len(seen) > rank:
+        sizes = [size for size in val.shape if size != 1]
+        if not sizes or sizes[0] < 2 or not seen or len(seen) > rank:
             return None
         aligned = (1,) * (rank - len(seen)) + tuple(seen)
         big = [k for k, size in enumerate(aligned) if size != 1]
-        if [aligned[k] for k in big] != [size for size in val.shape if size != 1]:
-            return None
-        return big[0] if aligned[big[0]] == val.shape[0] else None
+        return big[0] if [aligned[k] for k in big] == sizes else None
 
     def _dims(self, node: fx.Node, rank: int, default_all: bool = True) -> list[int]:
         at = 2 if op_name(node.target) in ("linalg_vector_norm", "norm") else 1  # (x, ord, dim)

@@ -126,7 +126,9 @@ def _slice_producers(src: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) -> d
 
 
 def _slice_norms(src: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) -> None:
-    """Slice every ATen batch norm's weight, bias and running statistics (mutates ``src``)."""
+    """Slice every ATen batch norm's weight, bias and running statistics, and every
+    per-channel parameter, along its dim of the channels (its first dim over 1; mutates
+    ``src``)."""
     done: set[str] = set()  # a parameter read at several sites (a loop) is sliced once
     for norm in cg.norms.values():
         keep = torch.from_numpy(keep_id[norm.ids])
@@ -135,8 +137,10 @@ def _slice_norms(src: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) -> None:
         for name in norm.params:
             if name is not None and name not in done:
                 done.add(name)
-                _set_tensor(src, name, src.get_parameter(name).detach()[keep]
-                            if name in dict(src.named_parameters()) else src.get_buffer(name)[keep])
+                value = src.get_parameter(name).detach() if name in dict(
+                    src.named_parameters()) else src.get_buffer(name)
+                along = next((d for d, size in enumerate(value.shape) if size != 1), 0)
+                _set_tensor(src, name, value[(slice(None),) * along + (keep,)])
         owner = src.get_submodule(norm.module) if norm.module else src
         if isinstance(getattr(owner, "num_features", None), int):
             owner.num_features = int(keep.sum())
