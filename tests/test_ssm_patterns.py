@@ -133,6 +133,33 @@ class HeadDecayMixer(nn.Module):
         return self.out_proj(y.reshape(b, length, -1))
 
 
+class FusedSplitMixer(nn.Module):
+    """q, k and v from one projection through a depthwise convolution, split with sizes the
+    module keeps as ``key_dim`` / ``value_dim`` (a gated delta net's layout): cutting heads
+    must update both attributes, which no known width name holds."""
+
+    def __init__(self, d: int = 32, heads: int = 4, head_k: int = 8, head_v: int = 16,
+                 k: int = 4) -> None:
+        super().__init__()
+        self.head_k_dim, self.head_v_dim = head_k, head_v
+        self.key_dim, self.value_dim = heads * head_k, heads * head_v
+        width = 2 * self.key_dim + self.value_dim
+        self.in_proj_qkv = nn.Linear(d, width, bias=False)
+        self.conv1d = nn.Conv1d(width, width, k, groups=width, padding=k - 1, bias=False)
+        self.out_proj = nn.Linear(self.value_dim, d, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, length, _ = h.shape
+        qkv = self.conv1d(self.in_proj_qkv(h).transpose(1, 2))[..., :length]
+        q, k, v = torch.split(F.silu(qkv).transpose(1, 2),
+                              [self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q, k = (t.reshape(b, length, -1, self.head_k_dim).transpose(1, 2) for t in (q, k))
+        v = v.reshape(b, length, -1, self.head_v_dim).transpose(1, 2)
+        scores = torch.tril(q @ k.transpose(-1, -2))  # a causal linear attention per head
+        y = (scores @ v).transpose(1, 2)
+        return self.out_proj(y.reshape(b, length, -1))
+
+
 def _cut_and_shrink(model: nn.Module, x: torch.Tensor, dynamic: dict
                     ) -> tuple[nn.Module, nn.Module, list[str]]:
     with warnings.catch_warnings(record=True) as caught:
@@ -209,4 +236,16 @@ def test_per_head_parameter_stored_along_a_later_dim_is_sliced_there() -> None:
     assert 0 < heads < 6 and mixer.A_log.shape == (1, 1, heads, 1)
     assert mixer.num_heads == heads and mixer.dt_bias.shape == (heads * 8,)
     assert mixer.out_proj.weight.shape[1] == heads * 8
+    assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 32))
+
+
+def test_split_sizes_held_in_attributes_follow_the_cut() -> None:
+    torch.manual_seed(0)
+    model = Block(FusedSplitMixer()).eval()
+    gm, small, warned = _cut_and_shrink(model, torch.randn(2, 7, 32), {0: Dim.AUTO, 1: Dim.AUTO})
+    assert not any("channel coupling" in w for w in warned), warned
+    mixer = small.mixer
+    heads = mixer.value_dim // 16
+    assert 0 < heads < 4 and mixer.key_dim == heads * 8
+    assert mixer.in_proj_qkv.weight.shape[0] == mixer.conv1d.groups == heads * (2 * 8 + 16)
     assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 32))

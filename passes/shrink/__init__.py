@@ -2,12 +2,13 @@
 
 ``shrink_graph`` (Conv / BatchNorm / Linear of a GraphModule), ``attention`` +
 ``pruned_attention`` (fewer heads, same embed_dim), ``to_source`` (a torch.export
-capture shrunk back into its source class) and ``hf_config`` (what a Hugging Face
-config can describe after the cut). Each returns a new module; inputs are not mutated
+capture shrunk back into its source class), ``split_widths`` (the pieces a fused
+projection is split into, whose sizes a module keeps in attributes) and ``hf_config``
+(what a Hugging Face config can describe after the cut). Each returns a new module; inputs are not mutated
 unless a function's doc says so.
 
 May import: the core modules, ``passes.channels``, ``passes.masks``,
-``passes.stored_analysis``.
+``passes.stored_analysis``, ``passes.aten.values`` (plain node helpers).
 
 ``from sparsify_fx.passes.shrink import shrink`` (the flat module of earlier
 releases) keeps working: names of ``shrink_graph`` are looked up on first use.

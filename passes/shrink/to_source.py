@@ -44,6 +44,7 @@ from sparsify_fx.passes.channels.graph_types import ChannelGraph, Producer
 from sparsify_fx.passes.shrink.experts import pad_expert_units, slice_experts
 from sparsify_fx.passes.shrink.hf_config import (config_cannot_hold, layer_configs, record_gaps,
                                                scale_width, update_config)
+from sparsify_fx.passes.shrink.split_widths import split_piece_widths
 from sparsify_fx.passes.stored_analysis import channel_graph_of
 
 #: attributes holding a head count (scaled by the kept fraction of query rows)
@@ -147,7 +148,8 @@ def _slice_norms(src: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) -> None:
 
 
 def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple],
-                      keep_id: np.ndarray | None = None) -> dict:
+                      keep_id: np.ndarray | None = None,
+                      splits: dict[str, list[tuple[int, int]]] | None = None) -> dict:
     """Scale the width attributes of each group's owner module; returns per owner path
     ``{attr: new value}`` (also the per-layer widths a uniform config needs)."""
     changed: dict[str, dict[str, int]] = {}
@@ -186,6 +188,9 @@ def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple]
                         setattr(owner, attr, new[attr])
         kind = "attention" if group.index in attention_groups else "mlp"
         extra = _other_widths(src, owners[:1], q_kept, q_total, new)
+        for old, kept in (p for w in weights for p in (splits or {}).get(w, ())):
+            if kept != old:  # a split piece's size held in an attribute (key_dim)
+                extra.update(_other_widths(src, owners[:1], kept, old, new))
         if keep_id is not None:  # a producer only part of whose rows are the group's
             ids = np.asarray(cg.producers[group.producers[0]].out_ids)
             mine = cg.group_of[cg.component[ids]] == group.index
@@ -325,7 +330,8 @@ def shrink_to_source(model: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) ->
         keep_id = pad_expert_units(src, cg, keep_id)  # 16-byte aligned expert widths
         widths = _slice_producers(src, cg, keep_id)
         _slice_norms(src, cg, keep_id)
-        blocks = _sync_block_attrs(src, cg, widths, keep_id)
+        blocks = _sync_block_attrs(src, cg, widths, keep_id,
+                                   split_piece_widths(gm, cg, keep_id))
         uniform = update_config(src, blocks)
         if not uniform:
             layer_configs(src, blocks)
