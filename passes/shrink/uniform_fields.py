@@ -13,7 +13,8 @@ layer whose channels the analysis cannot follow). :func:`uniform_plan` merges th
 structure classes of :func:`~sparsify_fx.passes.aten.experts.uniform_classes` that a
 field ties together (kept counts proportional to each group's units) and marks the
 classes a field ties to whole-kept channels: those must stay whole, or the saved config
-could not describe both.
+could not describe both; so are groups whose only fields are coarser than a unit
+(``mamba_expand = 2`` sizing 128 units): the config holds no smaller count.
 
 A field counts only when every weight it reshapes changes along one dimension: a
 residual width (``hidden_size`` of a model deriving ``head_dim`` from it) changes
@@ -31,7 +32,7 @@ from torch import fx, nn
 
 from sparsify_fx.mask_index import unwrap
 from sparsify_fx.passes.aten.experts import EXPERTS, mask_channel_dim, uniform_classes
-from sparsify_fx.passes.shrink.hf_config import class_shapes, config_owner, int_fields
+from sparsify_fx.passes.shrink.hf_config import class_shapes, config_owner, holds_width, int_fields
 
 #: producer kinds whose weight is a parameter of the source model
 WEIGHT_KINDS = ("linear", "conv", EXPERTS)
@@ -45,6 +46,7 @@ class FieldHold:
     """What one config field sizes: the channel groups (indices) whose producers change
     along their channel dim with it, and the whole-kept producers that do (weights)."""
 
+    value: int
     groups: set[int] = field(default_factory=set)
     whole: set[str] = field(default_factory=set)
 
@@ -54,8 +56,8 @@ class UniformPlan:
     """The classes one uniform width covers. ``classes``: key -> group indices;
     ``steps``: key -> kept-count step (grouped-matmul alignment); ``multiples``: group
     index -> slots per counted slot; ``fields``: key -> config fields tying the class;
-    ``whole``: key -> the whole-kept weights a field ties the class to (those classes
-    keep every slot)."""
+    ``whole``: key -> why the class keeps every slot (the whole-kept weights a field ties
+    it to, or a field coarser than its units)."""
 
     classes: dict[tuple, list[int]]
     steps: dict[tuple, int]
@@ -74,17 +76,15 @@ def source_config_model(model: nn.Module) -> tuple[str, nn.Module] | None:
 def field_holds(hf_model: nn.Module, prefix: str, cg: Any) -> dict[str, FieldHold]:
     """``{field: FieldHold}`` for every integer field of ``hf_model.config`` that holds at
     least one channel group of ``cg`` (``prefix``: ``hf_model``'s path in the captured
-    model). An attention group (heads: its channels reach an attention matmul) counts
-    as held only by :data:`HEAD_FIELDS`, the fields the shrink rewrites for fewer heads
-    (:func:`~sparsify_fx.passes.shrink.hf_config.update_config`). Builds the class once
-    per field on the meta device."""
+    model). A group a head-count field holds (:data:`HEAD_FIELDS`, the fields the shrink
+    rewrites for fewer heads: :func:`~sparsify_fx.passes.shrink.hf_config.update_config`)
+    counts as held by those only: another field reshaping it sizes each head
+    (``head_dim``). Builds the class once per field on the meta device."""
     config = hf_model.config
     dense = class_shapes(hf_model, config)
     if dense is None:
         return {}
     producers = [p for p in cg.producers.values() if p.kind in WEIGHT_KINDS]
-    attention = {int(g) for p in cg.producers.values() if p.kind == "attention_matmul"
-                 for g in cg.slots(p.out_ids)[0] if g >= 0}
     out: dict[str, FieldHold] = {}
     for attr, value in int_fields(config).items():
         trial = copy.deepcopy(config)
@@ -99,7 +99,7 @@ def field_holds(hf_model: nn.Module, prefix: str, cg: Any) -> dict[str, FieldHol
         if not changed or any(len(a) != len(b) or sum(x != y for x, y in zip(a, b)) != 1
                               for a, b in changed.values()):
             continue  # no unit width: a residual width changes weights in two dims
-        hold = FieldHold()
+        hold = FieldHold(value)
         for p in producers:
             key = p.weight[len(prefix) + 1:] if prefix and p.weight.startswith(prefix + ".") \
                 else p.weight
@@ -110,12 +110,16 @@ def field_holds(hf_model: nn.Module, prefix: str, cg: Any) -> dict[str, FieldHol
             if dim >= len(before) or before[dim] == after[dim]:
                 continue
             owners = cg.slots(p.out_ids)[0]
-            hold.groups |= {int(g) for g in owners if g >= 0
-                            and (attr in HEAD_FIELDS or int(g) not in attention)}
+            hold.groups |= {int(g) for g in owners if g >= 0}
             if (owners < 0).any():
                 hold.whole.add(p.weight)
         if hold.groups:
             out[attr] = hold
+    heads = {g for a in HEAD_FIELDS if a in out for g in out[a].groups}
+    for attr in [a for a in out if a not in HEAD_FIELDS]:  # a head width: no head count
+        out[attr].groups -= heads
+        if not out[attr].groups:
+            del out[attr]
     return out
 
 
@@ -124,7 +128,7 @@ def uniform_plan(model: nn.Module, graph: fx.GraphModule, cg: Any,
     """The structure classes (:func:`~sparsify_fx.passes.aten.experts.uniform_classes`)
     merged where one config field holds groups of several (each group's kept count
     proportional to its units: ``multiples``), and marked ``whole`` where a field also
-    holds channels kept whole. A merge whose unit counts are no whole multiples of each
+    holds channels kept whole or every field holding a group is coarser than a unit. A merge whose unit counts are no whole multiples of each
     other is left undone (the shrink then records the gap and refuses the save)."""
     classes, steps, multiples = uniform_classes(graph, cg, signature)
     plan = UniformPlan(dict(classes), dict(steps), dict(multiples))
@@ -149,10 +153,12 @@ def uniform_plan(model: nn.Module, graph: fx.GraphModule, cg: Any,
     for key in classes:
         merged.setdefault(root(key), []).append(key)
     width = {g.index: len(g.components) for g in cg.groups}
+    coarse = _coarse(holds, width)
     for keys in merged.values():
         ids = [g for key in keys for g in classes[key]]
         names = sorted(a for a, h in holds.items() if h.groups & set(ids))
-        whole = sorted({w for a in names for w in holds[a].whole})
+        whole = sorted({w for a in names for w in holds[a].whole} |
+                       {coarse[g] for g in ids if g in coarse})
         new_key = keys[0]
         if len(keys) > 1:
             units = {g: width[g] // multiples.get(g, 1) for g in ids}
@@ -178,6 +184,20 @@ def uniform_plan(model: nn.Module, graph: fx.GraphModule, cg: Any,
         if whole:
             plan.whole[new_key] = whole
     return plan
+
+
+def _coarse(holds: dict[str, FieldHold], width: dict[int, int]) -> dict[int, str]:
+    """Groups every holding field of which is coarser than a unit (no head-count field,
+    and :func:`~sparsify_fx.passes.shrink.hf_config.holds_width` false: ``expand = 2``
+    sizing 128 units): no kept count but all of them can be written into the config.
+    ``{group index: reason}``."""
+    held: dict[int, list[str]] = {}
+    for attr, hold in holds.items():
+        for g in hold.groups:
+            held.setdefault(g, []).append(attr)
+    return {g: "; ".join(f"{a} = {holds[a].value} cannot hold {width[g]} units" for a in attrs)
+            for g, attrs in held.items() if all(
+                a not in HEAD_FIELDS and not holds_width(holds[a].value, width[g]) for a in attrs)}
 
 
 __all__ = ["HEAD_FIELDS", "FieldHold", "UniformPlan", "field_holds", "source_config_model", "uniform_plan"]

@@ -344,12 +344,12 @@ def equalize_groups(model: nn.Module, scores: Mapping[str, Tensor] | None = None
         over = [s for s in free if kept_n[s] > min(steps[s], width[s])]
         if not over:
             raise BudgetError(
-                "uniform widths: config fields " + ", ".join(sorted({
+                "uniform widths: the groups sized by config fields " + ", ".join(sorted({
                     f for s in plan.whole for f in plan.fields.get(s, ())})) +
-                " also size channels kept whole (" + ", ".join(sorted({
+                " stay whole (" + ", ".join(sorted({
                     w for ws in plan.whole.values() for w in ws})[:3]) +
-                "), so the groups they size stay whole and the budget cannot be met; "
-                "raise the budget")
+                ": the config cannot describe a smaller count), and with them the budget "
+                "cannot be met; raise the budget")
         sig = max(over, key=lambda s: (kept_n[s] / width[s], -free.index(s)))
         kept_n[sig] -= (kept_n[sig] % steps[sig]) or steps[sig]
         keep_n(classes[sig], kept_n[sig])
