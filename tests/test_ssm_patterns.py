@@ -249,3 +249,46 @@ def test_split_sizes_held_in_attributes_follow_the_cut() -> None:
     assert 0 < heads < 4 and mixer.key_dim == heads * 8
     assert mixer.in_proj_qkv.weight.shape[0] == mixer.conv1d.groups == heads * (2 * 8 + 16)
     assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 32))
+
+
+class NormGateMixer(nn.Module):
+    """A gated RMS norm over each head (``F.rms_norm`` of a zero head is zero), or an ``exp``
+    that is 1 on a pruned channel before the out-projection (``not_zero``)."""
+
+    def __init__(self, d: int = 32, num_heads: int = 4, head_dim: int = 8,
+                 not_zero: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.not_zero = num_heads, head_dim, not_zero
+        self.in_proj = nn.Linear(d, 2 * num_heads * head_dim)
+        self.norm_weight = nn.Parameter(1 + 0.1 * torch.randn(head_dim))
+        self.out_proj = nn.Linear(num_heads * head_dim, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, length, _ = h.shape
+        u, g = self.in_proj(h).chunk(2, -1)
+        if self.not_zero:
+            return self.out_proj(torch.exp(u) * torch.sigmoid(g))
+        y = F.rms_norm(u.view(b, length, self.num_heads, self.head_dim), (self.head_dim,),
+                       self.norm_weight, eps=1e-6)
+        return self.out_proj(y.reshape(b, length, -1) * F.silu(g))
+
+
+def test_rms_norm_per_head_keeps_pruned_heads_zero() -> None:
+    torch.manual_seed(0)
+    model = Block(NormGateMixer()).eval()
+    gm, small, warned = _cut_and_shrink(model, torch.randn(2, 7, 32), {0: Dim.AUTO, 1: Dim.AUTO})
+    assert not any("channel coupling" in w for w in warned), warned
+    assert small.mixer.out_proj.weight.shape[1] < 32
+    assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 32))
+
+
+def test_a_value_not_zero_when_pruned_keeps_channels_whole_and_names_the_product() -> None:
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = sf.transform(Block(NormGateMixer(not_zero=True)).eval(), granularity="channel",
+                          target_macs=0.5, example_inputs=(torch.randn(2, 7, 32),),
+                          capture="export")
+    text = " ".join(str(w.message) for w in caught)
+    assert "not exactly zero when its channels are pruned" in text
+    assert not group_masks(gm)  # the only unit group (the mixer's channels) stays whole

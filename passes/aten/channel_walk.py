@@ -122,6 +122,7 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
         self.values: dict[str, Any] = {}
         self.weight_uses: dict[str, tuple] = {}  # weight -> its first call's (out, in) ids
         self.region = False  # walking inside a no-grad region's subgraph
+        self.current: str | None = None  # the node being visited (named in warnings)
         self.new_ids(1, -1)  # id 0: UNTRACKED
         self.whole.add(self.UNTRACKED)
 
@@ -209,6 +210,7 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
                         self.norms, self.unsupported)
 
     def visit(self, node: fx.Node) -> Any:
+        self.current = node.name
         if node.op == "placeholder":
             return None
         if node.op == "get_attr":

@@ -259,7 +259,9 @@ class ElementwiseRules:
             if isinstance(p, fx.Node) and isinstance(p.meta.get("val"), torch.Tensor):
                 self.check_untracked_operand(x, tuple(hint(s) for s in p.meta["val"].shape), node,
                                              True)
-        out = Tracked(x.ids, torch.zeros_like(x.zero))
+        # an RMS norm of an all-zero fibre is zero (x / sqrt(mean(x^2) + eps)); others are not
+        rms = name in ("rms_norm", "_fused_rms_norm")
+        out = Tracked(x.ids, x.zero.clone() if rms else torch.zeros_like(x.zero))
         if name == "native_layer_norm":
             return (out, None, None)
         if name == "_fused_rms_norm":

@@ -47,7 +47,11 @@ def _input_ids(walk: "AtenChannelWalk", x: Any, dim: int, width: int) -> Any:
         return walk.emit(torch.full((width,), -1, dtype=torch.long))
     ids = x.ids.movedim(dim, -1).reshape(-1, x.ids.shape[dim])
     zero = x.zero.movedim(dim, -1).reshape(-1, x.ids.shape[dim])
-    walk.whole.update(torch.unique(ids[(ids >= 0) & ~zero]).tolist())  # non-zero while pruned
+    nonzero = set(torch.unique(ids[(ids >= 0) & ~zero]).tolist())  # non-zero while pruned
+    if nonzero - walk.whole and walk.current is not None:
+        walk.unsupported.append(f"{walk.current} (input): reaches this product not exactly "
+                                "zero when its channels are pruned")
+    walk.whole.update(nonzero)
     if ids.shape[-1] != width or not bool((ids == ids[0]).all()):
         walk.make_whole(x)
         return walk.emit(torch.full((width,), -1, dtype=torch.long))
