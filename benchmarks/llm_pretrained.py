@@ -320,7 +320,7 @@ def merge(paths: list[str], out: str, argv: list[str] | None) -> None:
     their rows together, mean and spread per row; each run's command, wall time and load.
     A seed found in several runs (one stopped part-way and run again) takes the rows of the
     run that holds the most of them (the later on a tie); the others' rows of it are left
-    out. Complete when every seed has every row (``--targets`` x one-shot, CS, fine-tune)."""
+    out. Complete when every seed has as many rows as the fullest one."""
     import json
     runs = [json.load(open(p)) for p in paths]
     chosen: dict[int, list[dict[str, Any]]] = {}  # a seed in several runs: its fullest run
@@ -330,7 +330,7 @@ def merge(paths: list[str], out: str, argv: list[str] | None) -> None:
             if len(mine) >= len(chosen.get(seed, [])):
                 chosen[seed] = mine
     rows = [r for seed in sorted(chosen) for r in chosen[seed]]
-    per_seed = len(runs[0]["args"]["targets"]) * (len(ONESHOT) + 2)
+    per_seed = max(len(v) for v in chosen.values())  # the fullest seed's rows
     keys = ("calib", "seq", "val_windows", "steps", "batch", "train_seq", "targets")
     for run in runs[1:]:
         if any(run["args"][k] != runs[0]["args"][k] for k in keys):
