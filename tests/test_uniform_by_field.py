@@ -9,6 +9,7 @@ The hand-written model has the pattern exactly: two kinds of attention layer sha
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
@@ -17,6 +18,7 @@ import sparsify_fx as sf
 from sparsify_fx.budgets.channel_cut import uniform_plan
 from sparsify_fx.budgets.cost_model import channel_macs
 from sparsify_fx.budgets.exact_cut import apply_budget, weight_costs
+from sparsify_fx.errors import BudgetError
 from sparsify_fx.mask_index import hard_masks
 from sparsify_fx.passes.channels.couple import group_masks
 
@@ -215,3 +217,29 @@ def test_a_block_run_in_a_loop_has_the_structure_of_one_run_once() -> None:
     apply_budget(gm, target_macs=0.5, scores=scores, uniform=True)
     kept = {int(m.hard_mask().sum()) for m in group_masks(gm).values()}
     assert len(group_masks(gm)) == 2 and len(kept) == 1 and kept.pop() < 32
+
+
+def test_experts_cut_below_their_alignment_keep_one_aligned_step_or_refuse() -> None:
+    """A uniform cut that leaves experts fewer units than the grouped-matmul alignment (4
+    fp32 units, what shrink pads to) keeps one whole step, so the config's width is the
+    shrunk one; the shrunk model's MACs are the ones counted, within the target; a target
+    one step per class cannot meet is a named BudgetError."""
+    from tests.test_moe_patterns import SharedExpertMoE, _transform
+    x = torch.randn(2, 8, 16)
+    for target in (0.4, 0.3):
+        torch.manual_seed(0)
+        model = SharedExpertMoE(1).eval()
+        gm, _ = _transform(model, x)
+        g = torch.Generator().manual_seed(1)
+        scores = {k: torch.rand(m.score_shape, generator=g) for k, m in group_masks(gm).items()}
+        if target == 0.3:
+            with pytest.raises(BudgetError, match="one step"):
+                apply_budget(gm, target_macs=target, scores=scores, uniform=True)
+            continue
+        apply_budget(gm, target_macs=target, scores=scores, uniform=True)
+        assert [int(m.hard_mask().sum()) for m in group_masks(gm).values()] == [4, 4]
+        fraction = channel_macs(gm, weight_costs(gm, (x,))).hard_fraction()
+        small = sf.shrink(gm.eval()).eval()
+        assert small.down_proj.shape[2] == 4 and small.shared_up.weight.shape == (4, 16)
+        dense, shrunk = sf.report(model, (x,)).total_macs, sf.report(small, (x,)).total_macs
+        assert shrunk / dense == pytest.approx(fraction, rel=1e-9) and fraction <= target

@@ -290,6 +290,17 @@ def pin_whole(model: nn.Module, entries: list[MaskEntry], scores: Mapping[str, T
     return out
 
 
+def _why_not(plan: "UniformPlan") -> str:
+    """What holds a uniform cut's cost up (for its BudgetError)."""
+    text = "every class already keeps one step (experts: the grouped-matmul alignment)"
+    if plan.whole:
+        text += "; the groups sized by config fields " + ", ".join(sorted({
+            f for s in plan.whole for f in plan.fields.get(s, ())})) + " stay whole (" + \
+            ", ".join(sorted({w for ws in plan.whole.values() for w in ws})[:3]) + \
+            ": the config cannot describe a smaller count)"
+    return text
+
+
 def equalize_groups(model: nn.Module, scores: Mapping[str, Tensor] | None = None,
                     fits: Callable[[], bool] | None = None,
                     plan: "UniformPlan | None" = None) -> dict[tuple, int]:
@@ -299,9 +310,10 @@ def equalize_groups(model: nn.Module, scores: Mapping[str, Tensor] | None = None
     them kept, each its own best ones (kept slots first, then by ``scores[group key]``
     when given, else the mask's ranking); a class whose config field also sizes
     channels kept whole keeps every slot. Fewer kept slots only lower a budget's cost;
-    ``fits`` (the budget still holds under the current hard masks): when whole classes
-    broke it, the class with the largest kept fraction gives up a step in turn until it
-    holds (BudgetError if it cannot); then one step per group is given back to the class
+    ``fits`` (the budget still holds under the current hard masks): when whole classes or
+    a class raised to its step (an experts class keeps at least the alignment) broke it,
+    the class with the largest kept fraction gives up a step in turn until it holds
+    (BudgetError if it cannot); then one step per group is given back to the class
     with the smallest kept fraction, in turn, while it fits. Counts of an experts class
     are multiples of the grouped-matmul alignment. Returns ``{class: slots kept}``.
     ``plan``: :func:`uniform_plan` of ``model`` when the caller has it. Mutates the group
@@ -336,20 +348,16 @@ def equalize_groups(model: nn.Module, scores: Mapping[str, Tensor] | None = None
             keep_n(keys, None)
             continue
         kept_n[signature] = min(int(groups[k].hard_mask().sum()) // mult.get(k, 1) for k in keys)
-        if kept_n[signature] >= steps[signature]:  # a multiple of the class's step
-            kept_n[signature] -= kept_n[signature] % steps[signature]
+        # a multiple of the class's step, at least one step (shrink pads experts to it)
+        kept_n[signature] = min(width[signature], max(steps[signature], kept_n[signature] -
+                                                      kept_n[signature] % steps[signature]))
         keep_n(keys, kept_n[signature])
     free = [sig for sig in classes if sig not in plan.whole]
-    while fits is not None and plan.whole and not fits():
+    while fits is not None and not fits():  # whole classes or a step raised the cost
         over = [s for s in free if kept_n[s] > min(steps[s], width[s])]
         if not over:
-            raise BudgetError(
-                "uniform widths: the groups sized by config fields " + ", ".join(sorted({
-                    f for s in plan.whole for f in plan.fields.get(s, ())})) +
-                " stay whole (" + ", ".join(sorted({
-                    w for ws in plan.whole.values() for w in ws})[:3]) +
-                ": the config cannot describe a smaller count), and with them the budget "
-                "cannot be met; raise the budget")
+            raise BudgetError("uniform widths cannot meet the budget: " + _why_not(plan) +
+                              "; raise the budget")
         sig = max(over, key=lambda s: (kept_n[s] / width[s], -free.index(s)))
         kept_n[sig] -= (kept_n[sig] % steps[sig]) or steps[sig]
         keep_n(classes[sig], kept_n[sig])
