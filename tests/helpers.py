@@ -42,3 +42,31 @@ def assert_shrunk_parity(gm: nn.Module, small: nn.Module, make, rtol: float = 1e
         got = small(x)
     assert got.shape == ref.shape
     torch.testing.assert_close(got, ref, rtol=rtol, atol=atol)
+
+
+def gqa_attention(attn: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention of a hand-written module with ``q_proj`` / ``k_proj`` /
+    ``v_proj`` / ``o_proj`` and ``head_dim`` (KV heads repeated, softmax, no mask):
+    ``h`` (batch, seq, hidden) -> ``o_proj`` of the heads concatenated."""
+    b, s, _ = h.shape
+    q, k, v = (p(h).view(b, s, -1, attn.head_dim).transpose(1, 2)
+               for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    a = torch.softmax(q @ k.transpose(-1, -2) * attn.head_dim ** -0.5, -1) @ v
+    return attn.o_proj(a.transpose(1, 2).reshape(b, s, -1))
+
+
+def assert_reload_parity(gm: nn.Module, small: nn.Module, loaded: nn.Module, x: tuple,
+                         other: tuple) -> None:
+    """``small`` (``sf.shrink(gm)``) equals ``gm`` under its hard masks on ``x``, and
+    ``loaded`` (``small`` saved and reloaded) equals both on ``x`` and ``other``, after
+    checking that ``gm``'s output follows its input."""
+    from sparsify_fx.mask_index import hard_masks
+    with torch.no_grad(), hard_masks(gm):
+        ref, ref_other = gm(*x), gm(*other)
+    assert float((ref - ref_other).abs().max()) > 1e-3  # the output follows the input
+    with torch.no_grad():
+        torch.testing.assert_close(small(*x), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loaded(*x), small(*x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(loaded(*other), ref_other, rtol=1e-5, atol=1e-5)

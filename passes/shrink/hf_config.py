@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -120,20 +120,8 @@ def mlp_fields(hf_model: nn.Module, prefix: str, owners: set[str]) -> dict[str, 
     their consumers, with their per-unit parameters; ``prefix``: ``hf_model``'s path),
     each along one dimension (a unit width). Field names are whatever the
     config calls them (``intermediate_size``, ``decoder_ffn_dim``, ``n_inner`` ...)."""
-    config = hf_model.config
-    dense = _builds(hf_model, config)
-    if dense is None:
-        return {}
     out = {}
-    for attr, value in _int_fields(config).items():
-        trial = copy.deepcopy(config)
-        try:
-            setattr(trial, attr, value // 2)
-        except Exception:  # noqa: BLE001  a field the config refuses to change
-            continue
-        small = _builds(hf_model, trial)
-        if small is None:
-            continue
+    for attr, value, dense, small in halved_fields(hf_model):
         changed = {f"{prefix}.{k}" if prefix else k for k, v in dense.items() if small.get(k) != v}
         if not all(_one_dim(v, small.get(k)) for k, v in dense.items() if small.get(k) != v):
             continue  # a weight changing in and out width (a pooler's square dense): no unit width
@@ -161,6 +149,26 @@ def _config_owner(src: nn.Module) -> tuple[str, nn.Module] | None:
     """(path, module) of the first module holding a Hugging Face config."""
     return next(((p, m) for p, m in src.named_modules()
                  if hasattr(getattr(m, "config", None), "to_dict")), None)
+
+
+def halved_fields(hf_model: nn.Module
+                  ) -> Iterator[tuple[str, int, dict[str, tuple], dict[str, tuple]]]:
+    """``(field, value, dense shapes, shapes with the field halved)`` for every integer
+    field of ``hf_model.config`` the class accepts at half its value (parameter shapes by
+    name, the class built on the meta device once per field). Reads ``hf_model`` only."""
+    config = hf_model.config
+    dense = _builds(hf_model, config)
+    if dense is None:
+        return
+    for attr, value in _int_fields(config).items():
+        trial = copy.deepcopy(config)
+        try:
+            setattr(trial, attr, value // 2)
+        except Exception:  # noqa: BLE001  a field the config refuses to change
+            continue
+        small = _builds(hf_model, trial)
+        if small is not None:
+            yield attr, value, dense, small
 
 
 def _builds(hf_model: nn.Module, config: Any) -> dict[str, tuple] | None:
@@ -413,13 +421,10 @@ def record_gaps(src: nn.Module, blocks: dict[str, dict]) -> list[str]:
     return gaps
 
 
-#: public names of the config probes (read by :mod:`sparsify_fx.passes.shrink.uniform_fields`):
-#: the first module holding an HF config, the parameter shapes its class builds from a
-#: config (meta device), the config's integer fields
+#: public name of the config probe read by :mod:`sparsify_fx.passes.shrink.uniform_fields`
+#: (with :func:`halved_fields`): the first module holding an HF config
 config_owner = _config_owner
-class_shapes = _builds
-int_fields = _int_fields
 
 __all__ = ["config_cannot_hold", "update_config", "layer_configs", "scale_width",
            "config_gaps", "record_gaps", "unsaveable", "RefuseSave", "GAPS_ATTRIBUTE",
-           "config_owner", "class_shapes", "int_fields"]
+           "config_owner", "halved_fields"]

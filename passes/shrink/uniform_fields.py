@@ -24,7 +24,6 @@ stays. Without an HF config the plan is the structure classes alone.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -32,7 +31,7 @@ from torch import fx, nn
 
 from sparsify_fx.mask_index import unwrap
 from sparsify_fx.passes.aten.experts import EXPERTS, mask_channel_dim, uniform_classes
-from sparsify_fx.passes.shrink.hf_config import class_shapes, config_owner, holds_width, int_fields
+from sparsify_fx.passes.shrink.hf_config import config_owner, halved_fields, holds_width
 
 #: producer kinds whose weight is a parameter of the source model
 WEIGHT_KINDS = ("linear", "conv", EXPERTS)
@@ -80,21 +79,9 @@ def field_holds(hf_model: nn.Module, prefix: str, cg: Any) -> dict[str, FieldHol
     rewrites for fewer heads: :func:`~sparsify_fx.passes.shrink.hf_config.update_config`)
     counts as held by those only: another field reshaping it sizes each head
     (``head_dim``). Builds the class once per field on the meta device."""
-    config = hf_model.config
-    dense = class_shapes(hf_model, config)
-    if dense is None:
-        return {}
     producers = [p for p in cg.producers.values() if p.kind in WEIGHT_KINDS]
     out: dict[str, FieldHold] = {}
-    for attr, value in int_fields(config).items():
-        trial = copy.deepcopy(config)
-        try:
-            setattr(trial, attr, value // 2)
-        except Exception:  # noqa: BLE001  a field the config refuses to change
-            continue
-        small = class_shapes(hf_model, trial)
-        if small is None:
-            continue
+    for attr, value, dense, small in halved_fields(hf_model):
         changed = {k: (v, small[k]) for k, v in dense.items() if k in small and small[k] != v}
         if not changed or any(len(a) != len(b) or sum(x != y for x, y in zip(a, b)) != 1
                               for a, b in changed.values()):
