@@ -57,8 +57,7 @@ from sparsify_fx.passes.aten.elementwise import ElementwiseRules
 from sparsify_fx.passes.aten.experts import EXPERT_OPS, clamp_keeps_zero, visit_expert_op
 from sparsify_fx.passes.aten.op_tables import (BATCH_NORM, BINARY, CONV, IDENTITY_OPS, MATMUL,
                                                NO_CHANNELS, NONZERO_UNARY, NORMALIZE, REDUCE, SDPA,
-                                               UNIFORM_OPS,
-                                               SHAPE_OPS, ZERO_KEEPING)
+                                               SHAPE_OPS, UNIFORM_OPS, ZERO_KEEPING)
 from sparsify_fx.passes.aten.producers import visit_matmul, visit_sdpa
 from sparsify_fx.passes.aten.special_ops import SpecialOpRules
 from sparsify_fx.passes.aten.values import (ParamRef, Tracked, Uniform, concrete_shape, hint,
@@ -268,17 +267,8 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
             return self.shape_op(node)
         if name in ("pad", "constant_pad_nd"):
             return self.constant_pad(node, name)
-        if name in ("tril", "triu"):  # a causal mask over positions: zeros kept, ids kept
-            x = self.value(args[0])
-            if isinstance(x, Tracked) and x.ids.dim() >= 2:
-                uniq, inverse = torch.unique(x.ids, return_inverse=True)
-                roots = torch.tensor([self.dsu.find(int(u)) if u >= 0 else -1 for u in uniq])
-                flat = roots[inverse].reshape(-1, x.ids.shape[-2] * x.ids.shape[-1])
-                hi = flat.amax(-1)  # one tied set (or none: padding) per matrix
-                lo = torch.where(flat >= 0, flat, hi.unsqueeze(-1)).amin(-1)
-                if bool(((hi == lo) | (hi < 0)).all()):
-                    return x
-            return self.reject(node, f"{name} over channel dims")
+        if name in ("tril", "triu"):
+            return self.causal_mask(node, name)
         if name in ("view_as_complex", "view_as_real"):
             return self.complex_view(node, name)
         if name in ZERO_KEEPING or name in NONZERO_UNARY:
@@ -351,6 +341,20 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
         if tuple(ids.shape) != self.shape(node):
             return self.reject(node, "pad form not understood")
         return Tracked(ids, torch.constant_pad_nd(x.zero, pad, 0))
+
+    def causal_mask(self, node: fx.Node, name: str) -> Any:
+        """``tril`` / ``triu`` over positions (a causal mask): zeros and ids kept when every
+        matrix of the last two dims holds one tied set (or none: padding); else whole."""
+        x = self.value(node.args[0])
+        if isinstance(x, Tracked) and x.ids.dim() >= 2:
+            uniq, inverse = torch.unique(x.ids, return_inverse=True)
+            roots = torch.tensor([self.dsu.find(int(u)) if u >= 0 else -1 for u in uniq])
+            flat = roots[inverse].reshape(-1, x.ids.shape[-2] * x.ids.shape[-1])
+            hi = flat.amax(-1)
+            lo = torch.where(flat >= 0, flat, hi.unsqueeze(-1)).amin(-1)
+            if bool(((hi == lo) | (hi < 0)).all()):
+                return x
+        return self.reject(node, f"{name} over channel dims")
 
     def _wrap(self, ids: Any, zero: Any) -> Any:
         if isinstance(ids, torch.Tensor):

@@ -21,7 +21,7 @@ import torch
 from torch import fx
 
 from sparsify_fx.passes.aten.values import (DerivedParam, ParamRef, Tracked, Uniform,
-                                            concrete_shape, hint, op_name)
+                                            channel_dim, concrete_shape, hint, op_name)
 from sparsify_fx.passes.channels.graph_types import NormSite
 
 
@@ -155,7 +155,7 @@ class ElementwiseRules:
         except AttributeError:
             return None
         dim = self._param_dim(val, concrete_shape(operands[i]), t.ids.dim())
-        along = next((d for d, size in enumerate(val.shape) if size != 1), 0)
+        along = channel_dim(val.shape)
         if dim is None or t.ids.shape[dim] != val.shape[along]:
             return None
         columns = t.ids.movedim(dim, -1).reshape(-1, t.ids.shape[dim]).T

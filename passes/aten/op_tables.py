@@ -37,9 +37,9 @@ REDUCE = {"sum", "mean", "amax", "amin", "max", "min", "var", "std", "var_mean",
           "norm", "linalg_vector_norm", "prod", "argmax", "argmin", "any", "all"}
 NORMALIZE = {"_softmax", "softmax", "_log_softmax", "log_softmax", "layer_norm", "native_layer_norm",
              "rms_norm", "_fused_rms_norm", "group_norm", "native_group_norm", "cumsum"}
-#: ops whose result carries no channel (sizes, fresh tensors of a given shape)
-NO_CHANNELS = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "new_zeros",
-               "new_empty", "new_ones", "new_full", "new_empty_strided", "scalar_tensor"}
+#: ops whose result carries no channel (sizes, uninitialised tensors of a given shape)
+NO_CHANNELS = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "new_empty",
+               "new_empty_strided"}
 #: fresh tensors of one value everywhere (a scan's zero initial state)
 UNIFORM_OPS = {"zeros", "ones", "full", "new_zeros", "new_ones", "new_full", "scalar_tensor"}
 MATMUL = {"matmul", "mm", "bmm", "linear", "addmm", "baddbmm"}

@@ -154,7 +154,7 @@ def _row_channels(walk: "AtenChannelWalk", node: fx.Node, a: Tracked | None,
         return None
     batch = out_shape[:-2]
     ids = a.ids.broadcast_to((*batch, *a.ids.shape[-2:]))
-    if bool((ids == ids[..., :, :1]).all()) is False or bool((ids == ids[..., :1, :]).all()):
+    if not bool((ids == ids[..., :, :1]).all()) or bool((ids == ids[..., :1, :]).all()):
         return None  # varies along K, or does not vary down M
     if b is not None:
         b_ids = b.ids.broadcast_to((*batch, *b.ids.shape[-2:]))

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import fx
 
-from sparsify_fx.passes.aten.op_tables import (BINARY, CONV, MATMUL, NONZERO_UNARY,
-                                               PARAM_COPY_OPS, PARAM_TRANSPOSE_OPS,
-                                               PARAM_UNIT_DIM_OPS, SDPA, SHAPE_OPS,
-                                               ZERO_KEEPING, IDENTITY_OPS)
+from sparsify_fx.passes.aten.op_tables import (BINARY, CONV, IDENTITY_OPS, MATMUL,
+                                               NONZERO_UNARY, PARAM_COPY_OPS,
+                                               PARAM_TRANSPOSE_OPS, PARAM_UNIT_DIM_OPS, SDPA,
+                                               SHAPE_OPS, ZERO_KEEPING)
 from sparsify_fx.passes.aten.values import (DerivedParam, ParamRef, Tracked, Uniform,
                                             concrete_shape, op_name)
 
@@ -114,7 +114,7 @@ class SpecialOpRules:
             except AttributeError:
                 return False
             before = before[::-1] if getattr(ref, "transposed", False) else before
-        if before is None or after is None:
+        if after is None:
             return False
         return [s for s in before if s != 1] == [s for s in after if s != 1]
 

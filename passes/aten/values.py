@@ -48,6 +48,12 @@ class Uniform:
     ``full``, ``new_ones``): no channel flows in it and it varies along no dim."""
 
 
+def channel_dim(shape: tuple[int, ...] | torch.Size) -> int:
+    """The dim a per-channel parameter holds its channels along: its first dim of size
+    other than 1 (``(C,)``, ``(C, N)``, ``(1, 1, H, 1)``); 0 when there is none."""
+    return next((d for d, size in enumerate(shape) if size != 1), 0)
+
+
 def op_name(target: Any) -> str:
     """``aten.view.default`` -> ``"view"``."""
     return getattr(target, "__name__", str(target)).split(".")[0]
@@ -68,4 +74,4 @@ def concrete_shape(node: Any) -> tuple[int, ...] | None:
     return tuple(hint(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
 
 
-__all__ = ["Tracked", "ParamRef", "DerivedParam", "Uniform", "op_name", "hint", "concrete_shape"]
+__all__ = ["Tracked", "ParamRef", "DerivedParam", "Uniform", "channel_dim", "op_name", "hint", "concrete_shape"]

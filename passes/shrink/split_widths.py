@@ -12,9 +12,11 @@ import numpy as np
 from torch import fx
 
 from sparsify_fx.passes.aten.values import concrete_shape, op_name
-from sparsify_fx.passes.channels.graph_types import ChannelGraph
+from sparsify_fx.passes.channels.graph_types import ChannelGraph, Producer
 
-def _producer_above(node: fx.Node, producers: dict[str, object], hops: int = 12):
+
+def _producer_above(node: fx.Node, producers: dict[str, Producer], hops: int = 12
+                    ) -> Producer | None:
     """The nearest producer call above ``node`` along first arguments (a fused projection,
     then a depthwise convolution, casts and transposes: each keeps the channel order)."""
     for _ in range(hops):

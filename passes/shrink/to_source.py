@@ -40,6 +40,7 @@ from torch import nn
 from sparsify_fx.errors import ShrinkError
 from sparsify_fx.mask_index import hard_masks, main_graph, unwrap
 
+from sparsify_fx.passes.aten.values import channel_dim
 from sparsify_fx.passes.channels.graph_types import ChannelGraph, Producer
 from sparsify_fx.passes.shrink.experts import pad_expert_units, slice_experts
 from sparsify_fx.passes.shrink.hf_config import (config_cannot_hold, layer_configs, record_gaps,
@@ -140,7 +141,7 @@ def _slice_norms(src: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) -> None:
                 done.add(name)
                 value = src.get_parameter(name).detach() if name in dict(
                     src.named_parameters()) else src.get_buffer(name)
-                along = next((d for d, size in enumerate(value.shape) if size != 1), 0)
+                along = channel_dim(value.shape)
                 _set_tensor(src, name, value[(slice(None),) * along + (keep,)])
         owner = src.get_submodule(norm.module) if norm.module else src
         if isinstance(getattr(owner, "num_features", None), int):

@@ -37,10 +37,7 @@ def coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: flo
     from sparsify_fx.passes.channels.couple import group_masks
     groups = group_masks(model)
     order = list(groups)
-    start, offset = {}, 0
-    for key in order:
-        start[id(groups[key])] = offset
-        offset += math.prod(groups[key].score_shape)
+    start, offset = _group_starts(groups)
     slot_units = torch.zeros(offset, dtype=torch.float64)  # weights gated per slot
     fixed = dense = 0.0
     slots_of = _slots_of(entries, start)
@@ -51,8 +48,7 @@ def coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: flo
         fixed += unit * int((glob < 0).sum())
         slot_units.index_add_(0, glob[glob >= 0], torch.full((int((glob >= 0).sum()),), unit,
                                                               dtype=torch.float64))
-    if scores is not None and not any(k in scores for k in order) and any(
-            e.name in scores for e in entries):
+    if _by_weight(scores, order, entries):
         ranking = _slot_scores(entries, scores, slots_of, offset)
     else:
         ranking = torch.cat([
@@ -108,6 +104,24 @@ def coupled_cut(model: nn.Module, entries: list[MaskEntry], target_sparsity: flo
         n = math.prod(m.score_shape)
         m.freeze(keep[start[id(m)]:start[id(m)] + n].reshape(m.score_shape))
     return cut_result(entries, changed)
+
+
+def _group_starts(groups: Mapping[str, object]) -> tuple[dict[int, int], int]:
+    """Each group mask's first slot in the slots of all groups laid end to end, in the
+    mapping's order (``{id(mask): start}``), and the total slot count."""
+    start, offset = {}, 0
+    for mask in groups.values():
+        start[id(mask)] = offset
+        offset += math.prod(mask.score_shape)
+    return start, offset
+
+
+def _by_weight(scores: Mapping[str, Tensor] | None, order: Sequence[str],
+               entries: list[MaskEntry]) -> bool:
+    """``scores`` are keyed by weight name (``{weight: |w| or (C, ...) scores}``, summed
+    into group slots by :func:`_slot_scores`), not by group key."""
+    return scores is not None and not any(k in scores for k in order) and any(
+        e.name in scores for e in entries)
 
 
 def _slots_of(entries: list[MaskEntry], start: Mapping[int, int]) -> dict[str, Tensor]:
@@ -273,12 +287,8 @@ def pin_whole(model: nn.Module, entries: list[MaskEntry], scores: Mapping[str, T
         return scores
     groups = group_masks(model)
     order = list(groups)
-    if scores is not None and not any(k in scores for k in order) and any(
-            e.name in scores for e in entries):
-        start, offset = {}, 0
-        for key in order:
-            start[id(groups[key])] = offset
-            offset += math.prod(groups[key].score_shape)
+    if _by_weight(scores, order, entries):
+        start, offset = _group_starts(groups)
         flat = _slot_scores(entries, scores, _slots_of(entries, start), offset)
         out = {k: flat[start[id(groups[k])]:start[id(groups[k])] + math.prod(
             groups[k].score_shape)].reshape(groups[k].score_shape) for k in order}
