@@ -275,13 +275,10 @@ def test_rms_norm_per_head_keeps_pruned_heads_zero() -> None:
     assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 32))
 
 
-def test_a_value_not_zero_when_pruned_keeps_channels_whole_and_names_the_product() -> None:
-    torch.manual_seed(0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        gm = sf.transform(Block(NormGateMixer(not_zero=True)).eval(), granularity="channel",
-                          target_macs=0.5, example_inputs=(torch.randn(2, 7, 32),),
-                          capture="export")
-    text = " ".join(str(w.message) for w in caught)
-    assert "not exactly zero when its channels are pruned" in text
-    assert not group_masks(gm)  # the only unit group (the mixer's channels) stays whole
+def test_a_value_not_zero_when_pruned_is_cut_through_the_out_projection_columns() -> None:
+    """``exp(u)`` is 1 on a pruned channel: out_proj's input columns are gated with the
+    channel's score (``tests/test_column_gate.py``), so the mixer's channels are still cut."""
+    gm, small, warned = _cut_and_shrink(lambda: NormGateMixer(not_zero=True), length=7)
+    assert not any("not exactly zero" in w for w in warned), warned
+    assert 0 < small.mixer.out_proj.weight.shape[1] < 32
+    assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 32))

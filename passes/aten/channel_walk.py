@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -109,9 +109,12 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
 
     UNTRACKED = 0  # one whole id stands for "no producer channel" in emitted id arrays
 
-    def __init__(self, gm: fx.GraphModule, masked: set[str]) -> None:
+    def __init__(self, gm: fx.GraphModule, masked: set[str],
+                 gated: Callable[[str], bool] | None = None) -> None:
         self.gm = gm
         self.masked = masked
+        #: weights whose input columns may be gated (see ``producers._input_ids``)
+        self.gated: Callable[[str], bool] = gated or (lambda weight: False)
         self.dsu = _DSU()
         self.owner: list[int] = []
         self.whole: set[int] = set()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from torch import fx
 
@@ -41,21 +42,32 @@ def _bias_name(walk: "AtenChannelWalk", arg: Any) -> str | None:
     return v.name if isinstance(v, ParamRef) else None
 
 
-def _input_ids(walk: "AtenChannelWalk", x: Any, dim: int, width: int) -> Any:
-    """Ids of the contracted input channels (length ``width``), or whole ones."""
+def _input_ids(walk: "AtenChannelWalk", x: Any, dim: int, width: int,
+               gate: bool = False) -> tuple[Any, Any]:
+    """Ids of the contracted input channels (length ``width``), or whole ones, and which
+    of them reach the product not exactly zero when pruned (bool, or None: none).
+
+    Such a channel stays whole, unless ``gate``: then the coupling pass gates the
+    consumer's input columns with the channel's own score (``kind`` "columns"), so a
+    pruned channel multiplies a zero column, whatever its value (an activation that is
+    not 0 at 0, a recurrent mixer's output)."""
     if not isinstance(x, Tracked):
-        return walk.emit(torch.full((width,), -1, dtype=torch.long))
+        return walk.emit(torch.full((width,), -1, dtype=torch.long)), None
     ids = x.ids.movedim(dim, -1).reshape(-1, x.ids.shape[dim])
     zero = x.zero.movedim(dim, -1).reshape(-1, x.ids.shape[dim])
     nonzero = set(torch.unique(ids[(ids >= 0) & ~zero]).tolist())  # non-zero while pruned
+    uniform = ids.shape[-1] == width and bool((ids == ids[0]).all())
+    if gate and uniform and nonzero:
+        row = walk.emit(ids[0])
+        return row, np.isin(row, sorted(nonzero))
     if nonzero - walk.whole and walk.current is not None:
         walk.unsupported.append(f"{walk.current} (input): reaches this product not exactly "
                                 "zero when its channels are pruned")
     walk.whole.update(nonzero)
-    if ids.shape[-1] != width or not bool((ids == ids[0]).all()):
+    if not uniform:
         walk.make_whole(x)
-        return walk.emit(torch.full((width,), -1, dtype=torch.long))
-    return walk.emit(ids[0])
+        return walk.emit(torch.full((width,), -1, dtype=torch.long)), None
+    return walk.emit(ids[0]), None
 
 
 def _producer(walk: "AtenChannelWalk", node: fx.Node, x_arg: Any, ref: ParamRef, bias: Any,
@@ -77,7 +89,8 @@ def _producer(walk: "AtenChannelWalk", node: fx.Node, x_arg: Any, ref: ParamRef,
         walk.whole.update(out_ids.tolist())
     x = walk.value(x_arg)
     left = kind == "left"  # W @ x: channels along the second-to-last dim
-    in_ids = _input_ids(walk, x, 1 if conv else -2 if left else -1, in_per_group * groups)
+    in_ids, gated_in = _input_ids(walk, x, 1 if conv else -2 if left else -1,
+                                  in_per_group * groups, gate=groups == 1 and walk.gated(ref.name))
     if groups > 1:  # a conv group's inputs and outputs are removed as one unit
         for g_in, g_out in zip(in_ids.reshape(groups, -1), out_ids.numpy().reshape(groups, -1)):
             walk.tie_all(torch.as_tensor([*g_in.tolist(), *g_out.tolist()]))
@@ -85,7 +98,8 @@ def _producer(walk: "AtenChannelWalk", node: fx.Node, x_arg: Any, ref: ParamRef,
     layout = "oi" if (kind != "io") != ref.transposed else "io"
     walk.producers[node.name] = Producer(
         node.name, ref.name, _bias_name(walk, bias), ref.masked, "conv" if conv else "linear",
-        groups, out_ids.numpy(), in_ids, (out_ch, in_per_group, *kernel), weight_layout=layout)
+        groups, out_ids.numpy(), in_ids, (out_ch, in_per_group, *kernel), weight_layout=layout,
+        gated_in=gated_in)
     dim = 1 if conv else len(out_shape) - (2 if left else 1)
     view = [1] * len(out_shape)
     view[dim] = out_ch

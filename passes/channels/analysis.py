@@ -29,7 +29,7 @@ BatchNorm's weight and bias on it (``Layout.zero`` tracks this).
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, Callable
 
 import networkx as nx
 import numpy as np
@@ -37,6 +37,9 @@ import torch
 from torch import fx, nn
 
 from sparsify_fx.mask import MaskSet
+
+#: ``kind`` of the masks that gate a consumer's input columns
+COLUMNS = "columns"
 
 from sparsify_fx.passes.channels import attention_heads
 from sparsify_fx.passes.aten.channel_walk import AtenChannelWalk
@@ -220,18 +223,25 @@ def is_aten(gm: fx.GraphModule) -> bool:
                for n in gm.graph.nodes)
 
 
-def analyze_channels(gm: fx.GraphModule, masked: set[str] | None = None) -> ChannelGraph:
+def analyze_channels(gm: fx.GraphModule, masked: set[str] | None = None,
+                     gated: Callable[[str], bool] | None = None) -> ChannelGraph:
     """Channel dependency groups of ``gm``: a module graph (torch.fx) or an ATen graph
     (a torch.export capture, walked by :mod:`~sparsify_fx.passes.aten.channel_walk`).
 
     ``masked``: qualified weight names whose producers may lose channels
-    (default: every weight reached through a mask node). Read-only.
+    (default: every weight reached through a mask node). ``gated`` (ATen graphs):
+    weights whose input columns may be gated, so an input that is not exactly zero
+    when pruned need not stay whole (default: those behind a ``"columns"`` mask node,
+    as :func:`~sparsify_fx.passes.channels.couple.couple_channels` left them). Read-only.
     """
     if masked is None:
         masked = {w for n in gm.graph.nodes for w in [weight_source(gm, n)[0]]
                   if n.op == "call_module" and w is not None}
     if is_aten(gm):
-        walk = AtenChannelWalk(gm, masked).run()
+        if gated is None:
+            with_columns = column_gated_weights(gm)
+            gated = with_columns.__contains__
+        walk = AtenChannelWalk(gm, masked, gated).run()
         return group_channels(walk.n_ids, walk.owner, walk.whole, walk.edges, walk.producers,
                               walk.norms, {}, walk.unsupported, {})
     an = _Analyzer(gm, masked)
@@ -239,6 +249,18 @@ def analyze_channels(gm: fx.GraphModule, masked: set[str] | None = None) -> Chan
     return group_channels(an.n_ids, an.owner, an.whole_ids, an.edges, an.producers, an.norms,
                           {k: v for k, v in an.state.items() if isinstance(v, Layout)},
                           an.unsupported, an.attention)
+
+
+def column_gated_weights(gm: fx.GraphModule) -> frozenset[str]:
+    """Weights whose get_attr feeds a ``"columns"`` mask node (input columns gated)."""
+    out = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and str(node.target).startswith(MaskSet.ATTRIBUTE + "."):
+            mask = gm.get_submodule(str(node.target))
+            weight = weight_source(gm, node)[0]
+            if getattr(mask, "kind", "") == COLUMNS and weight is not None:
+                out.add(weight)
+    return frozenset(out)
 
 
 def group_channels(n_ids: int, owner_of: list[int], whole_ids: set[int],

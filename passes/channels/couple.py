@@ -40,7 +40,7 @@ from sparsify_fx.mask_index import MaskEntry, masks, unwrap
 from sparsify_fx.passes.pass_base import PassResult, SparsifyPass
 from sparsify_fx.passes.stored_analysis import channel_graph_of
 from sparsify_fx.passes.aten.experts import mask_channel_dim, mask_expert_bias
-from sparsify_fx.passes.channels.analysis import ChannelGraph, analyze_channels, is_aten
+from sparsify_fx.passes.channels.analysis import COLUMNS, ChannelGraph, analyze_channels, is_aten
 
 GROUP_PREFIX = "channel_group_"
 PRODUCER_KINDS = ("conv", "linear", "depthwise_conv", "grouped_conv", "matmul", "experts")
@@ -104,7 +104,7 @@ def couple_channels(gm: nn.Module, make_group_mask: GroupMaskFactory, *,
     by_weight = {str(e.node.args[0].target): e for e in graph_entries
                  if e.kind in PRODUCER_KINDS and e.node is not None}
     masked = set(by_weight) | {e.name for e in leaf_entries if e.kind == "attention_in_proj"}
-    cg = analyze_channels(gm, masked)
+    cg = _analyze_gating_columns(gm, masked)
     uses: dict[str, int] = {}
     for p in cg.producers.values():
         uses[p.weight] = uses.get(p.weight, 0) + 1
@@ -165,6 +165,10 @@ def couple_channels(gm: nn.Module, make_group_mask: GroupMaskFactory, *,
             parametrize.register_parametrization(e.host, bias_attr, SharedChannelMask(
                 shape, sources, index.to(device), prod.bias, "bias", auxiliary=True).to(device),
                 unsafe=True)
+    for prod in cg.producers.values():
+        made = _column_index(cg, prod, group_masks)
+        if made is not None:
+            _mask_columns(gm, prod, made[0], made[1], device)
     for norm in cg.norms.values():
         made = _index_for(cg, norm.ids, group_masks)
         if made is None:
@@ -184,6 +188,64 @@ def couple_channels(gm: nn.Module, make_group_mask: GroupMaskFactory, *,
     gm.recompile()
     channel_graph_of(gm)  # the analysis of the coupled model, stored once on the graph
     return cg
+
+
+def _gated_prunable(cg: ChannelGraph, prod) -> bool:
+    """``prod`` gates input columns of which some channel may be removed."""
+    if prod.gated_in is None or not prod.gated_in.any():
+        return False
+    return bool((cg.slots(prod.in_ids[prod.gated_in])[0] >= 0).any())
+
+
+def _analyze_gating_columns(gm: fx.GraphModule, masked: set[str]) -> ChannelGraph:
+    """The analysis with input columns gated wherever that lets a channel go, except on
+    weights whose own rows may go too (one mask node per weight): those are analysed
+    again with their not-exactly-zero inputs kept whole."""
+    keep_whole: set[str] = set()
+    while True:
+        cg = analyze_channels(gm, masked, gated=lambda w: w not in keep_whole)
+        rows = {p.weight for p in cg.producers.values()
+                if p.weight in masked and (cg.slots(p.out_ids)[0] >= 0).any()}
+        clash = {p.weight for p in cg.producers.values()
+                 if p.weight in rows and _gated_prunable(cg, p)} - keep_whole
+        if not clash:
+            return cg
+        keep_whole |= clash
+
+
+def _column_index(cg: ChannelGraph, prod, group_masks: list[Mask]) -> tuple[list[Mask], Tensor] | None:
+    """Sources and gather index of ``prod``'s input-column gate (one entry per input
+    column; positions that need no gate point at "whole"), or None."""
+    if not _gated_prunable(cg, prod):
+        return None
+    made = _index_for(cg, prod.in_ids, group_masks)
+    assert made is not None
+    sources, index = made
+    whole = sum(int(np.prod(src.score_shape)) for src in sources)
+    index = index.clone()
+    index[torch.from_numpy(~prod.gated_in)] = whole  # zero when pruned: no gate needed
+    return sources, index
+
+
+def _mask_columns(gm: fx.GraphModule, prod, sources: list[Mask], index: Tensor,
+                  device: torch.device) -> None:
+    """Put a ``"columns"`` follower mask node after every ``get_attr`` of ``prod.weight``
+    (all its uses: a shared weight's uses read the same input channels)."""
+    mask_set = getattr(gm, MaskSet.ATTRIBUTE)
+    key = MaskSet.key_for(prod.weight) + "_columns"
+    if key in mask_set:
+        return  # a weight read by several calls: gated once
+    shape = tuple(gm.get_parameter(prod.weight).shape)
+    dim = 0 if prod.weight_layout == "io" else 1
+    mask_set[key] = SharedChannelMask(shape, sources, index.to(device), prod.weight, COLUMNS,
+                                      auxiliary=True, channel_dim=dim).to(device)
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and str(node.target) == prod.weight:
+            users = list(node.users)
+            with gm.graph.inserting_after(node):
+                masked = gm.graph.call_module(f"{MaskSet.ATTRIBUTE}.{key}", (node,))
+            for user in users:
+                user.replace_input_with(node, masked)
 
 
 def _is_attention_out(cg: ChannelGraph, weight: str) -> bool:

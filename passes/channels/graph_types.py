@@ -58,6 +58,10 @@ class Producer:
     #: how the weight parameter stores ``shape[:2]``: ``"oi"`` (Linear, Conv) or ``"io"``
     #: (``(in, out)``, HF ``Conv1D`` through ``addmm``; ATen graphs only)
     weight_layout: str = "oi"
+    #: per ``in_ids`` entry: the input reaches this product not exactly zero when its
+    #: channel is pruned, so the weight's input columns are gated too (``kind``
+    #: "columns" masks; ATen graphs only); None: every input is zero when pruned
+    gated_in: np.ndarray | None = None
 
 
 @dataclass

@@ -17,7 +17,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterator
+import itertools
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from torch import nn
 from sparsify_fx.errors import ShrinkError
 from sparsify_fx.mask_index import main_graph, unwrap
 from sparsify_fx.passes.stored_analysis import channel_graph_of
+from sparsify_fx.passes.shrink.config_search import MAX_CHOICES, BlockSearch
 
 
 def _attr(config: Any, name: str) -> Any:
@@ -232,10 +234,16 @@ def _config_holds_fewer_heads(hf_model: nn.Module) -> bool:
             for a, b in zip(small[k], dense[k])) for k in shrunk)
 
 
-def update_config(src: nn.Module, blocks: dict[str, dict]) -> bool:
+def update_config(src: nn.Module, blocks: dict[str, dict],
+                  reloads: Callable[[Any], bool] | None = None) -> bool:
     """Write uniform per-layer widths into the HF ``config`` (in place, so every module
     sharing it sees them) when the class built from the new config has the shrunk
-    shapes; False (config untouched) when ragged or not buildable."""
+    shapes; False (config untouched) when ragged or not buildable.
+
+    A block the named rules (head counts, MLP width fields) do not describe gets the
+    fields a :class:`~sparsify_fx.passes.shrink.config_search.BlockSearch` finds, kept
+    only when ``reloads(config)`` says the class built from that config with the shrunk
+    weights computes what the shrunk model does (without ``reloads``: not kept)."""
     # the model's own config, or that of the first submodule holding one (a wrapper's model)
     found = _config_owner(src)
     if found is None or not blocks:
@@ -243,25 +251,46 @@ def update_config(src: nn.Module, blocks: dict[str, dict]) -> bool:
     hf_path, hf_model = found
     config = hf_model.config
     widths = _mlp_fields_of(hf_path, hf_model, blocks)
-    fields: dict[str, int] = {}
-    for block in blocks.values():  # every block must give each field the same value
+    search = BlockSearch(hf_model, hf_path, blocks, halved_fields)
+    for choice in range(MAX_CHOICES):
+        fields, searched = _uniform_fields(config, blocks, widths, search, choice)
+        if fields is None or not search.describes(fields):
+            return False  # ragged, or the class cannot be rebuilt from it
+        trial = copy.deepcopy(config)
+        for attr, value in fields.items():
+            setattr(trial, attr, value)
+        if searched and (reloads is None or not reloads(trial)):
+            continue  # shapes agree, the computation does not: the next candidate
+        for attr, value in fields.items():
+            setattr(config, attr, value)
+        return True
+    return False
+
+
+def _uniform_fields(config: Any, blocks: dict[str, dict], widths: dict[str, tuple],
+                    search: BlockSearch, choice: int) -> tuple[dict[str, Any] | None, bool]:
+    """One value per config field for every block (None when blocks disagree or a block
+    has no description), and whether any came from the search (the ``choice``-th
+    candidate of the first block searched, the first of the others)."""
+    fields: dict[str, Any] = {}
+    searched = False
+    for path, block in blocks.items():
         try:
             block_fields = _block_fields(config, block, widths)
-        except ShrinkError:  # a width no whole field value describes
-            return False
+        except ShrinkError:  # a width no whole field value describes by the named rules
+            block_fields = None
+        names = search.names(path)
+        if block_fields is None or not search.describes({**fields, **block_fields}, names):
+            skip = 0 if searched else choice
+            block_fields = next(itertools.islice(search.candidates(block, names, fields), skip,
+                                                 None), None)
+            searched = True
+            if block_fields is None:
+                return None, True
         for attr, value in block_fields.items():
             if fields.setdefault(attr, value) != value:
-                return False  # ragged widths
-    trial = copy.deepcopy(config)
-    for attr, value in fields.items():
-        setattr(trial, attr, value)
-    built = _builds(hf_model, trial)
-    own = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}
-    if built is None or any(built.get(k, v) != v for k, v in own.items()):
-        return False  # the class cannot be rebuilt from it: leave it as it was
-    for attr, value in fields.items():
-        setattr(config, attr, value)
-    return True
+                return None, searched  # ragged widths
+    return fields, searched
 
 
 def _inner_widths(config: Any) -> dict[str, int]:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -56,6 +56,9 @@ KV_HEAD_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 WIDTH_ATTRS = ("all_head_size", "split_size", "inner_dim")
 #: attributes holding an MLP's unit count
 UNIT_ATTRS = ("intermediate_size",)
+#: an owner attribute equal to a group's unit count (or twice it: value heads per key
+#: head) is tried as a count of those units when the shrunk model does not run
+COUNT_MULTIPLES = (1, 2)
 
 
 def _owner_path(name: str) -> str:
@@ -198,6 +201,15 @@ def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple]
             if 0 < int(mine.sum()) < len(ids):
                 extra.update(_other_widths(src, owners[:1], int(keep_id[ids][mine].sum()),
                                            int(mine.sum()), new))
+        if keep_id is not None:  # unit counts (heads of a layout reshaped by count)
+            comps = cg.component[np.asarray(cg.producers[group.producers[0]].out_ids)]
+            kept_ids = keep_id[np.asarray(cg.producers[group.producers[0]].out_ids)]
+            units = len(group.components)
+            kept_units = len(set(comps[kept_ids & (cg.group_of[comps] == group.index)].tolist()))
+            for mult in COUNT_MULTIPLES:
+                for key, (old, kept) in _other_widths(src, owners[:1], kept_units * mult,
+                                                      units * mult, new).items():
+                    extra.setdefault(key, (old, kept))
         changed[path] = dict(new, _kind=kind, _extra=extra, _kept=q_kept, _total=q_total, _kv_kept=kv_kept,
                              _kv_total=kv_total, _producers=tuple(weights),
                              _weights=tuple(weights + consumers))
@@ -237,14 +249,18 @@ def _set_widths(src: nn.Module, blocks: dict, which: int,
 def _retry_widths(exported: nn.Module, src: nn.Module, blocks: dict, inputs: Any,
                   error: ShrinkError) -> None:
     """After the shrunk model failed its check (``error``): set the owner attributes
-    holding a group's whole width (:func:`_other_widths`) to the kept width and check
-    again: all of them, then each attribute name alone (a module may hold another count
-    equal to the width by chance, e.g. a kernel size of 4 beside a rank of 4); kept when
-    the model then equals the hard-masked capture, else undone and ``error`` raised."""
+    holding a group's whole width or unit count (:func:`_other_widths`) to the kept
+    value and check again: all of them, then each attribute name alone, then all but
+    one (a module may hold another number equal to the width by chance, e.g. a kernel
+    size of 4 beside a rank of 4); kept when the model then equals the hard-masked
+    capture, else undone and ``error`` raised."""
     names = sorted({key.partition(":")[2] for b in blocks.values() for key in b.get("_extra", {})})
     if inputs is None or not names:
         raise error
-    for chosen in [None] + ([{name} for name in names] if len(names) > 1 else []):
+    options: list[set[str] | None] = [None]
+    if len(names) > 1:
+        options += [{name} for name in names] + [set(names) - {name} for name in names]
+    for chosen in options:
         _set_widths(src, blocks, 1, chosen)
         try:
             _check(exported, src, inputs)
@@ -306,6 +322,42 @@ def _check(model: nn.Module, small: nn.Module, inputs: Any) -> None:
                               "capture; its code reads a width this shrink does not update")
 
 
+def _reloads(model: nn.Module, src: nn.Module, inputs: Any) -> Callable[[Any], bool] | None:
+    """``check(config)``: the class of ``src`` built from ``config`` with ``src``'s
+    weights and buffers loaded computes what the hard-masked capture ``model`` does on
+    the example inputs (what ``from_pretrained`` of a saved folder would give); None
+    when there are no inputs or the config sits below the model's top."""
+    if inputs is None or not hasattr(getattr(src, "config", None), "to_dict"):
+        return None
+
+    def check(config: Any) -> bool:
+        try:
+            with torch.device("meta"):
+                fresh = type(src)(config)
+            params = dict(src.named_parameters())
+            loaded = fresh.load_state_dict(
+                {k: v for k, v in src.state_dict().items() if k in params}, strict=False,
+                assign=True)
+            if loaded.unexpected_keys:
+                return False
+            buffers = dict(src.named_buffers())
+            for name, buf in list(fresh.named_buffers()):
+                if buf.is_meta:  # buffers are the shrunk model's own (rotary inv_freq)
+                    mine = buffers.get(name)
+                    if mine is None or mine.shape != buf.shape:
+                        return False
+                    owner, _, attr = name.rpartition(".")
+                    (fresh.get_submodule(owner) if owner else fresh)._buffers[attr] = mine.clone()
+            if any(t.is_meta for t in [*fresh.parameters(), *fresh.buffers()]):
+                return False
+            _check(model, fresh, inputs)
+        except Exception:  # noqa: BLE001  a config that does not rebuild this model
+            return False
+        return True
+
+    return check
+
+
 def shrink_to_source(model: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) -> nn.Module:
     """A smaller copy of the capture's source module (see module doc). Read-only."""
     exported = unwrap(model)
@@ -333,7 +385,9 @@ def shrink_to_source(model: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) ->
         _slice_norms(src, cg, keep_id)
         blocks = _sync_block_attrs(src, cg, widths, keep_id,
                                    split_piece_widths(gm, cg, keep_id))
-        uniform = update_config(src, blocks)
+        cfg = getattr(exported, "sparsify_config", None)
+        uniform = update_config(src, blocks, _reloads(exported, src,
+                                                      getattr(cfg, "example_inputs", None)))
         if not uniform:
             layer_configs(src, blocks)
     src.__dict__["sparsify_uniform_widths"] = uniform

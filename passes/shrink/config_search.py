@@ -1,0 +1,125 @@
+"""Config fields for a shrunk block found by search (read-only; used by
+:func:`~sparsify_fx.passes.shrink.hf_config.update_config`).
+
+The named rules of :mod:`~sparsify_fx.passes.shrink.hf_config` write head counts for
+attention and one width field for an MLP. A block of another design (a gated delta
+net's value and key heads, sized by ``linear_num_value_heads`` and
+``linear_num_key_heads``) has widths the rules do not name. Here the fields that size
+the block are found the way :func:`~sparsify_fx.passes.shrink.hf_config.halved_fields`
+finds MLP widths (a copy of the config with the field halved changes the block's
+parameters along one dim each), and each is scaled by one of the block's kept
+fractions; an assignment whose class, built on the meta device, has exactly the
+block's shrunk parameter shapes is a candidate. Shapes cannot tell a head count from
+a head width, so the caller keeps a candidate only when the class built from it with
+the shrunk weights loaded computes what the shrunk model computes. Nothing is written
+here.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+from fractions import Fraction
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+#: at most this many fields are scaled together
+MAX_SCALED = 3
+#: shape-consistent assignments tried (each checked by a reload) before giving up
+MAX_CHOICES = 4
+
+
+def _one_dim(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1
+
+
+class BlockSearch:
+    """The config probes of one HF model (``hf_path``: its path in the shrunk source
+    model; ``blocks``: the shrink's blocks by path), read lazily and cached: parameter
+    shapes per set of changed fields, the halved-field probes (``probe``), each block's
+    parameter names."""
+
+    def __init__(self, hf_model: nn.Module, hf_path: str, blocks: dict[str, dict],
+                 probe: Callable[[nn.Module], Iterable[tuple]]) -> None:
+        self.hf_model, self.hf_path, self.blocks, self.probe = hf_model, hf_path, blocks, probe
+        self.own = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}
+        self._built: dict[tuple, dict[str, tuple] | None] = {}
+        self._probes: list | None = None
+
+    def names(self, path: str) -> set[str]:
+        """Parameter and buffer names (relative to the HF model) under a block's path."""
+        if not self.hf_path:
+            rel = path
+        elif path == self.hf_path:
+            rel = ""
+        elif path.startswith(self.hf_path + "."):
+            rel = path[len(self.hf_path) + 1:]
+        else:
+            return set()
+        return {k for k in self.own if not rel or k.startswith(rel + ".")}
+
+    def built(self, fields: dict[str, Any]) -> dict[str, tuple] | None:
+        """Shapes of the class built on the meta device from the config with ``fields``
+        set (cached); None when the config or the class refuses them."""
+        key = tuple(sorted(fields.items()))
+        if key not in self._built:
+            self._built[key] = None
+            trial = copy.deepcopy(self.hf_model.config)
+            try:
+                for attr, value in fields.items():
+                    setattr(trial, attr, value)
+                with torch.device("meta"):
+                    made = type(self.hf_model)(trial)
+                self._built[key] = {k: tuple(v.shape) for k, v in made.state_dict().items()}
+            except Exception:  # noqa: BLE001  any refusal means "cannot describe"
+                pass
+        return self._built[key]
+
+    def describes(self, fields: dict[str, Any], names: set[str] | None = None) -> bool:
+        """The class built with ``fields`` gives ``names`` the shapes the model has
+        (``names`` None: every parameter the model has that the class builds)."""
+        built = self.built(fields)
+        if built is None:
+            return False
+        if names is None:
+            return all(built.get(k, v) == v for k, v in self.own.items())
+        return all(built.get(k) == self.own[k] for k in names)
+
+    def sizing_fields(self, names: set[str]) -> dict[str, int]:
+        """``{field: value}`` of the integer fields whose halving reshapes some of
+        ``names``, only parameters of the shrunk blocks (not a residual width reshaping
+        embeddings), each along one dim only (a unit width)."""
+        if self._probes is None:
+            self._probes = list(self.probe(self.hf_model))
+        allowed = {n for path in self.blocks for n in self.names(path)}
+        out = {}
+        for attr, value, dense, small in self._probes:
+            changed = [k for k, v in dense.items() if small.get(k) != v]
+            if changed and set(changed) & names and set(changed) <= allowed and all(
+                    _one_dim(dense[k], small[k]) for k in changed if k in small):
+                out[attr] = value
+        return out
+
+    def candidates(self, block: dict, names: set[str], pinned: dict[str, Any]
+                   ) -> Iterator[dict[str, int]]:
+        """Assignments of the fields sizing a block (at most :data:`MAX_SCALED` scaled,
+        each by the kept fraction of the block's largest or smallest producer, to a whole
+        number; fewer scaled fields first) under which the class built from the config
+        (``pinned`` fields set too) gives ``names`` their shrunk shapes."""
+        fields = self.sizing_fields(names)
+        fractions = {Fraction(block["_kept"], block["_total"]),
+                     Fraction(block["_kv_kept"], block["_kv_total"])}
+        options = {attr: sorted({int(value * f) for f in fractions if f != 1
+                                 and (value * f).denominator == 1 and value * f > 0})
+                   for attr, value in fields.items()}
+        scalable = [a for a in fields if options[a]]
+        for size in range(1, min(MAX_SCALED, len(scalable)) + 1):
+            for chosen in itertools.combinations(scalable, size):
+                for values in itertools.product(*(options[a] for a in chosen)):
+                    found = dict(zip(chosen, values))
+                    if self.describes({**pinned, **found}, names):
+                        yield found
+
+
+__all__ = ["MAX_SCALED", "MAX_CHOICES", "BlockSearch"]
