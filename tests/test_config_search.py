@@ -1,0 +1,95 @@
+"""A block whose widths no named config rule describes (issue 34: the gated delta nets
+of Qwen3.5 / Qwen3-Next, sized by ``linear_num_key_heads`` and ``linear_key_head_dim``).
+
+The hand-written model has the pattern exactly: a per-head causal linear attention
+whose fused projection is laid out per head (each head's q, k and v rows adjacent) and
+reshaped with a head count the module holds under a name the shrink does not know
+(``n_mix``). Its config fields ``mix_head_dim`` and ``mix_heads`` are listed width
+first, and halving either builds the same projection shapes: only a reload that
+computes what the shrunk model computes tells them apart. The uniform cut must shrink
+the heads, set ``n_mix`` (the shrunk model runs), write ``mix_heads`` (not
+``mix_head_dim``) and save a folder that reloads with equal outputs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+
+import sparsify_fx as sf
+from sparsify_fx.budgets.exact_cut import apply_budget
+from sparsify_fx.passes.channels.couple import group_masks
+from tests.helpers import assert_reload_parity
+
+VOCAB = 40
+
+
+class MixConfig(PreTrainedConfig):
+    model_type = "sparsify_mix_search_test"
+
+    def __init__(self, vocab_size: int = VOCAB, hidden_size: int = 32, mix_head_dim: int = 8,
+                 mix_heads: int = 4, **kwargs) -> None:
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.mix_head_dim, self.mix_heads = mix_head_dim, mix_heads
+        super().__init__(**kwargs)
+
+
+class PerHeadMixer(nn.Module):
+    """``in_proj`` rows ``[q_h | k_h | v_h]`` per head; ``tril(q k^T) v`` per head."""
+
+    def __init__(self, config: MixConfig) -> None:
+        super().__init__()
+        self.n_mix, self.dim = config.mix_heads, config.mix_head_dim
+        self.in_proj = nn.Linear(config.hidden_size, 3 * self.n_mix * self.dim, bias=False)
+        self.out_proj = nn.Linear(self.n_mix * self.dim, config.hidden_size, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, s, _ = h.shape
+        qkv = self.in_proj(h).view(b, s, self.n_mix, 3 * self.dim).transpose(1, 2)
+        q, k, v = qkv.split(self.dim, dim=-1)
+        y = torch.tril(q @ k.transpose(-1, -2)) @ v / s
+        return self.out_proj(y.transpose(1, 2).reshape(b, s, -1))
+
+
+class MixLM(PreTrainedModel):
+    config_class = MixConfig
+
+    def __init__(self, config: MixConfig) -> None:
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.mixers = nn.ModuleList(PerHeadMixer(config) for _ in range(2))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for mixer in self.mixers:
+            h = h + mixer(h)
+        return self.lm_head(h)
+
+
+def test_fields_of_an_unnamed_block_are_found_and_checked_by_a_reload(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = MixLM(MixConfig()).eval()
+    with torch.no_grad():  # HF's 0.02 init leaves the mixers' share below any tolerance
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    x = (torch.randint(0, VOCAB, (2, 7)),)
+    gm = sf.transform(model, granularity="channel", target_macs=0.6, example_inputs=x,
+                      capture="export").eval()
+    assert sorted(m.score_shape for m in group_masks(gm).values()) == [(4,), (4,)]  # heads
+    g = torch.Generator().manual_seed(1)
+    scores = {k: torch.rand(m.score_shape, generator=g) for k, m in group_masks(gm).items()}
+    apply_budget(gm, target_macs=0.6, scores=scores, uniform=True)
+    kept = {int(m.hard_mask().sum()) for m in group_masks(gm).values()}
+    assert len(kept) == 1 and 0 < next(iter(kept)) < 4
+    heads = next(iter(kept))
+    small = sf.shrink(gm).eval()
+    assert all(m.n_mix == heads for m in small.mixers)  # the count attribute follows
+    assert small.mixers[0].in_proj.weight.shape == (3 * heads * 8, 32)
+    assert small.config.mix_heads == heads and small.config.mix_head_dim == 8
+    assert model.config.mix_heads == 4  # the caller's model and config are untouched
+    sf.safe_save(small, tmp_path)
+    loaded = MixLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    assert loaded.config.mix_heads == heads
+    assert_reload_parity(gm, small, loaded, x, (torch.randint(0, VOCAB, (2, 7)),))
