@@ -282,3 +282,56 @@ def test_a_value_not_zero_when_pruned_is_cut_through_the_out_projection_columns(
     assert not any("not exactly zero" in w for w in warned), warned
     assert 0 < small.mixer.out_proj.weight.shape[1] < 32
     assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 32))
+
+
+class ForgetGate(nn.Module):
+    """A decay gate with its own head count: a per-channel bias ``dt_bias`` of
+    ``heads x head_dim`` read as ``view(1, 1, heads, head_dim)`` (one dim per head and
+    head channel) and a reshape by ``self.num_heads``, a head count of this submodule
+    the shrink must find below the mixer."""
+
+    def __init__(self, d: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = heads, head_dim
+        self.f_proj = nn.Linear(d, heads * head_dim, bias=False)
+        self.dt_bias = nn.Parameter(0.1 * torch.randn(heads * head_dim))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        shape = (*h.shape[:2], self.num_heads, self.head_dim)
+        g = self.f_proj(h).view(shape) + self.dt_bias.view(1, 1, self.num_heads, self.head_dim)
+        return -F.softplus(g)
+
+
+class GatedHeadMixer(nn.Module):
+    """Heads split with sizes in ``qkv_dim``, decayed by :class:`ForgetGate`, and a
+    low-rank output gate ``g_b(g_a(h))`` of rank 8: a second channel group owned by the
+    same module (its rank is cut apart from the heads)."""
+
+    def __init__(self, d: int = 32, heads: int = 4, head_dim: int = 8) -> None:
+        super().__init__()
+        self.head_dim, self.qkv_dim = head_dim, heads * head_dim
+        self.qkv = nn.Linear(d, 3 * self.qkv_dim, bias=False)
+        self.forget_gate = ForgetGate(d, heads, head_dim)
+        self.g_a, self.g_b = nn.Linear(d, 8, bias=False), nn.Linear(8, self.qkv_dim, bias=False)
+        self.out_proj = nn.Linear(self.qkv_dim, d, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, length, _ = h.shape
+        shape = (b, length, -1, self.head_dim)
+        q, k, v = (t.view(shape) for t in torch.split(self.qkv(h), [self.qkv_dim] * 3, dim=-1))
+        decayed = v * torch.exp(self.forget_gate(h))
+        scores = torch.tril((q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)))
+        y = (scores @ decayed.transpose(1, 2)).transpose(1, 2).reshape(b, length, -1)
+        return self.out_proj(y * torch.sigmoid(self.g_b(torch.tanh(self.g_a(h)))))
+
+
+def test_vector_parameter_split_over_two_dims_and_sub_module_head_counts_follow_the_cut() -> None:
+    gm, small, warned = _cut_and_shrink(GatedHeadMixer, length=7)
+    assert not any("channel coupling" in w for w in warned), warned
+    mixer = small.mixer
+    heads = mixer.forget_gate.num_heads
+    assert 0 < heads < 4 and mixer.qkv_dim == heads * 8  # both attributes follow
+    assert mixer.forget_gate.dt_bias.shape == (heads * 8,)
+    assert mixer.qkv.weight.shape[0] == 3 * heads * 8
+    assert 0 < mixer.g_a.weight.shape[0] < 8  # the rank, a second group of the same owner
+    assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 32))

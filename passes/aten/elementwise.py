@@ -154,11 +154,12 @@ class ElementwiseRules:
             val = self.gm.get_parameter(ref.name)
         except AttributeError:
             return None
-        dim = self._param_dim(val, concrete_shape(operands[i]), t.ids.dim())
+        dims = self._param_dims(val, concrete_shape(operands[i]), t.ids.dim())
         along = channel_dim(val.shape)
-        if dim is None or t.ids.shape[dim] != val.shape[along]:
+        if dims is None or int(np.prod([t.ids.shape[d] for d in dims])) != val.shape[along]:
             return None
-        columns = t.ids.movedim(dim, -1).reshape(-1, t.ids.shape[dim]).T
+        rest = [d for d in range(t.ids.dim()) if d not in dims]
+        columns = t.ids.permute(*rest, *dims).reshape(-1, val.shape[along]).T
         per_index = []
         for col in columns:
             if self.n_components(col) > 1:
@@ -177,18 +178,26 @@ class ElementwiseRules:
         return Tracked(t.ids, t.zero.clone())
 
     @staticmethod
-    def _param_dim(val: torch.Tensor, seen: tuple[int, ...] | None, rank: int) -> int | None:
-        """The dim of a rank-``rank`` result that ``val``'s first dim of size > 1 lies
+    def _param_dims(val: torch.Tensor, seen: tuple[int, ...] | None, rank: int
+                    ) -> list[int] | None:
+        """The dims of a rank-``rank`` result that ``val``'s first dim of size > 1 lies
         along (dim 0, or the only one: ``A_log`` of shape ``(1, 1, H, 1)``), when the
         operand (of shape ``seen``; None: ``val`` itself) is ``val`` with size-1 dims
-        inserted or dropped only; None otherwise."""
+        inserted or dropped only (one dim), or a 1-D ``val`` split row-major over
+        consecutive dims (``dt_bias.view(1, 1, H, D)``: one dim per head and head
+        channel); None otherwise."""
         seen = tuple(val.shape) if seen is None else seen
         sizes = [size for size in val.shape if size != 1]
         if not sizes or sizes[0] < 2 or not seen or len(seen) > rank:
             return None
         aligned = (1,) * (rank - len(seen)) + tuple(seen)
         big = [k for k, size in enumerate(aligned) if size != 1]
-        return big[0] if [aligned[k] for k in big] == sizes else None
+        if [aligned[k] for k in big] == sizes:
+            return big[:1]
+        if len(sizes) == 1 and len(big) > 1 and big == list(range(big[0], big[-1] + 1)) \
+                and int(np.prod([aligned[k] for k in big])) == sizes[0]:
+            return big
+        return None
 
     def _dims(self, node: fx.Node, rank: int, default_all: bool = True) -> list[int]:
         at = 2 if op_name(node.target) in ("linalg_vector_norm", "norm") else 1  # (x, ord, dim)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import fx
 
@@ -80,6 +81,10 @@ class SpecialOpRules:
         if isinstance(first, DerivedParam) and name in PARAM_UNIT_DIM_OPS \
                 and self._only_unit_dims(node, first):
             return first
+        if isinstance(first, (ParamRef, DerivedParam)) and name in ("view", "_unsafe_view",
+                                                                     "reshape") \
+                and self._splits_a_vector(node, first):
+            return first  # dt_bias.view(1, 1, H, D): its elements in order, one per channel
         if not isinstance(first, ParamRef):
             first = None
         if first is not None and name in PARAM_COPY_OPS:
@@ -102,6 +107,20 @@ class SpecialOpRules:
             self.unsupported.append(f"{node.name} ({name}): reads the masked weight(s) "
                                     f"{', '.join(masked)} in a way the analysis does not follow")
         return None
+
+    def _splits_a_vector(self, node: fx.Node, ref: ParamRef | DerivedParam) -> bool:
+        """The op views a parameter with one dim of size > 1 (a vector) as consecutive
+        dims (row-major: element ``h * D + d`` at ``[..., h, d, ...]``)."""
+        try:
+            sizes = [n for n in self.gm.get_parameter(ref.name).shape if n != 1]
+        except AttributeError:
+            return False
+        after = concrete_shape(node)
+        if len(sizes) != 1 or after is None:
+            return False
+        big = [k for k, n in enumerate(after) if n != 1]
+        return bool(big) and big == list(range(big[0], big[-1] + 1)) and \
+            int(np.prod([after[k] for k in big])) == sizes[0]
 
     def _only_unit_dims(self, node: fx.Node, ref: ParamRef | DerivedParam) -> bool:
         """The op only drops or inserts size-1 dims of its weight operand (the sizes other

@@ -92,7 +92,8 @@ class BlockSearch:
         embeddings), each along one dim only (a unit width)."""
         if self._probes is None:
             self._probes = list(self.probe(self.hf_model))
-        allowed = {n for path in self.blocks for n in self.names(path)}
+        allowed = {n for key, block in self.blocks.items()
+                   for n in self.names(block.get("_path", key))}
         out = {}
         for attr, value, dense, small in self._probes:
             changed = [k for k, v in dense.items() if small.get(k) != v]

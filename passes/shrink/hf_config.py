@@ -274,12 +274,12 @@ def _uniform_fields(config: Any, blocks: dict[str, dict], widths: dict[str, tupl
     candidate of the first block searched, the first of the others)."""
     fields: dict[str, Any] = {}
     searched = False
-    for path, block in blocks.items():
+    for key, block in blocks.items():
         try:
             block_fields = _block_fields(config, block, widths)
         except ShrinkError:  # a width no whole field value describes by the named rules
             block_fields = None
-        names = search.names(path)
+        names = search.names(block.get("_path", key))
         if block_fields is None or not search.describes({**fields, **block_fields}, names):
             skip = 0 if searched else choice
             block_fields = next(itertools.islice(search.candidates(block, names, fields), skip,
@@ -355,7 +355,8 @@ def layer_configs(src: nn.Module, blocks: dict[str, dict]) -> None:
         return
     shared = found[1].config
     widths = _mlp_fields_of(found[0], found[1], blocks)
-    for path, block in blocks.items():
+    for key, block in blocks.items():
+        path = block.get("_path", key)
         if block["_kept"] == block["_total"] and block["_kv_kept"] == block["_kv_total"]:
             continue  # this block kept its widths: the shared config describes it
         try:
@@ -405,8 +406,9 @@ def config_gaps(src: nn.Module, blocks: dict[str, dict] | None = None) -> list[s
         if want is None or want == tuple(tensor.shape):
             continue
         full = f"{prefix}.{name}" if prefix else name
-        block = max(((p, b) for p, b in (blocks or {}).items() if full.startswith(p + ".")
-                     or not p), key=lambda pb: len(pb[0]), default=(None, None))[1]
+        block = max(((b.get("_path", p), b) for p, b in (blocks or {}).items()
+                     if full.startswith(b.get("_path", p) + ".") or not b.get("_path", p)),
+                    key=lambda pb: len(pb[0]), default=(None, None))[1]
         gaps.append(f"{full} {tuple(tensor.shape)} (the saved config builds {want}; "
                     f"held by {_fields_of(hf_model.config, block)})")
     return gaps

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import Any, Callable
+import itertools
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -59,6 +60,10 @@ UNIT_ATTRS = ("intermediate_size",)
 #: an owner attribute equal to a group's unit count (or twice it: value heads per key
 #: head) is tried as a count of those units when the shrunk model does not run
 COUNT_MULTIPLES = (1, 2)
+#: submodules of a group's owner whose attributes are tried too
+MAX_INNER_OWNERS = 16
+#: up to this many attribute names, every subset is tried (each a forward pass)
+MAX_RETRY_NAMES = 8
 
 
 def _owner_path(name: str) -> str:
@@ -155,6 +160,7 @@ def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple]
                       keep_id: np.ndarray | None = None,
                       splits: dict[str, list[tuple[int, int]]] | None = None) -> dict:
     """Scale the width attributes of each group's owner module; returns per owner path
+    (``path#group`` for a second group of one owner, ``_path`` the path)
     ``{attr: new value}`` (also the per-layer widths a uniform config needs)."""
     changed: dict[str, dict[str, int]] = {}
     attention_groups = {int(g) for p in cg.producers.values() if p.kind == "attention_matmul"
@@ -191,33 +197,46 @@ def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple]
                             continue  # scale): left as it is, the check after the shrink decides
                         setattr(owner, attr, new[attr])
         kind = "attention" if group.index in attention_groups else "mlp"
-        extra = _other_widths(src, owners[:1], q_kept, q_total, new)
+        inner = _inner_owners(src, top)
+        extra = _other_widths(src, inner, q_kept, q_total, new, owners)
         for old, kept in (p for w in weights for p in (splits or {}).get(w, ())):
             if kept != old:  # a split piece's size held in an attribute (key_dim)
-                extra.update(_other_widths(src, owners[:1], kept, old, new))
+                extra.update(_other_widths(src, owners[:1], kept, old, new, owners))
         if keep_id is not None:  # a producer only part of whose rows are the group's
             ids = np.asarray(cg.producers[group.producers[0]].out_ids)
             mine = cg.group_of[cg.component[ids]] == group.index
             if 0 < int(mine.sum()) < len(ids):
                 extra.update(_other_widths(src, owners[:1], int(keep_id[ids][mine].sum()),
-                                           int(mine.sum()), new))
+                                           int(mine.sum()), new, owners))
         if keep_id is not None:  # unit counts (heads of a layout reshaped by count)
             comps = cg.component[np.asarray(cg.producers[group.producers[0]].out_ids)]
             kept_ids = keep_id[np.asarray(cg.producers[group.producers[0]].out_ids)]
             units = len(group.components)
             kept_units = len(set(comps[kept_ids & (cg.group_of[comps] == group.index)].tolist()))
             for mult in COUNT_MULTIPLES:
-                for key, (old, kept) in _other_widths(src, owners[:1], kept_units * mult,
-                                                      units * mult, new).items():
+                for key, (old, kept) in _other_widths(src, inner, kept_units * mult,
+                                                      units * mult, new, owners).items():
                     extra.setdefault(key, (old, kept))
-        changed[path] = dict(new, _kind=kind, _extra=extra, _kept=q_kept, _total=q_total, _kv_kept=kv_kept,
+        key = path if path not in changed else f"{path}#{group.index}"  # two groups, one owner
+        changed[key] = dict(new, _path=path, _kind=kind, _extra=extra, _kept=q_kept, _total=q_total, _kv_kept=kv_kept,
                              _kv_total=kv_total, _producers=tuple(weights),
                              _weights=tuple(weights + consumers))
     return changed
 
 
+def _inner_owners(src: nn.Module, top: str) -> list[str]:
+    """``top`` and the modules under it that are not torch's own (a mixer's forget gate
+    reshapes by its own head count; an ``nn.Linear``'s ``in_features`` is no width its
+    code reads), at most :data:`MAX_INNER_OWNERS`; just ``top`` for the model's root."""
+    if not top:
+        return [top]
+    under = [f"{top}.{p}" for p, m in src.get_submodule(top).named_modules()
+             if p and not type(m).__module__.startswith("torch.")]  # not nn.Linear's sizes
+    return [top] + under[:MAX_INNER_OWNERS]
+
+
 def _other_widths(src: nn.Module, owner_paths: list[str], kept: int, total: int,
-                  done: dict[str, int]) -> dict[str, tuple[int, int]]:
+                  done: dict[str, int], done_on: Iterable[str] = ()) -> dict[str, tuple[int, int]]:
     """Integer attributes of a group's owner module (no name of the known width
     attributes) holding the group's whole width, e.g. ``self.embed_dim`` that BART-style
     attention reshapes its output with: ``{"path:attr": (old, new)}``. Not set here;
@@ -228,7 +247,8 @@ def _other_widths(src: nn.Module, owner_paths: list[str], kept: int, total: int,
     for owner_path in owner_paths:
         owner = src.get_submodule(owner_path) if owner_path else src
         for attr, value in vars(owner).items():
-            if attr.startswith("_") or attr in done or attr == "training":
+            if attr.startswith("_") or attr == "training" or (
+                    attr in done and owner_path in done_on):
                 continue
             if isinstance(value, int) and not isinstance(value, bool) and value == total:
                 out[f"{owner_path}:{attr}"] = (value, kept)
@@ -250,15 +270,19 @@ def _retry_widths(exported: nn.Module, src: nn.Module, blocks: dict, inputs: Any
                   error: ShrinkError) -> None:
     """After the shrunk model failed its check (``error``): set the owner attributes
     holding a group's whole width or unit count (:func:`_other_widths`) to the kept
-    value and check again: all of them, then each attribute name alone, then all but
-    one (a module may hold another number equal to the width by chance, e.g. a kernel
-    size of 4 beside a rank of 4); kept when the model then equals the hard-masked
-    capture, else undone and ``error`` raised."""
+    value and check again: every subset of the attribute names, the smallest first, so
+    only what the code reads changes (a module may hold another number equal to the
+    width by chance, e.g. a kernel size of 4 beside a rank of 4; over
+    :data:`MAX_RETRY_NAMES` names: all, each alone, then all but one); kept when the
+    model then equals the hard-masked capture, else undone and ``error`` raised."""
     names = sorted({key.partition(":")[2] for b in blocks.values() for key in b.get("_extra", {})})
     if inputs is None or not names:
         raise error
     options: list[set[str] | None] = [None]
-    if len(names) > 1:
+    if 1 < len(names) <= MAX_RETRY_NAMES:  # every subset, the smallest first
+        options = [set(c) for size in range(1, len(names) + 1)
+                   for c in itertools.combinations(names, size)]
+    elif len(names) > 1:
         options += [{name} for name in names] + [set(names) - {name} for name in names]
     for chosen in options:
         _set_widths(src, blocks, 1, chosen)
