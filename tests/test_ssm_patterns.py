@@ -335,3 +335,75 @@ def test_vector_parameter_split_over_two_dims_and_sub_module_head_counts_follow_
     assert mixer.qkv.weight.shape[0] == 3 * heads * 8
     assert 0 < mixer.g_a.weight.shape[0] < 8  # the rank, a second group of the same owner
     assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 32))
+
+
+class HeadGateMixer(nn.Module):
+    """Causal linear attention whose output is gated per channel by ``gate_proj(h)``
+    reshaped with ``view_as`` (heads split like ``view``) plus one bias per head read as
+    ``gate_bias[None, None, :, None]``, added before the gate meets the heads."""
+
+    def __init__(self, d: int = 32, heads: int = 4, head_dim: int = 8) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.q_proj, self.k_proj, self.v_proj, self.gate_proj = (
+            nn.Linear(d, heads * head_dim, bias=False) for _ in range(4))
+        self.gate_bias = nn.Parameter(0.1 * torch.randn(heads))
+        self.o_proj = nn.Linear(heads * head_dim, d, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, length, _ = h.shape
+        q, k, v = (p(h).view(b, length, -1, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = (torch.tril(q @ k.transpose(-1, -2)) @ v).transpose(1, 2)  # (b, length, H, D)
+        gate = self.gate_proj(h).view_as(y) + self.gate_bias[None, None, :, None]
+        return self.o_proj((y * torch.sigmoid(gate)).reshape(b, length, -1))
+
+
+def test_view_as_splits_heads_and_a_per_head_bias_before_the_gate_is_sliced() -> None:
+    gm, small, warned = _cut_and_shrink(HeadGateMixer, length=7)
+    assert not any("channel coupling" in w for w in warned), warned
+    heads = small.mixer.gate_bias.shape[0]
+    assert 0 < heads < 4 and small.mixer.gate_proj.weight.shape[0] == heads * 8
+    assert small.mixer.o_proj.weight.shape[1] == heads * 8
+    assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 32))
+
+
+class ChunkedScanMixer(nn.Module):
+    """A Mamba-2 style chunked scan written with ``einsum``: ``C B^T`` over the state
+    (``"bclhn,bcshn->bclsh"``, B and C one state width shared by all heads), times a
+    causal decay from a per-head step ``dt`` and ``A_log``, applied to the heads
+    (``"bclsh,bcshp->bclhp"``)."""
+
+    def __init__(self, d: int = 32, heads: int = 4, head_dim: int = 8, state: int = 8,
+                 chunk: int = 4) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.state, self.chunk = heads, head_dim, state, chunk
+        self.x_proj = nn.Linear(d, heads * head_dim, bias=False)
+        self.dt_proj = nn.Linear(d, heads)
+        self.bc_proj = nn.Linear(d, 2 * state, bias=False)
+        self.A_log = nn.Parameter(0.5 * torch.rand(heads))
+        self.out_proj = nn.Linear(heads * head_dim, d, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, length, _ = h.shape
+        c, l = length // self.chunk, self.chunk
+        x = self.x_proj(h).view(b, c, l, self.heads, self.head_dim)
+        dt = F.softplus(self.dt_proj(h)).view(b, c, l, self.heads)
+        bm, cm = self.bc_proj(h).view(b, c, l, 1, 2 * self.state).expand(
+            -1, -1, -1, self.heads, -1).split(self.state, dim=-1)
+        g = torch.einsum("bclhn,bcshn->bclsh", cm, bm)
+        cum = (dt * -torch.exp(self.A_log)).cumsum(2)
+        causal = torch.tril(torch.ones(l, l))[:, :, None]
+        decay = torch.exp(cum[:, :, :, None, :] - cum[:, :, None, :, :]) * causal
+        y = torch.einsum("bclsh,bcshp->bclhp", g * decay, x * dt[..., None])
+        return self.out_proj(y.reshape(b, length, -1))
+
+
+def test_einsum_chunked_scan_cuts_heads_and_state_with_their_projections() -> None:
+    gm, small, warned = _cut_and_shrink(ChunkedScanMixer, length=8, dynamic_length=False)
+    assert not any("einsum" in w for w in warned), warned
+    mixer = small.mixer
+    heads = mixer.A_log.shape[0]
+    assert 0 < heads < 4 and mixer.heads == heads and mixer.dt_proj.weight.shape[0] == heads
+    assert mixer.x_proj.weight.shape[0] == mixer.out_proj.weight.shape[1] == heads * 8
+    assert_shrunk_parity(gm, small, lambda: torch.randn(3, 8, 32))

@@ -53,6 +53,7 @@ import torch
 from torch import fx
 
 from sparsify_fx.mask import MaskSet
+from sparsify_fx.passes.aten.einsum import visit_einsum
 from sparsify_fx.passes.aten.elementwise import ElementwiseRules
 from sparsify_fx.passes.aten.experts import EXPERT_OPS, clamp_keeps_zero, visit_expert_op
 from sparsify_fx.passes.aten.op_tables import (BATCH_NORM, BINARY, CONV, IDENTITY_OPS, MATMUL,
@@ -256,6 +257,8 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
             return visit_matmul(self, node, name)
         if name in SDPA:
             return visit_sdpa(self, node)
+        if name == "einsum":
+            return visit_einsum(self, node) if tracked else None
         if name in BATCH_NORM:
             return self.batch_norm(node, name)
         if name in UNIFORM_OPS:
@@ -323,7 +326,8 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
         except (RuntimeError, TypeError, IndexError) as exc:
             return self.reject(node, f"could not follow the shape op ({exc})")
         out = self._wrap(ids, zero)
-        if name in ("view", "_unsafe_view", "reshape", "unflatten") and isinstance(out, Tracked):
+        if name in ("view", "_unsafe_view", "reshape", "unflatten", "view_as", "reshape_as") \
+                and isinstance(out, Tracked):
             src = args[0]
             if out.ids.dim() and src.ids.dim() and out.ids.shape[-1] < src.ids.shape[-1]:
                 # the last dim was split (e.g. heads x head_dim): a fiber is never split

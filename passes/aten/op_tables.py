@@ -7,7 +7,8 @@ SHAPE_OPS = {"view", "_unsafe_view", "reshape", "transpose", "permute", "t", "ex
              "squeeze", "slice", "select", "cat", "concat", "stack", "split", "split_with_sizes",
              "chunk", "unbind", "clone", "contiguous", "alias", "detach", "flatten", "unflatten",
              "repeat", "narrow", "movedim", "roll", "flip", "lift_fresh_copy", "expand_as",
-             "view_as", "reshape_as", "unsafe_split", "tensor_split", "repeat_interleave"}
+             "view_as", "reshape_as", "unsafe_split", "tensor_split", "repeat_interleave",
+             "concatenate"}
 #: identity on ids (dtype or device changes, dropout in eval form)
 IDENTITY_OPS = {"to", "_to_copy", "type_as", "_assert_tensor_metadata", "dropout", "feature_dropout",
                 "alpha_dropout", "detach_"}
@@ -29,7 +30,7 @@ ZERO_KEEPING = {"neg", "relu", "relu_", "gelu", "silu", "silu_", "tanh", "abs", 
 NONZERO_UNARY = {"sigmoid", "exp", "cos", "rsqrt", "log", "hardsigmoid", "softplus", "reciprocal",
                  "erfc", "cosh", "bitwise_not", "logical_not", "clamp", "clamp_min",
                  "clamp_max", "nan_to_num", "fill", "zeros_like", "ones_like", "full_like",
-                 "empty_like", "rand_like", "randn_like"}
+                 "empty_like", "rand_like", "randn_like", "log_sigmoid"}
 BINARY = {"add", "sub", "rsub", "mul", "div", "where", "maximum", "minimum", "pow", "masked_fill",
           "true_divide", "floor_divide", "fmod", "remainder", "atan2", "copysign", "hypot",
           "gt", "lt", "ge", "le", "eq", "ne", "logical_and", "logical_or", "logical_xor"}

@@ -228,6 +228,8 @@ def _inner_owners(src: nn.Module, top: str) -> list[str]:
     """``top`` and the modules under it that are not torch's own (a mixer's forget gate
     reshapes by its own head count; an ``nn.Linear``'s ``in_features`` is no width its
     code reads), at most :data:`MAX_INNER_OWNERS`; just ``top`` for the model's root."""
+    if top and type(src.get_submodule(top)).__module__.startswith("torch."):
+        top = top.rpartition(".")[0]  # a lone projection: its owner holds the widths
     if not top:
         return [top]
     under = [f"{top}.{p}" for p, m in src.get_submodule(top).named_modules()

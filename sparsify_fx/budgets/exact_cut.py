@@ -215,6 +215,12 @@ def _cut(model: nn.Module, entries: list[MaskEntry],
          costs: Mapping[str, float] | None, per_layer: bool,
          scores: Mapping[str, Tensor] | None, round_to: int = 1) -> CutResult:
     if not entries:
+        if config_of(unwrap(model)) is not None:  # transformed: the analysis kept it all whole
+            raise BudgetError(
+                "no channel of this model can be removed: the channel analysis keeps every "
+                "group whole (a norm over all of a layer's units, a model output, or ops "
+                "transform warned it does not follow), so a structured cut has nothing to "
+                "remove; transform(..., granularity='element') prunes single weights instead")
         raise BudgetError("model has no masks to cut; call sparsify_fx.transform first")
     if (target_sparsity is None) == (target_macs is None):
         raise ConfigError("apply_budget needs exactly one of target_sparsity or target_macs")
