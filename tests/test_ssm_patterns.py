@@ -407,3 +407,32 @@ def test_einsum_chunked_scan_cuts_heads_and_state_with_their_projections() -> No
     assert 0 < heads < 4 and mixer.heads == heads and mixer.dt_proj.weight.shape[0] == heads
     assert mixer.x_proj.weight.shape[0] == mixer.out_proj.weight.shape[1] == heads * 8
     assert_shrunk_parity(gm, small, lambda: torch.randn(3, 8, 32))
+
+
+class SinkAttention(nn.Module):
+    """Attention with one learned sink logit per head (``sinks.reshape(1, -1, 1, 1)
+    .expand(...)`` concatenated to the scores, dropped after the softmax)."""
+
+    def __init__(self, d: int = 32, heads: int = 4, head_dim: int = 8) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, heads * head_dim) for _ in range(3))
+        self.sinks = nn.Parameter(torch.randn(heads))
+        self.o_proj = nn.Linear(heads * head_dim, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, s, _ = h.shape
+        q, k, v = (p(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        scores = q @ k.transpose(-1, -2) * self.head_dim ** -0.5
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(b, -1, s, -1)
+        probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
+        return self.o_proj((probs @ v).transpose(1, 2).reshape(b, s, -1))
+
+
+def test_attention_sinks_are_sliced_with_their_heads() -> None:
+    gm, small, warned = _cut_and_shrink(SinkAttention, length=7)
+    assert not any("channel coupling" in w for w in warned), warned
+    heads = small.mixer.sinks.shape[0]
+    assert 0 < heads < 4 and small.mixer.q_proj.weight.shape[0] == heads * 8
+    assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 32))

@@ -81,6 +81,8 @@ class SpecialOpRules:
         if isinstance(first, DerivedParam) and (name in PARAM_COPY_OPS or (
                 name in PARAM_UNIT_DIM_OPS and self._only_unit_dims(node, first))):
             return first  # (-exp(A_log)).to(float32): still computed from A_log elementwise
+        if isinstance(first, (ParamRef, DerivedParam)) and name in ("expand", "expand_as"):
+            return first  # sinks.reshape(1, -1, 1, 1).expand(b, -1, s, -1): its values repeated
         if isinstance(first, (ParamRef, DerivedParam)) and name in ("view", "_unsafe_view",
                                                                      "reshape") \
                 and self._splits_a_vector(node, first):
