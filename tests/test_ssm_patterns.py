@@ -411,7 +411,8 @@ def test_einsum_chunked_scan_cuts_heads_and_state_with_their_projections() -> No
 
 class SinkAttention(nn.Module):
     """Attention with one learned sink logit per head (``sinks.reshape(1, -1, 1, 1)
-    .expand(...)`` concatenated to the scores, dropped after the softmax)."""
+    .expand(...)`` concatenated to the scores, dropped after the softmax), the logits
+    shifted by their ``max(dim=-1).values`` first."""
 
     def __init__(self, d: int = 32, heads: int = 4, head_dim: int = 8) -> None:
         super().__init__()
@@ -426,7 +427,9 @@ class SinkAttention(nn.Module):
                    for p in (self.q_proj, self.k_proj, self.v_proj))
         scores = q @ k.transpose(-1, -2) * self.head_dim ** -0.5
         sinks = self.sinks.reshape(1, -1, 1, 1).expand(b, -1, s, -1)
-        probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]
+        logits = torch.cat([scores, sinks], dim=-1)
+        logits = logits - logits.max(dim=-1, keepdim=True).values  # max.dim: (values, indices)
+        probs = torch.softmax(logits, dim=-1)[..., :-1]
         return self.o_proj((probs @ v).transpose(1, 2).reshape(b, s, -1))
 
 

@@ -223,7 +223,12 @@ class ElementwiseRules:
             ids, zero = torch.where(single, ids, torch.full_like(ids, -1)), zero & single
         else:
             self._mixing(node, x, dims, tie=(name == "sum"))
-        out_shape = self.shape(node) if isinstance(node.meta.get("val"), torch.Tensor) else None
+        val = node.meta.get("val")
+        if isinstance(val, (tuple, list)) and val and isinstance(val[0], torch.Tensor):
+            # max.dim / min.dim: (values, indices); the values carry the ids
+            shape = tuple(hint(s) for s in val[0].shape)
+            return (Tracked(ids.reshape(shape), zero.reshape(shape)), None)
+        out_shape = self.shape(node) if isinstance(val, torch.Tensor) else None
         if out_shape is None:
             return None
         return Tracked(ids.reshape(out_shape), zero.reshape(out_shape))
