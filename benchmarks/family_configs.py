@@ -34,6 +34,10 @@ FIELDS: dict[str, Any] = {
     # multi-head latent attention and partial rotary, at head_dim 16
     "kv_lora_rank": 32, "q_lora_rank": 48, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16,
     "v_head_dim": 16, "rotary_dim": 8,
+    # state-space mixers: a few heads of 16 channels and 16 states (the defaults give
+    # 128 heads of one channel and 256 states at hidden 64)
+    "mamba_n_heads": 8, "mamba_num_heads": 8, "n_mamba_heads": 8, "mamba_head_dim": 16,
+    "mamba_headdim": 16, "mamba_d_state": 16, "ssm_state_size": 16,
     "sliding_window": 64, "attention_dropout": 0.0, "hidden_dropout": 0.0,
     "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "dropout": 0.0,
 }

@@ -9,7 +9,9 @@ the letters missing from the output. So:
   removed from both or neither);
 * a summed fibre holding one tied set keeps its id; a fibre of several sets carries
   none of them (each pruned term is exactly 0 when either factor is, so the sum loses
-  it exactly: no tie), unless a pruned term may be non-zero: those ids stay whole.
+  it exactly: no tie), unless a pruned term may be non-zero: those ids stay whole;
+* no letter holding channels of both operands (an outer product): nothing is tied, the
+  operand of the larger tied sets keeps its ids and the other's stay whole.
 
 Dims along which an operand's ids do not vary (batch, sequence, chunk) are walked at
 size 1, so the joint space stays small. The products' MACs are not recorded as
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import fx
 
-from sparsify_fx.passes.aten.values import Tracked
+from sparsify_fx.passes.aten.values import Tracked, varying_dims
 
 if TYPE_CHECKING:
     from sparsify_fx.passes.aten.channel_walk import AtenChannelWalk
@@ -60,6 +62,17 @@ def visit_einsum(walk: "AtenChannelWalk", node: fx.Node) -> Any:
     if a is None or b is None:
         return walk.reject(node, "einsum operand without a tensor value")
     a, b = _compact(a), _compact(b)
+    vary_a = {la[d] for d in varying_dims(a.ids)}
+    vary_b = {lb[d] for d in varying_dims(b.ids)}
+    if vary_a and vary_b and not vary_a & vary_b:
+        # an outer product (C's state channels against the heads of a state): no letter
+        # holds channels of both, so nothing is tied; one id per element is tracked, the
+        # operand of the larger tied sets keeps its ids, the other's stay whole
+        keep = 0 if walk._mean_set_size(a.ids) >= walk._mean_set_size(b.ids) else 1
+        drop = (a, b)[1 - keep]
+        walk.whole.update(torch.unique(drop.ids[drop.ids >= 0]).tolist())
+        drop = Tracked(torch.full_like(drop.ids, -1), torch.zeros_like(drop.zero))
+        a, b = (a, drop) if keep == 0 else (drop, b)
     joint = "".join(dict.fromkeys(la + lb))
     shape = torch.broadcast_shapes(_joint(a.ids, la, joint).shape, _joint(b.ids, lb, joint).shape)
     ja = [_joint(v, la, joint).expand(shape) for v in (a.ids, a.zero)]

@@ -21,7 +21,8 @@ import torch
 from torch import fx
 
 from sparsify_fx.passes.aten.values import (DerivedParam, ParamRef, Tracked, Uniform,
-                                            channel_dim, concrete_shape, hint, op_name)
+                                            channel_dim, concrete_shape, hint, op_name,
+                                            varying_dims)
 from sparsify_fx.passes.channels.graph_types import NormSite
 
 
@@ -108,28 +109,36 @@ class ElementwiseRules:
         return Tracked(t.ids, torch.zeros_like(t.zero))
 
     def _outer_product(self, operands: list, out_shape: tuple[int, ...]) -> int | None:
-        """``a * b`` where every dim along which one operand's ids vary is broadcast (size 1)
-        in the other (``dt[:, :, None] * B[:, None, :]``, a selective scan's outer product):
-        removing a channel of one slices a dim the other does not have, so nothing is tied.
-        One id per element is tracked: the operand with more distinct ids keeps its ids (its
-        index, 0 or 1) and the other's channels stay whole. None: not an outer product."""
-        shapes, vary = [], []
+        """``a * b`` where no dim has ids varying in both operands (``dt[:, :, None] *
+        B[:, None, :]``, a selective scan's outer product; ``B * decay[..., None]`` with B
+        repeated over heads): removing a channel of one slices a dim the other does not
+        vary along, so nothing is tied. One id per element is tracked: the operand whose
+        channels belong to the larger tied sets keeps its ids (its index, 0 or 1; a head
+        of x, dt and z before a state channel of B) and the other's channels stay whole.
+        None: not an outer product."""
+        vary = []
         for arg in operands:
-            shape = concrete_shape(arg)
             t = self.value(arg)
+            shape = concrete_shape(arg)
             if shape is None or not isinstance(t, Tracked):
                 return None
-            shape = (1,) * (len(out_shape) - len(shape)) + shape
-            shapes.append(shape)
-            ids = t.ids.reshape(shape) if t.ids.dim() != len(shape) else t.ids
-            vary.append({d for d in range(len(shape)) if shape[d] > 1
-                         and not bool((ids == ids.narrow(d, 0, 1)).all())})
-        if not vary[0] or not vary[1]:
+            ids = t.ids.reshape((1,) * (len(out_shape) - t.ids.dim()) + tuple(t.ids.shape))
+            vary.append(varying_dims(ids))
+        if not vary[0] or not vary[1] or vary[0] & vary[1]:
             return None
-        if any(shapes[1][d] > 1 for d in vary[0]) or any(shapes[0][d] > 1 for d in vary[1]):
-            return None
+        sizes = [self._mean_set_size(self.value(arg).ids) for arg in operands]
         counts = [len(torch.unique(self.value(arg).ids)) for arg in operands]
-        return 0 if counts[0] >= counts[1] else 1
+        return 0 if (sizes[0], counts[0]) >= (sizes[1], counts[1]) else 1
+
+    def _mean_set_size(self, ids: torch.Tensor) -> float:
+        """Mean number of channel ids in the tied sets ``ids`` holds (0: none tracked, or
+        all whole already)."""
+        mine = torch.unique(ids[ids >= 0]).numpy()
+        if not len(mine) or set(mine.tolist()) <= self.whole:
+            return 0.0  # nothing prunable to keep
+        roots = self.dsu.roots(np.arange(len(self.owner)))
+        counts = np.bincount(roots, minlength=len(self.owner))
+        return float(counts[self.dsu.roots(mine)].mean())
 
     def _per_channel_param(self, node: fx.Node, name: str, operands: list, vals: list,
                            ts: list) -> Tracked | None:

@@ -74,4 +74,26 @@ def concrete_shape(node: Any) -> tuple[int, ...] | None:
     return tuple(hint(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
 
 
-__all__ = ["Tracked", "ParamRef", "DerivedParam", "Uniform", "channel_dim", "op_name", "hint", "concrete_shape"]
+
+
+
+def varying_dims(ids: torch.Tensor) -> set[int]:
+    """The dims along which some fibre holds two different channel ids (``-1`` entries,
+    positions no channel reaches such as a scan's padding, are ignored)."""
+    out = set()
+    tracked = ids >= 0
+    if not bool(tracked.any()):
+        return out
+    big = torch.iinfo(torch.long).max
+    for d in range(ids.dim()):
+        if ids.shape[d] < 2:
+            continue
+        hi = torch.where(tracked, ids, -1).amax(d)
+        lo = torch.where(tracked, ids, big).amin(d)
+        if bool(((hi >= 0) & (lo != big) & (hi != lo)).any()):
+            out.add(d)
+    return out
+
+
+__all__ = ["Tracked", "ParamRef", "DerivedParam", "Uniform", "channel_dim", "op_name", "hint", "concrete_shape",
+           "varying_dims"]
