@@ -1,6 +1,7 @@
 """The channel walk over ATen graphs (torch.export captures): an id tensor per value,
 shape ops replayed on it (``channel_walk``), producer and attention rules
-(``producers``), elementwise / reduction / norm rules (``elementwise``), no-grad regions, in-place ops,
+(``producers``), elementwise / reduction / norm rules (``elementwise``), two-operand
+``einsum`` (``einsum``), no-grad regions, in-place ops,
 ops on weights and complex views (``special_ops``), the op tables (``op_tables``) and
 the plain values they share (``values``). Read-only.
 

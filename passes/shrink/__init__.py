@@ -3,8 +3,10 @@
 ``shrink_graph`` (Conv / BatchNorm / Linear of a GraphModule), ``attention`` +
 ``pruned_attention`` (fewer heads, same embed_dim), ``to_source`` (a torch.export
 capture shrunk back into its source class), ``split_widths`` (the pieces a fused
-projection is split into, whose sizes a module keeps in attributes) and ``hf_config``
-(what a Hugging Face config can describe after the cut). Each returns a new module; inputs are not mutated
+projection is split into, whose sizes a module keeps in attributes), ``hf_config``
+(what a Hugging Face config can describe after the cut) with ``config_search`` (the
+fields of a block no named rule describes, checked by a reload), ``uniform_fields`` and
+``experts``. Each returns a new module; inputs are not mutated
 unless a function's doc says so.
 
 May import: the core modules, ``passes.channels``, ``passes.masks``,
