@@ -61,7 +61,7 @@ from sparsify_fx.passes.aten.op_tables import (BATCH_NORM, BINARY, CONV, IDENTIT
                                                SHAPE_OPS, UNIFORM_OPS, ZERO_KEEPING)
 from sparsify_fx.passes.aten.producers import visit_matmul, visit_sdpa
 from sparsify_fx.passes.aten.special_ops import SpecialOpRules
-from sparsify_fx.passes.aten.values import (DerivedParam, ParamRef, Tracked, Uniform, concrete_shape, hint,
+from sparsify_fx.passes.aten.values import (ParamRef, Tracked, Uniform, concrete_shape, hint,
                                             op_name)
 from sparsify_fx.passes.channels.graph_types import NormSite, Producer
 
@@ -301,7 +301,7 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
 
     def shape_op(self, node: fx.Node) -> Any:
         if op_name(node.target) in ("cat", "concat", "concatenate"):
-            self._cat_params(node)
+            self.cat_params(node)
         args = []
         for a in node.args:
             if isinstance(a, (list, tuple)) and any(isinstance(x, fx.Node) and isinstance(
@@ -337,48 +337,6 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
                 for row in torch.unique(fibers, dim=0):
                     self.tie_all(row)
         return out
-
-    def _cat_params(self, node: fx.Node) -> None:
-        """``cat([scores, sinks])`` with ``sinks`` a per-channel parameter (read through
-        size-1 views and ``expand``) varying along a dim where the tracked operands hold
-        channels, one tied set per index (an attention sink per head): recorded as a site
-        whose parameter shrink slices, and its slot in the result carries those ids."""
-        parts = node.args[0]
-        tracked = [self.value(p) for p in parts if isinstance(self.value(p), Tracked)]
-        if not tracked:
-            return
-        for part in parts:
-            ref = self.value(part)
-            if not isinstance(ref, (ParamRef, DerivedParam)) or not isinstance(part, fx.Node):
-                continue
-            source = part
-            while source.op == "call_function" and op_name(source.target) in (
-                    "expand", "expand_as") and isinstance(source.args[0], fx.Node):
-                source = source.args[0]
-            try:
-                val = self.gm.get_parameter(ref.name)
-            except AttributeError:
-                continue
-            shape = self.shape(part)
-            dims = self._param_dims(val, concrete_shape(source), len(shape))
-            ids = tracked[0].ids
-            if dims is None or len(dims) != 1 or ids.dim() != len(shape) \
-                    or ids.shape[dims[0]] != shape[dims[0]]:
-                continue
-            cols = ids.movedim(dims[0], -1).reshape(-1, ids.shape[dims[0]]).T
-            if any(self.n_components(c) > 1 for c in cols):
-                continue
-            per_index = torch.tensor([int(c[c >= 0][0]) if bool((c >= 0).any()) else -1
-                                      for c in cols], dtype=torch.long)
-            if set(torch.unique(per_index[per_index >= 0]).tolist()) <= self.whole:
-                continue
-            self.norms[node.name + "_" + part.name] = NormSite(
-                node.name, ref.name.rpartition(".")[0], self.emit(per_index),
-                (ref.name, None, None, None))
-            view = [1] * len(shape)
-            view[dims[0]] = len(per_index)
-            filled = per_index.reshape(view).expand(shape).contiguous()
-            self.values[part.name] = Tracked(filled, torch.zeros(shape, dtype=torch.bool))
 
     def constant_pad(self, node: fx.Node, name: str) -> Any:
         """``F.pad(x, pad, value=v)`` in constant mode (a chunked scan padding its length to

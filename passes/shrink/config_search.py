@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from sparsify_fx.errors import ShrinkError
+
 #: at most this many fields are scaled together
 MAX_SCALED = 3
 #: shape-consistent assignments tried (each checked by a reload) before giving up
@@ -121,6 +123,34 @@ class BlockSearch:
                     found = dict(zip(chosen, values))
                     if self.describes({**pinned, **found}, names):
                         yield found
+
+
+    def assign(self, named: Callable[[dict], dict[str, Any]], choice: int
+               ) -> tuple[dict[str, Any] | None, bool]:
+        """One value per config field for every block: the ``named`` rules' fields where
+        they give the block its shapes (``named`` may raise ``ShrinkError``: no whole
+        value), else the search's (the ``choice``-th candidate of the first block
+        searched, the first of the others). Returns ``(fields, searched)``; ``fields`` is
+        None when blocks disagree (ragged widths) or a block has no description."""
+        fields: dict[str, Any] = {}
+        searched = False
+        for key, block in self.blocks.items():
+            try:
+                block_fields: dict[str, Any] | None = named(block)
+            except ShrinkError:
+                block_fields = None
+            names = self.names(block.get("_path", key))
+            if block_fields is None or not self.describes({**fields, **block_fields}, names):
+                skip = 0 if searched else choice
+                block_fields = next(itertools.islice(self.candidates(block, names, fields),
+                                                     skip, None), None)
+                searched = True
+                if block_fields is None:
+                    return None, True
+            for attr, value in block_fields.items():
+                if fields.setdefault(attr, value) != value:
+                    return None, searched  # ragged widths
+        return fields, searched
 
 
 __all__ = ["MAX_SCALED", "MAX_CHOICES", "BlockSearch"]

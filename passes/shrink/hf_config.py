@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import copy
-import itertools
 from typing import Any, Callable, Iterator
 
 import torch
@@ -253,7 +252,8 @@ def update_config(src: nn.Module, blocks: dict[str, dict],
     widths = _mlp_fields_of(hf_path, hf_model, blocks)
     search = BlockSearch(hf_model, hf_path, blocks, halved_fields)
     for choice in range(MAX_CHOICES):
-        fields, searched = _uniform_fields(config, blocks, widths, search, choice)
+        fields, searched = search.assign(lambda block: _block_fields(config, block, widths),
+                                         choice)
         if fields is None or not search.describes(fields):
             return False  # ragged, or the class cannot be rebuilt from it
         trial = copy.deepcopy(config)
@@ -265,32 +265,6 @@ def update_config(src: nn.Module, blocks: dict[str, dict],
             setattr(config, attr, value)
         return True
     return False
-
-
-def _uniform_fields(config: Any, blocks: dict[str, dict], widths: dict[str, tuple],
-                    search: BlockSearch, choice: int) -> tuple[dict[str, Any] | None, bool]:
-    """One value per config field for every block (None when blocks disagree or a block
-    has no description), and whether any came from the search (the ``choice``-th
-    candidate of the first block searched, the first of the others)."""
-    fields: dict[str, Any] = {}
-    searched = False
-    for key, block in blocks.items():
-        try:
-            block_fields = _block_fields(config, block, widths)
-        except ShrinkError:  # a width no whole field value describes by the named rules
-            block_fields = None
-        names = search.names(block.get("_path", key))
-        if block_fields is None or not search.describes({**fields, **block_fields}, names):
-            skip = 0 if searched else choice
-            block_fields = next(itertools.islice(search.candidates(block, names, fields), skip,
-                                                 None), None)
-            searched = True
-            if block_fields is None:
-                return None, True
-        for attr, value in block_fields.items():
-            if fields.setdefault(attr, value) != value:
-                return None, searched  # ragged widths
-    return fields, searched
 
 
 def _inner_widths(config: Any) -> dict[str, int]:

@@ -30,20 +30,20 @@ inputs; a difference raises :class:`ShrinkError` (never a silent wrong shrink).
 from __future__ import annotations
 
 import copy
-import inspect
-import itertools
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
 from sparsify_fx.errors import ShrinkError
-from sparsify_fx.mask_index import hard_masks, main_graph, unwrap
+from sparsify_fx.mask_index import main_graph, unwrap
 
 from sparsify_fx.passes.aten.values import channel_dim
 from sparsify_fx.passes.channels.graph_types import ChannelGraph, Producer
 from sparsify_fx.passes.shrink.experts import pad_expert_units, slice_experts
+from sparsify_fx.passes.shrink.source_check import (check_against_capture, reload_check,
+                                                   retry_widths)
 from sparsify_fx.passes.shrink.hf_config import (config_cannot_hold, layer_configs, record_gaps,
                                                scale_width, update_config)
 from sparsify_fx.passes.shrink.split_widths import split_piece_widths
@@ -62,8 +62,6 @@ UNIT_ATTRS = ("intermediate_size",)
 COUNT_MULTIPLES = (1, 2)
 #: submodules of a group's owner whose attributes are tried too
 MAX_INNER_OWNERS = 16
-#: up to this many attribute names, every subset is tried (each a forward pass)
-MAX_RETRY_NAMES = 8
 
 
 def _owner_path(name: str) -> str:
@@ -242,7 +240,8 @@ def _other_widths(src: nn.Module, owner_paths: list[str], kept: int, total: int,
     """Integer attributes of a group's owner module (no name of the known width
     attributes) holding the group's whole width, e.g. ``self.embed_dim`` that BART-style
     attention reshapes its output with: ``{"path:attr": (old, new)}``. Not set here;
-    :func:`_retry_widths` sets them only when the shrink does not run without them."""
+    :func:`~sparsify_fx.passes.shrink.source_check.retry_widths` sets them only when the
+    shrink does not run without them."""
     out: dict[str, tuple[int, int]] = {}
     if kept == total:
         return out
@@ -255,133 +254,6 @@ def _other_widths(src: nn.Module, owner_paths: list[str], kept: int, total: int,
             if isinstance(value, int) and not isinstance(value, bool) and value == total:
                 out[f"{owner_path}:{attr}"] = (value, kept)
     return out
-
-
-def _set_widths(src: nn.Module, blocks: dict, which: int,
-                names: set[str] | None = None) -> None:
-    """Every block's other width attributes (those called one of ``names``; None: all) at
-    their old (``which=0``) or new value (1)."""
-    for block in blocks.values():
-        for key, values in block.get("_extra", {}).items():
-            path, _, attr = key.partition(":")
-            if names is None or attr in names:
-                setattr(src.get_submodule(path) if path else src, attr, values[which])
-
-
-def _retry_widths(exported: nn.Module, src: nn.Module, blocks: dict, inputs: Any,
-                  error: ShrinkError) -> None:
-    """After the shrunk model failed its check (``error``): set the owner attributes
-    holding a group's whole width or unit count (:func:`_other_widths`) to the kept
-    value and check again: every subset of the attribute names, the smallest first, so
-    only what the code reads changes (a module may hold another number equal to the
-    width by chance, e.g. a kernel size of 4 beside a rank of 4; over
-    :data:`MAX_RETRY_NAMES` names: all, each alone, then all but one); kept when the
-    model then equals the hard-masked capture, else undone and ``error`` raised."""
-    names = sorted({key.partition(":")[2] for b in blocks.values() for key in b.get("_extra", {})})
-    if inputs is None or not names:
-        raise error
-    options: list[set[str] | None] = [None]
-    if 1 < len(names) <= MAX_RETRY_NAMES:  # every subset, the smallest first
-        options = [set(c) for size in range(1, len(names) + 1)
-                   for c in itertools.combinations(names, size)]
-    elif len(names) > 1:
-        options += [{name} for name in names] + [set(names) - {name} for name in names]
-    for chosen in options:
-        _set_widths(src, blocks, 1, chosen)
-        try:
-            _check(exported, src, inputs)
-            return
-        except ShrinkError:
-            _set_widths(src, blocks, 0, chosen)
-    raise error from None
-
-
-def _outputs(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _outputs(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in _outputs(o)]
-    return []
-
-
-def _by_name(model: nn.Module, small: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """The capture's positional example inputs as keywords of the source class (named as
-    the capture's inputs): a keyword input the capture took positionally may sit at
-    another position of the source ``forward`` (``attention_mask`` after
-    ``past_key_values``)."""
-    gm = main_graph(model)
-    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"] if gm is not None else []
-    try:
-        accepted = inspect.signature(small.forward).parameters
-    except (TypeError, ValueError):
-        return args, kwargs
-    if not args or len(names) != len(args) or not all(n in accepted for n in names):
-        return args, kwargs
-    return (), {**dict(zip(names, args)), **kwargs}
-
-
-def _check(model: nn.Module, small: nn.Module, inputs: Any) -> None:
-    if inputs is None:
-        return
-    args, kwargs = (inputs.args, inputs.kwargs) if hasattr(inputs, "kwargs") else (tuple(inputs), {})
-    was = model.training
-    model.eval()
-    small.eval()
-    small_args, small_kwargs = _by_name(model, small, args, kwargs)
-    try:
-        with torch.no_grad(), hard_masks(model):
-            ref = _outputs(model(*args, **kwargs))
-            got = _outputs(small(*small_args, **small_kwargs))
-    except (RuntimeError, IndexError, ValueError) as exc:  # a width read from an attribute
-        raise ShrinkError(f"the shrunk {type(small).__name__} does not run on the example inputs "
-                          f"({exc}); its code reads a width this shrink does not update") from exc
-    finally:
-        model.train(was)
-    for a, b in zip(ref, got):
-        scale = float(a.abs().max()) if a.numel() else 0.0
-        if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-3, atol=1e-4 * max(scale, 1.0)):
-            raise ShrinkError(f"the shrunk {type(small).__name__} differs from the hard-masked "
-                              "capture; its code reads a width this shrink does not update")
-
-
-def _reloads(model: nn.Module, src: nn.Module, inputs: Any) -> Callable[[Any], bool] | None:
-    """``check(config)``: the class of ``src`` built from ``config`` with ``src``'s
-    weights and buffers loaded computes what the hard-masked capture ``model`` does on
-    the example inputs (what ``from_pretrained`` of a saved folder would give); None
-    when there are no inputs or the config sits below the model's top."""
-    if inputs is None or not hasattr(getattr(src, "config", None), "to_dict"):
-        return None
-
-    def check(config: Any) -> bool:
-        try:
-            with torch.device("meta"):
-                fresh = type(src)(config)
-            params = dict(src.named_parameters())
-            loaded = fresh.load_state_dict(
-                {k: v for k, v in src.state_dict().items() if k in params}, strict=False,
-                assign=True)
-            if loaded.unexpected_keys:
-                return False
-            buffers = dict(src.named_buffers())
-            for name, buf in list(fresh.named_buffers()):
-                if buf.is_meta:  # buffers are the shrunk model's own (rotary inv_freq)
-                    mine = buffers.get(name)
-                    if mine is None or mine.shape != buf.shape:
-                        return False
-                    owner, _, attr = name.rpartition(".")
-                    (fresh.get_submodule(owner) if owner else fresh)._buffers[attr] = mine.clone()
-            if any(t.is_meta for t in [*fresh.parameters(), *fresh.buffers()]):
-                return False
-            _check(model, fresh, inputs)
-        except Exception:  # noqa: BLE001  a config that does not rebuild this model
-            return False
-        return True
-
-    return check
 
 
 def shrink_to_source(model: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) -> nn.Module:
@@ -412,7 +284,7 @@ def shrink_to_source(model: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) ->
         blocks = _sync_block_attrs(src, cg, widths, keep_id,
                                    split_piece_widths(gm, cg, keep_id))
         cfg = getattr(exported, "sparsify_config", None)
-        uniform = update_config(src, blocks, _reloads(exported, src,
+        uniform = update_config(src, blocks, reload_check(exported, src,
                                                       getattr(cfg, "example_inputs", None)))
         if not uniform:
             layer_configs(src, blocks)
@@ -421,9 +293,9 @@ def shrink_to_source(model: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) ->
     cfg = getattr(exported, "sparsify_config", None)
     inputs = getattr(cfg, "example_inputs", None)
     try:
-        _check(exported, src, inputs)
+        check_against_capture(exported, src, inputs)
     except ShrinkError as exc:  # a width attribute of no known name: set it, check again
-        _retry_widths(exported, src, blocks, inputs, exc)
+        retry_widths(exported, src, blocks, inputs, exc)
     src.train(exported.training)
     return src
 
