@@ -23,6 +23,8 @@ from sparsify_fx.mask_index import hard_masks, main_graph
 
 #: up to this many attribute names, every subset is tried (each a forward pass)
 MAX_RETRY_NAMES = 8
+#: with more names, the subsets of up to this many are tried
+MAX_RETRY_SUBSET = 3
 
 
 def set_widths(src: nn.Module, blocks: dict, which: int,
@@ -43,7 +45,8 @@ def retry_widths(exported: nn.Module, src: nn.Module, blocks: dict, inputs: Any,
     value and check again: every subset of the attribute names, the smallest first, so
     only what the code reads changes (a module may hold another number equal to the
     width by chance, e.g. a kernel size of 4 beside a rank of 4; over
-    :data:`MAX_RETRY_NAMES` names: all, each alone, then all but one); kept when the
+    :data:`MAX_RETRY_NAMES` names: all, the subsets of up to :data:`MAX_RETRY_SUBSET`, then all
+    but one); kept when the
     model then equals the hard-masked capture, else undone and ``error`` raised."""
     names = sorted({key.partition(":")[2] for b in blocks.values() for key in b.get("_extra", {})})
     if inputs is None or not names:
@@ -52,8 +55,10 @@ def retry_widths(exported: nn.Module, src: nn.Module, blocks: dict, inputs: Any,
     if 1 < len(names) <= MAX_RETRY_NAMES:  # every subset, the smallest first
         options = [set(c) for size in range(1, len(names) + 1)
                    for c in itertools.combinations(names, size)]
-    elif len(names) > 1:
-        options += [{name} for name in names] + [set(names) - {name} for name in names]
+    elif len(names) > 1:  # subsets of up to MAX_RETRY_SUBSET names, then all but one
+        options += [set(c) for size in range(1, MAX_RETRY_SUBSET + 1)
+                    for c in itertools.combinations(names, size)]
+        options += [set(names) - {name} for name in names]
     for chosen in options:
         set_widths(src, blocks, 1, chosen)
         try:
@@ -153,4 +158,4 @@ def reload_check(model: nn.Module, src: nn.Module, inputs: Any) -> Callable[[Any
 
 
 __all__ = ["check_against_capture", "retry_widths", "reload_check", "set_widths", "outputs_of",
-           "by_name", "MAX_RETRY_NAMES"]
+           "by_name", "MAX_RETRY_NAMES", "MAX_RETRY_SUBSET"]
