@@ -12,11 +12,13 @@ the heads, set ``n_mix`` (the shrunk model runs), write ``mix_heads`` (not
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
 import sparsify_fx as sf
+from sparsify_fx.errors import ShrinkError
 from sparsify_fx.budgets.exact_cut import apply_budget
 from sparsify_fx.passes.channels.couple import group_masks
 from tests.helpers import assert_reload_parity
@@ -93,3 +95,51 @@ def test_fields_of_an_unnamed_block_are_found_and_checked_by_a_reload(tmp_path) 
     loaded = MixLM.from_pretrained(tmp_path, local_files_only=True).eval()
     assert loaded.config.mix_heads == heads
     assert_reload_parity(gm, small, loaded, x, (torch.randint(0, VOCAB, (2, 7)),))
+
+
+class RatioConfig(PreTrainedConfig):
+    """``intermediate_size`` recomputed from ``expand`` whenever the config is built (as
+    Mamba's is): a shrunk width written into it does not survive a save."""
+
+    model_type = "sparsify_ratio_field_test"
+
+    def __init__(self, vocab_size: int = VOCAB, hidden_size: int = 32, expand: int = 2,
+                 **kwargs) -> None:
+        kwargs.pop("intermediate_size", None)
+        self.vocab_size, self.hidden_size, self.expand = vocab_size, hidden_size, expand
+        self.intermediate_size = int(expand * hidden_size)
+        super().__init__(**kwargs)
+
+
+class RatioLM(PreTrainedModel):
+    config_class = RatioConfig
+
+    def __init__(self, config: RatioConfig) -> None:
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.up = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        return self.lm_head(h + self.down(torch.relu(self.up(h))))
+
+
+def test_a_width_recomputed_when_the_config_loads_refuses_the_save(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = RatioLM(RatioConfig()).eval()
+    x = (torch.randint(0, VOCAB, (2, 7)),)
+    gm = sf.transform(model, granularity="channel", target_macs=0.6, example_inputs=x,
+                      capture="export").eval()
+    [key] = group_masks(gm)
+    scores = {key: torch.arange(64, dtype=torch.float32)}
+    apply_budget(gm, target_macs=0.6, scores=scores, uniform=True)
+    kept = int(group_masks(gm)[key].hard_mask().sum())
+    assert 0 < kept < 64 and kept % 32  # no whole multiple of hidden: expand cannot hold it
+    small = sf.shrink(gm).eval()
+    assert small.up.weight.shape[0] == kept
+    with pytest.raises(ShrinkError, match="intermediate_size|up.weight"):
+        small.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything was written

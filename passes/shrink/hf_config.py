@@ -363,7 +363,8 @@ def _fields_of(config: Any, block: dict | None) -> str:
 
 def config_gaps(src: nn.Module, blocks: dict[str, dict] | None = None) -> list[str]:
     """Parameters of ``src`` (a model holding an HF config) whose shape its class, built
-    from that config, would not have (so ``from_pretrained`` of a saved folder fails),
+    from that config as a saved folder gives it back (``from_dict(to_dict())``), would
+    not have (so ``from_pretrained`` of a saved folder fails),
     each as ``"name (shape; the config builds shape) held by <field>"``; ``blocks``: the
     shrunk blocks (``{path: widths}``) naming the field. Empty without an HF config.
     Read-only."""
@@ -371,7 +372,13 @@ def config_gaps(src: nn.Module, blocks: dict[str, dict] | None = None) -> list[s
     if found is None:
         return []
     prefix, hf_model = found
-    built = _builds(hf_model, hf_model.config)
+    config = hf_model.config
+    try:  # as from_pretrained reads it: a field recomputed at init (Mamba's
+        # intermediate_size from expand) takes its recomputed value
+        config = type(config).from_dict(config.to_dict())
+    except Exception as exc:  # noqa: BLE001  a saved config.json that does not load
+        return [f"the saved config of {type(hf_model).__name__} does not load ({exc})"]
+    built = _builds(hf_model, config)
     if built is None:
         return [f"{type(hf_model).__name__}(config) refuses its own config"]
     gaps = []
