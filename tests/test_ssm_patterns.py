@@ -439,3 +439,35 @@ def test_attention_sinks_are_sliced_with_their_heads() -> None:
     heads = small.mixer.sinks.shape[0]
     assert 0 < heads < 4 and small.mixer.q_proj.weight.shape[0] == heads * 8
     assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 32))
+
+
+class BlockDiagonalGateMixer(nn.Module):
+    """A gate per head from a block-diagonal linear (``baddbmm(b[:, None, :], x, W)``
+    with ``W`` of shape ``(heads, block, block)``, as RecurrentGemma's RG-LRU computes
+    its gates): a pruned head loses its block of ``W`` and ``b``."""
+
+    def __init__(self, d: int = 32, heads: int = 4, block: int = 8) -> None:
+        super().__init__()
+        self.heads, self.block = heads, block
+        self.x_proj = nn.Linear(d, heads * block)
+        self.gate_weight = nn.Parameter(0.3 * torch.randn(heads, block, block))
+        self.gate_bias = nn.Parameter(0.1 * torch.randn(heads, block))
+        self.out_proj = nn.Linear(heads * block, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, length, _ = h.shape
+        x = self.x_proj(h)
+        per_head = x.reshape(b * length, self.heads, self.block).permute(1, 0, 2)
+        gate = torch.baddbmm(self.gate_bias[:, None, :], per_head, self.gate_weight)
+        gate = torch.sigmoid(gate.transpose(0, 1).reshape(b, length, -1))
+        return self.out_proj(x * gate)
+
+
+def test_block_diagonal_gate_weights_are_sliced_per_head() -> None:
+    gm, small, warned = _cut_and_shrink(BlockDiagonalGateMixer, length=7)
+    assert not any("baddbmm" in w for w in warned), warned
+    mixer = small.mixer
+    heads = mixer.gate_weight.shape[0]
+    assert 0 < heads < 4 and mixer.gate_bias.shape == (heads, 8)
+    assert mixer.x_proj.weight.shape[0] == mixer.out_proj.weight.shape[1] == heads * 8
+    assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 32))

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import fx
 
-from sparsify_fx.passes.aten.values import ParamRef, Tracked, concrete_shape, op_name
-from sparsify_fx.passes.channels.graph_types import Producer
+from sparsify_fx.passes.aten.values import DerivedParam, ParamRef, Tracked, concrete_shape, op_name
+from sparsify_fx.passes.channels.graph_types import NormSite, Producer
 
 if TYPE_CHECKING:
     from sparsify_fx.passes.aten.channel_walk import AtenChannelWalk
@@ -234,6 +234,8 @@ def _baddbmm(walk: "AtenChannelWalk", node: fx.Node, vals: list) -> Any:
     the product of two activations as ``bmm``; ``input`` is added elementwise (its ids tie;
     without ids, one that varies along the heads keeps them whole, as any added operand)."""
     bias, a, b = vals[0], vals[1], vals[2]
+    if isinstance(a, Tracked) and isinstance(b, ParamRef):
+        return _block_diagonal(walk, node, a, b, bias)
     if any(isinstance(v, ParamRef) for v in (a, b)):
         return walk.reject(node, "baddbmm with a parameter operand")
     a, b = (v if isinstance(v, Tracked) else None for v in (a, b))
@@ -252,6 +254,33 @@ def _baddbmm(walk: "AtenChannelWalk", node: fx.Node, vals: list) -> Any:
         walk.check_untracked_operand(out, bias_shape, node, isinstance(vals[0], ParamRef))
         return Tracked(out.ids, torch.zeros_like(out.zero))
     return out
+
+
+def _block_diagonal(walk: "AtenChannelWalk", node: fx.Node, x: Tracked, weight: ParamRef,
+                    bias: Any) -> Any:
+    """``baddbmm(b[:, None, :], x, W)`` with ``W`` of shape ``(H, K, N)``: a block-diagonal
+    linear, block ``h`` reading only ``x[h]`` (RecurrentGemma's gates per head). A block
+    whose inputs are one tied set (a head) is removed with it: ``W[h]`` and ``b[h]`` are
+    recorded as a site shrink slices along dim 0, the block's outputs carry the head's
+    ids (not zero when pruned: the bias stays). Other forms are not followed."""
+    shape = _weight_shape(walk, weight)
+    bias_name = bias.name if isinstance(bias, (ParamRef, DerivedParam)) else None
+    if len(shape) != 3 or x.ids.dim() != 3 or x.ids.shape[0] != shape[0] or weight.transposed \
+            or (bias is not None and bias_name is None):
+        return walk.reject(node, "baddbmm with a parameter operand")
+    per_block = []
+    for block in x.ids:
+        if walk.n_components(block) > 1:
+            return walk.reject(node, "block-diagonal matmul over several tied sets per block")
+        tracked = block[block >= 0]
+        per_block.append(int(tracked[0]) if len(tracked) else -1)
+    ids = torch.tensor(per_block, dtype=torch.long)
+    owner = weight.name.rpartition(".")[0]
+    walk.norms[node.name] = NormSite(node.name, owner, walk.emit(ids),
+                                     (weight.name, bias_name, None, None))
+    out_shape = walk.shape(node)
+    out = ids.reshape(-1, 1, 1).expand(out_shape).contiguous()
+    return Tracked(out, torch.zeros(out_shape, dtype=torch.bool))
 
 
 def _repeat_heads(t: Tracked | None, heads: int) -> Tracked | None:
