@@ -471,3 +471,26 @@ def test_block_diagonal_gate_weights_are_sliced_per_head() -> None:
     assert 0 < heads < 4 and mixer.gate_bias.shape == (heads, 8)
     assert mixer.x_proj.weight.shape[0] == mixer.out_proj.weight.shape[1] == heads * 8
     assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 32))
+
+
+class ChunkViewMLP(nn.Module):
+    """A fused gate/up split by ``view(b, t, 2, -1)`` and ``select`` along the new dim (as
+    Moshi's gating MLP does): each piece is a tensor of its own, no head; units are cut."""
+
+    def __init__(self, d: int = 32, inner: int = 48) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * inner), nn.Linear(inner, d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, t, _ = h.shape
+        both = self.fc1(h).view(b, t, 2, -1)
+        return self.fc2(F.silu(both[..., 0, :]) * both[..., 1, :])
+
+
+def test_a_view_whose_pieces_are_selected_splits_no_head() -> None:
+    gm, small, warned = _cut_and_shrink(ChunkViewMLP, length=7)
+    assert not any("channel coupling" in w for w in warned), warned
+    assert [m.score_shape for m in group_masks(gm).values()] == [(48,)]  # one slot per unit
+    inner = small.mixer.fc2.weight.shape[1]
+    assert 0 < inner < 48 and small.mixer.fc1.weight.shape[0] == 2 * inner
+    assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 32))

@@ -105,6 +105,16 @@ class _DSU:
         return np.array([self.find(int(i)) for i in ids], dtype=np.int64)
 
 
+def _pieces_selected(node: fx.Node, rank: int) -> bool:
+    """Every use of a split view picks one piece along the new dim before the last
+    (``h.view(b, t, 2, -1)`` then ``select(-2, 0)`` / ``select(-2, 1)``: a chunk of a fused
+    gate/up, no head), so no op reads a fibre as a unit."""
+    users = list(node.users)
+    return bool(users) and all(
+        u.op == "call_function" and op_name(u.target) == "select"
+        and int(u.args[1]) % rank == rank - 2 for u in users)
+
+
 class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
     """One walk over an ATen ``gm``; ``masked``: weight names whose rows may be removed."""
 
@@ -331,7 +341,8 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
         if name in ("view", "_unsafe_view", "reshape", "unflatten", "view_as", "reshape_as") \
                 and isinstance(out, Tracked):
             src = args[0]
-            if out.ids.dim() and src.ids.dim() and out.ids.shape[-1] < src.ids.shape[-1]:
+            if out.ids.dim() and src.ids.dim() and out.ids.shape[-1] < src.ids.shape[-1] \
+                    and not _pieces_selected(node, out.ids.dim()):
                 # the last dim was split (e.g. heads x head_dim): a fiber is never split
                 fibers = out.ids.reshape(-1, out.ids.shape[-1])
                 for row in torch.unique(fibers, dim=0):
