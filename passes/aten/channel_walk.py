@@ -108,7 +108,8 @@ class _DSU:
 def _pieces_selected(node: fx.Node, rank: int) -> bool:
     """Every use of a split view picks one piece along the new dim before the last
     (``h.view(b, t, 2, -1)`` then ``select(-2, 0)`` / ``select(-2, 1)``: a chunk of a fused
-    gate/up, no head), so no op reads a fibre as a unit."""
+    gate/up, no head), so no op reads a fibre as a unit. Only a split into two dims
+    counts: ``view(b, t, heads, 3, head_dim)`` then ``select`` still splits heads."""
     users = list(node.users)
     return bool(users) and all(
         u.op == "call_function" and op_name(u.target) == "select"
@@ -341,8 +342,9 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
         if name in ("view", "_unsafe_view", "reshape", "unflatten", "view_as", "reshape_as") \
                 and isinstance(out, Tracked):
             src = args[0]
+            chunk = out.ids.dim() == src.ids.dim() + 1 and _pieces_selected(node, out.ids.dim())
             if out.ids.dim() and src.ids.dim() and out.ids.shape[-1] < src.ids.shape[-1] \
-                    and not _pieces_selected(node, out.ids.dim()):
+                    and not chunk:
                 # the last dim was split (e.g. heads x head_dim): a fiber is never split
                 fibers = out.ids.reshape(-1, out.ids.shape[-1])
                 for row in torch.unique(fibers, dim=0):
