@@ -68,7 +68,8 @@ def visit_einsum(walk: "AtenChannelWalk", node: fx.Node) -> Any:
         # an outer product (C's state channels against the heads of a state): no letter
         # holds channels of both, so nothing is tied; one id per element is tracked, the
         # operand of the larger tied sets keeps its ids, the other's stay whole
-        keep = 0 if walk._mean_set_size(a.ids) >= walk._mean_set_size(b.ids) else 1
+        size_a, size_b = walk.mean_set_sizes(a.ids, b.ids)
+        keep = 0 if size_a >= size_b else 1
         drop = (a, b)[1 - keep]
         walk.whole.update(torch.unique(drop.ids[drop.ids >= 0]).tolist())
         drop = Tracked(torch.full_like(drop.ids, -1), torch.zeros_like(drop.zero))

@@ -14,7 +14,7 @@ doc for the rules); nothing here touches the graph.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from torch import fx
 
 from sparsify_fx.passes.aten.values import (DerivedParam, ParamRef, Tracked, Uniform,
                                             channel_dim, concrete_shape, hint, op_name,
-                                            varying_dims)
+                                            varying_dims, vector_split_dims)
 from sparsify_fx.passes.channels.graph_types import NormSite
 
 
@@ -126,19 +126,36 @@ class ElementwiseRules:
             vary.append(varying_dims(ids))
         if not vary[0] or not vary[1] or vary[0] & vary[1]:
             return None
-        sizes = [self._mean_set_size(self.value(arg).ids) for arg in operands]
+        sizes = self.mean_set_sizes(*(self.value(arg).ids for arg in operands))
         counts = [len(torch.unique(self.value(arg).ids)) for arg in operands]
         return 0 if (sizes[0], counts[0]) >= (sizes[1], counts[1]) else 1
 
-    def _mean_set_size(self, ids: torch.Tensor) -> float:
-        """Mean number of channel ids in the tied sets ``ids`` holds (0: none tracked, or
-        all whole already)."""
-        mine = torch.unique(ids[ids >= 0]).numpy()
-        if not len(mine) or set(mine.tolist()) <= self.whole:
-            return 0.0  # nothing prunable to keep
-        roots = self.dsu.roots(np.arange(len(self.owner)))
-        counts = np.bincount(roots, minlength=len(self.owner))
-        return float(counts[self.dsu.roots(mine)].mean())
+    def mean_set_sizes(self, *ids: torch.Tensor) -> list[float]:
+        """Per id tensor: the mean number of channel ids in the tied sets it holds (0: none
+        tracked, or all whole already). The set sizes are counted once for all."""
+        counts = None
+        out = []
+        for t in ids:
+            mine = torch.unique(t[t >= 0]).numpy()
+            if not len(mine) or set(mine.tolist()) <= self.whole:
+                out.append(0.0)  # nothing prunable to keep
+                continue
+            if counts is None:
+                counts = np.bincount(self.dsu.roots(np.arange(len(self.owner))),
+                                     minlength=len(self.owner))
+            out.append(float(counts[self.dsu.roots(mine)].mean()))
+        return out
+
+    def one_id_each(self, columns: Iterable[torch.Tensor]) -> torch.Tensor | None:
+        """One channel id per column of ids (``-1`` for a column with none), or None when a
+        column holds several tied sets: a per-channel parameter's index, a head's block."""
+        per_index = []
+        for col in columns:
+            if self.n_components(col) > 1:
+                return None
+            tracked = col[col >= 0]
+            per_index.append(int(tracked[0]) if len(tracked) else -1)
+        return torch.tensor(per_index, dtype=torch.long)
 
     def _per_channel_param(self, node: fx.Node, name: str, operands: list, vals: list,
                            ts: list) -> Tracked | None:
@@ -168,14 +185,9 @@ class ElementwiseRules:
         if dims is None or int(np.prod([t.ids.shape[d] for d in dims])) != val.shape[along]:
             return None
         rest = [d for d in range(t.ids.dim()) if d not in dims]
-        columns = t.ids.permute(*rest, *dims).reshape(-1, val.shape[along]).T
-        per_index = []
-        for col in columns:
-            if self.n_components(col) > 1:
-                return None
-            tracked = col[col >= 0]
-            per_index.append(int(tracked[0]) if len(tracked) else -1)
-        ids = torch.tensor(per_index, dtype=torch.long)
+        ids = self.one_id_each(t.ids.permute(*rest, *dims).reshape(-1, val.shape[along]).T)
+        if ids is None:
+            return None
         if set(torch.unique(ids[ids >= 0]).tolist()) <= self.whole:
             return None  # nothing prunable flows here: the general rules
         direct = isinstance(operands[i], fx.Node) and along == 0 and operands[i].op in (
@@ -203,10 +215,7 @@ class ElementwiseRules:
         big = [k for k, size in enumerate(aligned) if size != 1]
         if [aligned[k] for k in big] == sizes:
             return big[:1]
-        if len(sizes) == 1 and len(big) > 1 and big == list(range(big[0], big[-1] + 1)) \
-                and int(np.prod([aligned[k] for k in big])) == sizes[0]:
-            return big
-        return None
+        return vector_split_dims(sizes[0], aligned) if len(sizes) == 1 else None
 
     def _dims(self, node: fx.Node, rank: int, default_all: bool = True) -> list[int]:
         at = 2 if op_name(node.target) in ("linalg_vector_norm", "norm") else 1  # (x, ord, dim)

@@ -268,13 +268,9 @@ def _block_diagonal(walk: "AtenChannelWalk", node: fx.Node, x: Tracked, weight: 
     if len(shape) != 3 or x.ids.dim() != 3 or x.ids.shape[0] != shape[0] or weight.transposed \
             or (bias is not None and bias_name is None):
         return walk.reject(node, "baddbmm with a parameter operand")
-    per_block = []
-    for block in x.ids:
-        if walk.n_components(block) > 1:
-            return walk.reject(node, "block-diagonal matmul over several tied sets per block")
-        tracked = block[block >= 0]
-        per_block.append(int(tracked[0]) if len(tracked) else -1)
-    ids = torch.tensor(per_block, dtype=torch.long)
+    ids = walk.one_id_each(block.reshape(-1) for block in x.ids)
+    if ids is None:
+        return walk.reject(node, "block-diagonal matmul over several tied sets per block")
     owner = weight.name.rpartition(".")[0]
     walk.norms[node.name] = NormSite(node.name, owner, walk.emit(ids),
                                      (weight.name, bias_name, None, None))

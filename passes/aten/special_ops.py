@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import fx
 
@@ -18,7 +17,7 @@ from sparsify_fx.passes.aten.op_tables import (BINARY, CONV, IDENTITY_OPS, MATMU
                                                SHAPE_OPS, ZERO_KEEPING)
 from sparsify_fx.passes.channels.graph_types import NormSite
 from sparsify_fx.passes.aten.values import (DerivedParam, ParamRef, Tracked, Uniform,
-                                            concrete_shape, op_name)
+                                            concrete_shape, op_name, vector_split_dims)
 
 
 class SpecialOpRules:
@@ -119,11 +118,8 @@ class SpecialOpRules:
         except AttributeError:
             return False
         after = concrete_shape(node)
-        if len(sizes) != 1 or after is None:
-            return False
-        big = [k for k, n in enumerate(after) if n != 1]
-        return bool(big) and big == list(range(big[0], big[-1] + 1)) and \
-            int(np.prod([after[k] for k in big])) == sizes[0]
+        return len(sizes) == 1 and after is not None and \
+            vector_split_dims(sizes[0], after) is not None
 
     def _only_unit_dims(self, node: fx.Node, ref: ParamRef | DerivedParam) -> bool:
         """The op only drops or inserts size-1 dims of its weight operand (the sizes other
@@ -198,10 +194,9 @@ class SpecialOpRules:
                     or ids.shape[dims[0]] != shape[dims[0]]:
                 continue
             cols = ids.movedim(dims[0], -1).reshape(-1, ids.shape[dims[0]]).T
-            if any(self.n_components(c) > 1 for c in cols):
+            per_index = self.one_id_each(cols)
+            if per_index is None:
                 continue
-            per_index = torch.tensor([int(c[c >= 0][0]) if bool((c >= 0).any()) else -1
-                                      for c in cols], dtype=torch.long)
             if set(torch.unique(per_index[per_index >= 0]).tolist()) <= self.whole:
                 continue
             self.norms[node.name + "_" + part.name] = NormSite(

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -74,7 +75,15 @@ def concrete_shape(node: Any) -> tuple[int, ...] | None:
     return tuple(hint(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
 
 
-
+def vector_split_dims(size: int, shape: tuple[int, ...]) -> list[int] | None:
+    """The dims of ``shape`` a vector of ``size`` elements lies along when viewed as
+    ``shape`` row-major over consecutive dims (``dt_bias.view(1, 1, H, D)``: ``[2, 3]``);
+    None when its dims over 1 are not consecutive or hold another number of elements."""
+    big = [k for k, n in enumerate(shape) if n != 1]
+    if not big or big != list(range(big[0], big[-1] + 1)) or \
+            int(np.prod([shape[k] for k in big])) != size:
+        return None
+    return big
 
 
 def varying_dims(ids: torch.Tensor) -> set[int]:
@@ -96,4 +105,4 @@ def varying_dims(ids: torch.Tensor) -> set[int]:
 
 
 __all__ = ["Tracked", "ParamRef", "DerivedParam", "Uniform", "channel_dim", "op_name", "hint", "concrete_shape",
-           "varying_dims"]
+           "varying_dims", "vector_split_dims"]

@@ -38,9 +38,6 @@ from torch import fx, nn
 
 from sparsify_fx.mask import MaskSet
 
-#: ``kind`` of the masks that gate a consumer's input columns
-COLUMNS = "columns"
-
 from sparsify_fx.passes.channels import attention_heads
 from sparsify_fx.passes.aten.channel_walk import AtenChannelWalk
 from sparsify_fx.passes.channels.layout_rules import (ADD_OPS, BINARY_METHODS, CONV_FUNCS, DIV_OPS, LINEAR_FUNCS,
@@ -50,6 +47,9 @@ from sparsify_fx.passes.channels.layout_rules import (ADD_OPS, BINARY_METHODS, C
                                    ZERO_KEEPING_METHODS, ZERO_KEEPING_MODULES, LayoutRules,
                                    Opaque, weight_source)
 from sparsify_fx.passes.channels.graph_types import AttentionSite, ChannelGraph, ChannelGroup, Layout, NormSite, Producer
+
+#: ``kind`` of the masks that gate a consumer's input columns
+COLUMNS = "columns"
 
 
 class _Analyzer(LayoutRules):

@@ -51,10 +51,13 @@ class ChannelCouplingWarning(UserWarning):
     """Some channels stay whole because the coupling analysis did not understand an op."""
 
 
-def _index_for(cg: ChannelGraph, ids: np.ndarray,
-               group_masks: list[Mask]) -> tuple[list[Mask], Tensor] | None:
-    """Sources and gather index for channels ``ids``; None when every channel is whole."""
+def _index_for(cg: ChannelGraph, ids: np.ndarray, group_masks: list[Mask],
+               only: np.ndarray | None = None) -> tuple[list[Mask], Tensor] | None:
+    """Sources and gather index for channels ``ids`` (``only``: bool per entry, the others
+    read as whole); None when every channel is whole."""
     g, s = cg.slots(ids)
+    if only is not None:
+        g = np.where(only, g, -1)
     used = sorted(set(g[g >= 0].tolist()))
     if not used:
         return None
@@ -218,13 +221,7 @@ def _column_index(cg: ChannelGraph, prod, group_masks: list[Mask]) -> tuple[list
     column; positions that need no gate point at "whole"), or None."""
     if not _gated_prunable(cg, prod):
         return None
-    made = _index_for(cg, prod.in_ids, group_masks)
-    assert made is not None
-    sources, index = made
-    whole = sum(int(np.prod(src.score_shape)) for src in sources)
-    index = index.clone()
-    index[torch.from_numpy(~prod.gated_in)] = whole  # zero when pruned: no gate needed
-    return sources, index
+    return _index_for(cg, prod.in_ids, group_masks, only=prod.gated_in)
 
 
 def _mask_columns(gm: fx.GraphModule, prod, sources: list[Mask], index: Tensor,

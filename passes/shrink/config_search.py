@@ -32,8 +32,21 @@ MAX_SCALED = 3
 MAX_CHOICES = 4
 
 
-def _one_dim(a: tuple, b: tuple) -> bool:
-    return len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1
+def changes_one_dim(dense: tuple, small: tuple | None) -> bool:
+    """Whether a shape changed along exactly one dimension (None: the parameter is gone)."""
+    return small is not None and len(small) == len(dense) and \
+        sum(a != b for a, b in zip(dense, small)) == 1
+
+
+def class_shapes(hf_model: nn.Module, config: Any) -> dict[str, tuple] | None:
+    """Parameter shapes ``type(hf_model)(config)`` would have (built on the meta device),
+    None when the class refuses the config."""
+    try:
+        with torch.device("meta"):
+            trial = type(hf_model)(config)
+    except Exception:  # noqa: BLE001  any refusal of the config means "cannot hold"
+        return None
+    return {k: tuple(v.shape) for k, v in trial.state_dict().items()}
 
 
 class BlockSearch:
@@ -71,11 +84,9 @@ class BlockSearch:
             try:
                 for attr, value in fields.items():
                     setattr(trial, attr, value)
-                with torch.device("meta"):
-                    made = type(self.hf_model)(trial)
-                self._built[key] = {k: tuple(v.shape) for k, v in made.state_dict().items()}
-            except Exception:  # noqa: BLE001  any refusal means "cannot describe"
-                pass
+            except Exception:  # noqa: BLE001  a value the config refuses
+                return None
+            self._built[key] = class_shapes(self.hf_model, trial)
         return self._built[key]
 
     def describes(self, fields: dict[str, Any], names: set[str] | None = None) -> bool:
@@ -100,7 +111,7 @@ class BlockSearch:
         for attr, value, dense, small in self._probes:
             changed = [k for k, v in dense.items() if small.get(k) != v]
             if changed and set(changed) & names and set(changed) <= allowed and all(
-                    _one_dim(dense[k], small[k]) for k in changed if k in small):
+                    changes_one_dim(dense[k], small[k]) for k in changed if k in small):
                 out[attr] = value
         return out
 
@@ -153,4 +164,4 @@ class BlockSearch:
         return fields, searched
 
 
-__all__ = ["MAX_SCALED", "MAX_CHOICES", "BlockSearch"]
+__all__ = ["MAX_SCALED", "MAX_CHOICES", "BlockSearch", "class_shapes", "changes_one_dim"]

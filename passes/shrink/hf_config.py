@@ -19,13 +19,13 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable, Iterator
 
-import torch
 from torch import nn
 
 from sparsify_fx.errors import ShrinkError
 from sparsify_fx.mask_index import main_graph, unwrap
 from sparsify_fx.passes.stored_analysis import channel_graph_of
-from sparsify_fx.passes.shrink.config_search import MAX_CHOICES, BlockSearch
+from sparsify_fx.passes.shrink.config_search import (MAX_CHOICES, BlockSearch, changes_one_dim,
+                                                   class_shapes)
 
 
 def _attr(config: Any, name: str) -> Any:
@@ -124,18 +124,12 @@ def mlp_fields(hf_model: nn.Module, prefix: str, owners: set[str]) -> dict[str, 
     out = {}
     for attr, value, dense, small in halved_fields(hf_model):
         changed = {f"{prefix}.{k}" if prefix else k for k, v in dense.items() if small.get(k) != v}
-        if not all(_one_dim(v, small.get(k)) for k, v in dense.items() if small.get(k) != v):
+        if not all(changes_one_dim(v, small.get(k)) for k, v in dense.items() if small.get(k) != v):
             continue  # a weight changing in and out width (a pooler's square dense): no unit width
         if changed and all(any(_owner(c) == o or _owner(c).startswith(o + ".") for o in owners)
                            for c in changed):
             out[attr] = (value, frozenset(changed))
     return out
-
-
-def _one_dim(dense: tuple, small: tuple | None) -> bool:
-    """Whether a shape changed along exactly one dimension."""
-    return small is not None and len(small) == len(dense) and \
-        sum(a != b for a, b in zip(dense, small)) == 1
 
 
 def _int_fields(config: Any) -> dict[str, int]:
@@ -158,7 +152,7 @@ def halved_fields(hf_model: nn.Module
     field of ``hf_model.config`` the class accepts at half its value (parameter shapes by
     name, the class built on the meta device once per field). Reads ``hf_model`` only."""
     config = hf_model.config
-    dense = _builds(hf_model, config)
+    dense = class_shapes(hf_model, config)
     if dense is None:
         return
     for attr, value in _int_fields(config).items():
@@ -167,20 +161,9 @@ def halved_fields(hf_model: nn.Module
             setattr(trial, attr, value // 2)
         except Exception:  # noqa: BLE001  a field the config refuses to change
             continue
-        small = _builds(hf_model, trial)
+        small = class_shapes(hf_model, trial)
         if small is not None:
             yield attr, value, dense, small
-
-
-def _builds(hf_model: nn.Module, config: Any) -> dict[str, tuple] | None:
-    """Parameter shapes ``type(hf_model)(config)`` would have (built on the meta device),
-    None when the class refuses the config."""
-    try:
-        with torch.device("meta"):
-            trial = type(hf_model)(config)
-    except Exception:  # noqa: BLE001  any refusal of the config means "cannot hold"
-        return None
-    return {k: tuple(v.shape) for k, v in trial.state_dict().items()}
 
 
 def _fewer_heads_changes(hf_model: nn.Module, prefix: str) -> frozenset[str] | None:
@@ -193,7 +176,7 @@ def _fewer_heads_changes(hf_model: nn.Module, prefix: str) -> frozenset[str] | N
     if not _config_holds_fewer_heads(hf_model):
         return None
     config = hf_model.config
-    dense, small = _builds(hf_model, config), _builds(hf_model, _fewer_heads_config(config))
+    dense, small = class_shapes(hf_model, config), class_shapes(hf_model, _fewer_heads_config(config))
     return frozenset(f"{prefix}.{k}" if prefix else k for k in dense if small.get(k) != dense[k])
 
 
@@ -220,7 +203,7 @@ def _config_holds_fewer_heads(hf_model: nn.Module) -> bool:
     if not isinstance(heads, int) or not isinstance(hidden, int) or heads < 2:
         return False
     kv = _attr(config, "num_key_value_heads") or heads
-    dense, small = _builds(hf_model, config), _builds(hf_model, _fewer_heads_config(config))
+    dense, small = class_shapes(hf_model, config), class_shapes(hf_model, _fewer_heads_config(config))
     if dense is None or small is None:
         return False
     shrunk = [k for k in dense if small.get(k) != dense[k]]
@@ -378,7 +361,7 @@ def config_gaps(src: nn.Module, blocks: dict[str, dict] | None = None) -> list[s
         config = type(config).from_dict(config.to_dict())
     except Exception as exc:  # noqa: BLE001  a saved config.json that does not load
         return [f"the saved config of {type(hf_model).__name__} does not load ({exc})"]
-    built = _builds(hf_model, config)
+    built = class_shapes(hf_model, config)
     if built is None:
         return [f"{type(hf_model).__name__}(config) refuses its own config"]
     gaps = []

@@ -200,17 +200,15 @@ def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple]
         for old, kept in (p for w in weights for p in (splits or {}).get(w, ())):
             if kept != old:  # a split piece's size held in an attribute (key_dim)
                 extra.update(_other_widths(src, owners[:1], kept, old, new, owners))
-        if keep_id is not None:  # a producer only part of whose rows are the group's
+        if keep_id is not None:
             ids = np.asarray(cg.producers[group.producers[0]].out_ids)
             mine = cg.group_of[cg.component[ids]] == group.index
-            if 0 < int(mine.sum()) < len(ids):
+            if 0 < int(mine.sum()) < len(ids):  # only part of the producer's rows are the group's
                 extra.update(_other_widths(src, owners[:1], int(keep_id[ids][mine].sum()),
                                            int(mine.sum()), new, owners))
-        if keep_id is not None:  # unit counts (heads of a layout reshaped by count)
-            comps = cg.component[np.asarray(cg.producers[group.producers[0]].out_ids)]
-            kept_ids = keep_id[np.asarray(cg.producers[group.producers[0]].out_ids)]
+            # unit counts (heads of a layout reshaped by count)
             units = len(group.components)
-            kept_units = len(set(comps[kept_ids & (cg.group_of[comps] == group.index)].tolist()))
+            kept_units = len(set(cg.component[ids][mine & keep_id[ids]].tolist()))
             for mult in COUNT_MULTIPLES:
                 for key, (old, kept) in _other_widths(src, inner, kept_units * mult,
                                                       units * mult, new, owners).items():

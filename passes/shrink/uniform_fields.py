@@ -31,6 +31,7 @@ from torch import fx, nn
 
 from sparsify_fx.mask_index import unwrap
 from sparsify_fx.passes.aten.experts import EXPERTS, mask_channel_dim, uniform_classes
+from sparsify_fx.passes.shrink.config_search import changes_one_dim
 from sparsify_fx.passes.shrink.hf_config import config_owner, halved_fields, holds_width
 
 #: producer kinds whose weight is a parameter of the source model
@@ -83,8 +84,7 @@ def field_holds(hf_model: nn.Module, prefix: str, cg: Any) -> dict[str, FieldHol
     out: dict[str, FieldHold] = {}
     for attr, value, dense, small in halved_fields(hf_model):
         changed = {k: (v, small[k]) for k, v in dense.items() if k in small and small[k] != v}
-        if not changed or any(len(a) != len(b) or sum(x != y for x, y in zip(a, b)) != 1
-                              for a, b in changed.values()):
+        if not changed or not all(changes_one_dim(a, b) for a, b in changed.values()):
             continue  # no unit width: a residual width changes weights in two dims
         hold = FieldHold(value)
         for p in producers:
