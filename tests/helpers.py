@@ -1,6 +1,9 @@
 """Shared test utilities."""
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -70,3 +73,20 @@ def assert_reload_parity(gm: nn.Module, small: nn.Module, loaded: nn.Module, x: 
         torch.testing.assert_close(small(*x), ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loaded(*x), small(*x), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(loaded(*other), ref_other, rtol=1e-5, atol=1e-5)
+
+
+def l1_cut_and_shrink(model: nn.Module, example: tuple, dynamic_shapes: Any = None
+                      ) -> tuple[nn.Module, nn.Module, list[str]]:
+    """``transform(capture="export", granularity="channel")`` of ``model`` on ``example``,
+    an L1 cut to 0.5 of its MACs, ``shrink``: ``(capture, shrunk model, the warnings the
+    capture raised)``."""
+    from sparsify_fx.budgets.exact_cut import apply_budget
+    from sparsify_fx.passes.channels.couple import channel_l1_scores
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = sf.transform(model, granularity="channel", target_macs=0.5, example_inputs=example,
+                          capture="export", dynamic_shapes=dynamic_shapes)
+    apply_budget(gm, target_macs=0.5, scores=channel_l1_scores(gm))
+    gm.eval()
+    return gm, sf.shrink(gm).eval(), [str(w.message) for w in caught]
+

@@ -5,18 +5,15 @@ the unit is still cut and the shrink is exact (issue 34).
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.export import Dim
 
 import sparsify_fx as sf
-from sparsify_fx.budgets.exact_cut import apply_budget
 from sparsify_fx.mask_index import masks
-from sparsify_fx.passes.channels.couple import channel_l1_scores, group_masks
-from tests.helpers import assert_shrunk_parity
+from sparsify_fx.passes.channels.couple import group_masks
+from tests.helpers import assert_shrunk_parity, l1_cut_and_shrink
 
 
 class ShiftedActMLP(nn.Module):
@@ -48,14 +45,7 @@ class TwoStageMLP(nn.Module):
 
 
 def _cut(model: nn.Module) -> tuple[nn.Module, nn.Module, list[str]]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        gm = sf.transform(model, granularity="channel", target_macs=0.5,
-                          example_inputs=(torch.randn(2, 7, 32),), capture="export",
-                          dynamic_shapes=({0: Dim.AUTO, 1: Dim.AUTO},))
-    apply_budget(gm, target_macs=0.5, scores=channel_l1_scores(gm))
-    gm.eval()
-    return gm, sf.shrink(gm).eval(), [str(w.message) for w in caught]
+    return l1_cut_and_shrink(model, (torch.randn(2, 7, 32),), ({0: Dim.AUTO, 1: Dim.AUTO},))
 
 
 def test_unit_not_zero_at_zero_is_cut_through_gated_columns() -> None:

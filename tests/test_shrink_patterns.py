@@ -15,15 +15,13 @@ import sparsify_fx as sf
 from sparsify_fx.budgets.exact_cut import apply_budget
 from sparsify_fx.passes.channels.couple import channel_l1_scores, group_masks
 from sparsify_fx.passes.shrink.hf_config import config_cannot_hold
-from tests.helpers import assert_reload_parity, assert_shrunk_parity, gqa_attention
+from tests.helpers import (assert_reload_parity, assert_shrunk_parity, gqa_attention,
+                           l1_cut_and_shrink)
 
 
 def _cut_and_shrink(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, nn.Module]:
-    gm = sf.transform(model, granularity="channel", target_macs=0.5, example_inputs=(x,),
-                      capture="export")
-    apply_budget(gm, target_macs=0.5, scores=channel_l1_scores(gm))
-    gm.eval()
-    return gm, sf.shrink(gm).eval()
+    gm, small, _ = l1_cut_and_shrink(model, (x,))
+    return gm, small
 
 
 class EmbedDimAttention(nn.Module):

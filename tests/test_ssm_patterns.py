@@ -16,9 +16,8 @@ from torch import nn
 from torch.export import Dim
 
 import sparsify_fx as sf
-from sparsify_fx.budgets.exact_cut import apply_budget
-from sparsify_fx.passes.channels.couple import channel_l1_scores, group_masks
-from tests.helpers import assert_shrunk_parity
+from sparsify_fx.passes.channels.couple import group_masks
+from tests.helpers import assert_shrunk_parity, l1_cut_and_shrink
 
 
 class Block(nn.Module):
@@ -165,16 +164,8 @@ def _cut_and_shrink(mixer: type[nn.Module], length: int = 7, dynamic_length: boo
     the length unless the mixer loops over it), L1 cut to 0.5 of its MACs, shrunk; and the
     warnings the capture raised."""
     torch.manual_seed(0)
-    model = Block(mixer()).eval()
     dynamic = {0: Dim.AUTO, 1: Dim.AUTO} if dynamic_length else {0: Dim.AUTO}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        gm = sf.transform(model, granularity="channel", target_macs=0.5,
-                          example_inputs=(torch.randn(2, length, 32),), capture="export",
-                          dynamic_shapes=(dynamic,))
-    apply_budget(gm, target_macs=0.5, scores=channel_l1_scores(gm))
-    gm.eval()
-    return gm, sf.shrink(gm).eval(), [str(w.message) for w in caught]
+    return l1_cut_and_shrink(Block(mixer()).eval(), (torch.randn(2, length, 32),), (dynamic,))
 
 
 def test_depthwise_conv_weight_read_through_a_view_is_cut() -> None:
