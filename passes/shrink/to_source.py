@@ -84,8 +84,9 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     old = getattr(owner, attr)
     if isinstance(old, nn.Parameter):
         setattr(owner, attr, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
-    else:
-        owner.register_buffer(attr, value.contiguous())
+    else:  # a non-persistent buffer (rotary inv_freq) stays out of the state dict
+        owner.register_buffer(attr, value.contiguous(),
+                              persistent=attr not in owner._non_persistent_buffers_set)
 
 
 def _sync_shape_attrs(owner: nn.Module, prod: Producer, w: torch.Tensor, groups: int) -> None:

@@ -1,0 +1,114 @@
+"""Configs that hold the shrunk widths (issue 34, fifth session: Moshi, FalconMamba,
+GPTNeoXJapanese, Mpt).
+
+* An attention block holding its own non-persistent buffer (a rotary ``inv_freq`` per
+  layer, as Moshi's): the shrunk model keeps the buffer out of its state dict, as the
+  class builds it, so the head-count fields describe the block and the save reloads.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+
+import sparsify_fx as sf
+from sparsify_fx.budgets.exact_cut import apply_budget
+from sparsify_fx.passes.channels.couple import group_masks
+from tests.helpers import assert_reload_parity
+
+VOCAB = 40
+
+
+def _uniform_cut_shrink(model: nn.Module, target: float, seed: int = 1) -> tuple:
+    """Transform (torch.export capture), random-score uniform cut at ``target`` MACs,
+    shrink: ``(capture, shrunk model, example inputs)``."""
+    x = (torch.randint(0, VOCAB, (2, 7)),)
+    gm = sf.transform(model, granularity="channel", target_macs=target, example_inputs=x,
+                      capture="export").eval()
+    g = torch.Generator().manual_seed(seed)
+    scores = {k: torch.rand(m.score_shape, generator=g) for k, m in group_masks(gm).items()}
+    apply_budget(gm, target_macs=target, scores=scores, uniform=True)
+    return gm, sf.shrink(gm).eval(), x
+
+
+def _randomise(model: nn.Module) -> nn.Module:
+    with torch.no_grad():  # HF's 0.02 init leaves the blocks' share below any tolerance
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model.eval()
+
+
+class RotaryConfig(PreTrainedConfig):
+    model_type = "sparsify_rotary_buffer_test"
+
+    def __init__(self, vocab_size: int = VOCAB, hidden_size: int = 32, num_attention_heads: int = 4,
+                 num_key_value_heads: int = 2, head_dim: int = 8, **kwargs) -> None:
+        self.vocab_size, self.hidden_size, self.head_dim = vocab_size, hidden_size, head_dim
+        self.num_attention_heads, self.num_key_value_heads = num_attention_heads, num_key_value_heads
+        super().__init__(**kwargs)
+
+
+class RotaryAttention(nn.Module):
+    """GQA with rotary positions from a per-layer non-persistent ``inv_freq``."""
+
+    def __init__(self, config: RotaryConfig) -> None:
+        super().__init__()
+        d, self.head_dim = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(d, config.num_attention_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, config.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, config.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, d, bias=False)
+        self.register_buffer("inv_freq", self.frequencies(), persistent=False)
+
+    def frequencies(self) -> torch.Tensor:
+        return 1.0 / 100 ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, s, _ = h.shape
+        angle = torch.arange(s, dtype=h.dtype)[:, None] * self.inv_freq  # (s, head_dim / 2)
+        cos, sin = torch.cat([angle, angle], -1).cos(), torch.cat([angle, angle], -1).sin()
+        q, k, v = (p(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = (t * cos + torch.cat([-t[..., self.head_dim // 2:], t[..., :self.head_dim // 2]],
+                                    -1) * sin for t in (q, k))
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        a = torch.softmax(q @ k.transpose(-1, -2) * self.head_dim ** -0.5, -1) @ v
+        return self.o_proj(a.transpose(1, 2).reshape(b, s, -1))
+
+
+class RotaryLM(PreTrainedModel):
+    config_class = RotaryConfig
+
+    def __init__(self, config: RotaryConfig) -> None:
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(RotaryAttention(config) for _ in range(2))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, RotaryAttention):  # a buffer no checkpoint holds, as HF's rotary
+            with torch.no_grad():
+                module.inv_freq.copy_(module.frequencies())
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = h + layer(h)
+        return self.lm_head(h)
+
+
+def test_a_non_persistent_buffer_of_an_attention_block_stays_out_of_the_save(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _randomise(RotaryLM(RotaryConfig()))
+    gm, small, x = _uniform_cut_shrink(model, 0.6)
+    kv = small.config.num_key_value_heads
+    assert 0 < kv < 2 and small.config.num_attention_heads == 2 * kv  # heads were cut
+    assert small.layers[0].q_proj.weight.shape == (2 * kv * 8, 32)
+    assert not any("inv_freq" in k for k in small.state_dict())  # as the class builds it
+    sf.safe_save(small, tmp_path)
+    loaded = RotaryLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    assert loaded.config.num_key_value_heads == kv and loaded.config.head_dim == 8
+    assert_reload_parity(gm, small, loaded, x, (torch.randint(0, VOCAB, (2, 7)),))
