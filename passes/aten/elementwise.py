@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from sparsify_fx.passes.aten.grouped import softmax_ties
 from sparsify_fx.passes.aten.values import (DerivedParam, ParamRef, Tracked, Uniform,
                                             channel_dim, concrete_shape, hint, op_name,
                                             varying_dims, vector_split_dims)
@@ -286,7 +287,7 @@ class ElementwiseRules:
             return self.reject(node, "group norm")
         else:
             dims = [int(node.args[1]) % rank]
-        self._mixing(node, x, dims, tie=False)
+        self._mixing(node, x, dims, tie=softmax_ties(name, x, dims))  # sinks from a linear
         for p in node.args[2:4] if name != "cumsum" else ():
             if isinstance(p, fx.Node) and isinstance(p.meta.get("val"), torch.Tensor):
                 self.check_untracked_operand(x, tuple(hint(s) for s in p.meta["val"].shape), node,

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from sparsify_fx.passes.aten.grouped import NOT_GROUPED, visit_grouped
 from sparsify_fx.passes.aten.values import DerivedParam, ParamRef, Tracked, concrete_shape, op_name
 from sparsify_fx.passes.channels.graph_types import NormSite, Producer
 
@@ -189,6 +190,9 @@ def _row_channels(walk: "AtenChannelWalk", node: fx.Node, a: Tracked | None,
 def visit_matmul(walk: "AtenChannelWalk", node: fx.Node, name: str) -> Any:
     args = node.args
     vals = [walk.value(a) for a in args]
+    grouped = visit_grouped(walk, node, name, vals)  # grouped linears, per-head projections
+    if grouped is not NOT_GROUPED:
+        return grouped
     if name in ("conv1d", "conv2d", "conv3d", "convolution", "_convolution"):
         ref = vals[1]
         if not isinstance(ref, ParamRef):
