@@ -127,15 +127,19 @@ class RatioLM(PreTrainedModel):
         return self.lm_head(h + self.down(torch.relu(self.up(h))))
 
 
-def test_a_width_recomputed_when_the_config_loads_refuses_the_save(tmp_path) -> None:
+def _ratio_capture(target: float) -> tuple:
     torch.manual_seed(0)
     model = RatioLM(RatioConfig()).eval()
     x = (torch.randint(0, VOCAB, (2, 7)),)
-    gm = sf.transform(model, granularity="channel", target_macs=0.6, example_inputs=x,
+    gm = sf.transform(model, granularity="channel", target_macs=target, example_inputs=x,
                       capture="export").eval()
     [key] = group_masks(gm)
-    scores = {key: torch.arange(64, dtype=torch.float32)}
-    apply_budget(gm, target_macs=0.6, scores=scores, uniform=True)
+    return gm, key, {key: torch.arange(64, dtype=torch.float32)}, x
+
+
+def test_a_width_recomputed_when_the_config_loads_refuses_the_save(tmp_path) -> None:
+    gm, key, scores, _ = _ratio_capture(0.7)
+    apply_budget(gm, target_macs=0.7, scores=scores)  # the exact cut: any count
     kept = int(group_masks(gm)[key].hard_mask().sum())
     assert 0 < kept < 64 and kept % 32  # no whole multiple of hidden: expand cannot hold it
     small = sf.shrink(gm).eval()
@@ -143,3 +147,19 @@ def test_a_width_recomputed_when_the_config_loads_refuses_the_save(tmp_path) -> 
     with pytest.raises(ShrinkError, match="intermediate_size|up.weight"):
         small.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_uniform_cut_keeps_a_width_the_ratio_field_holds(tmp_path) -> None:
+    """``expand`` sizes ``expand x hidden`` units: the uniform cut keeps a multiple of
+    ``hidden`` (32 of 64), the config gets ``expand = 1`` (the width recomputed from it
+    at init is 32) and the saved folder reloads with equal outputs."""
+    gm, key, scores, x = _ratio_capture(0.7)
+    apply_budget(gm, target_macs=0.7, scores=scores, uniform=True)
+    assert int(group_masks(gm)[key].hard_mask().sum()) == 32
+    small = sf.shrink(gm).eval()
+    assert small.up.weight.shape == (32, 32)
+    assert small.config.expand == 1 and small.config.intermediate_size == 32
+    sf.safe_save(small, tmp_path)
+    loaded = RatioLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    assert loaded.config.expand == 1 and loaded.up.weight.shape == (32, 32)
+    assert_reload_parity(gm, small, loaded, x, (torch.randint(0, VOCAB, (2, 7)),))

@@ -4,14 +4,19 @@ GPTNeoXJapanese, Mpt).
 * An attention block holding its own non-persistent buffer (a rotary ``inv_freq`` per
   layer, as Moshi's): the shrunk model keeps the buffer out of its state dict, as the
   class builds it, so the head-count fields describe the block and the save reloads.
+* A field that is a ratio (the module builds ``hidden_size x mlp_multiple`` units):
+  the uniform cut keeps widths in the steps the field can write, the config search
+  writes it, and the save reloads.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
 import sparsify_fx as sf
+from sparsify_fx.errors import ShrinkError
 from sparsify_fx.budgets.exact_cut import apply_budget
 from sparsify_fx.passes.channels.couple import group_masks
 from tests.helpers import assert_reload_parity
@@ -112,3 +117,72 @@ def test_a_non_persistent_buffer_of_an_attention_block_stays_out_of_the_save(tmp
     loaded = RotaryLM.from_pretrained(tmp_path, local_files_only=True).eval()
     assert loaded.config.num_key_value_heads == kv and loaded.config.head_dim == 8
     assert_reload_parity(gm, small, loaded, x, (torch.randint(0, VOCAB, (2, 7)),))
+
+
+class MultipleConfig(PreTrainedConfig):
+    """The MLP width is no field: the module builds ``int(hidden_size x mlp_multiple)``
+    units (GPT-NeoX-Japanese's ``intermediate_multiple_size``)."""
+
+    model_type = "sparsify_multiple_field_test"
+
+    def __init__(self, vocab_size: int = VOCAB, hidden_size: int = 16, mlp_multiple: int = 4,
+                 **kwargs) -> None:
+        self.vocab_size, self.hidden_size, self.mlp_multiple = vocab_size, hidden_size, mlp_multiple
+        super().__init__(**kwargs)
+
+
+class MultipleMLP(nn.Module):
+    def __init__(self, config: MultipleConfig) -> None:
+        super().__init__()
+        width = int(config.hidden_size * config.mlp_multiple)
+        self.up, self.down = nn.Linear(config.hidden_size, width), nn.Linear(width, config.hidden_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.nn.functional.gelu(self.up(h)))
+
+
+class MultipleLM(PreTrainedModel):
+    config_class = MultipleConfig
+
+    def __init__(self, config: MultipleConfig) -> None:
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.mlps = nn.ModuleList(MultipleMLP(config) for _ in range(2))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for mlp in self.mlps:
+            h = h + mlp(h)
+        return self.lm_head(h)
+
+
+def test_a_uniform_cut_keeps_widths_in_steps_a_ratio_field_can_write(tmp_path) -> None:
+    """``mlp_multiple = 4`` sizes 64 units: only multiples of 16 can be written, so the
+    uniform cut keeps one (of 64), the config search writes ``mlp_multiple`` and the saved
+    folder reloads with equal outputs; the exact cut keeps any count and its save is
+    refused before writing."""
+    torch.manual_seed(0)
+    model = _randomise(MultipleLM(MultipleConfig()))
+    gm, small, x = _uniform_cut_shrink(model, 0.6)
+    kept = {int(m.hard_mask().sum()) for m in group_masks(gm).values()}
+    assert len(kept) == 1 and next(iter(kept)) in (16, 32, 48)
+    width = next(iter(kept))
+    assert small.mlps[0].up.weight.shape == (width, 16)
+    assert small.config.mlp_multiple == width // 16
+    sf.safe_save(small, tmp_path / "uniform")
+    loaded = MultipleLM.from_pretrained(tmp_path / "uniform", local_files_only=True).eval()
+    assert loaded.mlps[1].down.weight.shape == (16, width)
+    assert_reload_parity(gm, small, loaded, x, (torch.randint(0, VOCAB, (2, 7)),))
+
+    exact = sf.transform(model, granularity="channel", target_macs=0.6, example_inputs=x,
+                         capture="export").eval()
+    g = torch.Generator().manual_seed(1)
+    apply_budget(exact, target_macs=0.6,
+                 scores={k: torch.rand(m.score_shape, generator=g)
+                         for k, m in group_masks(exact).items()})
+    assert any(int(m.hard_mask().sum()) % 16 for m in group_masks(exact).values())
+    with pytest.raises(ShrinkError, match="mlps.0.up.weight"):
+        sf.shrink(exact).save_pretrained(tmp_path / "exact")
+    assert not (tmp_path / "exact").exists()

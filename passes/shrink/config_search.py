@@ -49,6 +49,33 @@ def class_shapes(hf_model: nn.Module, config: Any) -> dict[str, tuple] | None:
     return {k: tuple(v.shape) for k, v in trial.state_dict().items()}
 
 
+def saved_form(config: Any, fields: dict[str, Any]) -> Any | None:
+    """A copy of ``config`` with ``fields`` set, as a saved folder gives it back: the
+    copy itself, or ``type(config).from_dict(copy.to_dict())`` where that differs (a
+    width recomputed from a ratio field at init, Mamba's ``intermediate_size =
+    int(expand * hidden_size)``: setting the width is lost, setting the ratio is what
+    counts). None when the config refuses a value."""
+    trial = copy.deepcopy(config)
+    try:
+        for attr, value in fields.items():
+            setattr(trial, attr, value)
+    except Exception:  # noqa: BLE001  a value the config refuses
+        return None
+    try:
+        again = type(config).from_dict(trial.to_dict())
+        if again.to_dict() != trial.to_dict() and _round_trips(config):
+            return again
+    except Exception:  # noqa: BLE001  no round trip to compare with: the copy as set
+        pass
+    return trial
+
+
+def _round_trips(config: Any) -> bool:
+    """Whether ``config`` itself comes back from ``from_dict(to_dict())`` unchanged (else
+    a difference after setting a field says nothing about that field)."""
+    return type(config).from_dict(config.to_dict()).to_dict() == config.to_dict()
+
+
 class BlockSearch:
     """The config probes of one HF model (``hf_path``: its path in the shrunk source
     model; ``blocks``: the shrink's blocks by path), read lazily and cached: parameter
@@ -76,17 +103,12 @@ class BlockSearch:
 
     def built(self, fields: dict[str, Any]) -> dict[str, tuple] | None:
         """Shapes of the class built on the meta device from the config with ``fields``
-        set (cached); None when the config or the class refuses them."""
+        set, as saved (:func:`saved_form`; cached); None when the config or the class
+        refuses them."""
         key = tuple(sorted(fields.items()))
         if key not in self._built:
-            self._built[key] = None
-            trial = copy.deepcopy(self.hf_model.config)
-            try:
-                for attr, value in fields.items():
-                    setattr(trial, attr, value)
-            except Exception:  # noqa: BLE001  a value the config refuses
-                return None
-            self._built[key] = class_shapes(self.hf_model, trial)
+            trial = saved_form(self.hf_model.config, fields)
+            self._built[key] = None if trial is None else class_shapes(self.hf_model, trial)
         return self._built[key]
 
     def describes(self, fields: dict[str, Any], names: set[str] | None = None) -> bool:
@@ -164,4 +186,5 @@ class BlockSearch:
         return fields, searched
 
 
-__all__ = ["MAX_SCALED", "MAX_CHOICES", "BlockSearch", "class_shapes", "changes_one_dim"]
+__all__ = ["MAX_SCALED", "MAX_CHOICES", "BlockSearch", "class_shapes", "changes_one_dim",
+           "saved_form"]

@@ -25,7 +25,7 @@ from sparsify_fx.errors import ShrinkError
 from sparsify_fx.mask_index import main_graph, unwrap
 from sparsify_fx.passes.stored_analysis import channel_graph_of
 from sparsify_fx.passes.shrink.config_search import (MAX_CHOICES, BlockSearch, changes_one_dim,
-                                                   class_shapes)
+                                                   class_shapes, saved_form)
 
 
 def _attr(config: Any, name: str) -> Any:
@@ -150,16 +150,16 @@ def halved_fields(hf_model: nn.Module
                   ) -> Iterator[tuple[str, int, dict[str, tuple], dict[str, tuple]]]:
     """``(field, value, dense shapes, shapes with the field halved)`` for every integer
     field of ``hf_model.config`` the class accepts at half its value (parameter shapes by
-    name, the class built on the meta device once per field). Reads ``hf_model`` only."""
+    name, the class built on the meta device once per field, from the config as a saved
+    folder gives it back: a width recomputed from a ratio at init is no field, the ratio
+    is). Reads ``hf_model`` only."""
     config = hf_model.config
     dense = class_shapes(hf_model, config)
     if dense is None:
         return
     for attr, value in _int_fields(config).items():
-        trial = copy.deepcopy(config)
-        try:
-            setattr(trial, attr, value // 2)
-        except Exception:  # noqa: BLE001  a field the config refuses to change
+        trial = saved_form(config, {attr: value // 2})
+        if trial is None:  # a field the config refuses to change
             continue
         small = class_shapes(hf_model, trial)
         if small is not None:
@@ -239,13 +239,13 @@ def update_config(src: nn.Module, blocks: dict[str, dict],
                                          choice)
         if fields is None or not search.describes(fields):
             return False  # ragged, or the class cannot be rebuilt from it
-        trial = copy.deepcopy(config)
-        for attr, value in fields.items():
-            setattr(trial, attr, value)
-        if searched and (reloads is None or not reloads(trial)):
+        trial = saved_form(config, fields)
+        if trial is None or searched and (reloads is None or not reloads(trial)):
             continue  # shapes agree, the computation does not: the next candidate
-        for attr, value in fields.items():
-            setattr(config, attr, value)
+        before = config.to_dict()
+        for attr, value in trial.to_dict().items():  # with the widths a ratio recomputes
+            if attr in fields or before.get(attr, value) != value:
+                setattr(config, attr, getattr(trial, attr))
         return True
     return False
 

@@ -24,6 +24,7 @@ stays. Without an HF config the plan is the structure classes alone.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -140,7 +141,7 @@ def uniform_plan(model: nn.Module, graph: fx.GraphModule, cg: Any,
     for key in classes:
         merged.setdefault(root(key), []).append(key)
     width = {g.index: len(g.components) for g in cg.groups}
-    coarse = _coarse(holds, width)
+    coarse, unit_steps = _coarse(holds, width)
     for keys in merged.values():
         ids = [g for key in keys for g in classes[key]]
         names = sorted(a for a, h in holds.items() if h.groups & set(ids))
@@ -170,21 +171,42 @@ def uniform_plan(model: nn.Module, graph: fx.GraphModule, cg: Any,
             plan.fields[new_key] = names
         if whole:
             plan.whole[new_key] = whole
+        elif any(g in unit_steps for g in ids):  # counts the ratio field can write
+            step = plan.steps[new_key]
+            for g in (g for g in ids if g in unit_steps):
+                m = plan.multiples.get(g, 1)
+                step = math.lcm(step, unit_steps[g] // math.gcd(unit_steps[g], m))
+            plan.steps[new_key] = step
     return plan
 
 
-def _coarse(holds: dict[str, FieldHold], width: dict[int, int]) -> dict[int, str]:
+def _coarse(holds: dict[str, FieldHold], width: dict[int, int]
+            ) -> tuple[dict[int, str], dict[int, int]]:
     """Groups every holding field of which is coarser than a unit (no head-count field,
     and :func:`~sparsify_fx.passes.shrink.hf_config.holds_width` false: ``expand = 2``
-    sizing 128 units): no kept count but all of them can be written into the config.
-    ``{group index: reason}``."""
+    sizing 128 units). Such a field is a ratio: it holds counts in steps of ``units /
+    value`` (``expand = 1``: 64 units). Returns ``({group: why it stays whole}, {group:
+    its unit step})``: whole when the units are no whole multiple of the value (or the
+    step is all of them), else the step (the config search writes the field, a reload
+    checks it)."""
     held: dict[int, list[str]] = {}
     for attr, hold in holds.items():
         for g in hold.groups:
             held.setdefault(g, []).append(attr)
-    return {g: "; ".join(f"{a} = {holds[a].value} cannot hold {width[g]} units" for a in attrs)
-            for g, attrs in held.items() if all(
-                a not in HEAD_FIELDS and not holds_width(holds[a].value, width[g]) for a in attrs)}
+    whole: dict[int, str] = {}
+    steps: dict[int, int] = {}
+    for g, attrs in held.items():
+        if not all(a not in HEAD_FIELDS and not holds_width(holds[a].value, width[g])
+                   for a in attrs):
+            continue
+        step = math.lcm(*(width[g] // holds[a].value if width[g] % holds[a].value == 0
+                          else width[g] for a in attrs))
+        if step < width[g]:
+            steps[g] = step
+        else:
+            whole[g] = "; ".join(f"{a} = {holds[a].value} cannot hold {width[g]} units"
+                                 for a in attrs)
+    return whole, steps
 
 
 __all__ = ["HEAD_FIELDS", "FieldHold", "UniformPlan", "field_holds", "source_config_model", "uniform_plan"]
