@@ -126,7 +126,12 @@ def run_family(family: str, class_name: str, kind: str, seed: int = 0) -> dict[s
         if rep.blocks is not None:
             row["blocks_macs_fraction"] = round(float(rep.blocks["fraction"]), 4)
         step = "shrink"
-        small = sf.shrink(gm).eval()
+        gm, small, options = _shrink(model, gm, options, dynamic if row["dynamic"] else None,
+                                     seed, row)
+        if "shrink_excluded" in row:
+            rep = sf.report(gm, x)
+            if rep.blocks is not None:
+                row["blocks_macs_fraction"] = round(float(rep.blocks["fraction"]), 4)
         dense_n = sum(p.numel() for p in model.parameters())
         row["params_fraction"] = round(sum(p.numel() for p in small.parameters()) / dense_n, 4)
         step = "parity"
@@ -163,6 +168,8 @@ def run_family(family: str, class_name: str, kind: str, seed: int = 0) -> dict[s
         if row["target"] != TARGET:  # 0.5 was out of reach: the BudgetError is the reason
             row["result"] = f"{row['result']} at target {row['target']}"
         row["reason"] = row.get("budget_error") or row.get("warning", "")
+        if "shrink_excluded" in row:
+            row["reason"] = f"{row['shrink_reason']}; {row['reason']}".rstrip("; ")
     except FamilyTimeout:
         row["result"], row["reason"] = f"fail:{step}", "timed out"
     except Exception as exc:  # noqa: BLE001  every failure is a row of the table
@@ -172,8 +179,45 @@ def run_family(family: str, class_name: str, kind: str, seed: int = 0) -> dict[s
         row["result"] = f"fail:{step}"
         row["named"] = isinstance(exc, SparsifyError)  # a named refusal, not a wrong output
         row["reason"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        if "shrink_reason" in row:  # the failure came after keeping groups whole
+            row["reason"] = f"{row['shrink_reason']}; then {row['reason']}"
         row["traceback"] = traceback.format_exc(limit=-4)[-1500:]
     return row
+
+
+def _shrink(model: Any, gm: Any, options: dict, dynamic: Any, seed: int,
+            row: dict) -> tuple[Any, Any, dict]:
+    """``shrink(gm)``; when it names cut groups the source class cannot hold
+    (``ShrinkError.exclude``), the documented fix: transform again with those producer
+    weights excluded, the same kind of random scores, the exact cut, shrink (up to two
+    rounds). Returns the model shrunk, its capture and the options used; the groups kept
+    whole go to ``row["shrink_excluded"]``."""
+    import sparsify_fx as sf
+    from sparsify_fx.errors import ShrinkError
+    from sparsify_fx.passes.channels.couple import group_masks
+    for attempt in range(3):
+        try:
+            return gm, sf.shrink(gm).eval(), options
+        except ShrinkError as exc:
+            if not exc.exclude or attempt == 2:
+                raise
+            row.setdefault("shrink_excluded", []).extend(exc.exclude)
+            row.setdefault("shrink_groups", []).append(list(exc.groups))  # keys of that capture
+            why = str(exc).split("; its code")[0].rpartition(" (")[2].rstrip(")")
+            row["shrink_reason"] = (
+                f"kept whole for shrink (exclude): {len(row['shrink_excluded'])} producer weights "
+                f"of {sum(map(len, row['shrink_groups']))} groups, e.g. "
+                f"{row['shrink_excluded'][0]} (the class's code reads their width: {why[:100]})")
+            options = dict(options, exclude=[*options.get("exclude", ()), *exc.exclude])
+            extra = {} if dynamic is None else {"dynamic_shapes": dynamic}
+            gm = sf.transform(model, **options, **extra).eval()
+            g = torch.Generator().manual_seed(seed + 1)
+            groups = group_masks(gm)
+            scores = {k: torch.rand(m.score_shape, generator=g) for k, m in groups.items()}
+            row["groups"] = len(groups)
+            row.pop("budget_error", None)  # the cut again: its own
+            row["target"] = _cut(gm, scores, groups, row)
+    raise AssertionError("unreachable")
 
 
 def _cut(gm: Any, scores: dict, groups: dict, row: dict) -> float:
@@ -220,7 +264,8 @@ def _uniform_save(model: Any, gm: Any, x: Any, kind: str, vocab: int, options: d
             if not exclude:
                 return refused
             extra = {} if dynamic is None else {"dynamic_shapes": dynamic}
-            uni = sf.transform(model, exclude=exclude, **options, **extra).eval()
+            exclude = [*options.get("exclude", ()), *exclude]  # with what shrink kept whole
+            uni = sf.transform(model, **{**options, "exclude": exclude}, **extra).eval()
             if not group_masks(uni):
                 return f"[no group the config can hold] {refused}"[:300]
         g = torch.Generator().manual_seed(seed + 2)

@@ -46,7 +46,18 @@ class ExportError(SparsifyError):
 
 
 class ShrinkError(SparsifyError):
-    """Channel coupling analysis met a pattern it cannot shrink safely."""
+    """Channel coupling analysis met a pattern it cannot shrink safely.
+
+    When a capture shrunk into its source class does not run or differs from the
+    hard-masked model (the class's code reads a width the shrink does not update),
+    ``groups`` names the cut channel groups that cause it (``channel_group_<i>``) and
+    ``exclude`` their producer weights: keep them whole with
+    ``transform(model, ..., exclude=exc.exclude)`` and cut again. Both empty otherwise."""
+
+    #: keys of the channel groups whose cut the source class cannot hold
+    groups: tuple[str, ...] = ()
+    #: their producer weights (``transform``'s ``exclude`` keeps them whole)
+    exclude: tuple[str, ...] = ()
 
 
 class GenerationMismatchError(ExportError):

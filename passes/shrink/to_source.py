@@ -42,8 +42,8 @@ from sparsify_fx.mask_index import main_graph, unwrap
 from sparsify_fx.passes.aten.values import channel_dim
 from sparsify_fx.passes.channels.graph_types import ChannelGraph, Producer
 from sparsify_fx.passes.shrink.experts import pad_expert_units, slice_experts
-from sparsify_fx.passes.shrink.source_check import (check_against_capture, reload_check,
-                                                   retry_widths)
+from sparsify_fx.passes.shrink.source_check import (cannot_hold_error, check_against_capture,
+                                                   failing_groups, reload_check, retry_widths)
 from sparsify_fx.passes.shrink.hf_config import (config_cannot_hold, layer_configs, record_gaps,
                                                scale_width, update_config)
 from sparsify_fx.passes.shrink.split_widths import split_piece_widths
@@ -256,7 +256,23 @@ def _other_widths(src: nn.Module, owner_paths: list[str], kept: int, total: int,
 
 
 def shrink_to_source(model: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) -> nn.Module:
-    """A smaller copy of the capture's source module (see module doc). Read-only."""
+    """A smaller copy of the capture's source module (see module doc). Read-only. When
+    the shrunk model fails its check, the :class:`ShrinkError` names the cut groups that
+    cause it (``groups``) and their producer weights (``exclude``): the class's code reads
+    a width of theirs the shrink does not update; transform again with ``exclude`` and
+    cut again (the library does not keep them whole itself: the budget would be missed)."""
+    try:
+        return _shrunk(model, cg, keep_id)
+    except ShrinkError as exc:
+        if not hasattr(exc, "raised_in") or not (~keep_id).any():
+            raise
+        source = unwrap(model).__dict__["source_module"]
+        found = failing_groups(lambda keep: _shrunk(model, cg, keep), source, cg, keep_id, exc)
+        raise cannot_hold_error(exc, cg, found) from exc
+
+
+def _shrunk(model: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) -> nn.Module:
+    """:func:`shrink_to_source` without naming the groups of a failed check."""
     exported = unwrap(model)
     source = exported.__dict__.get("source_module")
     if source is None:
