@@ -7,6 +7,9 @@ GPTNeoXJapanese, Mpt).
 * A field that is a ratio (the module builds ``hidden_size x mlp_multiple`` units):
   the uniform cut keeps widths in the steps the field can write, the config search
   writes it, and the save reloads.
+* A non-persistent buffer a width sizes but no op reads (FalconMamba's weightless norms)
+  stays at its old width in the shrunk model; the reload check of searched fields takes
+  it as the class builds it, as ``from_pretrained`` does.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from sparsify_fx.errors import ShrinkError
 from sparsify_fx.budgets.exact_cut import apply_budget
 from sparsify_fx.passes.channels.couple import group_masks
 from tests.helpers import assert_reload_parity
+from tests.test_config_search import MixConfig, MixLM, PerHeadMixer
 
 VOCAB = 40
 
@@ -186,3 +190,34 @@ def test_a_uniform_cut_keeps_widths_in_steps_a_ratio_field_can_write(tmp_path) -
     with pytest.raises(ShrinkError, match="mlps.0.up.weight"):
         sf.shrink(exact).save_pretrained(tmp_path / "exact")
     assert not (tmp_path / "exact").exists()
+
+
+class BufferedMixer(PerHeadMixer):
+    """A per-head mixer holding a non-persistent buffer its width sizes and nothing
+    reads (FalconMamba's weightless norms): the shrink leaves it at its old width."""
+
+    def __init__(self, config: MixConfig) -> None:
+        super().__init__(config)
+        self.register_buffer("unused", torch.ones(self.n_mix * self.dim), persistent=False)
+
+
+class BufferedLM(MixLM):
+    def __init__(self, config: MixConfig) -> None:
+        super().__init__(config)
+        self.mixers = nn.ModuleList(BufferedMixer(config) for _ in range(2))
+        self.post_init()
+
+
+def test_a_stale_unread_buffer_does_not_refuse_the_searched_fields(tmp_path) -> None:
+    """The reload check of the searched fields takes a non-persistent buffer the shrink
+    left at its old width as the class builds it (no checkpoint holds it)."""
+    torch.manual_seed(0)
+    model = _randomise(BufferedLM(MixConfig()))
+    gm, small, x = _uniform_cut_shrink(model, 0.6)
+    heads = small.config.mix_heads
+    assert 0 < heads < 4 and small.mixers[0].in_proj.weight.shape == (3 * heads * 8, 32)
+    assert small.mixers[0].unused.shape == (32,)  # not sliced: no op reads it
+    sf.safe_save(small, tmp_path)
+    loaded = BufferedLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    assert loaded.config.mix_heads == heads and loaded.mixers[1].unused.shape == (heads * 8,)
+    assert_reload_parity(gm, small, loaded, x, (torch.randint(0, VOCAB, (2, 7)),))

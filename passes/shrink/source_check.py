@@ -155,14 +155,20 @@ def reload_check(model: nn.Module, src: nn.Module, inputs: Any) -> Callable[[Any
                 assign=True)
             if loaded.unexpected_keys:
                 return False
-            buffers = dict(src.named_buffers())
+            buffers, own = dict(src.named_buffers()), None
             for name, buf in list(fresh.named_buffers()):
                 if buf.is_meta:  # buffers are the shrunk model's own (rotary inv_freq)
                     mine = buffers.get(name)
+                    owner, _, attr = name.rpartition(".")
+                    module = fresh.get_submodule(owner) if owner else fresh
+                    if (mine is None or mine.shape != buf.shape) and \
+                            attr in module._non_persistent_buffers_set:
+                        # no checkpoint holds it: from_pretrained builds it as the class does
+                        own = own or dict(type(src)(config).named_buffers())
+                        mine = own.get(name)
                     if mine is None or mine.shape != buf.shape:
                         return False
-                    owner, _, attr = name.rpartition(".")
-                    (fresh.get_submodule(owner) if owner else fresh)._buffers[attr] = mine.clone()
+                    module._buffers[attr] = mine.clone()
             if any(t.is_meta for t in [*fresh.parameters(), *fresh.buffers()]):
                 return False
             check_against_capture(model, fresh, inputs)
