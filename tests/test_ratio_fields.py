@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
 import sparsify_fx as sf
-from sparsify_fx.errors import ShrinkError
+from sparsify_fx.errors import BudgetError, ShrinkError
 from sparsify_fx.budgets.exact_cut import apply_budget
 from sparsify_fx.passes.channels.couple import group_masks
 from tests.helpers import assert_reload_parity
@@ -221,3 +221,12 @@ def test_a_stale_unread_buffer_does_not_refuse_the_searched_fields(tmp_path) -> 
     loaded = BufferedLM.from_pretrained(tmp_path, local_files_only=True).eval()
     assert loaded.config.mix_heads == heads and loaded.mixers[1].unused.shape == (heads * 8,)
     assert_reload_parity(gm, small, loaded, x, (torch.randint(0, VOCAB, (2, 7)),))
+
+
+def test_a_target_below_one_step_of_a_ratio_field_names_the_field() -> None:
+    torch.manual_seed(0)
+    model = _randomise(MultipleLM(MultipleConfig()))
+    gm = sf.transform(model, granularity="channel", target_macs=0.2,
+                      example_inputs=(torch.randint(0, VOCAB, (2, 7)),), capture="export").eval()
+    with pytest.raises(BudgetError, match="mlp_multiple: a whole value of the field"):
+        apply_budget(gm, target_macs=0.2, uniform=True)  # one step (16 units) is 0.35

@@ -58,13 +58,15 @@ class UniformPlan:
     ``steps``: key -> kept-count step (grouped-matmul alignment); ``multiples``: group
     index -> slots per counted slot; ``fields``: key -> config fields tying the class;
     ``whole``: key -> why the class keeps every slot (the whole-kept weights a field ties
-    it to, or a field coarser than its units)."""
+    it to, or a field coarser than its units); ``ratio``: key -> the ratio fields that
+    set its step (a field coarser than a unit holds counts in steps of ``units / value``)."""
 
     classes: dict[tuple, list[int]]
     steps: dict[tuple, int]
     multiples: dict[int, int]
     fields: dict[tuple, list[str]] = field(default_factory=dict)
     whole: dict[tuple, list[str]] = field(default_factory=dict)
+    ratio: dict[tuple, list[str]] = field(default_factory=dict)
 
 
 def source_config_model(model: nn.Module) -> tuple[str, nn.Module] | None:
@@ -177,6 +179,7 @@ def uniform_plan(model: nn.Module, graph: fx.GraphModule, cg: Any,
                 m = plan.multiples.get(g, 1)
                 step = math.lcm(step, unit_steps[g] // math.gcd(unit_steps[g], m))
             plan.steps[new_key] = step
+            plan.ratio[new_key] = sorted(a for a in names if holds[a].groups & set(unit_steps))
     return plan
 
 

@@ -302,7 +302,11 @@ def pin_whole(model: nn.Module, entries: list[MaskEntry], scores: Mapping[str, T
 
 def _why_not(plan: "UniformPlan") -> str:
     """What holds a uniform cut's cost up (for its BudgetError)."""
-    text = "every class already keeps one step (experts: the grouped-matmul alignment)"
+    text = "every class already keeps one step (experts: the grouped-matmul alignment"
+    ratios = sorted({f for fields in plan.ratio.values() for f in fields})
+    if ratios:
+        text += "; groups sized by " + ", ".join(ratios) + ": a whole value of the field"
+    text += ")"
     if plan.whole:
         text += "; the groups sized by config fields " + ", ".join(sorted({
             f for s in plan.whole for f in plan.fields.get(s, ())})) + " stay whole (" + \
