@@ -55,6 +55,7 @@ from torch import fx
 from sparsify_fx.mask import MaskSet
 from sparsify_fx.passes.aten.einsum import visit_einsum
 from sparsify_fx.passes.aten.elementwise import ElementwiseRules
+from sparsify_fx.passes.aten.embeddings import drop_whole_embeddings, visit_embedding
 from sparsify_fx.passes.aten.experts import EXPERT_OPS, clamp_keeps_zero, visit_expert_op
 from sparsify_fx.passes.aten.op_tables import (BATCH_NORM, BINARY, CONV, IDENTITY_OPS, MATMUL,
                                                NO_CHANNELS, NONZERO_UNARY, NORMALIZE, REDUCE, SDPA,
@@ -137,6 +138,7 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
         self.weight_uses: dict[str, tuple] = {}  # weight -> its first call's (out, in) ids
         self.region = False  # walking inside a no-grad region's subgraph
         self.current: str | None = None  # the node being visited (named in warnings)
+        self._embedding_nodes: list[str] = []  # embedding tables made producers
         self.new_ids(1, -1)  # id 0: UNTRACKED
         self.whole.add(self.UNTRACKED)
 
@@ -219,6 +221,7 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
     def run(self) -> AtenWalk:
         for node in self.gm.graph.nodes:
             self.values[node.name] = self.visit(node)
+        drop_whole_embeddings(self)
         edges = [(i, self.dsu.find(i)) for i in range(len(self.owner)) if self.dsu.find(i) != i]
         return AtenWalk(len(self.owner), self.owner, self.whole, edges, self.producers,
                         self.norms, self.unsupported)
@@ -270,6 +273,8 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
             return visit_sdpa(self, node)
         if name == "einsum":
             return visit_einsum(self, node) if tracked else None
+        if name == "embedding":
+            return visit_embedding(self, node)
         if name in BATCH_NORM:
             return self.batch_norm(node, name)
         if name in UNIFORM_OPS:

@@ -299,17 +299,27 @@ def channel_l1_scores(model: nn.Module, per_weight: bool = False) -> dict[str, T
     ids = {id(m): k for k, m in groups.items()}
     scores = {k: torch.zeros(m.score_shape, dtype=torch.float64) for k, m in groups.items()}
     counts = {k: torch.zeros(m.score_shape, dtype=torch.float64) for k, m in groups.items()}
+    # a group no weight's rows belong to (an embedding table's columns, cut through its
+    # readers' column gates) is ranked by the input columns it gates
+    gates = {k: torch.zeros(m.score_shape, dtype=torch.float64) for k, m in groups.items()}
     with torch.no_grad():
         for e in masks(model):
             m = e.mask
-            if not isinstance(m, SharedChannelMask) or m.auxiliary:
+            columns = getattr(m, "kind", "") == COLUMNS
+            if not isinstance(m, SharedChannelMask) or (m.auxiliary and not columns):
                 continue
             w = e.weight.detach().abs().movedim(getattr(m, "channel_dim", 0), 0)
             per_channel = w.reshape(w.shape[0], -1).sum(1).double()
             for src, sel, slot in m.source_slots():
+                if columns:
+                    gates[ids[id(src)]].index_add_(0, slot.cpu(), per_channel[sel].cpu())
+                    continue
                 scores[ids[id(src)]].index_add_(0, slot.cpu(), per_channel[sel].cpu())
                 counts[ids[id(src)]].index_add_(0, slot.cpu(), torch.full(
                     (int(sel.sum()),), float(m.weights_per_score), dtype=torch.float64))
+    for k in scores:
+        if not counts[k].any():
+            scores[k] = gates[k]
     if per_weight:
         scores = {k: v / counts[k].clamp(min=1.0) for k, v in scores.items()}
     return {k: v.float() for k, v in scores.items()}

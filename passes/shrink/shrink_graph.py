@@ -28,6 +28,7 @@ from sparsify_fx.mask import SharedChannelMask
 from sparsify_fx.mask_index import main_graph, masks, unwrap
 
 from sparsify_fx.passes.channels.analysis import ChannelGraph
+from sparsify_fx.passes.channels.couple import GROUP_PREFIX, group_masks
 from sparsify_fx.passes.masks.fold_masks import fold_masks_inplace
 from sparsify_fx.passes.stored_analysis import channel_graph_of, coupled_producers
 from sparsify_fx.passes.shrink.attention import shrink_attention
@@ -85,6 +86,8 @@ def plan_shrink(model: nn.Module) -> ShrinkPlan:
             if prod.weight in coupled:
                 keep = coupled[prod.weight].hard_mask().reshape(-1).cpu().numpy()
                 keep_id[prod.out_ids] = keep
+            else:  # no mask of its own (an embedding table cut through column gates)
+                _keep_from_groups(gm, cg, prod.out_ids, keep_id)
     comp = cg.component
     n_comp = len(cg.prunable)
     kept_any = np.zeros(n_comp, dtype=bool)
@@ -119,6 +122,21 @@ def plan_shrink(model: nn.Module) -> ShrinkPlan:
         kept = keep_id[site.head_ids(cg.producers[site.qkv].out_ids)]
         heads[site.label] = (int(kept.sum()), site.num_heads)
     return ShrinkPlan(cg, keep_id, layers, heads)
+
+
+def _keep_from_groups(gm: fx.GraphModule, cg: ChannelGraph, ids: np.ndarray,
+                      keep_id: np.ndarray) -> None:
+    """``keep_id[ids]`` from the group masks' hard masks, for the ids in a group (a producer
+    with no mask of its own: its columns are gated where they are read). Mutates
+    ``keep_id``."""
+    g, s = cg.slots(ids)
+    if not (g >= 0).any():
+        return
+    masks_of = group_masks(gm)
+    for gi in sorted(set(g[g >= 0].tolist())):
+        hard = masks_of[f"{GROUP_PREFIX}{gi}"].hard_mask().reshape(-1).cpu().numpy().astype(bool)
+        sel = g == gi
+        keep_id[ids[sel]] = hard[s[sel]]
 
 
 def _set_param(gm: fx.GraphModule, name: str, value: torch.Tensor) -> None:
