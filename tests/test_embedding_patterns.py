@@ -128,3 +128,22 @@ def test_a_table_read_as_rotary_factors_stays_untracked_and_heads_are_cut() -> N
     assert len(cg.groups) == 2  # one per attention layer: heads not merged across layers
     assert small.positions.weight.shape == (16, 8)
     assert all(qkv.weight.shape[0] < 96 for qkv in small.qkv)
+
+
+def test_excluding_the_projection_keeps_the_tables_whole() -> None:
+    import warnings
+
+    import sparsify_fx as sf
+    from sparsify_fx.budgets.exact_cut import apply_budget
+    torch.manual_seed(0)
+    model = EmbeddingModel("cat").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = sf.transform(model, granularity="channel", target_macs=0.5, capture="export",
+                          example_inputs=(torch.randint(0, 50, (2, 7)),), dynamic_shapes=DYNAMIC,
+                          exclude=["proj"])
+    apply_budget(gm, target_macs=0.9, scores=channel_l1_scores(gm))
+    small = sf.shrink(gm.eval()).eval()
+    assert_shrunk_parity(gm, small, lambda: torch.randint(0, 50, (3, 5)))
+    assert small.word.weight.shape == (50, 16) and small.shape.weight.shape == (20, 24)
+    assert small.proj.weight.shape == (32, 40)

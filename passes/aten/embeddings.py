@@ -1,7 +1,9 @@
 """Embedding tables of the ATen channel walk (read-only).
 
 ``aten.embedding(table, indices)`` of a parameter ``table`` of shape ``(V, D)`` that no
-other op reads: its ``D`` columns are a *producer*'s output channels (new ids, stored as
+other op reads, whose output reaches nothing but the inputs of masked projections
+(through ``cat`` and other ops that only move data): its ``D`` columns are a
+*producer*'s output channels (new ids, stored as
 an ``(in, out)`` weight, no MACs). The table carries no mask, so a pruned column is not
 zero: the ids reach the walk marked not exactly zero when pruned, and the existing rules
 decide. A linear reading them (``cat`` of the word, shape and pronunciation embeddings
@@ -9,7 +11,8 @@ projected to the hidden size, a factorised embedding's projection) gates its inp
 columns with each column's score (``"columns"`` masks), so the hard-masked model never
 reads a pruned column, and shrink slices the table's columns with the projection's input
 columns. Anything else (a norm over all embedding units, the residual stream, an output,
-a table tied to an LM head) keeps them whole, as before.
+a product with activations, a table tied to an LM head, a projection excluded from
+pruning) leaves the table untracked, as before.
 
 :func:`drop_whole_embeddings` removes, after the walk, the embedding producers whose
 columns all stay whole (an LLM's token embedding), so the analysis of models without the
@@ -64,8 +67,8 @@ _READERS = {"linear": 0, "mm": 0, "matmul": 0, "addmm": 1}
 
 def _reaches_only_projections(node: fx.Node) -> bool:
     """Every path from ``node`` through ops that only move data (``cat``, ``clone``,
-    views, dtype copies, dropout) ends as the input of a product with a weight (a
-    ``linear`` reading the columns). Anything else (an add to the residual stream, a norm,
+    views, dtype copies, dropout) ends as the input of a product with a masked weight (a
+    ``linear`` reading the columns; ``exclude`` it to keep the table whole). Anything else (an add to the residual stream, a norm,
     a product with activations as rotary tables are used) and the columns would be tied
     into other channels or kept whole: the table is left untracked, as before."""
     seen: set[str] = set()
@@ -91,9 +94,8 @@ def _reaches_only_projections(node: fx.Node) -> bool:
             return False
         x, weight = user.args[at], user.args[at + 1]
         followed = isinstance(x, fx.Node) and (x is node or x.name in seen)
-        if not followed or not isinstance(weight, fx.Node) or weight.op not in (
-                "get_attr", "call_module"):
-            return False
+        if not followed or not isinstance(weight, fx.Node) or weight.op != "call_module":
+            return False  # a reader excluded from pruning (no mask node) keeps them whole
     return True
 
 
