@@ -135,11 +135,10 @@ class MultipleConfig(PreTrainedConfig):
         super().__init__(**kwargs)
 
 
-class MultipleMLP(nn.Module):
-    def __init__(self, config: MultipleConfig) -> None:
+class UnitMLP(nn.Module):
+    def __init__(self, hidden: int, width: int) -> None:
         super().__init__()
-        width = int(config.hidden_size * config.mlp_multiple)
-        self.up, self.down = nn.Linear(config.hidden_size, width), nn.Linear(width, config.hidden_size)
+        self.up, self.down = nn.Linear(hidden, width), nn.Linear(width, hidden)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.down(torch.nn.functional.gelu(self.up(h)))
@@ -151,9 +150,14 @@ class MultipleLM(PreTrainedModel):
     def __init__(self, config: MultipleConfig) -> None:
         super().__init__(config)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.mlps = nn.ModuleList(MultipleMLP(config) for _ in range(2))
+        self.mlps = nn.ModuleList(UnitMLP(config.hidden_size, self.mlp_width(config))
+                                  for _ in range(2))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.post_init()
+
+    @staticmethod
+    def mlp_width(config: PreTrainedConfig) -> int:
+        return int(config.hidden_size * config.mlp_multiple)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         h = self.embed(input_ids)
@@ -230,3 +234,34 @@ def test_a_target_below_one_step_of_a_ratio_field_names_the_field() -> None:
                       example_inputs=(torch.randint(0, VOCAB, (2, 7)),), capture="export").eval()
     with pytest.raises(BudgetError, match="mlp_multiple: a whole value of the field"):
         apply_budget(gm, target_macs=0.2, uniform=True)  # one step (16 units) is 0.35
+
+
+class InnerConfig(PreTrainedConfig):
+    """``n_inner`` unset means ``4 x hidden_size`` (no ``n_embd``: CLVP's decoder)."""
+
+    model_type = "sparsify_unset_inner_test"
+
+    def __init__(self, vocab_size: int = VOCAB, hidden_size: int = 16, n_inner: int | None = None,
+                 **kwargs) -> None:
+        self.vocab_size, self.hidden_size, self.n_inner = vocab_size, hidden_size, n_inner
+        super().__init__(**kwargs)
+
+
+class InnerLM(MultipleLM):
+    config_class = InnerConfig
+
+    @staticmethod
+    def mlp_width(config: PreTrainedConfig) -> int:
+        return config.n_inner if config.n_inner is not None else 4 * config.hidden_size
+
+
+def test_an_unset_inner_width_field_holds_the_mlp_width(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = _randomise(InnerLM(InnerConfig()))
+    gm, small, x = _uniform_cut_shrink(model, 0.6)
+    width = small.mlps[0].up.weight.shape[0]
+    assert 0 < width < 64 and small.config.n_inner == width
+    sf.safe_save(small, tmp_path)
+    loaded = InnerLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    assert loaded.config.n_inner == width and loaded.mlps[1].down.weight.shape == (16, width)
+    assert_reload_parity(gm, small, loaded, x, (torch.randint(0, VOCAB, (2, 7)),))

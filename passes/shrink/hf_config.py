@@ -251,13 +251,16 @@ def update_config(src: nn.Module, blocks: dict[str, dict],
 
 
 def _inner_widths(config: Any) -> dict[str, int]:
-    """The config's MLP width fields and their values (GPT-2's unset ``n_inner`` means
-    four times ``n_embd``)."""
+    """The config's MLP width fields and their values (an unset ``n_inner`` means four
+    times ``n_embd``, GPT-2's, or ``hidden_size``, CLVP's decoder's: the probes keep it
+    only where setting it reshapes the MLP)."""
     out = {}
     for attr in ("intermediate_size", "n_inner"):
         value = _attr(config, attr)
-        if attr == "n_inner" and value is None and isinstance(_attr(config, "n_embd"), int):
-            value = 4 * config.n_embd
+        hidden = _attr(config, "n_embd") or _attr(config, "hidden_size")
+        if attr == "n_inner" and value is None and _has(config, "n_inner") and \
+                isinstance(hidden, int):
+            value = 4 * hidden
         if isinstance(value, int):
             out[attr] = value
     return out
