@@ -13,8 +13,9 @@ layer whose channels the analysis cannot follow). :func:`uniform_plan` merges th
 structure classes of :func:`~sparsify_fx.passes.aten.experts.uniform_classes` that a
 field ties together (kept counts proportional to each group's units) and marks the
 classes a field ties to whole-kept channels: those must stay whole, or the saved config
-could not describe both; so are groups whose only fields are coarser than a unit
-(``mamba_expand = 2`` sizing 128 units): the config holds no smaller count.
+could not describe both. A group whose only fields are coarser than a unit
+(``mamba_expand = 2`` sizing 128 units) is held in steps of ``units / value`` (64: the
+field's whole values), its class's step; whole when the units are no multiple of it.
 
 A field counts only when every weight it reshapes changes along one dimension: a
 residual width (``hidden_size`` of a model deriving ``head_dim`` from it) changes
@@ -118,8 +119,10 @@ def uniform_plan(model: nn.Module, graph: fx.GraphModule, cg: Any,
     """The structure classes (:func:`~sparsify_fx.passes.aten.experts.uniform_classes`)
     merged where one config field holds groups of several (each group's kept count
     proportional to its units: ``multiples``), and marked ``whole`` where a field also
-    holds channels kept whole or every field holding a group is coarser than a unit. A merge whose unit counts are no whole multiples of each
-    other is left undone (the shrink then records the gap and refuses the save)."""
+    holds channels kept whole; a class whose groups only fields coarser than a unit
+    hold keeps counts in their step (``ratio``), or stays whole when no step divides its
+    units. A merge whose unit counts are no whole multiples of each other is left undone
+    (the shrink then records the gap and refuses the save)."""
     classes, steps, multiples = uniform_classes(graph, cg, signature)
     plan = UniformPlan(dict(classes), dict(steps), dict(multiples))
     found = source_config_model(model)
