@@ -64,19 +64,24 @@ def _config_fields(config_class: type) -> set[str]:
     return {p for p in params if p not in ("self", "kwargs", "args")}
 
 
-#: what a retry leaves out when the first tiny config is refused or does not run: the
-#: KV head count (classes needing as many as query heads: latent attention), the layer
-#: count (per-layer lists sized for the default depth)
-VARIANTS: tuple[tuple[str, ...], ...] = ((), ("num_key_value_heads",),
-                                         ("num_hidden_layers", "num_layers", "decoder_layers"),
-                                         ("num_key_value_heads", "num_hidden_layers", "num_layers",
-                                          "decoder_layers"))
+#: the fields that set a model's depth
+DEPTH_FIELDS = ("num_hidden_layers", "num_layers", "decoder_layers")
+#: what a retry changes when the first tiny config is refused or does not run:
+#: ``(fields left out, depth)``: the KV head count left out (classes needing as many as
+#: query heads: latent attention); a deeper tiny model (a per-layer pattern the config
+#: builds needs a few more layers, e.g. a layer shared by two hybrid layers); the depth
+#: left out (per-layer lists sized for the default depth)
+VARIANTS: tuple[tuple[tuple[str, ...], int | None], ...] = (
+    ((), LAYERS), (("num_key_value_heads",), LAYERS), ((), 3), ((), 4), ((), 8),
+    (DEPTH_FIELDS, None), (("num_key_value_heads", *DEPTH_FIELDS), None))
 
 
-def tiny_config(model_class: type, leave_out: tuple[str, ...] = ()) -> Any:
+def tiny_config(model_class: type, leave_out: tuple[str, ...] = (), depth: int | None = LAYERS
+                ) -> Any:
     """A tiny random config for ``model_class`` from its own ``config_class`` (see module
-    doc), without the generic fields ``leave_out`` (class defaults instead); ValueError
-    naming why when it cannot be built generically."""
+    doc), without the generic fields ``leave_out`` (class defaults instead), ``depth``
+    layers (None: the class default); ValueError naming why when it cannot be built
+    generically."""
     config_class = getattr(model_class, "config_class", None)
     if config_class is None:
         raise ValueError("the class names no config_class")
@@ -88,7 +93,7 @@ def tiny_config(model_class: type, leave_out: tuple[str, ...] = ()) -> Any:
             continue
         target = name if name in fields else mapping.get(name)
         if target in fields and target not in kwargs:
-            kwargs[target] = value
+            kwargs[target] = depth if name in DEPTH_FIELDS and depth is not None else value
     if not any(k in kwargs for k in ("hidden_size", mapping.get("hidden_size"), "d_model")):
         raise ValueError(f"{config_class.__name__} has no hidden size field")
     try:
@@ -161,9 +166,9 @@ def build_family(model_class: type, kind: str, seed: int, row: dict) -> tuple:
     builds and whose model runs (``row["config_variant"]``: what it left out); Nones with
     the first failure in ``row["reason"]`` when none does."""
     first = ""
-    for leave_out in VARIANTS:
+    for leave_out, depth in VARIANTS:
         try:
-            config = tiny_config(model_class, leave_out)
+            config = tiny_config(model_class, leave_out, depth)
         except ValueError as exc:
             first = first or str(exc)[:300]
             continue
@@ -188,8 +193,11 @@ def build_family(model_class: type, kind: str, seed: int, row: dict) -> tuple:
         except Exception as exc:  # noqa: BLE001  the family does not run as built
             first = first or f"does not run as built: {type(exc).__name__}: {str(exc)[:200]}"
             continue
-        if leave_out:
-            row["config_variant"] = "class default " + ", ".join(leave_out)
+        variant = [f"class default {', '.join(leave_out)}"] if leave_out else []
+        if depth is not None and depth != LAYERS:
+            variant.append(f"{depth} layers")
+        if variant:
+            row["config_variant"] = "; ".join(variant)
         return model, config, x, vocab
     row["reason"] = first
     return None, None, None, None

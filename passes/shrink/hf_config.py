@@ -244,7 +244,9 @@ def update_config(src: nn.Module, blocks: dict[str, dict],
             continue  # shapes agree, the computation does not: the next candidate
         before = config.to_dict()
         for attr, value in trial.to_dict().items():  # with the widths a ratio recomputes
-            if attr in fields or before.get(attr, value) != value:
+            if attr in fields:
+                setattr(config, attr, fields[attr])
+            elif before.get(attr, value) != value:
                 setattr(config, attr, getattr(trial, attr))
         return True
     return False
