@@ -89,3 +89,41 @@ def test_per_head_projection_relative_gather_and_linear_sinks_cut_heads():
     assert small.sink.weight.shape[0] == small.q.weight.shape[0] // 8  # one sink per head
     assert tuple(small.proj.shape) == (4, 16)  # the shared parameter is not sliced
     assert_shrunk_parity(gm, small, lambda: torch.randn(2, 6, 32))
+
+
+class BucketBias(nn.Module):
+    """Attention with a relative-position bias whose linear is viewed ``(buckets, heads)``
+    with the heads last, moved forward by ``permute``, and gathered per (query, key) bucket
+    along the buckets; a causal mask ``mask[None, None].expand(b, heads, t, t)`` added."""
+
+    def __init__(self, d: int = 32, heads: int = 4, head_dim: int = 8, buckets: int = 6) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.buckets = heads, head_dim, buckets
+        self.qkv = nn.Linear(d, 3 * heads * head_dim)
+        self.rel = nn.Linear(d, buckets * heads)
+        self.o = nn.Linear(heads * head_dim, d)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).chunk(3, -1))
+        rel = self.rel(x).view(b, t, self.buckets, self.heads).permute(0, 3, 1, 2)
+        pos = torch.arange(t)
+        bucket = (pos[:, None] - pos[None, :]).clamp(0, self.buckets - 1)
+        bias = rel.reshape(-1, self.buckets).gather(1, bucket.repeat(b * self.heads, 1))
+        causal = torch.full((t, t), float("-inf")).triu(1)
+        mask = causal[None, None].expand(b, self.heads, t, t)
+        scores = q @ k.transpose(-1, -2) * self.head_dim ** -0.5 + bias.view(b, self.heads, t, t)
+        a = torch.softmax(scores + mask, -1) @ v
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_heads_last_bucket_gather_and_expanded_mask_cut_heads():
+    torch.manual_seed(0)
+    model = BucketBias().eval()
+    gm, small, caught = l1_cut_and_shrink(model, (torch.randn(2, 6, 32),))
+    kept = small.o.weight.shape[1] // 8
+    assert 0 < kept < 4  # whole heads cut
+    assert small.rel.weight.shape[0] == 6 * kept  # each kept head's buckets
+    assert_shrunk_parity(gm, small, lambda: torch.randn(2, 6, 32))
+

@@ -56,6 +56,7 @@ from sparsify_fx.mask import MaskSet
 from sparsify_fx.passes.aten.einsum import visit_einsum
 from sparsify_fx.passes.aten.elementwise import ElementwiseRules
 from sparsify_fx.passes.aten.embeddings import drop_whole_embeddings, visit_embedding
+from sparsify_fx.passes.aten.grouped import heads_last
 from sparsify_fx.passes.aten.experts import EXPERT_OPS, clamp_keeps_zero, visit_expert_op
 from sparsify_fx.passes.aten.op_tables import (BATCH_NORM, BINARY, CONV, IDENTITY_OPS, MATMUL,
                                                NO_CHANNELS, NONZERO_UNARY, NORMALIZE, REDUCE, SDPA,
@@ -347,7 +348,8 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
         if name in ("view", "_unsafe_view", "reshape", "unflatten", "view_as", "reshape_as") \
                 and isinstance(out, Tracked):
             src = args[0]
-            chunk = out.ids.dim() == src.ids.dim() + 1 and _pieces_selected(node, out.ids.dim())
+            chunk = out.ids.dim() == src.ids.dim() + 1 and _pieces_selected(node, out.ids.dim()) \
+                or heads_last(node, out.ids.dim())  # (buckets, heads) moved: no fibre unit
             if out.ids.dim() and src.ids.dim() and out.ids.shape[-1] < src.ids.shape[-1] \
                     and not chunk:
                 # the last dim was split (e.g. heads x head_dim): a fiber is never split

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from sparsify_fx.passes.aten.expanded import varying_shape
 from sparsify_fx.passes.aten.grouped import softmax_ties
 from sparsify_fx.passes.aten.values import (DerivedParam, ParamRef, Tracked, Uniform,
                                             channel_dim, concrete_shape, hint, op_name,
@@ -75,9 +76,9 @@ class ElementwiseRules:
             other = operands[1 - i] if len(operands) > 1 else None
             if t is not None and ts[1 - i] is None and isinstance(other, fx.Node) \
                     and not isinstance(self.value(other), Uniform):
-                val = other.meta.get("val")
-                if isinstance(val, torch.Tensor):
-                    self.check_untracked_operand(t, tuple(hint(s) for s in val.shape), node,
+                varying = varying_shape(other)  # dims an expand broadcast: size 1
+                if varying is not None:
+                    self.check_untracked_operand(t, varying, node,
                                                  isinstance(self.value(other),
                                                             (ParamRef, DerivedParam)))
         a, b = ts[0], ts[1] if len(ts) > 1 else None

@@ -31,6 +31,7 @@ import torch
 from torch import fx
 
 from sparsify_fx.mask import MaskSet, SharedChannelMask
+from sparsify_fx.passes.aten.grouped import gather_fibres
 from sparsify_fx.passes.aten.values import DerivedParam, ParamRef, Tracked, concrete_shape
 from sparsify_fx.passes.channels.graph_types import Producer
 
@@ -210,7 +211,9 @@ def _gather(walk: "AtenChannelWalk", node: fx.Node, name: str) -> Any:
     if out_shape is None:
         return walk.reject(node, f"{name} output shape unknown")
     if not _constant_along(x, [d]):
-        return _vary(walk, node, x, name)
+        x = gather_fibres(walk, x, d)  # each fibre's sets tied, or None
+        if x is None:
+            return _vary(walk, node, walk.value(node.args[0]), name)
     ids, zero = x.ids.narrow(d, 0, 1), x.zero.narrow(d, 0, 1)
     for other in range(x.ids.dim()):
         if other != d and out_shape[other] != ids.shape[other]:

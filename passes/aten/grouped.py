@@ -1,4 +1,5 @@
-"""Grouped and per-head projections of the ATen channel walk (read-only).
+"""Grouped and per-head projections, and picks along a fibre, of the ATen channel walk
+(read-only).
 
 Two forms of a 2-D weight applied to more than one slice of its input:
 
@@ -18,9 +19,13 @@ Two forms of a 2-D weight applied to more than one slice of its input:
 
 :func:`visit_grouped` returns :data:`NOT_GROUPED` for any other product.
 
-A softmax over a fibre holding several tied sets (a head's scores and a per-head sink
-logit made by a linear, concatenated) ties them when every element of the fibre carries a
-channel (:func:`softmax_ties`): removing the unit then removes the whole fibre.
+Picking along a fibre: a softmax over a fibre holding several tied sets (a head's scores
+and a per-head sink logit made by a linear, concatenated) ties them when every element of
+the fibre carries a channel (:func:`softmax_ties`), and so does a ``gather`` along such a
+fibre (a head's bias per relative-position bucket, :func:`gather_fibres`): removing the
+unit then removes the whole fibre. A split view whose new last dim every use moves
+forward (``view(b, t, buckets, heads).permute(0, 3, 1, 2)``: the heads last) ties no
+fibre of that dim (:func:`heads_last`); the ops after it tie what goes together.
 """
 from __future__ import annotations
 
@@ -79,6 +84,9 @@ def grouped_param_op(walk: "AtenChannelWalk", node: fx.Node, name: str, first: A
             dims = [1, 2]
         if dims == [1, 2]:
             return GroupedParam(first.name, first.masked, first.groups, not first.transposed)
+        if first.masked is not None:  # the weight is no producer: its mask is dropped, named
+            walk.unsupported.append(f"{node.name} ({name}): reads the grouped weight "
+                                    f"{first.name} in a way the analysis does not follow")
     return None
 
 
@@ -169,4 +177,36 @@ def softmax_ties(name: str, x: Tracked, dims: list[int]) -> bool:
     return bool(tracked.any()) and bool((tracked.all(-1) | ~tracked.any(-1)).all())
 
 
-__all__ = ["GroupedParam", "NOT_GROUPED", "grouped_param_op", "softmax_ties", "visit_grouped"]
+def gather_fibres(walk: "AtenChannelWalk", x: Tracked, d: int) -> Tracked | None:
+    """``gather`` / ``index_select`` along ``d`` where the fibres along ``d`` hold several
+    tied sets (a head's bias for each relative-position bucket): when every fibre holding a
+    channel holds one at every element, each fibre's sets are tied (a picked element is any
+    of them) and ``x`` is returned with the first id of each fibre along ``d`` (zero where
+    the whole fibre is); else None."""
+    tracked = (x.ids >= 0).movedim(d, -1)
+    if not bool(tracked.any()) or not bool((tracked.all(-1) | ~tracked.any(-1)).all()):
+        return None
+    for row in torch.unique(x.ids.movedim(d, -1).reshape(-1, x.ids.shape[d]), dim=0):
+        walk.tie_all(row)
+    ids = x.ids.narrow(d, 0, 1).expand_as(x.ids).contiguous()
+    return Tracked(ids, x.zero.all(d, keepdim=True).expand_as(x.zero).contiguous())
+
+
+def heads_last(node: fx.Node, rank: int) -> bool:
+    """Every use of a split view moves its new last dim before others (``view(b, t,
+    buckets, heads).permute(0, 3, 1, 2)``): that dim counts units (heads), so its fibres are
+    no unit; the ops after the permute tie what must go together."""
+    users = list(node.users)
+    if not users:
+        return False
+    for u in users:
+        if u.op != "call_function" or getattr(u.target, "__name__", "").split(".")[0] != "permute":
+            return False
+        order = [int(k) % rank for k in u.args[1]]
+        if order[-1] == rank - 1:
+            return False
+    return True
+
+
+__all__ = ["GroupedParam", "NOT_GROUPED", "gather_fibres", "grouped_param_op", "heads_last",
+           "softmax_ties", "visit_grouped"]
