@@ -265,3 +265,43 @@ def test_an_unset_inner_width_field_holds_the_mlp_width(tmp_path) -> None:
     loaded = InnerLM.from_pretrained(tmp_path, local_files_only=True).eval()
     assert loaded.config.n_inner == width and loaded.mlps[1].down.weight.shape == (16, width)
     assert_reload_parity(gm, small, loaded, x, (torch.randint(0, VOCAB, (2, 7)),))
+
+
+class RoundUpConfig(PreTrainedConfig):
+    """The MLP width is ``round_up(hidden_size x ffn_factor, ffn_multiple)`` (a float ratio
+    and an integer round-up multiple, xLSTM's ``ffn_proj_factor``): 16 x 2.667 -> 48."""
+
+    model_type = "sparsify_round_up_ratio_test"
+
+    def __init__(self, vocab_size: int = VOCAB, hidden_size: int = 16, ffn_factor: float = 2.667,
+                 ffn_multiple: int = 16, **kwargs) -> None:
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.ffn_factor, self.ffn_multiple = ffn_factor, ffn_multiple
+        super().__init__(**kwargs)
+
+
+class RoundUpLM(MultipleLM):
+    config_class = RoundUpConfig
+
+    @staticmethod
+    def mlp_width(config: PreTrainedConfig) -> int:
+        m = config.ffn_multiple
+        return int((config.hidden_size * config.ffn_factor + m - 1) // m * m)
+
+
+def test_a_float_ratio_rounded_up_to_a_multiple_holds_the_uniform_width(tmp_path) -> None:
+    """The float ratio is scaled by the kept fraction exactly; the round-up multiple, which
+    alone reshapes nothing, is set so the ratio rounds up to the kept width; the saved
+    folder reloads with equal outputs."""
+    torch.manual_seed(0)
+    model = _randomise(RoundUpLM(RoundUpConfig()))
+    assert model.mlps[0].up.weight.shape == (48, 16)
+    gm, small, x = _uniform_cut_shrink(model, 0.6)
+    width = small.mlps[0].up.weight.shape[0]
+    assert 0 < width < 48 and small.mlps[1].down.weight.shape == (16, width)
+    assert isinstance(small.config.ffn_factor, float) and small.config.ffn_factor < 2.667
+    assert RoundUpLM.mlp_width(small.config) == width
+    sf.safe_save(small, tmp_path)
+    loaded = RoundUpLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    assert loaded.mlps[1].up.weight.shape == (width, 16)
+    assert_reload_parity(gm, small, loaded, x, (torch.randint(0, VOCAB, (2, 7)),))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from fractions import Fraction
 from typing import Any, Callable, Iterable, Iterator
 
@@ -121,42 +122,71 @@ class BlockSearch:
             return all(built.get(k, v) == v for k, v in self.own.items())
         return all(built.get(k) == self.own[k] for k in names)
 
-    def sizing_fields(self, names: set[str]) -> dict[str, int]:
-        """``{field: value}`` of the integer fields whose halving reshapes some of
-        ``names``, only parameters of the shrunk blocks (not a residual width reshaping
+    def sizing_fields(self, names: set[str]) -> dict[str, int | float]:
+        """``{field: value}`` of the integer and float fields whose halving reshapes some
+        of ``names``, only parameters of the shrunk blocks (not a residual width reshaping
         embeddings), each along one dim only (a unit width)."""
-        if self._probes is None:
-            self._probes = list(self.probe(self.hf_model))
         allowed = {n for key, block in self.blocks.items()
                    for n in self.names(block.get("_path", key))}
         out = {}
-        for attr, value, dense, small in self._probes:
+        for attr, value, dense, small in self.probes():
             changed = [k for k, v in dense.items() if small.get(k) != v]
             if changed and set(changed) & names and set(changed) <= allowed and all(
                     changes_one_dim(dense[k], small[k]) for k in changed if k in small):
                 out[attr] = value
         return out
 
+    def probes(self) -> list[tuple]:
+        """The halved-field probes (cached)."""
+        if self._probes is None:
+            self._probes = list(self.probe(self.hf_model))
+        return self._probes
+
+    def companions(self, ratio: str, value: float, names: set[str]) -> dict[str, int]:
+        """Integer fields whose halving alone reshapes nothing but which reshape ``names``
+        with the float field ``ratio`` halved too: a round-up multiple (``width =
+        round_up(hidden x ratio, multiple)``: at the dense width halving the multiple
+        still rounds to it)."""
+        base = self.built({ratio: value / 2})
+        out = {}
+        for attr, other, dense, small in self.probes():
+            if isinstance(other, float) or small != dense or base is None:
+                continue
+            both = self.built({ratio: value / 2, attr: other // 2})
+            if both is not None and any(both.get(k) != base.get(k) for k in names):
+                out[attr] = other
+        return out
+
     def candidates(self, block: dict, names: set[str], pinned: dict[str, Any]
-                   ) -> Iterator[dict[str, int]]:
+                   ) -> Iterator[dict[str, int | float]]:
         """Assignments of the fields sizing a block (at most :data:`MAX_SCALED` scaled,
-        each by the kept fraction of the block's largest or smallest producer, to a whole
-        number; fewer scaled fields first) under which the class built from the config
-        (``pinned`` fields set too) gives ``names`` their shrunk shapes."""
+        each by the kept fraction of the block's largest or smallest producer: an integer
+        to a whole number, a float exactly; fewer scaled fields first) under which the
+        class built from the config (``pinned`` fields set too) gives ``names`` their
+        shrunk shapes. A scaled float whose width rounds up past the kept one gets a
+        round-up multiple (:meth:`companions`) scaled too (``round_up(f x, f m) = f
+        round_up(x, m)``), or set to a divisor of the kept width."""
         fields = self.sizing_fields(names)
         fractions = {Fraction(block["_kept"], block["_total"]),
-                     Fraction(block["_kv_kept"], block["_kv_total"])}
-        options = {attr: sorted({int(value * f) for f in fractions if f != 1
-                                 and (value * f).denominator == 1 and value * f > 0})
+                     Fraction(block["_kv_kept"], block["_kv_total"])} - {1}
+        options = {attr: sorted({value * float(f) if isinstance(value, float) else int(value * f)
+                                 for f in fractions if isinstance(value, float) or
+                                 (value * f).denominator == 1 and value * f > 0})
                    for attr, value in fields.items()}
         scalable = [a for a in fields if options[a]]
+        kept = {block["_kept"], block["_kv_kept"]}
         for size in range(1, min(MAX_SCALED, len(scalable)) + 1):
             for chosen in itertools.combinations(scalable, size):
                 for values in itertools.product(*(options[a] for a in chosen)):
                     found = dict(zip(chosen, values))
                     if self.describes({**pinned, **found}, names):
                         yield found
-
+                        continue
+                    for ratio in (a for a in chosen if isinstance(fields[a], float)):
+                        for attr, m in self.companions(ratio, fields[ratio], names).items():
+                            for value in _multiples(m, fractions, kept):
+                                if self.describes({**pinned, **found, attr: value}, names):
+                                    yield {**found, attr: value}
 
     def assign(self, named: Callable[[dict], dict[str, Any]], choice: int
                ) -> tuple[dict[str, Any] | None, bool]:
@@ -184,6 +214,15 @@ class BlockSearch:
                 if fields.setdefault(attr, value) != value:
                     return None, searched  # ragged widths
         return fields, searched
+
+
+def _multiples(value: int, fractions: set[Fraction], kept: set[int]) -> list[int]:
+    """Values for a round-up multiple ``value`` at the kept widths ``kept``: scaled by a
+    kept fraction (whole numbers), the largest common divisor with a kept width, the
+    kept width itself (any ratio below it rounds up to it)."""
+    out = [int(value * f) for f in fractions if (value * f).denominator == 1 and value * f > 0]
+    out += [math.gcd(value, w) for w in kept if w > 0] + [w for w in kept if w > 0]
+    return list(dict.fromkeys(v for v in out if v != value))
 
 
 __all__ = ["MAX_SCALED", "MAX_CHOICES", "BlockSearch", "class_shapes", "changes_one_dim",

@@ -51,12 +51,14 @@ def scale_width(value: int, kept: int, total: int) -> int:
     return value * kept // total
 
 
-def holds_width(value: int, width: int) -> bool:
+def holds_width(value: int | float, width: int) -> bool:
     """Whether a config field of ``value`` can hold a group of ``width`` units at any kept
-    count: the field is the width, half of it (a fused gate/up of ``2 x value``), or a
-    whole multiple of it (an MLP built with ``value // 2`` units). A field coarser than a
-    unit (``expansion_ratio x hidden`` units) cannot."""
-    return width in (value, 2 * value) or (width > 0 and value % width == 0)
+    count: the field is the width, half of it (a fused gate/up of ``2 x value``), a whole
+    multiple of it (an MLP built with ``value // 2`` units), or a float ratio (set to
+    ``value x kept / total``; the config search and its reload check decide). An integer
+    field coarser than a unit (``expansion_ratio x hidden`` units) cannot."""
+    return isinstance(value, float) or width in (value, 2 * value) or \
+        (width > 0 and value % width == 0)
 
 
 def _uniform(blocks: dict[str, dict]) -> bool:
@@ -132,10 +134,11 @@ def mlp_fields(hf_model: nn.Module, prefix: str, owners: set[str]) -> dict[str, 
     return out
 
 
-def _int_fields(config: Any) -> dict[str, int]:
-    """The config's integer fields (>= 2), GPT-2's unset ``n_inner`` as four times ``n_embd``."""
-    out = {k: v for k, v in config.to_dict().items()
-           if isinstance(v, int) and not isinstance(v, bool) and v >= 2}
+def _int_fields(config: Any) -> dict[str, int | float]:
+    """The config's integer fields (>= 2), GPT-2's unset ``n_inner`` as four times ``n_embd``,
+    and its positive float fields (a ratio: ``width = round_up(hidden x ratio, multiple)``)."""
+    out = {k: v for k, v in config.to_dict().items() if not isinstance(v, bool) and (
+        isinstance(v, int) and v >= 2 or isinstance(v, float) and v > 0)}
     out.update(_inner_widths(config))
     return out
 
@@ -147,9 +150,9 @@ def _config_owner(src: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 def halved_fields(hf_model: nn.Module
-                  ) -> Iterator[tuple[str, int, dict[str, tuple], dict[str, tuple]]]:
+                  ) -> Iterator[tuple[str, int | float, dict[str, tuple], dict[str, tuple]]]:
     """``(field, value, dense shapes, shapes with the field halved)`` for every integer
-    field of ``hf_model.config`` the class accepts at half its value (parameter shapes by
+    or float field of ``hf_model.config`` the class accepts at half its value (parameter shapes by
     name, the class built on the meta device once per field, from the config as a saved
     folder gives it back: a width recomputed from a ratio at init is no field, the ratio
     is). Reads ``hf_model`` only."""
@@ -158,7 +161,7 @@ def halved_fields(hf_model: nn.Module
     if dense is None:
         return
     for attr, value in _int_fields(config).items():
-        trial = saved_form(config, {attr: value // 2})
+        trial = saved_form(config, {attr: value / 2 if isinstance(value, float) else value // 2})
         if trial is None:  # a field the config refuses to change
             continue
         small = class_shapes(hf_model, trial)
@@ -302,10 +305,10 @@ def _block_fields(config: Any, block: dict, widths: dict[str, tuple]) -> dict[st
 
 def _holding(block: dict, widths: dict[str, tuple]) -> dict[str, int]:
     """The MLP width fields whose change reshapes this block's producers, at a value its
-    width is (or a fused gate/up of 2 x value)."""
+    width is (or a fused gate/up of 2 x value); integers only (a float ratio: the search)."""
     producers = set(block.get("_producers", ()))
-    return {attr: value for attr, (value, changed) in widths.items()
-            if producers and producers <= changed and holds_width(value, block["_total"])}
+    return {attr: value for attr, (value, changed) in widths.items() if producers and
+            producers <= changed and isinstance(value, int) and holds_width(value, block["_total"])}
 
 
 def layer_configs(src: nn.Module, blocks: dict[str, dict]) -> None:

@@ -6,8 +6,8 @@ it: ``num_attention_heads`` sizes a sliding-window and a full-attention layer al
 (even with different ``head_dim`` fields), ``intermediate_size`` a dense MLP and the
 experts of an MoE layer, a layer run once and a layer run in a loop. Groups of
 different structure can therefore share one field. :func:`field_holds` finds, for each
-integer config field, the producers whose channel dimension changes when the field
-changes (the class built on the meta device from a copy with the field halved), and so
+integer or float config field, the producers whose channel dimension changes when the
+field changes (the class built on the meta device from a copy with the field halved), and so
 the channel groups the field holds and whether it also holds channels kept whole (a
 layer whose channels the analysis cannot follow). :func:`uniform_plan` merges the
 structure classes of :func:`~sparsify_fx.passes.aten.experts.uniform_classes` that a
@@ -48,7 +48,7 @@ class FieldHold:
     """What one config field sizes: the channel groups (indices) whose producers change
     along their channel dim with it, and the whole-kept producers that do (weights)."""
 
-    value: int
+    value: int | float
     groups: set[int] = field(default_factory=set)
     whole: set[str] = field(default_factory=set)
 
@@ -78,12 +78,13 @@ def source_config_model(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 def field_holds(hf_model: nn.Module, prefix: str, cg: Any) -> dict[str, FieldHold]:
-    """``{field: FieldHold}`` for every integer field of ``hf_model.config`` that holds at
-    least one channel group of ``cg`` (``prefix``: ``hf_model``'s path in the captured
-    model). A group a head-count field holds (:data:`HEAD_FIELDS`, the fields the shrink
-    rewrites for fewer heads: :func:`~sparsify_fx.passes.shrink.hf_config.update_config`)
-    counts as held by those only: another field reshaping it sizes each head
-    (``head_dim``). Builds the class once per field on the meta device."""
+    """``{field: FieldHold}`` for every integer or float field of ``hf_model.config`` that
+    holds at least one channel group of ``cg`` (``prefix``: ``hf_model``'s path in the
+    captured model; a float ratio holds any count, the config search writes it). A group
+    a head-count field holds (:data:`HEAD_FIELDS`, the fields the shrink rewrites for
+    fewer heads: :func:`~sparsify_fx.passes.shrink.hf_config.update_config`) counts as
+    held by those only: another field reshaping it sizes each head (``head_dim``). Builds
+    the class once per field on the meta device."""
     producers = [p for p in cg.producers.values() if p.kind in WEIGHT_KINDS]
     out: dict[str, FieldHold] = {}
     for attr, value, dense, small in halved_fields(hf_model):
