@@ -127,3 +127,35 @@ def test_heads_last_bucket_gather_and_expanded_mask_cut_heads():
     assert small.rel.weight.shape[0] == 6 * kept  # each kept head's buckets
     assert_shrunk_parity(gm, small, lambda: torch.randn(2, 6, 32))
 
+
+
+class ChunkMix(nn.Module):
+    """A linear-attention chunk: a per-head position matrix summed over the head's
+    channels (``(k_i * k_j).sum(-1)``), masked causally, applied to the values (``A @ v``);
+    ``k`` and ``v`` are split into heads by one head count, so their heads go together."""
+
+    def __init__(self, d: int = 32, heads: int = 4, head_dim: int = 8) -> None:
+        super().__init__()
+        self.heads = heads
+        self.k = nn.Linear(d, heads * head_dim, bias=False)
+        self.v = nn.Linear(d, heads * head_dim, bias=False)
+        self.o = nn.Linear(heads * head_dim, d, bias=False)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.k, self.v))
+        a = (k.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1).tril()  # (b, heads, t, t)
+        return self.head(x + self.o((a @ v).transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_sum_over_a_heads_channels_keeps_the_head():
+    from sparsify_fx.mask_index import main_graph
+    from sparsify_fx.passes.stored_analysis import channel_graph_of
+    torch.manual_seed(0)
+    gm, small, caught = l1_cut_and_shrink(ChunkMix().eval(), (torch.randn(2, 6, 32),))
+    cg = channel_graph_of(main_graph(gm))
+    products = [p for p in cg.producers.values() if p.kind == "attention_matmul"]
+    assert products and all(bool((cg.slots(p.out_ids)[0] >= 0).all()) for p in products)
+    assert small.k.weight.shape[0] == small.v.weight.shape[0] < 32  # whole heads, together
+    assert_shrunk_parity(gm, small, lambda: torch.randn(2, 6, 32))

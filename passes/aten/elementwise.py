@@ -21,7 +21,7 @@ import torch
 from torch import fx
 
 from sparsify_fx.passes.aten.expanded import varying_shape
-from sparsify_fx.passes.aten.grouped import softmax_ties
+from sparsify_fx.passes.aten.grouped import one_set_laid_along, softmax_ties
 from sparsify_fx.passes.aten.values import (DerivedParam, ParamRef, Tracked, Uniform,
                                             channel_dim, concrete_shape, hint, op_name,
                                             varying_dims, vector_split_dims)
@@ -239,7 +239,7 @@ class ElementwiseRules:
         if self._sum_of_zeros(node, name, x):
             # a pruned channel adds exactly 0: nothing to tie; a fibre of several channels
             # carries none of them (an L2 norm over an MLP's units, x.pow(2).sum(-1))
-            single = fib.amin(-1) == ids
+            single = (fib.amin(-1) == ids) | one_set_laid_along(self, x, fib, keep)
             ids, zero = torch.where(single, ids, torch.full_like(ids, -1)), zero & single
         else:
             self._mixing(node, x, dims, tie=(name == "sum"))

@@ -37,7 +37,7 @@ from torch import fx
 
 from sparsify_fx.mask import MaskSet
 from sparsify_fx.passes.aten.op_tables import PARAM_COPY_OPS
-from sparsify_fx.passes.aten.values import ParamRef, Tracked, concrete_shape
+from sparsify_fx.passes.aten.values import ParamRef, Tracked, concrete_shape, varying_dims
 from sparsify_fx.passes.channels.graph_types import Producer
 
 if TYPE_CHECKING:
@@ -192,6 +192,20 @@ def gather_fibres(walk: "AtenChannelWalk", x: Tracked, d: int) -> Tracked | None
     return Tracked(ids, x.zero.all(d, keepdim=True).expand_as(x.zero).contiguous())
 
 
+def one_set_laid_along(walk: "AtenChannelWalk", x: Tracked, fib: torch.Tensor,
+                       keep: list[int]) -> torch.Tensor:
+    """Per fibre of a sum over channels (``fib``: ``x``'s ids, kept dims first, the summed
+    elements last): every element carries a channel of one tied set, and ``x``'s sets
+    are laid along a kept dim (a head's channels summed, ``(k_i * k_j).sum(-1)``: the
+    result is the head's, at the head's index). The sum then carries that set."""
+    full = (fib >= 0).all(-1)
+    if not keep or not bool(full.any()) or not (varying_dims(x.ids) & set(keep)):
+        return torch.zeros_like(full)
+    uniq, inverse = torch.unique(fib, return_inverse=True)
+    roots = torch.tensor([walk.dsu.find(int(u)) if u >= 0 else -1 for u in uniq.tolist()])[inverse]
+    return full & (roots.amax(-1) == roots.amin(-1))
+
+
 def heads_last(node: fx.Node, rank: int) -> bool:
     """Every use of a split view moves its new last dim before others (``view(b, t,
     buckets, heads).permute(0, 3, 1, 2)``): that dim counts units (heads), so its fibres are
@@ -209,4 +223,4 @@ def heads_last(node: fx.Node, rank: int) -> bool:
 
 
 __all__ = ["GroupedParam", "NOT_GROUPED", "gather_fibres", "grouped_param_op", "heads_last",
-           "softmax_ties", "visit_grouped"]
+           "one_set_laid_along", "softmax_ties", "visit_grouped"]
