@@ -238,7 +238,8 @@ class ElementwiseRules:
         ids, zero = fib.amax(-1), zf.all(-1)
         if self._sum_of_zeros(node, name, x):
             # a pruned channel adds exactly 0: nothing to tie; a fibre of several channels
-            # carries none of them (an L2 norm over an MLP's units, x.pow(2).sum(-1))
+            # carries none of them (an L2 norm over an MLP's units, x.pow(2).sum(-1)),
+            # unless they are one tied set laid along a kept dim (a head's channels)
             single = (fib.amin(-1) == ids) | one_set_laid_along(self, x, fib, keep)
             ids, zero = torch.where(single, ids, torch.full_like(ids, -1)), zero & single
         else:
