@@ -11,6 +11,7 @@ actually cut (counted from the shrunk weights).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tests.helpers import assert_shrunk_parity, l1_cut_and_shrink
@@ -158,4 +159,36 @@ def test_sum_over_a_heads_channels_keeps_the_head():
     products = [p for p in cg.producers.values() if p.kind == "attention_matmul"]
     assert products and all(bool((cg.slots(p.out_ids)[0] >= 0).all()) for p in products)
     assert small.k.weight.shape[0] == small.v.weight.shape[0] < 32  # whole heads, together
+    assert_shrunk_parity(gm, small, lambda: torch.randn(2, 6, 32))
+
+
+class SdpaBias(nn.Module):
+    """``scaled_dot_product_attention`` whose float mask is a per-head bias made from the
+    input (a per-head relative-position projection, gathered by offset)."""
+
+    def __init__(self, d: int = 32, heads: int = 4, head_dim: int = 8, extent: int = 8) -> None:
+        super().__init__()
+        self.heads, self.extent = heads, extent
+        self.qkv = nn.Linear(d, 3 * heads * head_dim, bias=False)
+        self.rel = nn.Linear(d, heads * extent, bias=False)
+        self.o = nn.Linear(heads * head_dim, d, bias=False)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in self.qkv(x).chunk(3, -1))
+        rel = self.rel(x).view(b, t, self.heads, self.extent).transpose(1, 2)
+        pos = torch.arange(t)
+        offset = (pos[:, None] - pos[None, :]).clamp(0, self.extent - 1)
+        bias = rel.gather(-1, offset.expand(b, self.heads, t, t))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_sdpa_mask_carrying_heads_is_tied_to_them():
+    torch.manual_seed(0)
+    gm, small, caught = l1_cut_and_shrink(SdpaBias().eval(), (torch.randn(2, 6, 32),))
+    kept = small.o.weight.shape[1] // 8
+    assert 0 < kept < 4  # whole heads cut
+    assert small.rel.weight.shape[0] == 8 * kept  # each kept head's bias rows
     assert_shrunk_parity(gm, small, lambda: torch.randn(2, 6, 32))

@@ -14,7 +14,8 @@ its MACs as an ``attention_matmul`` producer (``macs_unit`` MACs per sample per
 id of its first tracked operand's fibre).
 
 ``visit_sdpa``: ``scaled_dot_product_attention(q, k, v, mask, ...)``, as
-``softmax(q k^T) v`` (``enable_gqa``: key/value heads repeated first).
+``softmax(q k^T + mask) v`` (``enable_gqa``: key/value heads repeated first; a float mask
+carrying channels, a per-head bias, is tied position by position to the scores).
 """
 from __future__ import annotations
 
@@ -294,11 +295,10 @@ def visit_sdpa(walk: "AtenChannelWalk", node: fx.Node) -> Any:
     """``softmax(q k^T + mask) v``: one unit per (query head, its key/value head)."""
     q, k, v = (walk.value(a) for a in node.args[:3])
     mask = walk.value(node.args[3]) if len(node.args) > 3 else walk.value(node.kwargs.get("attn_mask"))
-    if isinstance(mask, Tracked):
-        return walk.reject(node, "attention mask carries channels")
     q, k, v = (t if isinstance(t, Tracked) else None for t in (q, k, v))
     if q is None and k is None and v is None:
-        return None
+        return walk.reject(node, "attention mask carries channels") if isinstance(
+            mask, Tracked) else None
     out_shape = concrete_shape(node) if op_name(node.target) == "scaled_dot_product_attention" else None
     if out_shape is None:
         val = node.meta.get("val")
@@ -312,6 +312,11 @@ def visit_sdpa(walk: "AtenChannelWalk", node: fx.Node) -> Any:
     scores_shape = (*out_shape[:-1], k_shape[-2])
     scores = _contract(walk, node, q, kt, scores_shape,
                        unit_scale=1.0 + out_shape[-1] / q_shape[-1])
+    if isinstance(mask, Tracked):  # a float mask is added to the scores: a per-head bias
+        try:
+            walk.tie_pairs(scores.ids, mask.ids.broadcast_to(scores_shape))
+        except RuntimeError:
+            return walk.reject(node, "attention mask carries channels in a form not understood")
     scores = Tracked(scores.ids, torch.zeros_like(scores.zero))  # softmax: not zero
     out = _contract(walk, node, scores, v, out_shape, record=False)  # MACs counted with q k^T
     if op_name(node.target) != "scaled_dot_product_attention":
