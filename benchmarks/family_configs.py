@@ -38,6 +38,10 @@ FIELDS: dict[str, Any] = {
     # 128 heads of one channel and 256 states at hidden 64)
     "mamba_n_heads": 8, "mamba_num_heads": 8, "n_mamba_heads": 8, "mamba_head_dim": 16,
     "mamba_headdim": 16, "mamba_d_state": 16, "ssm_state_size": 16,
+    # widths a config keeps apart from the generic ones: a padded vocabulary, a grouped
+    # low-rank output, a sliding-window attention's own heads
+    "unpadded_vocab_size": MIN_VOCAB, "o_lora_rank": 32, "swa_num_attention_heads": HEADS,
+    "swa_num_key_value_heads": KV_HEADS, "swa_head_dim": HEAD_DIM,
     "sliding_window": 64, "attention_dropout": 0.0, "hidden_dropout": 0.0,
     "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "dropout": 0.0,
 }
