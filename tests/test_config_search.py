@@ -163,3 +163,87 @@ def test_a_uniform_cut_keeps_a_width_the_ratio_field_holds(tmp_path) -> None:
     loaded = RatioLM.from_pretrained(tmp_path, local_files_only=True).eval()
     assert loaded.config.expand == 1 and loaded.up.weight.shape == (32, 32)
     assert_reload_parity(gm, small, loaded, x, (torch.randint(0, VOCAB, (2, 7)),))
+
+
+class BottleConfig(PreTrainedConfig):
+    """A bottleneck sized by ``bottleneck_size`` whose reader's input width is another
+    field, ``reader_size`` (MobileBERT's shared query/key bottleneck: ``intra_bottleneck_size``
+    out, ``true_hidden_size`` in; a saved config keeps both)."""
+
+    model_type = "sparsify_bottleneck_field_test"
+
+    def __init__(self, vocab_size: int = VOCAB, hidden_size: int = 32, bottleneck_size: int = 16,
+                 reader_size: int = 16, intermediate_size: int = 48, **kwargs) -> None:
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.bottleneck_size, self.reader_size = bottleneck_size, reader_size
+        self.intermediate_size = intermediate_size
+        super().__init__(**kwargs)
+
+
+class BottleBlock(nn.Module):
+    def __init__(self, config: BottleConfig) -> None:
+        super().__init__()
+        self.bneck = nn.Linear(config.hidden_size, config.bottleneck_size)
+        self.reader = nn.Linear(config.reader_size, config.hidden_size)
+        self.up = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = h + self.reader(torch.relu(self.bneck(h)))
+        return h + self.down(torch.relu(self.up(h)))
+
+
+class BottleLM(PreTrainedModel):
+    config_class = BottleConfig
+
+    def __init__(self, config: BottleConfig) -> None:
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(BottleBlock(config) for _ in range(2))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for block in self.blocks:
+            h = block(h)
+        return self.lm_head(h)
+
+
+def _bottle_cut(model: BottleLM, x: tuple, **options) -> nn.Module:
+    gm = sf.transform(model, granularity="channel", target_macs=0.6, example_inputs=x,
+                      capture="export", **options).eval()
+    g = torch.Generator().manual_seed(1)
+    scores = {k: torch.rand(m.score_shape, generator=g) for k, m in group_masks(gm).items()}
+    apply_budget(gm, target_macs=0.6, scores=scores, uniform=True)
+    return gm
+
+
+def test_a_field_whose_readers_do_not_follow_it_holds_no_group(tmp_path) -> None:
+    """Halving ``bottleneck_size`` reshapes the bottleneck's producer but not its reader:
+    no field holds that group, so ``config_cannot_hold`` names it (and not the MLP that
+    ``intermediate_size`` holds); the uniform save is refused, and after excluding what
+    it names the uniform cut saves a folder that reloads with equal outputs."""
+    from sparsify_fx.passes.shrink.to_source import config_cannot_hold
+    torch.manual_seed(0)
+    model = BottleLM(BottleConfig()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    x = (torch.randint(0, VOCAB, (2, 7)),)
+    gm = _bottle_cut(model, x)
+    assert sorted(m.score_shape for m in group_masks(gm).values()) == [(16,)] * 2 + [(48,)] * 2
+    with pytest.raises(ShrinkError, match="bneck|reader"):
+        sf.shrink(gm).eval().save_pretrained(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    names = config_cannot_hold(gm)
+    assert names == [f"blocks.{i}.bneck.weight" for i in range(2)]
+    gm = _bottle_cut(model, x, exclude=names)
+    assert [m.score_shape for m in group_masks(gm).values()] == [(48,)] * 2
+    small = sf.shrink(gm).eval()
+    width = small.blocks[0].up.weight.shape[0]
+    assert 0 < width < 48 and small.config.intermediate_size == width
+    sf.safe_save(small, tmp_path)
+    loaded = BottleLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    assert loaded.config.intermediate_size == width and loaded.config.bottleneck_size == 16
+    assert_reload_parity(gm, small, loaded, x, (torch.randint(0, VOCAB, (2, 7)),))

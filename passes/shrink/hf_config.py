@@ -75,8 +75,8 @@ def config_cannot_hold(model: nn.Module) -> list[str]:
     shrunk: attention whose heads the config cannot hold at the same ``head_dim``, and
     groups that are no attention and whose width no config field holds (found by
     building the class from a config with that field halved: a field holds a group when
-    the group's weights, and only MLP weights, change shape; a pooler, a classifier's
-    hidden layer hold none). Empty for a model without an HF config. Read-only."""
+    the group's weights and its readers', and only MLP weights, change shape; a pooler,
+    a classifier's hidden layer hold none). Empty for a model without an HF config. Read-only."""
     gm = main_graph(model)
     source = unwrap(model).__dict__.get("source_module")
     found = _config_owner(source) if source is not None else None
@@ -92,11 +92,12 @@ def config_cannot_hold(model: nn.Module) -> list[str]:
     fields = mlp_fields(hf_model, path, owners)
     out = []
     for group in cg.groups:
-        mine = set(_group_weights(cg, group))
+        mine, both = set(_group_weights(cg, group)), set(_group_weights(cg, group, consumers=True))
         width = len(group.components)
-        holds = (heads is not None and set(_group_weights(cg, group, consumers=True)) <= heads) \
-            if group.index in attention else any(
-            mine <= changed and holds_width(value, width) for value, changed in fields.values())
+        # a field holds a group only when its readers change with it (a bottleneck whose
+        # readers' input width another field sets is held by none)
+        holds = (heads is not None and both <= heads) if group.index in attention else any(
+            both <= changed and holds_width(value, width) for value, changed in fields.values())
         if not holds:
             out += sorted(mine)
     return sorted(set(out))
