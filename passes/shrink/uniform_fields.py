@@ -51,8 +51,6 @@ class FieldHold:
     value: int | float
     groups: set[int] = field(default_factory=set)
     whole: set[str] = field(default_factory=set)
-    #: groups each of whose producers this field's halving halves along the channel dim
-    halved: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -94,25 +92,19 @@ def field_holds(hf_model: nn.Module, prefix: str, cg: Any) -> dict[str, FieldHol
         if not changed or not all(changes_one_dim(a, b) for a, b in changed.values()):
             continue  # no unit width: a residual width changes weights in two dims
         hold = FieldHold(value)
-        uneven: set[int] = set()
         for p in producers:
             key = p.weight[len(prefix) + 1:] if prefix and p.weight.startswith(prefix + ".") \
                 else p.weight
-            owners = {int(g) for g in cg.slots(p.out_ids)[0] if g >= 0}
-            dim = mask_channel_dim(p)
-            if key not in changed or dim >= len(changed[key][0]):
-                uneven |= owners
+            if key not in changed:
                 continue
             before, after = changed[key]
-            if before[dim] == after[dim]:
-                uneven |= owners
+            dim = mask_channel_dim(p)
+            if dim >= len(before) or before[dim] == after[dim]:
                 continue
-            if after[dim] * 2 != before[dim]:
-                uneven |= owners
-            hold.groups |= owners
-            if (cg.slots(p.out_ids)[0] < 0).any():
+            owners = cg.slots(p.out_ids)[0]
+            hold.groups |= {int(g) for g in owners if g >= 0}
+            if (owners < 0).any():
                 hold.whole.add(p.weight)
-        hold.halved = hold.groups - uneven
         if hold.groups:
             out[attr] = hold
     heads = {g for a in HEAD_FIELDS if a in out for g in out[a].groups}
@@ -214,10 +206,8 @@ def _coarse(holds: dict[str, FieldHold], width: dict[int, int]
         if not all(a not in HEAD_FIELDS and not holds_width(holds[a].value, width[g])
                    for a in attrs):
             continue
-        # a ratio only where halving the field halves each of the group's producers (a
-        # head count that also reshapes a low-rank gate's readers is no ratio of its rank)
         step = math.lcm(*(width[g] // holds[a].value if width[g] % holds[a].value == 0
-                          and g in holds[a].halved else width[g] for a in attrs))
+                          else width[g] for a in attrs))
         if step < width[g]:
             steps[g] = step
         else:
