@@ -37,7 +37,8 @@ from torch import fx
 
 from sparsify_fx.mask import MaskSet
 from sparsify_fx.passes.aten.op_tables import PARAM_COPY_OPS
-from sparsify_fx.passes.aten.values import ParamRef, Tracked, concrete_shape, varying_dims
+from sparsify_fx.passes.aten.values import (ParamRef, Tracked, concrete_shape, op_name,
+                                             varying_dims)
 from sparsify_fx.passes.channels.graph_types import Producer
 
 if TYPE_CHECKING:
@@ -214,7 +215,7 @@ def heads_last(node: fx.Node, rank: int) -> bool:
     if not users:
         return False
     for u in users:
-        if u.op != "call_function" or getattr(u.target, "__name__", "").split(".")[0] != "permute":
+        if u.op != "call_function" or op_name(u.target) != "permute":
             return False
         order = [int(k) % rank for k in u.args[1]]
         if order[-1] == rank - 1:
