@@ -140,6 +140,7 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
         self.region = False  # walking inside a no-grad region's subgraph
         self.current: str | None = None  # the node being visited (named in warnings)
         self._embedding_nodes: list[str] = []  # embedding tables made producers
+        self.gathered_sites: dict[str, torch.Tensor] = {}  # table -> its columns' ids
         self.new_ids(1, -1)  # id 0: UNTRACKED
         self.whole.add(self.UNTRACKED)
 

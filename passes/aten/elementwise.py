@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from sparsify_fx.passes.aten.embeddings import gathered_operand
 from sparsify_fx.passes.aten.expanded import varying_shape
 from sparsify_fx.passes.aten.grouped import one_set_laid_along, softmax_ties
 from sparsify_fx.passes.aten.values import (DerivedParam, ParamRef, Tracked, Uniform,
@@ -69,7 +70,8 @@ class ElementwiseRules:
                 ) -> Tracked | None:
         vals = [self.value(a) for a in operands]
         ts = [self.broadcast(v, out_shape) if isinstance(v, Tracked) else None for v in vals]
-        per_channel = self._per_channel_param(node, name, operands, vals, ts)
+        per_channel = self._per_channel_param(node, name, operands, vals, ts) or \
+            gathered_operand(self, node, name, vals, ts)
         if per_channel is not None:
             return per_channel
         for i, t in enumerate(ts):

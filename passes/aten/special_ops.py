@@ -15,9 +15,10 @@ from sparsify_fx.passes.aten.op_tables import (BINARY, CONV, IDENTITY_OPS, MATMU
                                                NONZERO_UNARY, PARAM_COPY_OPS,
                                                PARAM_TRANSPOSE_OPS, PARAM_UNIT_DIM_OPS, SDPA,
                                                SHAPE_OPS, ZERO_KEEPING)
+from sparsify_fx.passes.aten.embeddings import gathered_shape_op
 from sparsify_fx.passes.aten.grouped import grouped_param_op
 from sparsify_fx.passes.channels.graph_types import NormSite
-from sparsify_fx.passes.aten.values import (DerivedParam, ParamRef, Tracked, Uniform,
+from sparsify_fx.passes.aten.values import (DerivedParam, Gathered, ParamRef, Tracked, Uniform,
                                             concrete_shape, op_name, vector_split_dims)
 
 
@@ -73,6 +74,8 @@ class SpecialOpRules:
         shape it needs against the weight's own); any other
         op reading a masked weight is not followed (its channels stay whole, warned)."""
         first = self.value(node.args[0]) if node.args else None
+        if isinstance(first, Gathered):  # a table lookup's columns moved by a view
+            return gathered_shape_op(self, node, name, first)
         grouped = grouped_param_op(self, node, name, first)  # W.view(G, -1, I) and its swaps
         if grouped is not None:
             return grouped

@@ -44,6 +44,18 @@ class DerivedParam:
 
 
 @dataclass
+class Gathered:
+    """Rows of a 2-D parameter table ``name`` picked by indices (``embedding(table, idx)``
+    of a table that is no producer: a per-head bias per relative-position bucket).
+    ``cols``: int64 of the value's concrete shape, the table column each element holds;
+    shape ops move it. No channel flows in it until it meets one
+    (:func:`~sparsify_fx.passes.aten.embeddings.gathered_operand`)."""
+
+    name: str
+    cols: torch.Tensor
+
+
+@dataclass
 class Uniform:
     """A tensor holding one value at every position, made from sizes alone (``zeros``,
     ``full``, ``new_ones``): no channel flows in it and it varies along no dim."""

@@ -107,6 +107,9 @@ class NormSite:
     #: ATen graphs: the call's (weight, bias, running_mean, running_var) parameter names
     #: (None where absent); empty for a BatchNorm module call of a module graph
     params: tuple = ()
+    #: the parameters' dim of the channels (None: their first dim over 1; 1: a table's
+    #: columns, :class:`~sparsify_fx.passes.aten.values.Gathered`)
+    dim: int | None = None
 
 
 @dataclass

@@ -148,11 +148,13 @@ def _slice_norms(src: nn.Module, cg: ChannelGraph, keep_id: np.ndarray) -> None:
                 done.add(name)
                 value = src.get_parameter(name).detach() if name in dict(
                     src.named_parameters()) else src.get_buffer(name)
-                along = channel_dim(value.shape)
+                along = channel_dim(value.shape) if norm.dim is None else norm.dim
                 _set_tensor(src, name, value[(slice(None),) * along + (keep,)])
         owner = src.get_submodule(norm.module) if norm.module else src
         if isinstance(getattr(owner, "num_features", None), int):
             owner.num_features = int(keep.sum())
+        if isinstance(owner, nn.Embedding) and norm.dim == 1:  # a table's columns
+            owner.embedding_dim = int(keep.sum())
 
 
 def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple],
