@@ -85,3 +85,41 @@ def test_bucket_bias_kept_columns_are_the_kept_heads():
                                         for i in range(rows.shape[0] // 8))]
     assert len(heads) == _heads(small, 0)
     torch.testing.assert_close(small.bias.weight, model.bias.weight[:, heads])
+
+
+class PermutedBiasAttention(nn.Module):
+    """A fused q/k/v projection without bias, laid out per head, and separate ``q_bias`` /
+    ``v_bias`` vectors read as ``bias.view(1, 1, H, -1).permute(0, 2, 1, 3)`` (a per-head
+    bias broadcast over positions) and added to the heads' q and v (DeBERTa); no MLP, so
+    a cut to half the MACs must remove heads."""
+
+    def __init__(self, d: int = 32, heads: int = 4, head_dim: int = 8) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.in_proj = nn.Linear(d, 3 * heads * head_dim, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(heads * head_dim))
+        self.v_bias = nn.Parameter(torch.randn(heads * head_dim))
+        self.o = nn.Linear(heads * head_dim, d)
+        self.head = nn.Linear(d, 5)
+
+    def per_head(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias[None, None].view(1, 1, self.heads, -1).permute(0, 2, 1, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        qkv = self.in_proj(x).view(b, t, self.heads, -1).permute(0, 2, 1, 3)
+        q, k, v = qkv.chunk(3, -1)
+        q, v = q + self.per_head(self.q_bias), v + self.per_head(self.v_bias)
+        a = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim ** 0.5, -1) @ v
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_permuted_bias_vectors_are_sliced_with_their_heads():
+    torch.manual_seed(2)
+    model = PermutedBiasAttention().eval()
+    gm, small, caught = l1_cut_and_shrink(model, (torch.randn(2, 6, 32),), DYNAMIC)
+    assert not any("varies along a channel dim" in w for w in caught)
+    rows = small.in_proj.weight.shape[0]
+    assert rows < 96 and rows % 24 == 0  # whole heads cut, q, k and v together
+    assert small.q_bias.shape == small.v_bias.shape == (rows // 3,)
+    assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 32))

@@ -20,6 +20,7 @@ pattern is what it was.
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,8 @@ import torch
 from torch import fx
 
 from sparsify_fx.passes.aten.op_tables import IDENTITY_OPS, SHAPE_OPS
-from sparsify_fx.passes.aten.values import Gathered, ParamRef, Tracked, op_name
+from sparsify_fx.passes.aten.values import (DerivedParam, Gathered, ParamRef, Tracked,
+                                            channel_dim, concrete_shape, op_name)
 from sparsify_fx.passes.channels.graph_types import NormSite, Producer
 
 if TYPE_CHECKING:
@@ -145,7 +147,28 @@ def gathered_shape_op(walk: "AtenChannelWalk", node: fx.Node, name: str,
         return None
     if not isinstance(cols, torch.Tensor) or tuple(cols.shape) != walk.shape(node):
         return None
-    return Gathered(value.name, cols)
+    return Gathered(value.name, cols, value.dim)
+
+
+def gathered_vector(walk: "AtenChannelWalk", node: fx.Node, name: str,
+                    ref: ParamRef | DerivedParam) -> Gathered | None:
+    """A shape op on a parameter vector (one dim over 1, no mask node) that no weight
+    rule keeps a :class:`ParamRef` (a permute of its split view): the op replayed on
+    its element index, as a :class:`Gathered` value; None otherwise."""
+    if getattr(ref, "masked", None) is not None or getattr(ref, "transposed", False):
+        return None
+    try:
+        val = walk.gm.get_parameter(ref.name)
+    except AttributeError:
+        return None
+    if [n for n in val.shape if n != 1].__len__() != 1:
+        return None
+    seen = concrete_shape(node.args[0]) or tuple(val.shape)
+    if math.prod(seen) != val.numel():
+        return None
+    along = channel_dim(val.shape)
+    cols = torch.arange(int(val.shape[along])).reshape(seen)
+    return gathered_shape_op(walk, node, name, Gathered(ref.name, cols, along))
 
 
 def gathered_operand(walk: "AtenChannelWalk", node: fx.Node, name: str, vals: list,
@@ -165,7 +188,7 @@ def gathered_operand(walk: "AtenChannelWalk", node: fx.Node, name: str, vals: li
     table, t = vals[i], ts[1 - i]
     try:
         cols = table.cols.broadcast_to(t.ids.shape)
-        width = int(walk.gm.get_parameter(table.name).shape[1])
+        width = int(walk.gm.get_parameter(table.name).shape[table.dim])
     except (RuntimeError, AttributeError):
         return None
     pairs = torch.unique(torch.stack([cols.reshape(-1), t.ids.reshape(-1)]), dim=1)
@@ -176,7 +199,7 @@ def gathered_operand(walk: "AtenChannelWalk", node: fx.Node, name: str, vals: li
     if seen is not ids:
         walk.tie_pairs(seen[(seen >= 0) & (ids >= 0)], ids[(seen >= 0) & (ids >= 0)])
     walk.norms[node.name] = NormSite(node.name, table.name.rpartition(".")[0], walk.emit(ids),
-                                     (table.name, None, None, None), dim=1)
+                                     (table.name, None, None, None), dim=table.dim)
     return Tracked(t.ids, t.zero.clone() if name == "mul" else torch.zeros_like(t.zero))
 
 
@@ -203,4 +226,5 @@ def drop_whole_embeddings(walk: "AtenChannelWalk") -> None:
 
 
 __all__ = ["visit_embedding", "drop_whole_embeddings", "gathered_operand", "gathered_shape_op",
+           "gathered_vector",
            "EMBEDDING_NODES"]

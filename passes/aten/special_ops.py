@@ -15,7 +15,7 @@ from sparsify_fx.passes.aten.op_tables import (BINARY, CONV, IDENTITY_OPS, MATMU
                                                NONZERO_UNARY, PARAM_COPY_OPS,
                                                PARAM_TRANSPOSE_OPS, PARAM_UNIT_DIM_OPS, SDPA,
                                                SHAPE_OPS, ZERO_KEEPING)
-from sparsify_fx.passes.aten.embeddings import gathered_shape_op
+from sparsify_fx.passes.aten.embeddings import gathered_shape_op, gathered_vector
 from sparsify_fx.passes.aten.grouped import grouped_param_op
 from sparsify_fx.passes.channels.graph_types import NormSite
 from sparsify_fx.passes.aten.values import (DerivedParam, Gathered, ParamRef, Tracked, Uniform,
@@ -94,6 +94,7 @@ class SpecialOpRules:
                                                                      "reshape") \
                 and self._splits_a_vector(node, first):
             return first  # dt_bias.view(1, 1, H, D): its elements in order, one per channel
+        ref = first
         if not isinstance(first, ParamRef):
             first = None
         if first is not None and name in PARAM_COPY_OPS:
@@ -111,6 +112,10 @@ class SpecialOpRules:
                 swaps = rank == 2 or name in ("mT", "mH", "adjoint")
             if swaps:
                 return ParamRef(first.name, first.masked, not first.transposed)
+        if isinstance(ref, (ParamRef, DerivedParam)) and name in SHAPE_OPS:
+            seen = gathered_vector(self, node, name, ref)  # a vector's view permuted
+            if seen is not None:
+                return seen
         masked = sorted({p.name for p in params if p.masked is not None})
         if masked:
             self.unsupported.append(f"{node.name} ({name}): reads the masked weight(s) "

@@ -45,14 +45,17 @@ class DerivedParam:
 
 @dataclass
 class Gathered:
-    """Rows of a 2-D parameter table ``name`` picked by indices (``embedding(table, idx)``
-    of a table that is no producer: a per-head bias per relative-position bucket).
-    ``cols``: int64 of the value's concrete shape, the table column each element holds;
-    shape ops move it. No channel flows in it until it meets one
+    """Elements of a parameter ``name`` laid out by shape ops: rows of a 2-D table
+    picked by indices (``embedding(table, bucket)`` of a table that is no producer: a
+    per-head bias per relative-position bucket; ``dim`` 1), or a vector viewed and
+    permuted (``q_bias.view(1, 1, H, D).permute(0, 2, 1, 3)``; ``dim`` its dim over 1).
+    ``cols``: int64 of the value's concrete shape, the parameter's index along ``dim``
+    at each element; shape ops move it. No channel flows in it until it meets one
     (:func:`~sparsify_fx.passes.aten.embeddings.gathered_operand`)."""
 
     name: str
     cols: torch.Tensor
+    dim: int = 1
 
 
 @dataclass
