@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from sparsify_fx.passes.aten.embeddings import gathered_operand
+from sparsify_fx.passes.aten.gathered import gathered_operand
 from sparsify_fx.passes.aten.expanded import varying_shape
 from sparsify_fx.passes.aten.grouped import one_set_laid_along, softmax_ties
 from sparsify_fx.passes.aten.values import (DerivedParam, ParamRef, Tracked, Uniform,

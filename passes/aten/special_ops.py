@@ -15,7 +15,7 @@ from sparsify_fx.passes.aten.op_tables import (BINARY, CONV, IDENTITY_OPS, MATMU
                                                NONZERO_UNARY, PARAM_COPY_OPS,
                                                PARAM_TRANSPOSE_OPS, PARAM_UNIT_DIM_OPS, SDPA,
                                                SHAPE_OPS, ZERO_KEEPING)
-from sparsify_fx.passes.aten.embeddings import gathered_shape_op, gathered_vector
+from sparsify_fx.passes.aten.gathered import gathered_shape_op, gathered_vector
 from sparsify_fx.passes.aten.grouped import grouped_param_op
 from sparsify_fx.passes.channels.graph_types import NormSite
 from sparsify_fx.passes.aten.values import (DerivedParam, Gathered, ParamRef, Tracked, Uniform,

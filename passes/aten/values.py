@@ -51,7 +51,7 @@ class Gathered:
     permuted (``q_bias.view(1, 1, H, D).permute(0, 2, 1, 3)``; ``dim`` its dim over 1).
     ``cols``: int64 of the value's concrete shape, the parameter's index along ``dim``
     at each element; shape ops move it. No channel flows in it until it meets one
-    (:func:`~sparsify_fx.passes.aten.embeddings.gathered_operand`)."""
+    (:func:`~sparsify_fx.passes.aten.gathered.gathered_operand`)."""
 
     name: str
     cols: torch.Tensor
