@@ -192,3 +192,38 @@ def test_sdpa_mask_carrying_heads_is_tied_to_them():
     assert 0 < kept < 4  # whole heads cut
     assert small.rel.weight.shape[0] == 8 * kept  # each kept head's bias rows
     assert_shrunk_parity(gm, small, lambda: torch.randn(2, 6, 32))
+
+
+class HeadConvAttention(nn.Module):
+    """Attention whose value heads also go through a depthwise conv along positions, one
+    conv channel per head (``Conv2d(H, H, (k, 1), groups=H)`` on ``(b, H, t, head_dim)``),
+    added to the attention output (Nyströmformer's value conv); no MLP, so a cut to half
+    the MACs must remove heads."""
+
+    def __init__(self, d: int = 32, heads: int = 4, head_dim: int = 8, kernel: int = 5) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.q, self.k, self.v = (nn.Linear(d, heads * head_dim) for _ in range(3))
+        self.conv = nn.Conv2d(heads, heads, (kernel, 1), padding=(kernel // 2, 0), groups=heads,
+                              bias=False)
+        self.o = nn.Linear(heads * head_dim, d)
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        a = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim ** 0.5, -1) @ v
+        a = a + self.conv(v)
+        return self.head(x + self.o(a.transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_depthwise_conv_over_heads_is_cut_with_its_heads():
+    torch.manual_seed(3)
+    model = HeadConvAttention().eval()
+    gm, small, caught = l1_cut_and_shrink(model, (torch.randn(2, 6, 32),),
+                                          ({0: torch.export.Dim.AUTO, 1: torch.export.Dim.AUTO},))
+    kept = small.q.weight.shape[0] // 8
+    assert 0 < kept < 4  # heads were cut
+    assert small.conv.weight.shape == (kept, 1, 5, 1) and small.conv.groups == kept
+    assert small.k.weight.shape[0] == small.v.weight.shape[0] == kept * 8
+    assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 32))

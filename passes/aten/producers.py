@@ -72,6 +72,24 @@ def _input_ids(walk: "AtenChannelWalk", x: Any, dim: int, width: int,
     return walk.emit(ids[0]), None
 
 
+def _depthwise_input(walk: "AtenChannelWalk", x: Any, groups: int) -> np.ndarray | None:
+    """A depthwise conv's input channel ids (one input channel per group) when each input
+    channel carries one tied set over its whole extent, zero when pruned (a head's
+    ``head_dim`` channels convolved along positions: Nystromformer's value conv reads
+    ``(batch, heads, length, head_dim)``), one id per channel; None otherwise (the
+    general rule: one id per channel everywhere, or whole)."""
+    if not isinstance(x, Tracked) or x.ids.dim() < 3 or x.ids.shape[1] != groups:
+        return None
+    cols = x.ids.movedim(1, -1).reshape(-1, groups)
+    zero = x.zero.movedim(1, -1).reshape(-1, groups)
+    if bool(((cols >= 0) & ~zero).any()) or bool((cols == cols[0]).all()):
+        return None  # not zero when pruned, or one id per channel (the general rule)
+    each = walk.one_id_each(cols.T)
+    if each is None or set(torch.unique(each[each >= 0]).tolist()) <= walk.whole:
+        return None
+    return walk.emit(each)
+
+
 def _producer(walk: "AtenChannelWalk", node: fx.Node, x_arg: Any, ref: ParamRef, bias: Any,
               kind: str, groups: int = 1) -> Tracked | None:
     shape = _weight_shape(walk, ref)
@@ -91,8 +109,12 @@ def _producer(walk: "AtenChannelWalk", node: fx.Node, x_arg: Any, ref: ParamRef,
         walk.whole.update(out_ids.tolist())
     x = walk.value(x_arg)
     left = kind == "left"  # W @ x: channels along the second-to-last dim
-    in_ids, gated_in = _input_ids(walk, x, 1 if conv else -2 if left else -1,
-                                  in_per_group * groups, gate=groups == 1 and walk.gated(ref.name))
+    in_ids = _depthwise_input(walk, x, groups) if conv and in_per_group == 1 else None
+    gated_in = None
+    if in_ids is None:
+        in_ids, gated_in = _input_ids(walk, x, 1 if conv else -2 if left else -1,
+                                      in_per_group * groups,
+                                      gate=groups == 1 and walk.gated(ref.name))
     if groups > 1:  # a conv group's inputs and outputs are removed as one unit
         for g_in, g_out in zip(in_ids.reshape(groups, -1), out_ids.numpy().reshape(groups, -1)):
             walk.tie_all(torch.as_tensor([*g_in.tolist(), *g_out.tolist()]))
