@@ -97,6 +97,21 @@ def test_fields_of_an_unnamed_block_are_found_and_checked_by_a_reload(tmp_path) 
     assert_reload_parity(gm, small, loaded, x, (torch.randint(0, VOCAB, (2, 7)),))
 
 
+def test_heads_their_own_count_field_holds_are_not_named_by_config_cannot_hold() -> None:
+    """The mixer's heads are attention (``q @ k^T``) that the head-count fields the
+    shrink rewrites cannot describe (the config has no ``num_attention_heads``), but
+    ``mix_heads`` sizes them and their readers exactly (a linear attention's
+    ``linear_num_heads``): ``config_cannot_hold`` must not name them, or the documented
+    fix (``exclude=config_cannot_hold(gm)``) keeps every head whole."""
+    from sparsify_fx.passes.shrink.to_source import config_cannot_hold
+    torch.manual_seed(0)
+    x = (torch.randint(0, VOCAB, (2, 7)),)
+    gm = sf.transform(MixLM(MixConfig()).eval(), granularity="channel", target_macs=0.6,
+                      example_inputs=x, capture="export").eval()
+    assert sorted(m.score_shape for m in group_masks(gm).values()) == [(4,), (4,)]
+    assert config_cannot_hold(gm) == []
+
+
 class RatioConfig(PreTrainedConfig):
     """``intermediate_size`` recomputed from ``expand`` whenever the config is built (as
     Mamba's is): a shrunk width written into it does not survive a save."""

@@ -99,6 +99,22 @@ def _reaches_only_projections(node: fx.Node) -> bool:
     return True
 
 
+def _reads_inputs(indices: Any) -> bool:
+    """The tensor ``indices`` is computed from the values of a graph input (token ids),
+    not from sizes alone (positions made by ``arange``)."""
+    stack, seen = [indices], set()
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, fx.Node) or node.name in seen \
+                or not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        seen.add(node.name)
+        if node.op == "placeholder":
+            return True
+        stack.extend(node.all_input_nodes)
+    return False
+
+
 def visit_embedding(walk: "AtenChannelWalk", node: fx.Node) -> Any:
     """``embedding(table, indices, ...)``: new ids on the table's columns when the table is
     a 2-D parameter only this call reads; else no channel (``None``), as before."""
@@ -114,7 +130,11 @@ def visit_embedding(walk: "AtenChannelWalk", node: fx.Node) -> Any:
     shape = walk.shape(node)
     if table.dim() != 2 or shape[-1] != table.shape[1] or not _only_reader(walk, node, table):
         return None
-    if not _reaches_only_projections(node):  # its columns may still meet channels
+    if not _reaches_only_projections(node):
+        if _reads_inputs(node.args[1]):  # token embeddings: activations, as before
+            return None
+        # a lookup by position alone (relative-position buckets): its columns may still
+        # meet channels (a per-head bias, :mod:`~sparsify_fx.passes.aten.gathered`)
         cols = torch.arange(int(table.shape[1])).reshape((1,) * (len(shape) - 1) + (-1,))
         return Gathered(ref.name, cols.expand(shape))
     rows, cols = int(table.shape[0]), int(table.shape[1])

@@ -72,8 +72,8 @@ def _uniform(blocks: dict[str, dict]) -> bool:
 
 def config_cannot_hold(model: nn.Module) -> list[str]:
     """Producer weights of the channel groups a Hugging Face config cannot describe once
-    shrunk: attention whose heads the config cannot hold at the same ``head_dim``, and
-    groups that are no attention and whose width no config field holds (found by
+    shrunk: attention whose heads the config cannot hold at the same ``head_dim`` and no
+    field of their own holds, and other groups whose width no config field holds (found by
     building the class from a config with that field halved: a field holds a group when
     the group's weights and its readers', and only MLP weights, change shape; a pooler,
     a classifier's hidden layer hold none). Empty for a model without an HF config. Read-only."""
@@ -87,17 +87,18 @@ def config_cannot_hold(model: nn.Module) -> list[str]:
     attention = {int(g) for p in cg.producers.values() if p.kind == "attention_matmul"
                  for g in cg.slots(p.out_ids)[0] if g >= 0}
     heads = _fewer_heads_changes(hf_model, path)
-    mlp = [g for g in cg.groups if g.index not in attention]
-    owners = {_owner(_owner(w)) for g in mlp for w in _group_weights(cg, g, consumers=True)}
+    owners = {_owner(_owner(w)) for g in cg.groups for w in _group_weights(cg, g, consumers=True)}
     fields = mlp_fields(hf_model, path, owners)
     out = []
     for group in cg.groups:
         mine, both = set(_group_weights(cg, group)), set(_group_weights(cg, group, consumers=True))
         width = len(group.components)
         # a field holds a group only when its readers change with it (a bottleneck whose
-        # readers' input width another field sets is held by none)
-        holds = (heads is not None and both <= heads) if group.index in attention else any(
-            both <= changed and holds_width(value, width) for value, changed in fields.values())
+        # readers' input width another field sets is held by none); heads also by their
+        # own count field (a linear attention's ``linear_num_heads``)
+        holds = any(both <= changed and holds_width(value, width)
+                    for value, changed in fields.values()) or (
+            group.index in attention and heads is not None and both <= heads)
         if not holds:
             out += sorted(mine)
     return sorted(set(out))
