@@ -39,7 +39,10 @@ FIELDS: dict[str, Any] = {
     "mamba_n_heads": 8, "mamba_num_heads": 8, "n_mamba_heads": 8, "mamba_head_dim": 16,
     "mamba_headdim": 16, "mamba_d_state": 16, "ssm_state_size": 16,
     # widths a config keeps apart from the generic ones: a padded vocabulary, a grouped
-    # low-rank output, a sliding-window attention's own heads
+    # low-rank output, a sliding-window attention's own heads, decoupled input and output
+    # embedding widths (left at 256 / 1664 they held most MACs at hidden 64)
+    "input_embedding_size": HIDDEN, "output_embedding_size": HIDDEN,
+    "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": MIN_VOCAB,
     "unpadded_vocab_size": MIN_VOCAB, "o_lora_rank": 32, "swa_num_attention_heads": HEADS,
     "swa_num_key_value_heads": KV_HEADS, "swa_head_dim": HEAD_DIM,
     "sliding_window": 64, "attention_dropout": 0.0, "hidden_dropout": 0.0,
