@@ -73,7 +73,7 @@ def gathered_operand(walk: "AtenChannelWalk", node: fx.Node, name: str, vals: li
                      ts: list) -> Tracked | None:
     """``scores + bias`` with ``bias`` a :class:`Gathered` table lookup (a head's bias per
     relative-position bucket: ``table[bucket].permute(2, 0, 1)``) and ``scores`` tracked:
-    when every table column meets one tied set (or none), the table is a per-channel
+    when every table column meets one tied set (or no channel at all), the table is a per-channel
     parameter along its columns: a site whose columns shrink slices with those sets
     (:class:`~sparsify_fx.passes.channels.graph_types.NormSite`, ``dim=1``). A table
     read at several sites (a bias computed once, added in every layer) ties the sets
@@ -90,7 +90,10 @@ def gathered_operand(walk: "AtenChannelWalk", node: fx.Node, name: str, vals: li
     except (RuntimeError, AttributeError):
         return None
     pairs = torch.unique(torch.stack([cols.reshape(-1), t.ids.reshape(-1)]), dim=1)
-    ids = walk.one_id_each(pairs[1][pairs[0] == c] for c in range(width))
+    met = [pairs[1][pairs[0] == c] for c in range(width)]
+    if any(bool((m < 0).any() and (m >= 0).any()) for m in met):
+        return None  # a column also read where no channel flows: slicing it would change those
+    ids = walk.one_id_each(met)
     if ids is None or set(torch.unique(ids[ids >= 0]).tolist()) <= walk.whole:
         return None
     seen = walk.gathered_sites.setdefault(table.name, ids)
