@@ -123,3 +123,131 @@ def test_permuted_bias_vectors_are_sliced_with_their_heads():
     assert rows < 96 and rows % 24 == 0  # whole heads cut, q, k and v together
     assert small.q_bias.shape == small.v_bias.shape == (rows // 3,)
     assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 32))
+
+
+# -- a Hugging Face model holding the pattern: the uniform save reloads -------------------
+from transformers import PreTrainedConfig, PreTrainedModel  # noqa: E402
+
+import sparsify_fx as sf  # noqa: E402
+from tests.helpers import assert_reload_parity  # noqa: E402
+from tests.test_ratio_fields import _randomise, _uniform_cut_shrink  # noqa: E402
+
+VOCAB = 40
+
+
+class BucketConfig(PreTrainedConfig):
+    model_type = "sparsify_bucket_bias_test"
+
+    def __init__(self, vocab_size: int = VOCAB, hidden_size: int = 32, num_attention_heads: int = 4,
+                 head_dim: int = 8, intermediate_size: int = 48, num_buckets: int = 8,
+                 num_hidden_layers: int = 2, **kwargs) -> None:
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.num_attention_heads, self.head_dim = num_attention_heads, head_dim
+        self.intermediate_size, self.num_buckets = intermediate_size, num_buckets
+        self.num_hidden_layers = num_hidden_layers
+        super().__init__(**kwargs)
+
+
+class BucketAttention(nn.Module):
+    def __init__(self, config: BucketConfig) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        width = self.num_heads * self.head_dim
+        self.q, self.k, self.v = (nn.Linear(config.hidden_size, width) for _ in range(3))
+        self.o = nn.Linear(width, config.hidden_size)
+
+    def forward(self, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, t, _ = h.shape
+        q, k, v = (p(h).view(b, t, self.num_heads, -1).transpose(1, 2)
+                   for p in (self.q, self.k, self.v))
+        a = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim ** 0.5 + bias, -1) @ v
+        return self.o(a.transpose(1, 2).reshape(b, t, -1))
+
+
+class BucketLayer(nn.Module):
+    def __init__(self, config: BucketConfig) -> None:
+        super().__init__()
+        self.attn = BucketAttention(config)
+        self.mlp = nn.Sequential(nn.Linear(config.hidden_size, config.intermediate_size), nn.ReLU(),
+                                 nn.Linear(config.intermediate_size, config.hidden_size))
+
+    def forward(self, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        h = h + self.attn(h, bias)
+        return h + self.mlp(h)
+
+
+class BucketLM(PreTrainedModel):
+    """Token and position embeddings, layers sharing one bucket bias table (built from
+    ``num_attention_heads``, outside the layers: CPM-Ant's, T5's), an LM head."""
+
+    config_class = BucketConfig
+
+    def __init__(self, config: BucketConfig) -> None:
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.bias = nn.Embedding(config.num_buckets, config.num_attention_heads)
+        self.layers = nn.ModuleList(BucketLayer(config) for _ in range(config.num_hidden_layers))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        t = input_ids.shape[1]
+        pos = torch.arange(t)
+        n = self.config.num_buckets
+        bias = self.bias((pos[None, :] - pos[:, None]).clamp(-n // 2, n // 2 - 1) + n // 2)
+        bias = bias.permute(2, 0, 1).unsqueeze(0)
+        h = self.embed(input_ids)
+        for layer in self.layers:
+            h = layer(h, bias)
+        return self.lm_head(h)
+
+
+def test_uniform_save_of_heads_tied_by_a_shared_bucket_table_reloads(tmp_path):
+    """The shared table ties the heads of both layers into one group whose weights span
+    the layer list; the config search still reads each block's own weights (not the MLPs
+    of every layer under ``layers``), writes ``num_attention_heads`` and the folder
+    reloads with the table's kept columns."""
+    torch.manual_seed(0)
+    model = _randomise(BucketLM(BucketConfig()))
+    gm, small, x = _uniform_cut_shrink(model, 0.5)
+    heads = small.layers[0].attn.q.weight.shape[0] // 8
+    assert 0 < heads < 4 and small.layers[1].attn.q.weight.shape[0] == heads * 8
+    assert small.bias.weight.shape == (8, heads) and small.config.num_attention_heads == heads
+    assert not small.sparsify_config_gaps
+    sf.safe_save(small, tmp_path)
+    loaded = BucketLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    assert_reload_parity(gm, small, loaded, x, (torch.randint(0, VOCAB, (2, 7)),))
+
+
+class PositionTableModel(nn.Module):
+    """A projection to the hidden width plus an absolute position table looked up by
+    ``arange(t)`` and added along the last dim (MobileBERT's embeddings, no norm after),
+    then an MLP: the table's columns are the hidden width, not heads."""
+
+    def __init__(self, d: int = 16, hidden: int = 32, positions: int = 16) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d, hidden)
+        self.pos = nn.Embedding(positions, hidden)
+        self.mlp = nn.Sequential(nn.Linear(hidden, 64), nn.ReLU(), nn.Linear(64, hidden))
+        self.head = nn.Linear(hidden, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x) + self.pos(torch.arange(x.shape[1]))
+        return self.head(h + self.mlp(h))
+
+
+def test_a_position_table_along_the_hidden_width_keeps_it_whole():
+    """The hidden width the table is added to stays whole, as before the bucket rule:
+    slicing a position table with the hidden width is no head's bias, and a config
+    could not describe it (MobileBERT's save was refused that way)."""
+    from sparsify_fx.passes.channels.couple import group_masks
+    torch.manual_seed(4)
+    gm, small, _ = l1_cut_and_shrink(PositionTableModel().eval(), (torch.randn(2, 6, 16),),
+                                     DYNAMIC)
+    from sparsify_fx.mask_index import main_graph
+    from sparsify_fx.passes.stored_analysis import channel_graph_of
+    sites = channel_graph_of(main_graph(gm)).norms.values()
+    assert not any("pos.weight" in (site.params or ()) for site in sites)  # not sliced
+    assert [m.score_shape for m in group_masks(gm).values()] == [(64,)]  # the MLP alone
+    assert small.pos.weight.shape == (16, 32) and small.proj.weight.shape == (32, 16)
+    assert_shrunk_parity(gm, small, lambda: torch.randn(3, 9, 16))

@@ -77,7 +77,9 @@ def gathered_operand(walk: "AtenChannelWalk", node: fx.Node, name: str, vals: li
     parameter along its columns: a site whose columns shrink slices with those sets
     (:class:`~sparsify_fx.passes.channels.graph_types.NormSite`, ``dim=1``). A table
     read at several sites (a bias computed once, added in every layer) ties the sets
-    each column meets. None when the pattern does not hold (the general rules apply)."""
+    each column meets. A table whose columns lie along the last dim (an absolute position
+    embedding added to the hidden width) is left to the general rules, as before. None
+    when the pattern does not hold (the general rules apply)."""
     if name not in ("add", "sub", "mul") or len(vals) < 2 or walk.region:
         return None
     i = 0 if isinstance(vals[0], Gathered) else 1 if isinstance(vals[1], Gathered) else None
@@ -89,6 +91,9 @@ def gathered_operand(walk: "AtenChannelWalk", node: fx.Node, name: str, vals: li
         width = int(walk.gm.get_parameter(table.name).shape[table.dim])
     except (RuntimeError, AttributeError):
         return None
+    if table.dim == 1 and cols.dim() and cols.shape[-1] > 1 and bool(
+            (cols != cols[..., :1]).any()):
+        return None  # a position table along the last dim: the hidden width, not heads
     pairs = torch.unique(torch.stack([cols.reshape(-1), t.ids.reshape(-1)]), dim=1)
     met = [pairs[1][pairs[0] == c] for c in range(width)]
     if any(bool((m < 0).any() and (m >= 0).any()) for m in met):

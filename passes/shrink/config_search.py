@@ -102,6 +102,19 @@ class BlockSearch:
             return set()
         return {k for k in self.own if not rel or k.startswith(rel + ".")}
 
+    def block_names(self, key: str, block: dict) -> set[str]:
+        """A block's parameter and buffer names: those under its path, but for a group
+        tied across layers (a per-head bias shared by every layer: its path is the layer
+        list, its weights under ``layers.0``, ``layers.1``, ...) only those of the modules
+        holding its weights, not the other blocks of every layer."""
+        path = block.get("_path", key)
+        names = self.names(path)
+        weights = [w for w in block.get("_weights", ()) if path and w.startswith(path + ".")]
+        below = {w[len(path) + 1:].split(".", 1)[0] for w in weights}
+        if len(below) > 1 and all(b.isdigit() for b in below):
+            names &= set().union(*(self.names(w.rsplit(".", 2)[0]) for w in weights))
+        return names
+
     def built(self, fields: dict[str, Any]) -> dict[str, tuple] | None:
         """Shapes of the class built on the meta device from the config with ``fields``
         set, as saved (:func:`saved_form`; cached); None when the config or the class
@@ -127,7 +140,7 @@ class BlockSearch:
         of ``names``, only parameters of the shrunk blocks (not a residual width reshaping
         embeddings), each along one dim only (a unit width)."""
         allowed = {n for key, block in self.blocks.items()
-                   for n in self.names(block.get("_path", key))}
+                   for n in self.block_names(key, block)}
         out = {}
         for attr, value, dense, small in self.probes():
             changed = [k for k, v in dense.items() if small.get(k) != v]
@@ -202,7 +215,7 @@ class BlockSearch:
                 block_fields: dict[str, Any] | None = named(block)
             except ShrinkError:
                 block_fields = None
-            names = self.names(block.get("_path", key))
+            names = self.block_names(key, block)
             if block_fields is None or not self.describes({**fields, **block_fields}, names):
                 skip = 0 if searched else choice
                 block_fields = next(itertools.islice(self.candidates(block, names, fields),

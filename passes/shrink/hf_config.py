@@ -92,6 +92,7 @@ def config_cannot_hold(model: nn.Module) -> list[str]:
     out = []
     for group in cg.groups:
         mine, both = set(_group_weights(cg, group)), set(_group_weights(cg, group, consumers=True))
+        both |= _sliced_params(cg, group)  # a position table sliced with it must follow too
         width = len(group.components)
         # a field holds a group only when its readers change with it (a bottleneck whose
         # readers' input width another field sets is held by none); heads also by their
@@ -102,6 +103,13 @@ def config_cannot_hold(model: nn.Module) -> list[str]:
         if not holds:
             out += sorted(mine)
     return sorted(set(out))
+
+
+def _sliced_params(cg: Any, group: Any) -> set[str]:
+    """Parameters read element by element that shrink slices with ``group`` (a per-head
+    bias table, a position table added to its channels: sites with a ``dim``)."""
+    return {p for site in cg.norms.values() if site.dim is not None and site.params
+            and (cg.slots(site.ids)[0] == group.index).any() for p in site.params if p}
 
 
 def _owner(name: str) -> str:

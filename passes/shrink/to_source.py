@@ -175,13 +175,19 @@ def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple]
         (kv_kept, kv_total), (q_kept, q_total) = sizes[0], sizes[-1]
         consumers = [p.weight for p in cg.producers.values() if p.kind in ("linear", "conv", "experts")
                      and p.in_ids is not None and group.index in set(cg.slots(p.in_ids)[0].tolist())]
-        top = _common_prefix([_owner_path(w) for w in weights + consumers])
-        low = _common_prefix([_owner_path(w) for w in weights])
-        if low in {_owner_path(w) for w in weights}:  # one projection: its owner holds the weight
-            low = low.rpartition(".")[0] if len(low) > len(top) else low
-        path = top
-        owners = [top] + [low[:i] for i in range(len(top) + 1, len(low) + 1)
-                          if i == len(low) or low[i] == "."]
+        path = top = _common_prefix([_owner_path(w) for w in weights + consumers])
+        owners, inner, tops = [], [], []
+        for part in _per_layer(top, weights + consumers):  # a group tied across layers
+            mine = [w for w in weights if w in part]
+            part_top = _common_prefix([_owner_path(w) for w in part])
+            low = _common_prefix([_owner_path(w) for w in mine])
+            if low in {_owner_path(w) for w in mine}:  # one projection: its owner holds it
+                low = low.rpartition(".")[0] if len(low) > len(part_top) else low
+            owners += [part_top] + [low[:i] for i in range(len(part_top) + 1, len(low) + 1)
+                                    if i == len(low) or low[i] == "."]
+            inner += _inner_owners(src, part_top)
+            tops.append(part_top)
+        inner = list(dict.fromkeys(inner))
         new: dict[str, int] = {}
         for owner_path in dict.fromkeys(owners):
             owner = src.get_submodule(owner_path) if owner_path else src
@@ -198,16 +204,15 @@ def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple]
                             continue  # scale): left as it is, the check after the shrink decides
                         setattr(owner, attr, new[attr])
         kind = "attention" if group.index in attention_groups else "mlp"
-        inner = _inner_owners(src, top)
         extra = _other_widths(src, inner, q_kept, q_total, new, owners)
         for old, kept in (p for w in weights for p in (splits or {}).get(w, ())):
             if kept != old:  # a split piece's size held in an attribute (key_dim)
-                extra.update(_other_widths(src, owners[:1], kept, old, new, owners))
+                extra.update(_other_widths(src, tops, kept, old, new, owners))
         if keep_id is not None:
             ids = np.asarray(cg.producers[group.producers[0]].out_ids)
             mine = cg.group_of[cg.component[ids]] == group.index
             if 0 < int(mine.sum()) < len(ids):  # only part of the producer's rows are the group's
-                extra.update(_other_widths(src, owners[:1], int(keep_id[ids][mine].sum()),
+                extra.update(_other_widths(src, tops, int(keep_id[ids][mine].sum()),
                                            int(mine.sum()), new, owners))
             # unit counts (heads of a layout reshaped by count)
             units = len(group.components)
@@ -221,6 +226,16 @@ def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple]
                              _kv_total=kv_total, _producers=tuple(weights),
                              _weights=tuple(weights + consumers))
     return changed
+
+
+def _per_layer(top: str, weights: list[str]) -> list[list[str]]:
+    """``weights`` split by layer when they lie in several entries of a layer list right
+    under ``top`` (``top.0.*``, ``top.1.*``: heads tied across layers by a shared bias),
+    each layer's owners then scaled as a group of that layer alone; else all of them."""
+    below = {w[len(top) + 1:].split(".", 1)[0] for w in weights if top and w.startswith(top + ".")}
+    if len(below) < 2 or not all(b.isdigit() for b in below):
+        return [weights]
+    return [[w for w in weights if w.startswith(f"{top}.{b}.")] for b in sorted(below, key=int)]
 
 
 def _inner_owners(src: nn.Module, top: str) -> list[str]:
