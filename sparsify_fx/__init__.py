@@ -49,7 +49,7 @@ _LAZY = {
     "safe_save": "sparsify_fx.hf.save",
     "fold_to_source": "sparsify_fx.passes.shrink.to_source",
     "shrink_to_source": "sparsify_fx.passes.shrink.to_source",
-    "config_cannot_hold": "sparsify_fx.passes.shrink.hf_config",
+    "config_cannot_hold": "sparsify_fx.passes.shrink.config_probes",
     "channel_latency": "sparsify_fx.budgets.cost_model",
     "channel_macs": "sparsify_fx.budgets.cost_model",
     "capture_latency": "sparsify_fx.latency.capture_latency",

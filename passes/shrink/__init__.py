@@ -4,7 +4,8 @@
 ``pruned_attention`` (fewer heads, same embed_dim), ``to_source`` (a torch.export
 capture shrunk back into its source class), ``split_widths`` (the pieces a fused
 projection is split into, whose sizes a module keeps in attributes), ``hf_config``
-(what a Hugging Face config can describe after the cut) with ``config_search`` (the
+(what a Hugging Face config can describe after the cut) with ``config_probes`` (which
+fields size which weights, and ``config_cannot_hold``) and ``config_search`` (the
 fields of a block no named rule describes, checked by a reload), ``uniform_fields`` and
 ``experts``. Each returns a new module; inputs are not mutated
 unless a function's doc says so.

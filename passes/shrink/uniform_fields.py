@@ -34,7 +34,7 @@ from torch import fx, nn
 from sparsify_fx.mask_index import unwrap
 from sparsify_fx.passes.aten.experts import EXPERTS, mask_channel_dim, uniform_classes
 from sparsify_fx.passes.shrink.config_search import changes_one_dim
-from sparsify_fx.passes.shrink.hf_config import config_owner, halved_fields, holds_width
+from sparsify_fx.passes.shrink.config_probes import config_owner, halved_fields, holds_width
 
 #: producer kinds whose weight is a parameter of the source model
 WEIGHT_KINDS = ("linear", "conv", EXPERTS)
@@ -190,7 +190,7 @@ def uniform_plan(model: nn.Module, graph: fx.GraphModule, cg: Any,
 def _coarse(holds: dict[str, FieldHold], width: dict[int, int]
             ) -> tuple[dict[int, str], dict[int, int]]:
     """Groups every holding field of which is coarser than a unit (no head-count field,
-    and :func:`~sparsify_fx.passes.shrink.hf_config.holds_width` false: ``expand = 2``
+    and :func:`~sparsify_fx.passes.shrink.config_probes.holds_width` false: ``expand = 2``
     sizing 128 units). Such a field is a ratio: it holds counts in steps of ``units /
     value`` (``expand = 1``: 64 units). Returns ``({group: why it stays whole}, {group:
     its unit step})``: whole when the units are no whole multiple of the value (or the
