@@ -237,9 +237,11 @@ class PositionTableModel(nn.Module):
 
 
 def test_a_position_table_along_the_hidden_width_keeps_it_whole():
-    """The hidden width the table is added to stays whole, as before the bucket rule:
-    slicing a position table with the hidden width is no head's bias, and a config
-    could not describe it (MobileBERT's save was refused that way)."""
+    """The hidden width the table is added to stays whole and the table is not sliced,
+    as before the bucket rule. In this small model the width would stay whole even
+    without the last-dim rule of ``gathered_operand`` (the table makes it non-zero when
+    pruned, so the MLP keeps its input whole); MobileBERT, where it did not (its save was
+    refused), is that rule's check, in the family sweep."""
     from sparsify_fx.passes.channels.couple import group_masks
     torch.manual_seed(4)
     gm, small, _ = l1_cut_and_shrink(PositionTableModel().eval(), (torch.randn(2, 6, 16),),
