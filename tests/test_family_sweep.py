@@ -38,6 +38,10 @@ def test_family_shrinks_or_fails_by_name(family: str, class_name: str, kind: str
         assert kind != "lm" or row["checks"]["generate"] is True
         assert row["params_fraction"] < 1.0
         saved = row["checks"]["uniform_save"]
-        assert saved is True or str(saved).startswith(("after exclude", "refused"))
+        # a reload, a reload after the documented exclude fix, or a refusal before writing
+        # (the runner raises when a refused save wrote files); a refusal of the fix too
+        # comes prefixed with why the fix could not help ("[no group the config can hold]")
+        assert saved is True or str(saved).startswith("after exclude") or \
+            "refused: " in str(saved)
         return
     assert outcome in ("named_failure", "timeout"), f"{family}: {row['result']}: {row['reason']}"
