@@ -163,6 +163,11 @@ class AtenChannelWalk(ElementwiseRules, SpecialOpRules):
         for x in flat[1:].tolist():
             self.dsu.union(int(flat[0]), x)
 
+    def all_whole(self, ids: torch.Tensor) -> bool:
+        """Every tracked id in ``ids`` (``-1``: none) is already kept whole (nothing
+        prunable flows there)."""
+        return set(torch.unique(ids[ids >= 0]).tolist()) <= self.whole
+
     def make_whole(self, values: Any) -> None:
         for v in self._tracked_in(values):
             self.whole.update(torch.unique(v.ids[v.ids >= 0]).tolist())

@@ -37,7 +37,7 @@ class ElementwiseRules:
         """An operand without ids that varies along a dim holding several tied sets would
         need slicing at shrink: keep those channels whole (a parameter, e.g. a per-channel
         scale, is named in ``unsupported``; an activation, e.g. the residual stream, is not)."""
-        if set(torch.unique(t.ids[t.ids >= 0]).tolist()) <= self.whole:
+        if self.all_whole(t.ids):
             return  # already whole (e.g. the residual stream under its LayerNorm)
         out_rank = t.ids.dim()
         shape = (1,) * (out_rank - len(other_shape)) + tuple(other_shape)
@@ -192,7 +192,7 @@ class ElementwiseRules:
         ids = self.one_id_each(t.ids.permute(*rest, *dims).reshape(-1, val.shape[along]).T)
         if ids is None:
             return None
-        if set(torch.unique(ids[ids >= 0]).tolist()) <= self.whole:
+        if self.all_whole(ids):
             return None  # nothing prunable flows here: the general rules
         direct = isinstance(operands[i], fx.Node) and along == 0 and operands[i].op in (
             "get_attr", "call_module")  # (a follower mask masks dim 0)

@@ -99,11 +99,9 @@ def gathered_operand(walk: "AtenChannelWalk", node: fx.Node, name: str, vals: li
     if any(bool((m < 0).any() and (m >= 0).any()) for m in met):
         return None  # a column also read where no channel flows: slicing it would change those
     ids = walk.one_id_each(met)
-    if ids is None or set(torch.unique(ids[ids >= 0]).tolist()) <= walk.whole:
+    if ids is None or walk.all_whole(ids):
         return None
-    seen = walk.gathered_sites.setdefault(table.name, ids)
-    if seen is not ids:
-        walk.tie_pairs(seen[(seen >= 0) & (ids >= 0)], ids[(seen >= 0) & (ids >= 0)])
+    walk.tie_pairs(walk.gathered_sites.setdefault(table.name, ids), ids)  # (-1s skipped)
     walk.norms[node.name] = NormSite(node.name, table.name.rpartition(".")[0], walk.emit(ids),
                                      (table.name, None, None, None), dim=table.dim)
     return Tracked(t.ids, t.zero.clone() if name == "mul" else torch.zeros_like(t.zero))

@@ -85,7 +85,7 @@ def _depthwise_input(walk: "AtenChannelWalk", x: Any, groups: int) -> np.ndarray
     if bool(((cols >= 0) & ~zero).any()) or bool((cols == cols[0]).all()):
         return None  # not zero when pruned, or one id per channel (the general rule)
     each = walk.one_id_each(cols.T)
-    if each is None or set(torch.unique(each[each >= 0]).tolist()) <= walk.whole:
+    if each is None or walk.all_whole(each):
         return None
     return walk.emit(each)
 

@@ -209,7 +209,7 @@ class SpecialOpRules:
             per_index = self.one_id_each(cols)
             if per_index is None:
                 continue
-            if set(torch.unique(per_index[per_index >= 0]).tolist()) <= self.whole:
+            if self.all_whole(per_index):
                 continue
             self.norms[node.name + "_" + part.name] = NormSite(
                 node.name, ref.name.rpartition(".")[0], self.emit(per_index),

@@ -109,10 +109,10 @@ class BlockSearch:
         holding its weights, not the other blocks of every layer."""
         path = block.get("_path", key)
         names = self.names(path)
-        weights = [w for w in block.get("_weights", ()) if path and w.startswith(path + ".")]
-        below = {w[len(path) + 1:].split(".", 1)[0] for w in weights}
-        if len(below) > 1 and all(b.isdigit() for b in below):
-            names &= set().union(*(self.names(w.rsplit(".", 2)[0]) for w in weights))
+        layers = split_by_layer(path, list(block.get("_weights", ())))
+        if len(layers) > 1:
+            names &= set().union(*(self.names(w.rsplit(".", 2)[0]) for part in layers
+                                   for w in part))
         return names
 
     def built(self, fields: dict[str, Any]) -> dict[str, tuple] | None:
@@ -229,6 +229,16 @@ class BlockSearch:
         return fields, searched
 
 
+def split_by_layer(top: str, weights: list[str]) -> list[list[str]]:
+    """``weights`` split by layer when they lie in several entries of a layer list right
+    under ``top`` (``top.0.*``, ``top.1.*``: heads tied across layers by a shared bias);
+    else ``[weights]``."""
+    below = {w[len(top) + 1:].split(".", 1)[0] for w in weights if top and w.startswith(top + ".")}
+    if len(below) < 2 or not all(b.isdigit() for b in below):
+        return [weights]
+    return [[w for w in weights if w.startswith(f"{top}.{b}.")] for b in sorted(below, key=int)]
+
+
 def _multiples(value: int, fractions: set[Fraction], kept: set[int]) -> list[int]:
     """Values for a round-up multiple ``value`` at the kept widths ``kept``: scaled by a
     kept fraction (whole numbers), the largest common divisor with a kept width, the
@@ -239,4 +249,4 @@ def _multiples(value: int, fractions: set[Fraction], kept: set[int]) -> list[int
 
 
 __all__ = ["MAX_SCALED", "MAX_CHOICES", "BlockSearch", "class_shapes", "changes_one_dim",
-           "saved_form"]
+           "saved_form", "split_by_layer"]

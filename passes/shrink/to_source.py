@@ -41,6 +41,7 @@ from sparsify_fx.mask_index import main_graph, unwrap
 
 from sparsify_fx.passes.aten.values import channel_dim
 from sparsify_fx.passes.channels.graph_types import ChannelGraph, Producer
+from sparsify_fx.passes.shrink.config_search import split_by_layer
 from sparsify_fx.passes.shrink.experts import pad_expert_units, slice_experts
 from sparsify_fx.passes.shrink.source_check import (cannot_hold_error, check_against_capture,
                                                    failing_groups, reload_check, retry_widths)
@@ -177,7 +178,8 @@ def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple]
                      and p.in_ids is not None and group.index in set(cg.slots(p.in_ids)[0].tolist())]
         path = top = _common_prefix([_owner_path(w) for w in weights + consumers])
         owners, inner, tops = [], [], []
-        for part in _per_layer(top, weights + consumers):  # a group tied across layers
+        for part in split_by_layer(top, weights + consumers):  # a group tied across layers,
+            # each layer's owners scaled as a group of that layer alone
             mine = [w for w in weights if w in part]
             part_top = _common_prefix([_owner_path(w) for w in part])
             low = _common_prefix([_owner_path(w) for w in mine])
@@ -226,16 +228,6 @@ def _sync_block_attrs(src: nn.Module, cg: ChannelGraph, widths: dict[str, tuple]
                              _kv_total=kv_total, _producers=tuple(weights),
                              _weights=tuple(weights + consumers))
     return changed
-
-
-def _per_layer(top: str, weights: list[str]) -> list[list[str]]:
-    """``weights`` split by layer when they lie in several entries of a layer list right
-    under ``top`` (``top.0.*``, ``top.1.*``: heads tied across layers by a shared bias),
-    each layer's owners then scaled as a group of that layer alone; else all of them."""
-    below = {w[len(top) + 1:].split(".", 1)[0] for w in weights if top and w.startswith(top + ".")}
-    if len(below) < 2 or not all(b.isdigit() for b in below):
-        return [weights]
-    return [[w for w in weights if w.startswith(f"{top}.{b}.")] for b in sorted(below, key=int)]
 
 
 def _inner_owners(src: nn.Module, top: str) -> list[str]:
